@@ -1,0 +1,124 @@
+"""Micro-benchmark: one DKM fwd+bwd of a 1M-element weight at K=16, per engine.
+
+Times ``soft_kmeans`` with the table and the dense engine against a naive dense reference
+(full N x K tensors kept by plain autograd, what coremltools does minus its cdist round trip),
+and a plain Linear(1024, 1024) training step on the same weight for scale.
+
+    python bench/soft_kmeans_micro.py                  # 1 thread, then torch's default
+    python bench/soft_kmeans_micro.py --threads 1 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_palettize.soft_kmeans import soft_kmeans
+
+
+def naive_dkm(x, c, tau=1e-4, max_iter=3, epsilon=1e-4):
+    """coremltools' per-partition loop with (x - c)^2 instead of cdist, full N x K tensors."""
+    last = None
+    for _ in range(max_iter):
+        dist = ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+        att = torch.softmax(-dist / tau, -1)
+        c = (att.transpose(1, 2) @ x) / att.sum(1).unsqueeze(-1)
+        inertia = dist.min(-1).values.sum()
+        if last is not None and abs(float(last - inertia)) <= epsilon:
+            break
+        last = inertia
+    return att @ c, c.detach()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, device, reps):
+    step()  # warm-up (allocator, first-call costs)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench(n, k, device, reps, naive):
+    gen = torch.Generator().manual_seed(0)
+    w0 = 0.02 * torch.randn(1, n, 1, generator=gen)
+    c0 = torch.quantile(w0.view(-1)[:: max(1, n // 100_000)], torch.linspace(0.02, 0.98, k))
+    w0, c0 = w0.to(device), c0.view(1, k, 1).to(device)
+    up = torch.randn(1, n, 1, generator=gen).to(device)
+    weight = w0.clone().requires_grad_()
+
+    def dkm(fn, **kw):
+        def step():
+            weight.grad = None
+            out, _ = fn(weight, c0, **kw)
+            (out * up).sum().backward()
+
+        return step
+
+    side = int(round(n**0.5))
+    lin = torch.nn.Linear(side, side).to(device)
+    batch = torch.randn(64, side, device=device)
+
+    def plain():
+        lin.zero_grad(set_to_none=True)
+        lin(batch).square().mean().backward()
+
+    rows = {"plain Linear step": plain}
+    rows["table"] = dkm(soft_kmeans, method="table")
+    rows["dense"] = dkm(soft_kmeans, method="dense")
+    if naive:
+        rows["naive reference"] = dkm(naive_dkm)
+    results = {}
+    for name, step in rows.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        ms = time_step(step, device, reps if name != "naive reference" else max(1, reps // 3))
+        peak = None
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        results[name] = (ms, peak)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1 << 20, help="weight elements (1 group)")
+    parser.add_argument("--k", type=int, default=16, help="centroids")
+    parser.add_argument("--threads", default="1,0", help="comma list; 0 = torch's default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    default_threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, device {device}, N={args.n}, K={args.k}, 3 iterations")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads or default_threads)
+        res = bench(args.n, args.k, device, args.reps, not args.no_naive)
+        print(f"\n-- {torch.get_num_threads()} thread(s) --")
+        plain = res["plain Linear step"][0]
+        naive = res.get("naive reference", (None,))[0]
+        for name, (ms, peak) in res.items():
+            line = f"{name:>18}: {ms:9.2f} ms/step   {ms / plain:7.1f}x plain"
+            if naive is not None and name != "plain Linear step":
+                line += f"   naive/this {naive / ms:7.1f}x"
+            if peak is not None:
+                line += f"   peak +{peak:8.1f} MiB"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

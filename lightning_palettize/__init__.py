@@ -1,0 +1,37 @@
+"""lightning_palettize: palettization (LUT weight clustering) for PyTorch and Lightning.
+
+The pure-PyTorch API mirrors ``coremltools.optimize.torch.palettization`` (same config classes,
+arguments and defaults); the Lightning callbacks live in :mod:`lightning_palettize.callbacks`.
+"""
+
+from lightning_palettize.config import (
+    DKMPalettizerConfig,
+    ModuleDKMPalettizerConfig,
+    ModulePostTrainingPalettizerConfig,
+    ModuleSKMPalettizerConfig,
+    PostTrainingPalettizerConfig,
+    SKMPalettizerConfig,
+    load_config,
+)
+from lightning_palettize.palette import Layout, Palette
+from lightning_palettize.palettizers import PostTrainingPalettizer
+from lightning_palettize.palettizers._common import strip_coreml_metadata
+from lightning_palettize.report import PalettizationReport, ReportRow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DKMPalettizerConfig",
+    "Layout",
+    "ModuleDKMPalettizerConfig",
+    "ModulePostTrainingPalettizerConfig",
+    "ModuleSKMPalettizerConfig",
+    "Palette",
+    "PalettizationReport",
+    "PostTrainingPalettizer",
+    "PostTrainingPalettizerConfig",
+    "ReportRow",
+    "SKMPalettizerConfig",
+    "load_config",
+    "strip_coreml_metadata",
+]

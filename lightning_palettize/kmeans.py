@@ -1,0 +1,479 @@
+"""Clustering kernels on plain tensors: exact weighted 1-D k-means and vector k-means.
+
+Both work on LUT groups batched in one tensor, ``x[G, N]`` (scalars) or ``x[G, N, d]`` (vectors),
+and know nothing about modules.
+
+1-D k-means is solved exactly. Optimal 1-D clusters are contiguous runs of the sorted values, so
+a dynamic program over the *distinct* values (with their counts or summed importances as
+weights) finds the global optimum; it runs in the compiled ``_kmeans1d`` extension in
+O(K m log m) for m distinct values. Two ways to get the distinct values:
+
+* ``exact=True``: every distinct input value is a bin. The result is the global optimum for the
+  values and weights given.
+* ``exact=False`` (default, fast): values are binned by their 16-bit float code. fp16 and bf16
+  weights have at most 65,536 codes, so this *is* exact for them. fp32 weights are first scaled
+  per group by a power of two (exact) so that the group's largest magnitude sits at the top of
+  the fp16 range, which keeps 11 significant bits for every weight down to 2^-29 of the
+  largest: small weights keep full relative precision (coremltools' decimal rounding does
+  not). Values sharing a code share a cluster, which costs a second-order amount of error
+  (the bench and tests measure it well below 0.1% of the exact optimum).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    from lightning_palettize import _kmeans1d
+except ImportError as err:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "lightning_palettize._kmeans1d (the compiled 1-D k-means kernel) is missing: reinstall the "
+        "package with `pip install -e .` or `pip install lightning-palettize` (needs a C compiler "
+        "when installing from source)"
+    ) from err
+
+__all__ = ["KMeansResult", "kmeans_1d", "kmeans_vectors", "kmeans"]
+
+_NCODES = 65536
+# Elements handled per step when histogramming: bounds the temporaries to a few tens of MB.
+_CHUNK = 1 << 22
+# In fast mode a cluster must span at least this many codes unless its codes are single values.
+_MIN_BINS_PER_CLUSTER = 32
+
+
+@dataclass
+class KMeansResult:
+    """Centroids and assignments for G LUT groups.
+
+    Attributes:
+        centroids: ``[G, K]`` (1-D) or ``[G, K, d]`` float32. In 1-D the centroids of a group are
+            sorted ascending; when a group has fewer than K distinct values the tail repeats its
+            largest centroid (no assignment points at those slots).
+        labels: ``[G, N]`` uint8 (K <= 256) or int64 index of each value's centroid.
+        inertia: ``[G]`` float64 weighted squared error of each group, as the solver measured
+            it (on the bins it clustered).
+    """
+
+    centroids: Tensor
+    labels: Tensor
+    inertia: Tensor
+
+
+def _label_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k <= 256 else torch.int64
+
+
+def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() != ndim:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a tensor of rank {ndim}, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    if x.shape[1] == 0:
+        raise ValueError("x: groups are empty (N == 0)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf values; cannot cluster them")
+    if weights is not None:
+        if tuple(weights.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"weights: expected shape {tuple(x.shape[:2])} (one per value or vector), "
+                f"got {tuple(weights.shape)}"
+            )
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights: must be finite and non-negative")
+
+
+# --------------------------------------------------------------------------------------------
+# 1-D: binning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Bins:
+    """Distinct values of each group in ascending order, CSR layout over groups."""
+
+    offsets: np.ndarray  # int64 [G+1]
+    value: Tensor  # float64 [T] representative value of each bin
+    weight: Tensor  # float64 [T] summed weight (count when unweighted)
+    wsum: Tensor  # float64 [T] summed weight * value
+    wsq: Tensor  # float64 [T] summed weight * value^2
+    count: Tensor  # float64 [T] number of elements
+
+
+def _code_values(keys: Tensor, half_dtype: torch.dtype) -> Tensor:
+    """float64 value of ordered 16-bit keys (see :func:`_ordered_codes`)."""
+    raw = torch.where(keys >= 0x8000, keys ^ 0x8000, keys ^ 0xFFFF)
+    return raw.to(torch.int32).to(torch.int16).view(half_dtype).double()
+
+
+def _pow2_scale(x: Tensor) -> Tensor:
+    """Per-group power of two that maps each group's max |x| into [2^14, 2^15)."""
+    amax = x.abs().amax(dim=1).double()
+    e = torch.where(
+        amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-300))), torch.zeros_like(amax)
+    )
+    return torch.exp2(14.0 - e)
+
+
+def _ordered_codes(x: Tensor, scale: Tensor | None) -> Tensor:
+    """Order-preserving 16-bit key (int32 in 0..65535) of every element of x[g, n]: the fp16 or
+    bf16 bit pattern with the sign bit flipped for positives and all bits flipped for negatives."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        h = x
+    else:
+        h = (x.float() * scale.float().unsqueeze(1)).half()
+    raw = h.view(torch.int16).int()
+    return (raw ^ torch.where(raw < 0, -1, 0x8000)) & 0xFFFF
+
+
+def _code_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor | None, Tensor]:
+    """Histogram of 16-bit codes per group. Returns bins, the fp32 scale (or None) and the
+    global key (group * 65536 + code) of every bin, ascending."""
+    g_total, n = x.shape
+    device = x.device
+    scale = None if x.dtype in (torch.float16, torch.bfloat16) else _pow2_scale(x)
+    half = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+    gc = max(1, min(g_total, _CHUNK // _NCODES))  # groups per histogram chunk
+    nc = max(1, _CHUNK // gc)  # elements per group per step
+    keys, counts, wsums = [], [], []
+    for g0 in range(0, g_total, gc):
+        g1 = min(g_total, g0 + gc)
+        base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
+        cnt = torch.zeros((g1 - g0) * _NCODES, dtype=torch.int64, device=device)
+        wsum = None if weights is None else torch.zeros_like(cnt, dtype=torch.float64)
+        for n0 in range(0, n, nc):
+            xs = x[g0:g1, n0 : n0 + nc]
+            key = (_ordered_codes(xs, None if scale is None else scale[g0:g1]) + base).reshape(-1)
+            cnt += torch.bincount(key, minlength=cnt.numel())
+            if wsum is not None:
+                w = weights[g0:g1, n0 : n0 + nc].reshape(-1).double()
+                wsum += torch.bincount(key, weights=w, minlength=cnt.numel())
+        present = cnt.nonzero().squeeze(1)
+        keys.append(present + g0 * _NCODES)
+        counts.append(cnt[present].double())
+        wsums.append(counts[-1] if wsum is None else wsum[present])
+    gkey = torch.cat(keys)
+    count, w = torch.cat(counts), torch.cat(wsums)
+    gid = gkey // _NCODES
+    value = _code_values(gkey % _NCODES, half)
+    if scale is not None:
+        value = value / scale[gid]
+    offsets = np.zeros(g_total + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(torch.bincount(gid, minlength=g_total).cpu().numpy())
+    bins = _Bins(offsets, value, w, w * value, w * value * value, count)
+    return bins, scale, gkey
+
+
+def _exact_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor]:
+    """Every distinct value of each group is a bin (sort based). Returns bins and the sorted
+    distinct values used as label boundaries."""
+    g_total, n = x.shape
+    xs, perm = torch.sort(x.double(), dim=1)
+    start = torch.ones_like(xs, dtype=torch.bool)
+    start[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    bin_id = torch.cumsum(start.reshape(-1), 0) - 1
+    nbins = int(bin_id[-1]) + 1
+    w = torch.ones_like(xs) if weights is None else torch.gather(weights.double(), 1, perm)
+    flat_x, flat_w = xs.reshape(-1), w.reshape(-1)
+    count = torch.bincount(bin_id, minlength=nbins).double()
+    wsum = torch.bincount(bin_id, weights=flat_w, minlength=nbins)
+    wx = torch.bincount(bin_id, weights=flat_w * flat_x, minlength=nbins)
+    wxx = torch.bincount(bin_id, weights=flat_w * flat_x * flat_x, minlength=nbins)
+    value = flat_x[start.reshape(-1)]
+    offsets = np.zeros(g_total + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(start.sum(dim=1).cpu().numpy())
+    return _Bins(offsets, value, wsum, wx, wxx, count), value
+
+
+def _solve_bins(bins: _Bins, k: int) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
+    """Run the DP. Returns cluster starts [G, k+1] (bin index, CSR-local), centroids [G, k]
+    (float64), inertia [G] and the element count of each cluster [G, k]."""
+    g_total = len(bins.offsets) - 1
+    gid = torch.repeat_interleave(
+        torch.arange(g_total), torch.from_numpy(np.diff(bins.offsets))
+    ).to(bins.value.device)
+    # Centre each group on its weighted mean so the prefix sums in the DP do not cancel.
+    wtot = torch.zeros(g_total, dtype=torch.float64, device=gid.device).index_add_(
+        0, gid, bins.weight
+    )
+    mu = torch.zeros_like(wtot).index_add_(0, gid, bins.wsum) / wtot.clamp_min(1e-300)
+    m = mu[gid]
+    s1 = bins.wsum - bins.weight * m
+    s2 = (bins.wsq - 2 * m * bins.wsum + bins.weight * m * m).clamp_min(0)
+    w_np = bins.weight.cpu().numpy().astype(np.float64, copy=False)
+    s1_np = np.ascontiguousarray(s1.cpu().numpy())
+    s2_np = np.ascontiguousarray(s2.cpu().numpy())
+    out = np.zeros(g_total * (k + 1), dtype=np.int64)
+    args = (np.ascontiguousarray(w_np), s1_np, s2_np, bins.offsets, k, out)
+    work = np.diff(bins.offsets)
+    if g_total > 1 and int(work.sum()) > 50_000:
+        # The kernel releases the GIL: split groups into two halves of equal work.
+        cut = int(np.searchsorted(np.cumsum(work), work.sum() / 2)) + 1
+        cut = min(max(cut, 1), g_total - 1)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda r: _kmeans1d.solve(*args, *r), [(0, cut), (cut, g_total)]))
+    else:
+        _kmeans1d.solve(*args, 0, g_total)
+    starts = out.reshape(g_total, k + 1)
+
+    # Cluster sums from per-group prefix sums over the bins.
+    dev = bins.value.device
+    base = torch.from_numpy(bins.offsets[:-1]).to(dev).unsqueeze(1)
+    idx = base + torch.from_numpy(starts).to(dev)  # [G, k+1] global bin index
+
+    def seg(v: Tensor) -> Tensor:
+        p = torch.cat([v.new_zeros(1), torch.cumsum(v, 0)])
+        return p[idx[:, 1:]] - p[idx[:, :-1]]
+
+    sw, sx, sxx = seg(bins.weight), seg(bins.wsum), seg(bins.wsq)
+    sc, sv = seg(bins.count), seg(bins.value * bins.count)
+    nonempty = sc > 0
+    cent = torch.where(sw > 0, sx / sw.clamp_min(1e-300), sv / sc.clamp_min(1))
+    inertia = torch.where(nonempty, (sxx - 2 * cent * sx + cent * cent * sw).clamp_min(0), 0)
+    # Empty tail slots repeat the last real centroid (keeps each LUT sorted).
+    nreal = nonempty.sum(dim=1, keepdim=True).clamp_min(1)
+    tail = torch.arange(k, device=dev).unsqueeze(0) >= nreal
+    last = torch.gather(cent, 1, nreal - 1)
+    cent = torch.where(tail, last.expand_as(cent), cent)
+    return starts, cent, inertia.sum(dim=1), sc
+
+
+def kmeans_1d(
+    x: Tensor, k: int, weights: Tensor | None = None, *, exact: bool = False
+) -> KMeansResult:
+    """Globally optimal weighted 1-D k-means for each of G groups.
+
+    Args:
+        x: ``[G, N]`` values (fp32, fp16, bf16 or fp64; any device). Must be finite.
+        k: number of centroids per group (``2 ** n_bits``).
+        weights: optional ``[G, N]`` non-negative importance per value (e.g. Fisher information);
+            ``None`` means every value counts once.
+        exact: cluster every distinct value (exact optimum for the given values) instead of their
+            16-bit codes (see the module docstring; exact already for fp16/bf16 input).
+
+    Returns:
+        A :class:`KMeansResult` with sorted centroids ``[G, k]``, uint8 labels ``[G, N]`` and the
+        per-group weighted inertia.
+
+    Raises:
+        ValueError: on a wrong shape, non-finite values or negative weights.
+
+    Example:
+        >>> r = kmeans_1d(torch.tensor([[0.0, 0.1, 1.0, 1.1]]), 2)
+        >>> r.centroids
+        tensor([[0.0500, 1.0500]])
+    """
+    _check_input(x, k, weights, 2)
+    g_total, n = x.shape
+    device = x.device
+    labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
+    if exact or x.dtype == torch.float64:
+        return _kmeans_1d_exact(x, k, weights)
+
+    bins, scale, gkey = _code_bins(x, weights)
+    starts, cent, inertia, count = _solve_bins(bins, k)
+    # Label of each present code = its cluster. Global bin index of every cluster start after
+    # the first is sorted across groups, so one searchsorted counts the starts at or before each
+    # bin (minus those of earlier groups).
+    gid = gkey // _NCODES
+    gstart = (torch.from_numpy(starts[:, 1:k] + bins.offsets[:-1, None]).to(device)).reshape(-1)
+    pos = torch.arange(len(gkey), device=device)
+    lab_of_bin = torch.searchsorted(gstart, pos, right=True) - gid * (k - 1)
+    table = torch.zeros(g_total * _NCODES, dtype=labels.dtype, device=device)
+    table[gkey] = lab_of_bin.to(table.dtype)
+    step = max(1, _CHUNK // n)
+    for g0 in range(0, g_total, step):
+        g1 = min(g_total, g0 + step)
+        base = (torch.arange(g0, g1, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
+        for n0 in range(0, n, _CHUNK):
+            xs = x[g0:g1, n0 : n0 + _CHUNK]
+            key = _ordered_codes(xs, None if scale is None else scale[g0:g1]) + base
+            labels[g0:g1, n0 : n0 + _CHUNK] = table.index_select(0, key.reshape(-1)).view(key.shape)
+    result = KMeansResult(cent.float(), labels, inertia)
+    if scale is not None:
+        # fp32 only: a cluster spanning few codes that hold several elements each is too coarsely
+        # resolved by the codes (e.g. 8 bits on a narrow mode); redo such groups exactly.
+        nb = torch.from_numpy(np.diff(starts, axis=1)).to(device)
+        coarse = ((nb < _MIN_BINS_PER_CLUSTER) & (count > 2 * nb)).any(dim=1)
+        if bool(coarse.any()):
+            redo = coarse.nonzero().squeeze(1)
+            sub = _kmeans_1d_exact(x[redo], k, None if weights is None else weights[redo])
+            result.centroids[redo] = sub.centroids
+            result.labels[redo] = sub.labels
+            result.inertia[redo] = sub.inertia
+    return result
+
+
+def _kmeans_1d_exact(x: Tensor, k: int, weights: Tensor | None) -> KMeansResult:
+    g_total, n = x.shape
+    device = x.device
+    labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
+    bins, value = _exact_bins(x, weights)
+    starts, cent, inertia, _ = _solve_bins(bins, k)
+    # Label = number of cluster starts (after the first) whose value is <= x.
+    sent = torch.cat([value, value.new_full((1,), math.inf)])
+    base = torch.from_numpy(bins.offsets[:-1]).to(device).unsqueeze(1)
+    lengths = torch.from_numpy(np.diff(bins.offsets)).to(device).unsqueeze(1)
+    sidx = torch.from_numpy(starts[:, 1:k]).to(device)
+    bound = torch.where(sidx < lengths, sent[(base + sidx).clamp_max(len(value))], math.inf)
+    xd = x.double()
+    step = max(1, _CHUNK // n)
+    for g0 in range(0, g_total, step):
+        lab = torch.searchsorted(
+            bound[g0 : g0 + step].contiguous(), xd[g0 : g0 + step].contiguous(), right=True
+        )
+        labels[g0 : g0 + step] = lab.to(labels.dtype)
+    return KMeansResult(cent.float(), labels, inertia)
+
+
+# --------------------------------------------------------------------------------------------
+# Vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _sq_dist_argmin(x: Tensor, c: Tensor, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """Nearest centroid and its squared distance for x[G, N, d], c[G, K, d], chunked over N."""
+    g_total, n, _ = x.shape
+    labels = torch.empty(g_total, n, dtype=torch.int64, device=x.device)
+    dmin = torch.empty(g_total, n, dtype=x.dtype, device=x.device)
+    ct = c.transpose(1, 2)
+    c2 = (c * c).sum(-1).unsqueeze(1)  # [G, 1, K]
+    for n0 in range(0, n, chunk):
+        xs = x[:, n0 : n0 + chunk]
+        # |x|^2 does not change the argmin: add it to the minimum only.
+        scores = torch.baddbmm(c2, xs, ct, alpha=-2.0)
+        v, i = scores.min(dim=2)
+        labels[:, n0 : n0 + chunk] = i
+        dmin[:, n0 : n0 + chunk] = (v + (xs * xs).sum(-1)).clamp_min(0)
+    return labels, dmin
+
+
+def _kmeanspp(x: Tensor, k: int, w: Tensor, gen: torch.Generator) -> Tensor:
+    """D^2-weighted k-means++ seeding, batched over groups."""
+    g_total, n, d = x.shape
+    rows = torch.arange(g_total, device=x.device)
+    first = torch.multinomial(w.cpu() + 1e-30, 1, generator=gen).squeeze(1).to(x.device)
+    cent = [x[rows, first]]
+    dmin = ((x - cent[0].unsqueeze(1)) ** 2).sum(-1)
+    for _ in range(1, k):
+        p = (w * dmin).cpu().double()
+        # Groups with no spread left: any point will do (they become duplicates).
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))
+        nxt = torch.multinomial(p, 1, generator=gen).squeeze(1).to(x.device)
+        c = x[rows, nxt]
+        cent.append(c)
+        dmin = torch.minimum(dmin, ((x - c.unsqueeze(1)) ** 2).sum(-1))
+    return torch.stack(cent, dim=1)
+
+
+def _lloyd(
+    x: Tensor, c: Tensor, w: Tensor, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_total, n, d = x.shape
+    k = c.shape[1]
+    offs = (torch.arange(g_total, device=x.device) * k).unsqueeze(1)
+    wx = (x * w.unsqueeze(-1)).reshape(-1, d)
+    labels, dmin = _sq_dist_argmin(x, c)
+    inertia = (dmin * w).sum()
+    for _ in range(max_iter):
+        flat = (labels + offs).reshape(-1)
+        wsum = torch.zeros(g_total * k, dtype=x.dtype, device=x.device)
+        wsum.index_add_(0, flat, w.reshape(-1))
+        xsum = torch.zeros(g_total * k, d, dtype=x.dtype, device=x.device).index_add_(0, flat, wx)
+        wsum, xsum = wsum.view(g_total, k), xsum.view(g_total, k, d)
+        c = torch.where(wsum.unsqueeze(-1) > 0, xsum / wsum.clamp_min(1e-300).unsqueeze(-1), c)
+        # Empty-cluster repair: move each empty centroid onto a worst-served point.
+        empty = wsum <= 0
+        repaired = bool(empty.any())
+        if repaired:
+            far = torch.topk(dmin * w, k, dim=1).indices  # [G, k]
+            rank = (torch.cumsum(empty.long(), dim=1) - 1).clamp_min(0)
+            pick = torch.gather(far, 1, rank)
+            repl = torch.gather(x, 1, pick.unsqueeze(-1).expand(-1, -1, d))
+            c = torch.where(empty.unsqueeze(-1), repl, c)
+        labels, dmin = _sq_dist_argmin(x, c)
+        new = (dmin * w).sum()
+        # Lloyd never increases the inertia; stop once it no longer improves meaningfully.
+        if not repaired and float(inertia - new) <= tol * float(inertia):
+            break
+        inertia = new
+    return c, labels, (dmin * w).sum(dim=1)
+
+
+def kmeans_vectors(
+    x: Tensor,
+    k: int,
+    weights: Tensor | None = None,
+    *,
+    seed: int = 0,
+    n_init: int = 3,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+) -> KMeansResult:
+    """Weighted k-means of d-dimensional vectors: k-means++ seeding, Lloyd, empty-cluster repair.
+
+    Deterministic for a given seed. The best of ``n_init`` seedings is kept per group.
+
+    Args:
+        x: ``[G, N, d]`` vectors (computation in float32, or float64 if given).
+        k: number of centroids per group.
+        weights: optional ``[G, N]`` non-negative importance per vector.
+        seed: seed of the k-means++ sampling.
+        n_init: number of seedings; each group keeps its lowest-inertia run.
+        max_iter: Lloyd iterations per run.
+        tol: stop when an iteration lowers the inertia by less than this fraction.
+
+    Returns:
+        A :class:`KMeansResult` with centroids ``[G, k, d]``.
+
+    Raises:
+        ValueError: on a wrong shape, non-finite values, negative weights or bad arguments.
+    """
+    _check_input(x, k, weights, 3)
+    if n_init < 1 or max_iter < 1:
+        raise ValueError(f"n_init and max_iter must be >= 1, got {n_init}, {max_iter}")
+    xf = x if x.dtype == torch.float64 else x.float()
+    w = torch.ones(xf.shape[:2], dtype=xf.dtype, device=x.device) if weights is None else weights
+    w = w.to(xf.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        c0 = _kmeanspp(xf, k, w, gen)
+        c, labels, inertia = _lloyd(xf, c0, w, max_iter, tol)
+        if best is None:
+            best = [c, labels, inertia]
+        else:
+            better = inertia < best[2]
+            best[0] = torch.where(better[:, None, None], c, best[0])
+            best[1] = torch.where(better[:, None], labels, best[1])
+            best[2] = torch.where(better, inertia, best[2])
+    c, labels, inertia = best
+    return KMeansResult(c.float(), labels.to(_label_dtype(k)), inertia.double())
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    weights: Tensor | None = None,
+    *,
+    exact: bool = False,
+    seed: int = 0,
+) -> KMeansResult:
+    """Cluster ``x[G, N, d]``: the exact 1-D solver when ``d == 1``, vector k-means otherwise.
+
+    Returns centroids shaped ``[G, k, d]`` in both cases.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [G, N, d], got shape {tuple(x.shape)}")
+    if x.shape[2] == 1:
+        r = kmeans_1d(x[..., 0], k, weights, exact=exact)
+        return KMeansResult(r.centroids.unsqueeze(-1), r.labels, r.inertia)
+    return kmeans_vectors(x, k, weights, seed=seed)

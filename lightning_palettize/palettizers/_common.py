@@ -1,0 +1,241 @@
+"""Pieces shared by the palettizers: supported modules, one weight -> Palette, Core ML
+metadata, and the all-or-nothing write-back of a whole model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_palettize._progress import Progress
+from lightning_palettize.kmeans import kmeans
+from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
+from lightning_palettize.report import PalettizationReport, ReportRow
+from lightning_palettize.selection import WeightSelection, select_weights
+
+__all__ = [
+    "KMEANS_SUPPORTED",
+    "COREML_PREFIX",
+    "METADATA_VERSION_KEY",
+    "PalettizedWeight",
+    "layout_for",
+    "palettize_weight",
+    "attach_coreml_metadata",
+    "strip_coreml_metadata",
+    "compress_model",
+]
+
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+#: Modules (and their subclasses) the k-means palettizers handle, with their weights.
+#: ``MultiheadAttention.out_proj`` is an ``nn.Linear`` subclass and is visited on its own.
+KMEANS_SUPPORTED: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("weight",),
+    nn.Conv1d: ("weight",),
+    nn.Conv2d: ("weight",),
+    nn.Conv3d: ("weight",),
+    nn.ConvTranspose1d: ("weight",),
+    nn.ConvTranspose2d: ("weight",),
+    nn.Embedding: ("weight",),
+    nn.MultiheadAttention: _MHA_WEIGHTS,
+}
+
+COREML_PREFIX = "_COREML_"
+METADATA_VERSION_KEY = f"{COREML_PREFIX}/metadata_version"
+
+_LUT_QDTYPES = {"int8": torch.int8, "i8": torch.int8, "uint8": torch.uint8, "u8": torch.uint8}
+
+
+@dataclass
+class PalettizedWeight:
+    """A weight's palette and where it goes (internal to one compress call)."""
+
+    selection: WeightSelection
+    palette: Palette
+    rel_error: float
+    lut_dtype: str
+    outliers: Tensor | None = None  # bool mask of weights kept exact (SKM)
+
+
+def layout_for(weight: Tensor, cfg: object, name: str) -> Layout:
+    """The LUT layout a module config asks for, validated against the weight's shape.
+
+    Raises:
+        ValueError: naming the weight when group_size / cluster_dim do not divide its axis.
+    """
+    layout = Layout(
+        tuple(weight.shape),
+        cfg.granularity,
+        cfg.group_size,
+        cfg.channel_axis,
+        cfg.cluster_dim or 1,
+    )
+    layout.validate(name)
+    return layout
+
+
+@torch.no_grad()
+def palettize_weight(
+    weight: Tensor,
+    layout: Layout,
+    n_bits: int,
+    *,
+    per_channel_scale: str | None = None,
+    lut_dtype: str | None = None,
+    importance: Tensor | None = None,
+    exact: bool = False,
+    seed: int = 0,
+) -> Palette:
+    """Cluster one weight into a :class:`Palette` (exact 1-D k-means, or vectors).
+
+    Args:
+        weight: the dense weight (any float dtype, any device).
+        layout: its LUT layout (see :func:`layout_for`).
+        n_bits: index width.
+        per_channel_scale: ``None``, ``"abs"`` (max |w| per output channel, as coremltools PTP)
+            or ``"min_max"``; the weight is divided by it before clustering.
+        lut_dtype: ``None`` / ``"int8"`` / ``"uint8"``: quantize each LUT (8-bit symmetric).
+        importance: optional per-element non-negative weights of the k-means objective (SKM's
+            Fisher information); summed over a vector's elements for ``cluster_dim > 1``.
+        exact: cluster every distinct fp32 value instead of 16-bit codes.
+        seed: seed of vector k-means.
+
+    Returns:
+        The palette; ``palette.dequantize()`` is the palettized weight.
+    """
+    w = weight.detach()
+    scale = None
+    if per_channel_scale is not None:
+        scale = channel_scale(w, per_channel_scale)
+        w = w.float() / scale
+    x = layout.to_groups(w)  # [G, N, d]
+    imp = None
+    if importance is not None:
+        imp = layout.to_groups(importance.to(x.device, torch.float32)).sum(dim=-1)
+    k = 1 << n_bits
+    result = kmeans(x, k, imp, exact=exact, seed=seed)
+    lut = result.centroids.float()
+    qdtype = qscale = zero_point = None
+    if lut_dtype is not None:
+        qdtype = _LUT_QDTYPES[lut_dtype]
+        lut, qscale, zero_point = quantize_lut(lut, qdtype)
+    return Palette(
+        layout,
+        n_bits,
+        lut.contiguous(),
+        result.labels.to(torch.uint8),
+        scale=scale,
+        lut_qdtype=qdtype,
+        lut_qscale=qscale,
+        lut_zero_point=zero_point,
+        dtype=weight.dtype,
+    )
+
+
+def attach_coreml_metadata(module: nn.Module, param_name: str, palette: Palette) -> None:
+    """Register the ``_COREML_/<param>/<field>`` buffers coremltools' converter reads."""
+    for field, value in palette.coreml_metadata().items():
+        module.register_buffer(f"{COREML_PREFIX}/{param_name}/{field}", value.cpu())
+
+
+def _set_metadata_version(model: nn.Module) -> None:
+    model.register_buffer(METADATA_VERSION_KEY, torch.tensor(1, dtype=torch.int64))
+
+
+def strip_coreml_metadata(model: nn.Module) -> nn.Module:
+    """Remove every ``_COREML_`` buffer (in place) so the state_dict loads strictly into a
+    freshly built, never-palettized model. The palettized weights are kept.
+
+    Returns:
+        ``model`` itself.
+    """
+    for module in model.modules():
+        for name in [n for n in module._buffers if n.startswith(COREML_PREFIX)]:
+            del module._buffers[name]
+    return model
+
+
+def compress_model(
+    model: nn.Module,
+    config: object,
+    *,
+    inplace: bool,
+    plan: Callable[[WeightSelection, Tensor, Layout], PalettizedWeight],
+    supported: Mapping[type[nn.Module], Sequence[str]] = KMEANS_SUPPORTED,
+    progress: bool = True,
+    desc: str = "palettizing",
+) -> tuple[nn.Module, PalettizationReport]:
+    """Palettize every selected weight of ``model``, all or nothing.
+
+    Phase 1 validates every layout, then clusters every weight without touching the model.
+    Phase 2 writes dense palettized weights and metadata. An error in phase 1 leaves the
+    model exactly as it was.
+
+    Args:
+        model: the model (copied first unless ``inplace``).
+        config: a top-level config resolved per module by :func:`select_weights`.
+        inplace: mutate ``model`` instead of a deep copy.
+        plan: turns one selected weight into a :class:`PalettizedWeight`.
+        supported: module types and their weights.
+        progress: show progress over weights.
+        desc: progress label.
+
+    Returns:
+        ``(palettized model, report)``.
+    """
+    selections = select_weights(model, config, supported)
+    layouts = []
+    for sel in selections:
+        weight = getattr(sel.module, sel.param_name)
+        layouts.append(layout_for(weight, sel.config, f"{sel.qualified_name} {tuple(weight.shape)}"))
+    results: list[PalettizedWeight] = []
+    with Progress(len(selections), desc, "weight", enabled=progress) as bar:
+        for sel, layout in zip(selections, layouts):
+            results.append(plan(sel, getattr(sel.module, sel.param_name), layout))
+            bar.update()
+
+    target = model if inplace else copy.deepcopy(model)
+    # Map each selection's module to its counterpart in the target.
+    modules = dict(target.named_modules(remove_duplicate=False))
+    rows = []
+    with torch.no_grad():
+        for res in results:
+            sel = res.selection
+            module = modules[sel.module_name] if sel.module_name else target
+            param = getattr(module, sel.param_name)
+            original = param.detach().clone() if res.outliers is not None else None
+            if param.device == res.palette.lut.device:
+                res.palette.dequantize(out=param.data)
+            else:
+                param.data.copy_(res.palette.dequantize().to(param.device))
+            n_out = 0
+            if res.outliers is not None:
+                param.data[res.outliers] = original[res.outliers]
+                n_out = int(res.outliers.sum())
+            attach_coreml_metadata(module, sel.param_name, res.palette)
+            layout = res.palette.layout
+            rows.append(
+                ReportRow(
+                    name=sel.qualified_name,
+                    n_bits=res.palette.n_bits,
+                    cluster_dim=layout.cluster_dim,
+                    num_luts=layout.num_groups,
+                    num_params=param.numel(),
+                    rel_error=res.rel_error,
+                    bytes_before=res.palette.dense_nbytes(),
+                    bytes_after=res.palette.nbytes() + _outlier_bytes(n_out, param),
+                    lut_dtype=res.lut_dtype,
+                    outliers=n_out,
+                )
+            )
+        if results:
+            _set_metadata_version(target)
+    return target, PalettizationReport(rows)
+
+
+def _outlier_bytes(n: int, param: Tensor) -> int:
+    # sparse storage: int32 flat index + value per outlier
+    return n * (4 + param.element_size())

@@ -1,0 +1,346 @@
+"""Which weights of a model get palettized, and with which fully resolved module config.
+
+Resolution follows coremltools (``get_module_config``), with subclass matching added:
+
+1. ``module_name_configs``: keys are regexes, ``re.fullmatch``-ed against the module's qualified
+   name in insertion order; the first match wins.
+2. ``module_type_configs``: walk ``type(module).__mro__``; for each class try the class itself,
+   its ``__name__``, its ``"module.qualname"`` and, for torch.nn classes, ``"torch.nn.<Name>"``.
+   The first hit wins, so an exact subclass key beats its base and subclasses of ``nn.Linear``
+   get the Linear config.
+3. ``global_config``.
+4. With nothing configured at all: DKM uses coremltools' default table
+   (:data:`~lightning_palettize.config.DKM_DEFAULT_N_BITS`), PTP / SKM the default module config.
+
+A ``None`` found at any step means "do not palettize" and ends the search.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from lightning_palettize.config import PostTrainingPalettizerConfig
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> config = PostTrainingPalettizerConfig(global_config={"n_bits": 3})
+    >>> config = config.set_module_name("2", {"n_bits": 2})
+    >>> selected = select_weights(model, config, {nn.Linear: ("weight",)})
+    >>> [(s.qualified_name, s.config.n_bits) for s in selected]
+    [('0.weight', 3), ('2.weight', 2)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_palettize.config import (
+    DKM_DEFAULT_N_BITS,
+    DKMPalettizerConfig,
+    ModuleDKMPalettizerConfig,
+    ModulePostTrainingPalettizerConfig,
+    ModuleSKMPalettizerConfig,
+    PostTrainingPalettizerConfig,
+    SKMPalettizerConfig,
+)
+
+__all__ = ["WeightSelection", "resolve_module_config", "select_weights"]
+
+ModuleConfig = (
+    ModuleDKMPalettizerConfig | ModulePostTrainingPalettizerConfig | ModuleSKMPalettizerConfig
+)
+PalettizerConfig = DKMPalettizerConfig | PostTrainingPalettizerConfig | SKMPalettizerConfig
+_TOP_LEVEL = (DKMPalettizerConfig, PostTrainingPalettizerConfig, SKMPalettizerConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSelection:
+    """One weight to palettize: where it lives and the resolved config to use.
+
+    Attributes:
+        module_name: qualified name of the owning module (``""`` for the root).
+        module: the owning module.
+        param_name: attribute name of the weight on ``module`` (e.g. ``"in_proj_weight"``).
+        config: the fully resolved module config (no ``None`` left in ``n_bits`` or
+            ``cluster_dim``); shared by all weights of the same module.
+    """
+
+    module_name: str
+    module: nn.Module = dataclasses.field(repr=False)
+    param_name: str
+    config: ModuleConfig = dataclasses.field(hash=False)
+
+    @property
+    def qualified_name(self) -> str:
+        """``"<module_name>.<param_name>"``, or just ``param_name`` for the root module."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+
+def resolve_module_config(
+    config: PalettizerConfig,
+    name: str,
+    module: nn.Module,
+    *,
+    param_names: Sequence[str] | None = None,
+) -> ModuleConfig | None:
+    """Return the module config that applies to ``module``, or ``None`` to leave it alone.
+
+    Args:
+        config: a top-level config (DKM, post-training or SKM).
+        name: the module's qualified name in the model (``""`` for the root).
+        module: the module itself.
+        param_names: its palettizable weights, used for DKM's ``weight_threshold`` (every one
+            must have more elements than the threshold). Default: the module's own parameters
+            whose name ends in ``"weight"``.
+
+    Returns:
+        A new config (the user's is never mutated) with ``None`` defaults filled in: DKM
+        ``n_bits`` from :data:`DKM_DEFAULT_N_BITS` by type (2 for types outside it),
+        ``cluster_dim`` 1 and ``enable_per_channel_scale`` False; PTP ``n_bits`` 4. ``None`` when
+        the module is excluded or, for DKM, is too small for every applicable tier.
+
+    Raises:
+        TypeError: if ``config`` is not a top-level palettizer config.
+        ValueError: if several ``module_type_configs`` keys name the same class of the module.
+    """
+    if not isinstance(config, _TOP_LEVEL):
+        raise TypeError(
+            f"resolve_module_config: got {type(config).__name__}; expected one of "
+            f"{', '.join(c.__name__ for c in _TOP_LEVEL)}"
+        )
+    weights = _weights(module, param_names)
+    for pattern, value in config.module_name_configs.items():
+        if re.fullmatch(pattern, name):
+            return _finish(value, module, weights)
+    found, value = _match_type(config, type(module))
+    if found:
+        return _finish(value, module, weights)
+    if config.global_config is not None:
+        return _finish(config.global_config, module, weights)
+    if not config.is_unset():
+        return None
+    if isinstance(config, DKMPalettizerConfig):
+        # coremltools palettizes only the types of its default table when given no config.
+        if _dkm_default_n_bits(type(module)) is None:
+            return None
+        return _finish(ModuleDKMPalettizerConfig(), module, weights)
+    return _finish(config._module_config(), module, weights)
+
+
+def select_weights(
+    model: nn.Module,
+    config: PalettizerConfig,
+    supported: Mapping[type[nn.Module], Sequence[str]],
+) -> list[WeightSelection]:
+    """List the weights of ``model`` to palettize, in ``model.named_modules()`` order.
+
+    Every module that is an instance of a key of ``supported`` is visited on its own, even when
+    it is a child of a selected module (``nn.MultiheadAttention.out_proj`` is an ``nn.Linear``).
+    A weight shared by several modules (tied embeddings) is listed once, for the first module.
+
+    Args:
+        model: the model.
+        config: a top-level palettizer config.
+        supported: module class -> names of its palettizable parameters; names missing or
+            ``None`` on a module are skipped. The most specific class (first in the module's
+            MRO) wins, then any other ``isinstance`` match.
+
+    Returns:
+        One :class:`WeightSelection` per palettized weight.
+
+    Raises:
+        ValueError: if a ``module_name_configs`` key matches no module name (a typo would
+            otherwise silently palettize nothing), or a string ``module_type_configs`` key names
+            no class in ``torch.nn`` or in the model.
+        TypeError: if ``config`` or ``supported`` has the wrong type.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from lightning_palettize.config import DKMPalettizerConfig
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+        >>> selected = select_weights(model, DKMPalettizerConfig(), {nn.Linear: ["weight"]})
+        >>> [(s.qualified_name, s.config.n_bits) for s in selected]  # 8 * 64 <= 2048: skipped
+        [('0.weight', 4)]
+    """
+    if not isinstance(config, _TOP_LEVEL):
+        raise TypeError(
+            f"select_weights: got {type(config).__name__}; expected one of "
+            f"{', '.join(c.__name__ for c in _TOP_LEVEL)}"
+        )
+    _check_supported(supported)
+    named = list(model.named_modules())
+    _check_name_keys(config, model, [name for name, _ in named])
+    _check_type_keys(config, [module for _, module in named])
+
+    selections: list[WeightSelection] = []
+    seen: set[int] = set()
+    for name, module in named:
+        present = [
+            param
+            for param in _supported_params(module, supported)
+            if isinstance(getattr(module, param, None), torch.Tensor)
+        ]
+        if not present:
+            continue
+        module_config = resolve_module_config(config, name, module, param_names=present)
+        if module_config is None:
+            continue
+        for param in present:
+            tensor_id = id(getattr(module, param))
+            if tensor_id in seen:
+                continue
+            seen.add(tensor_id)
+            selections.append(WeightSelection(name, module, param, module_config))
+    return selections
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _weights(module: nn.Module, param_names: Sequence[str] | None) -> list[torch.Tensor]:
+    if param_names is None:
+        return [
+            p
+            for n, p in module.named_parameters(recurse=False)
+            if n.endswith("weight") and p is not None
+        ]
+    weights = [getattr(module, n, None) for n in param_names]
+    return [w for w in weights if isinstance(w, torch.Tensor)]
+
+
+def _class_keys(klass: type) -> list[Any]:
+    keys: list[Any] = [klass, klass.__name__, f"{klass.__module__}.{klass.__qualname__}"]
+    if klass.__module__.startswith("torch.nn") and getattr(nn, klass.__name__, None) is klass:
+        keys.append(f"torch.nn.{klass.__name__}")
+    return keys
+
+
+def _match_type(config: PalettizerConfig, cls: type) -> tuple[bool, Any]:
+    types = config.module_type_configs
+    if not types:
+        return False, None
+    for klass in cls.__mro__:
+        hits = [key for key in _class_keys(klass) if key in types]
+        if len(hits) > 1:
+            raise ValueError(
+                f"{type(config).__name__}.module_type_configs: keys "
+                f"{', '.join(repr(h) for h in hits)} all name {klass.__module__}."
+                f"{klass.__qualname__}; keep one"
+            )
+        if hits:
+            return True, types[hits[0]]
+    return False, None
+
+
+def _dkm_default_n_bits(cls: type) -> int | None:
+    for klass in cls.__mro__:
+        if klass in DKM_DEFAULT_N_BITS:
+            return DKM_DEFAULT_N_BITS[klass]
+    return None
+
+
+def _exceeds(threshold: int, weights: Sequence[torch.Tensor]) -> bool:
+    # coremltools: a module is palettized only if *every* weight is strictly larger.
+    return all(w.numel() > threshold for w in weights)
+
+
+def _finish(value: Any, module: nn.Module, weights: Sequence[torch.Tensor]) -> ModuleConfig | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        # Tiers are sorted by weight_threshold; the largest threshold exceeded wins.
+        satisfied = [tier for tier in value if _exceeds(tier.weight_threshold, weights)]
+        if not satisfied:
+            return None
+        value = satisfied[-1]
+    if isinstance(value, ModuleDKMPalettizerConfig):
+        if not _exceeds(value.weight_threshold, weights):
+            return None
+        n_bits = _dkm_default_n_bits(type(module))
+        return dataclasses.replace(
+            value,
+            n_bits=value.n_bits if value.n_bits is not None else (n_bits or 2),
+            cluster_dim=value.cluster_dim or 1,
+            enable_per_channel_scale=bool(value.enable_per_channel_scale),
+        )
+    if isinstance(value, ModulePostTrainingPalettizerConfig):
+        return dataclasses.replace(
+            value,
+            n_bits=value.n_bits if value.n_bits is not None else 4,
+            cluster_dim=value.cluster_dim or 1,
+            enable_per_channel_scale=bool(value.enable_per_channel_scale),
+        )
+    return dataclasses.replace(value, cluster_dim=value.cluster_dim or 1)
+
+
+def _check_supported(supported: Mapping[type[nn.Module], Sequence[str]]) -> None:
+    if not isinstance(supported, Mapping):
+        raise TypeError(
+            f"select_weights: supported must map module classes to parameter names; got "
+            f"{type(supported).__name__}"
+        )
+    for cls, names in supported.items():
+        if not isinstance(cls, type):
+            raise TypeError(f"select_weights: supported key {cls!r} is not a class")
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"select_weights: supported[{cls.__name__}] must be a sequence of parameter "
+                f"names such as ('weight',); got {names!r}"
+            )
+
+
+def _supported_params(
+    module: nn.Module, supported: Mapping[type[nn.Module], Sequence[str]]
+) -> Sequence[str]:
+    for klass in type(module).__mro__:
+        if klass in supported:
+            return supported[klass]
+    for cls, names in supported.items():
+        if isinstance(module, cls):
+            return names
+    return ()
+
+
+def _check_name_keys(config: PalettizerConfig, model: nn.Module, names: list[str]) -> None:
+    for pattern in config.module_name_configs:
+        if any(re.fullmatch(pattern, name) for name in names):
+            continue
+        sample = [name for name in names if name][:10]
+        close = difflib.get_close_matches(pattern, [name for name in names if name], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{type(config).__name__}.module_name_configs: key {pattern!r} matches no module of "
+            f"{type(model).__name__} (keys are regexes fully matched against qualified names, "
+            f"e.g. {', '.join(repr(n) for n in sample) or 'none: the model has no submodules'})"
+            f"{hint}"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_nn_classes() -> tuple[type, ...]:
+    return tuple(
+        obj for obj in vars(nn).values() if isinstance(obj, type) and issubclass(obj, nn.Module)
+    )
+
+
+def _check_type_keys(config: PalettizerConfig, modules: list[nn.Module]) -> None:
+    string_keys = [key for key in config.module_type_configs if isinstance(key, str)]
+    if not string_keys:
+        return
+    classes = set(_torch_nn_classes())
+    for module in modules:
+        classes.update(type(module).__mro__)
+    known = {key for klass in classes for key in _class_keys(klass) if isinstance(key, str)}
+    for key in string_keys:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"{type(config).__name__}.module_type_configs: key {key!r} names no class in "
+            f"torch.nn or in the model (use a class, its name such as 'Linear', or a dotted path "
+            f"such as 'torch.nn.Linear'){hint}"
+        )

@@ -1,0 +1,840 @@
+"""Differentiable k-means (DKM) on plain tensors: soft clustering with gradients to the weights.
+
+The math is coremltools' ``FakePalettize`` training forward (per LUT group g, x [G, N, d],
+centroids C [G, K, d]), repeated up to ``max_iter`` times:
+
+    D_ij = ||x_i - C_j||^2                       (a sum of squares; no cdist sqrt round trip)
+    D_i0 -= prune_threshold                      if prune_threshold > 0
+    D_i0  = 1 / zero_threshold  for x_i != 0     elif enforce_zero (only exact zeros reach slot 0)
+    A     = softmax(-D / tau_eff)                mode "dkm"  (tau_eff = max(tau, zero_threshold))
+            softmax(-D / tau_eff + Gumbel)       mode "gsm"
+            one_hot(argmin_j D_ij)               mode "hard" (no gradient through A)
+    C_j   = sum_i A_ij x_i / sum_i A_ij          (a column that sums to 0 keeps its centroid)
+    C     = lut_fn(C); C_0 = 0 if enforce_zero
+    stop once |inertia_t - inertia_{t-1}| <= epsilon, inertia = sum_i min_j D_ij (per group)
+
+and returns x_hat_i = sum_j A_ij C_j (last attention, last centroids). Gradients flow through
+the whole unrolled computation; nothing is straight-through.
+
+Two engines compute it, neither keeping an N x K tensor alive for backward:
+
+* "table" (d == 1): A depends on x_i only through its value, so all k-means work runs once per
+  distinct 16-bit code (fp16 after a power-of-two rescale of the group) and is gathered back.
+  Backward is O(N): one weighted bincount and two gathers per element; the small per-code graph
+  is recomputed inside backward. Equal to the dense math up to rounding x to 11 significant bits
+  (exact for fp16 / bf16 weights).
+* "dense" (any d, exact): chunked over N, with custom autograd Functions that recompute each
+  chunk's attention in backward. Extra memory O(chunk x K) + O(N x d) + O(iterations x K x d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["hard_assign", "soft_kmeans"]
+
+_MODES = ("dkm", "gsm", "hard")
+_METHODS = ("auto", "dense", "table")
+_NCODES = 1 << 16
+# One spare bin per group: the padding slots of the per-code tables read from / write to it.
+_STRIDE = _NCODES + 1
+# A group is rescaled so that max|x| lands in [2^14, 2^15): inside fp16's normal range, no overflow.
+_TOP_EXPONENT = 15
+# Elements of one [G, rows, K, d] chunk of the dense engine (per device type; tests shrink it).
+_CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 25}
+_DEFAULT_CHUNK_ELEMS = 1 << 22
+# The table engine pays for G * 65536 bins; below 4 elements per bin the dense engine is cheaper.
+_TABLE_MIN_ELEMS_PER_BIN = 4
+
+_code_values_cache: dict[torch.device, Tensor] = {}
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    tau: float  # effective temperature, max(tau, zero_threshold)
+    max_iter: int
+    epsilon: float
+    mode: str
+    enforce_zero: bool
+    prune_threshold: float
+    zero_threshold: float
+    lut_fn: Callable[[Tensor], Tensor] | None
+    clamp_attention: bool
+
+    @property
+    def keep_zeros(self) -> bool:
+        # coremltools' "keep_sparsity": with enforce_zero and no prune pull, slot 0 is exact zeros
+        return self.enforce_zero and self.prune_threshold == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# shared math
+
+
+def _pairwise(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_i - c_j) and D_ij = ||x_i - c_j||^2 for x [G, n, d], c [G, K, d].
+
+    The difference is [G, n, K] when d == 1 (the common case, no trailing unit axis) and
+    [G, n, K, d] otherwise.
+    """
+    if x.shape[-1] == 1:
+        diff = x - c.transpose(1, 2)
+        return diff, diff * diff
+    diff = x.unsqueeze(2) - c.unsqueeze(1)
+    return diff, diff.square().sum(-1)
+
+
+def _adjust(dist: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
+    """Apply the prune pull / exact-zero rule to column 0 of ``dist`` in place."""
+    if cfg.prune_threshold > 0:
+        dist[..., 0] -= cfg.prune_threshold
+    elif cfg.keep_zeros:
+        nonzero = x.ne(0).any(-1)
+        dist[..., 0] = torch.where(nonzero, 1.0 / cfg.zero_threshold, dist[..., 0])
+    return dist
+
+
+def _gumbel(u: Tensor) -> Tensor:
+    """Gumbel(0, 1) noise from uniforms in [0, 1): -log(-log(u))."""
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+
+
+def _attend(dist: Tensor, cfg: _Cfg, u: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Attention A from adjusted distances; also the pre-clamp softmax P (None in hard mode)."""
+    if cfg.mode == "hard":
+        idx = dist.argmin(-1, keepdim=True)
+        return torch.zeros_like(dist).scatter_(-1, idx, 1.0), None
+    logits = dist * (-1.0 / cfg.tau)
+    if u is not None:
+        logits = logits + _gumbel(u)
+    probs = torch.softmax(logits, -1)
+    if cfg.clamp_attention and cfg.mode == "dkm":
+        return probs.clamp_min(cfg.zero_threshold), probs
+    return probs, probs
+
+
+def _dist_grad(grad_a: Tensor, probs: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
+    """d loss / d D from d loss / d A (consumes ``grad_a``), the analytic softmax backward."""
+    if cfg.clamp_attention and cfg.mode == "dkm":
+        grad_a = grad_a * (probs >= cfg.zero_threshold)
+    grad_a -= (grad_a * probs).sum(-1, keepdim=True)
+    grad_a *= probs * (-1.0 / cfg.tau)
+    if cfg.keep_zeros:
+        # D_i0 is a constant for non-zero x_i, so nothing flows through it
+        grad_a[..., 0] *= x.eq(0).all(-1)
+    return grad_a
+
+
+def _pairwise_grad(grad_d: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of D = ||x - c||^2 as (d x [G, n, d], d c [G, K, d])."""
+    if diff.dim() == 3:
+        e = grad_d * diff
+        return 2.0 * e.sum(-1, keepdim=True), -2.0 * e.sum(1).unsqueeze(-1)
+    e = grad_d.unsqueeze(-1) * diff
+    return 2.0 * e.sum(2), -2.0 * e.sum(1)
+
+
+def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
+    """New centroids sums / mass; an empty column keeps its centroid; then lut_fn, zero slot."""
+    filled = mass > 0
+    safe = torch.where(filled, mass, torch.ones_like(mass))
+    new = torch.where(filled.unsqueeze(-1), sums / safe.unsqueeze(-1), c)
+    if cfg.lut_fn is not None:
+        quantized = cfg.lut_fn(new)
+        if not isinstance(quantized, Tensor) or quantized.shape != new.shape:
+            got = getattr(quantized, "shape", type(quantized).__name__)
+            raise ValueError(
+                f"soft_kmeans: lut_fn must return a tensor of shape {tuple(new.shape)}, got {got}"
+            )
+        new = quantized.to(new.dtype)
+    if cfg.enforce_zero:
+        slot0 = torch.arange(new.shape[1], device=new.device).eq(0).view(1, -1, 1)
+        new = torch.where(slot0, torch.zeros_like(new), new)
+    return new
+
+
+# stats(C, t, need_inertia) -> (sum_i A_ij x_i [G, K, d], sum_i A_ij [G, K], inertia [G] or
+# None, extra): extra is anything per group (tensors with leading G, or None) to carry out
+Stats = Callable[[Tensor, int, bool], tuple[Tensor, Tensor, Tensor | None, object]]
+
+
+def _pick(keep: Tensor, new, old):
+    """Per group (keep [G]): new where keep, else old, through tuples; None passes."""
+    if old is None:
+        return new
+    if isinstance(new, tuple):
+        return tuple(_pick(keep, a, b) for a, b in zip(new, old))
+    if new is None:
+        return None
+    return torch.where(keep.view((-1,) + (1,) * (new.dim() - 1)), new, old)
+
+
+def _iterate(stats: Stats, c0: Tensor, cfg: _Cfg, schedule: list[Tensor | None] | None = None):
+    """Run the k-means iterations with per-group early stopping.
+
+    ``stats`` computes the attention from centroids C at iteration t and its sums (see Stats).
+    Returns (P, F, schedule, extra): P are the centroids the last attention of each group was
+    computed from, F that group's last updated centroids, schedule[t] the groups still running
+    at iteration t (None: all), extra the stats' extra of each group's last iteration.
+    Passing ``schedule`` replays it instead of testing convergence (used by recomputation).
+    """
+    c = prev_c = last_c = c0
+    extra = None
+    active: Tensor | None = None
+    prev_inertia: Tensor | None = None
+    ran: list[Tensor | None] = []
+    n_iter = cfg.max_iter if schedule is None else len(schedule)
+    for t in range(n_iter):
+        act = active if schedule is None else schedule[t]
+        test = schedule is None and cfg.epsilon >= 0 and t + 1 < n_iter
+        sums, mass, inertia, new_extra = stats(c, t, test)
+        new = _update(sums, mass, c, cfg)
+        if act is None:
+            prev_c, last_c, extra = c, new, new_extra
+        else:
+            prev_c, last_c = _pick(act, c, prev_c), _pick(act, new, last_c)
+            extra = _pick(act, new_extra, extra)
+        c = last_c
+        ran.append(act)
+        if not test:
+            continue
+        if prev_inertia is not None:
+            # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
+            running = (inertia - prev_inertia).abs() > cfg.epsilon
+            active = running if act is None else act & running
+            if not bool(active.any()):
+                break
+        prev_inertia = inertia
+    return prev_c, last_c, ran, extra
+
+
+def _last_iteration(schedule: list[Tensor | None], g: int, device: torch.device) -> Tensor:
+    """Per group, the index of the last iteration it ran."""
+    last = torch.zeros(g, dtype=torch.long, device=device)
+    for t, act in enumerate(schedule):
+        last = torch.full_like(last, t) if act is None else torch.where(act, t, last)
+    return last
+
+
+def _replay(state: Tensor, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.set_state(state)
+    return gen
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# dense engine
+
+
+def _chunk_rows(g: int, k: int, d: int, device: torch.device) -> int:
+    elems = _CHUNK_ELEMS.get(device.type, _DEFAULT_CHUNK_ELEMS)
+    if device.type == "cpu":
+        # ~256K elements per thread: small chunks stay in cache, but every op is an OpenMP
+        # barrier, which costs milliseconds on a loaded box
+        elems *= torch.get_num_threads()
+    return max(1, elems // (g * k * d))
+
+
+def _chunks(n: int, rows: int):
+    return ((a, min(n, a + rows)) for a in range(0, n, rows))
+
+
+class _DenseStats(torch.autograd.Function):
+    """(sum_i A_ij x_i, sum_i A_ij, inertia) for A = attention(x, C), chunked over N.
+
+    Saves only x and C; backward recomputes each chunk's attention. Gumbel noise (mode "gsm")
+    is drawn per chunk as torch.rand(G, rows, K) from ``gen``; backward replays it from ``state``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, cfg, gen, state, need_inertia):
+        g, n, d = x.shape
+        k = c.shape[1]
+        rows = _chunk_rows(g, k, d, x.device)
+        sums = x.new_zeros(g, k, d)
+        mass = x.new_zeros(g, k)
+        inertia = x.new_zeros(g)
+        with _no_autocast(x.device):
+            for a, b in _chunks(n, rows):
+                xc = x[:, a:b]
+                _, dist = _pairwise(xc, c)
+                _adjust(dist, xc, cfg)
+                if need_inertia:
+                    inertia += dist.amin(-1).sum(1)
+                u = None
+                if gen is not None:
+                    u = torch.rand(g, b - a, k, generator=gen, device=x.device)
+                att, _ = _attend(dist, cfg, u)
+                sums.baddbmm_(att.transpose(1, 2), xc)
+                mass += att.sum(1)
+        ctx.save_for_backward(x, c)
+        ctx.cfg, ctx.state = cfg, state
+        ctx.mark_non_differentiable(inertia)
+        return sums, mass, inertia
+
+    @staticmethod
+    def backward(ctx, grad_sums, grad_mass, _grad_inertia):
+        x, c = ctx.saved_tensors
+        cfg = ctx.cfg
+        g, n, d = x.shape
+        k = c.shape[1]
+        need_x, need_c = ctx.needs_input_grad[:2]
+        if grad_sums is None:
+            grad_sums = c.new_zeros(g, k, d)
+        if grad_mass is None:
+            grad_mass = c.new_zeros(g, k)
+        gx = torch.zeros_like(x) if need_x else None
+        gc = torch.zeros_like(c)
+        gen = _replay(ctx.state, x.device) if ctx.state is not None else None
+        with _no_autocast(x.device):
+            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+                xc = x[:, a:b]
+                diff, dist = _pairwise(xc, c)
+                _adjust(dist, xc, cfg)
+                u = None
+                if gen is not None:
+                    u = torch.rand(g, b - a, k, generator=gen, device=x.device)
+                att, probs = _attend(dist, cfg, u)
+                if need_x:
+                    gx[:, a:b] = torch.bmm(att, grad_sums)
+                if probs is None:
+                    continue
+                grad_a = torch.baddbmm(grad_mass.unsqueeze(1), xc, grad_sums.transpose(1, 2))
+                gxc, gcc = _pairwise_grad(_dist_grad(grad_a, probs, xc, cfg), diff)
+                if need_x:
+                    gx[:, a:b] += gxc
+                gc += gcc
+        return gx, (gc if need_c else None), None, None, None, None
+
+
+class _DenseOutput(torch.autograd.Function):
+    """x_hat = attention(x, P) @ F, chunked over N; backward recomputes the attention.
+
+    ``noise`` (mode "gsm") is (generator state at the start of each iteration, last iteration
+    of each group): each group's output reuses the noise of its last iteration.
+    """
+
+    @staticmethod
+    def forward(ctx, x, prev_c, last_c, cfg, noise):
+        g, n, d = x.shape
+        k = prev_c.shape[1]
+        out = torch.empty_like(x)
+        with _no_autocast(x.device):
+            draws = _GroupNoise(noise, g, k, x.device)
+            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+                xc = x[:, a:b]
+                _, dist = _pairwise(xc, prev_c)
+                _adjust(dist, xc, cfg)
+                att, _ = _attend(dist, cfg, draws.next(b - a))
+                out[:, a:b] = torch.bmm(att, last_c)
+        ctx.save_for_backward(x, prev_c, last_c)
+        ctx.cfg, ctx.noise = cfg, noise
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, prev_c, last_c = ctx.saved_tensors
+        cfg = ctx.cfg
+        g, n, d = x.shape
+        k = prev_c.shape[1]
+        need_x, need_p, need_f = ctx.needs_input_grad[:3]
+        gx = torch.zeros_like(x) if need_x else None
+        gp = torch.zeros_like(prev_c)
+        gf = torch.zeros_like(last_c)
+        with _no_autocast(x.device):
+            draws = _GroupNoise(ctx.noise, g, k, x.device)
+            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+                xc = x[:, a:b]
+                go = grad_out[:, a:b].float()
+                diff, dist = _pairwise(xc, prev_c)
+                _adjust(dist, xc, cfg)
+                att, probs = _attend(dist, cfg, draws.next(b - a))
+                gf.baddbmm_(att.transpose(1, 2), go)
+                if probs is None:
+                    continue
+                grad_a = torch.bmm(go, last_c.transpose(1, 2))
+                gxc, gpc = _pairwise_grad(_dist_grad(grad_a, probs, xc, cfg), diff)
+                if need_x:
+                    gx[:, a:b] = gxc
+                gp += gpc
+        return gx, (gp if need_p else None), (gf if need_f else None), None, None
+
+
+class _GroupNoise:
+    """Replays, chunk by chunk, each group's noise from the iteration its output comes from."""
+
+    def __init__(self, noise: tuple[list[Tensor], list[int]] | None, g, k, device):
+        self.g, self.k, self.device = g, k, device
+        self.streams: list[tuple[Tensor | None, torch.Generator]] = []
+        if noise is None:
+            return
+        states, last = noise
+        for t in sorted(set(last)):
+            mask = None
+            if len(set(last)) > 1:
+                mask = torch.tensor(last, device=device).eq(t).view(g, 1, 1)
+            self.streams.append((mask, _replay(states[t], device)))
+
+    def next(self, rows: int) -> Tensor | None:
+        u = None
+        for mask, gen in self.streams:
+            draw = torch.rand(self.g, rows, self.k, generator=gen, device=self.device)
+            u = draw if mask is None or u is None else torch.where(mask, draw, u)
+        return u
+
+
+def _soft_kmeans_dense(
+    x: Tensor, c0: Tensor, cfg: _Cfg, gen: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    xf = x.float()
+    g = x.shape[0]
+    states: list[Tensor] = []
+
+    def stats(c: Tensor, t: int, need_inertia: bool):
+        state = None
+        if gen is not None:
+            state = gen.get_state()
+            states.append(state)
+        sums, mass, inertia = _DenseStats.apply(xf, c, cfg, gen, state, need_inertia)
+        return sums, mass, inertia, None
+
+    prev_c, last_c, schedule, _ = _iterate(stats, c0, cfg)
+    noise = None
+    if gen is not None:
+        noise = (states, _last_iteration(schedule, g, c0.device).tolist())
+    out = _DenseOutput.apply(xf, prev_c, last_c, cfg, noise)
+    return out.to(x.dtype), last_c.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# table engine (d == 1)
+
+
+def _code_values(device: torch.device) -> Tensor:
+    """Value of each 16-bit code (fp16 bit pattern + 2^15, as int), plus 0 for the spare bin."""
+    table = _code_values_cache.get(device)
+    if table is None:
+        bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+        values = bits.view(torch.float16).float()
+        table = torch.cat([values, values.new_zeros(1)]).to(device)
+        _code_values_cache[device] = table
+    return table
+
+
+def _encode(x: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bin every element by its 16-bit code.
+
+    Returns the per-element bin id [G*N] int32 (g * 65537 + code), the distinct codes of each
+    group [G, U] in ascending order of value (padded with the spare bin 65536), their values
+    [G, U] in x's units, and their counts [G, U] (0 for padding).
+    """
+    g = x.shape[0]
+    flat = x.detach().reshape(g, -1)
+    amax = flat.abs().amax(1).float()
+    _, exponent = torch.frexp(amax)
+    # a power of two: exact, and max|x| lands in [2^14, 2^15) where fp16 keeps 11 bits
+    scale = torch.ldexp(torch.ones_like(amax), (_TOP_EXPONENT - exponent).clamp(-126, 126))
+    scaled = flat.float() * scale.unsqueeze(1)
+    half = scaled.half()
+    if cfg.keep_zeros:
+        # a tiny non-zero weight must not round into the exact-zero code
+        tiny = (scaled.sign() * 2.0**-24).half()
+        half = torch.where(half.eq(0) & scaled.ne(0), tiny, half)
+    # the signed bit pattern + 2^15 is a bijection onto 0..65535 (value order is restored on
+    # the small per-code table below, not per element)
+    bins = half.view(torch.int16).to(torch.int32)
+    if g == 1:
+        bins += 1 << 15
+    else:
+        bins += torch.arange(g, dtype=torch.int32, device=x.device).unsqueeze(1) * _STRIDE + (
+            1 << 15
+        )
+    bins = bins.view(-1)
+    counts = torch.bincount(bins, minlength=g * _STRIDE).view(g, _STRIDE)
+    present = counts[:, :_NCODES] > 0
+    u = int(present.sum(1).max())
+    if g == 1:
+        codes = present[0].nonzero().view(1, -1)
+    else:
+        slot = present.cumsum(1) - 1
+        gi, ki = present.nonzero(as_tuple=True)
+        codes = torch.full((g, u), _NCODES, dtype=torch.long, device=x.device)
+        codes[gi, slot[gi, ki]] = ki
+    values = _code_values(x.device)[codes]
+    # ascending by value, padding last (its value is irrelevant, its count 0)
+    key = torch.where(codes == _NCODES, torch.inf, values)
+    order = key.argsort(dim=1, stable=True)
+    codes, values = codes.gather(1, order), values.gather(1, order)
+    mass = counts.gather(1, codes).float()
+    return bins, codes, values / scale.unsqueeze(1), mass
+
+
+def _table_stats(v, mass, c, cfg, u, need_inertia):
+    """Centroid sums over codes weighted by their counts; extra = (attention, softmax)."""
+    _, dist = _pairwise(v.unsqueeze(-1), c)
+    _adjust(dist, v.unsqueeze(-1), cfg)
+    inertia = (dist.amin(-1) * mass).sum(1) if need_inertia else None
+    att, probs = _attend(dist, cfg, u)
+    both = torch.bmm(torch.stack([mass * v, mass], 1), att)  # [G, 2, K]
+    return both[:, 0].unsqueeze(-1), both[:, 1], inertia, (att, probs)
+
+
+def _table_slope(v, prev_c, last_c, probs, cfg):
+    """h_u = sum_j C_j dA_uj / dv_u with the centroids held fixed (analytic).
+
+    A = softmax(a), a_j = -(v - c_j)^2 / tau, so dA_j/dv = A_j (da_j/dv - sum_k A_k da_k/dv)
+    and da_j/dv = -2 (v - c_j) / tau (0 for the pinned zero slot, x 0 where A is clamped).
+    """
+    if probs is None:  # hard: A is piecewise constant
+        return torch.zeros_like(v)
+    x = v.unsqueeze(-1)
+    diff, _ = _pairwise(x, prev_c)
+    # _dist_grad maps d/dA (here C_j) to d/dD; D_j depends on v through 2 (v - c_j)
+    grad_d = _dist_grad(last_c.transpose(1, 2).expand_as(probs).clone(), probs, x, cfg)
+    return 2.0 * (grad_d * diff).sum(-1)
+
+
+def _weighted_bincount(bins: Tensor, weights: Tensor, size: int) -> Tensor:
+    if bins.is_cuda and torch.are_deterministic_algorithms_enabled():
+        out = weights.new_zeros(size)
+        return out.index_put_((bins.long(),), weights, accumulate=True)
+    return torch.bincount(bins, weights=weights, minlength=size)
+
+
+class _TableKMeans(torch.autograd.Function):
+    """The whole soft k-means on per-code tables; backward is O(N) per element.
+
+    grad x_i = g_i h[u_i] + r[u_i], h the slope of the element's own final attention with the
+    centroids fixed, r = (dL/dv_u - gsum_u h_u) / n_u its share of the gradient through the
+    centroids, where L = sum_u gsum_u y_u(v) is differentiated by autograd over the small
+    per-code graph, recomputed here rather than saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c0, cfg, gen):
+        g = x.shape[0]
+        k = c0.shape[1]
+        with torch.no_grad(), _no_autocast(x.device):
+            bins, codes, v, mass = _encode(x, cfg)
+            states: list[Tensor] = []
+
+            def stats(c: Tensor, t: int, need_inertia: bool):
+                u = None
+                if gen is not None:
+                    states.append(gen.get_state())
+                    u = torch.rand(g, v.shape[1], k, generator=gen, device=x.device)
+                return _table_stats(v, mass, c, cfg, u, need_inertia)
+
+            _, last_c, schedule, (att, _) = _iterate(stats, c0, cfg)
+            y = torch.bmm(att, last_c).squeeze(-1)
+            out = _scatter_codes(y, codes).index_select(0, bins).view_as(x).to(x.dtype)
+        ran = torch.stack(
+            [torch.ones(g, dtype=torch.bool, device=x.device) if a is None else a for a in schedule]
+        )
+        ctx.save_for_backward(bins, codes, v, mass, c0, ran, *states)
+        ctx.cfg, ctx.all_ran = cfg, [a is None for a in schedule]
+        ctx.mark_non_differentiable(last_c)
+        return out, last_c
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_c):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        bins, codes, v, mass, c0, ran, *states = ctx.saved_tensors
+        cfg = ctx.cfg
+        g, u = v.shape
+        k = c0.shape[1]
+        device = v.device
+        with _no_autocast(device):
+            go = grad_out.reshape(-1).float()
+            gsum = _weighted_bincount(bins, go, g * _STRIDE).view(g, _STRIDE).gather(1, codes)
+            noises = [
+                torch.rand(g, u, k, generator=_replay(s, device), device=device) for s in states
+            ]
+            with torch.enable_grad():
+                vg = v.detach().requires_grad_()
+                prev_c, last_c, _, (att, probs) = _iterate(
+                    lambda c, t, _: _table_stats(
+                        vg, mass, c, cfg, noises[t] if noises else None, False
+                    ),
+                    c0,
+                    cfg,
+                    schedule=[None if every else a for every, a in zip(ctx.all_ran, ran)],
+                )
+                y = torch.bmm(att, last_c).squeeze(-1)
+                total = torch.zeros_like(v)
+                if y.requires_grad:  # not when lut_fn cuts the centroids off in hard mode
+                    (total,) = torch.autograd.grad((gsum * y).sum(), vg)
+            probs = None if probs is None else probs.detach()
+            slope = _table_slope(v, prev_c.detach(), last_c.detach(), probs, cfg)
+            share = (total - gsum * slope) / mass.clamp_min(1)
+            h = _scatter_codes(slope, codes).index_select(0, bins)
+            r = _scatter_codes(share, codes).index_select(0, bins)
+            grad_x = torch.addcmul(r, go, h).view(grad_out.shape).to(grad_out.dtype)
+        return grad_x, None, None, None
+
+
+def _scatter_codes(per_code: Tensor, codes: Tensor) -> Tensor:
+    """Per-code values [G, U] into the flat per-bin table [G * 65537] (padding -> spare bin)."""
+    g = per_code.shape[0]
+    full = per_code.new_zeros(g, _STRIDE)
+    return full.scatter_(1, codes, per_code).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _check_tensors(fn: str, x: Tensor, centroids: Tensor) -> None:
+    for name, t in (("x", x), ("centroids", centroids)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(
+                f"{fn}: {name} must be a 3-D floating tensor, got shape {tuple(t.shape)} "
+                f"dtype {t.dtype}"
+            )
+    g, n, d = x.shape
+    if n == 0 or g == 0 or d == 0:
+        raise ValueError(f"{fn}: x must have G, N, d >= 1, got shape {tuple(x.shape)}")
+    if centroids.shape[0] != g or centroids.shape[2] != d or centroids.shape[1] < 1:
+        raise ValueError(
+            f"{fn}: centroids must have shape [G={g}, K>=1, d={d}] to match x "
+            f"{tuple(x.shape)}, got {tuple(centroids.shape)}"
+        )
+    if centroids.device != x.device:
+        raise ValueError(
+            f"{fn}: centroids must be on x's device {x.device}, got {centroids.device}"
+        )
+
+
+def _check_number(fn: str, name: str, value: object, low: float, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    bad = value <= low if strict else value < low
+    if bad or value != value or value == float("inf"):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{fn}: {name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def _check_threshold_args(fn: str, prune_threshold, enforce_zero, zero_threshold):
+    prune = _check_number(fn, "prune_threshold", prune_threshold, 0.0, strict=False)
+    zero = _check_number(fn, "zero_threshold", zero_threshold, 0.0, strict=True)
+    if not isinstance(enforce_zero, bool):
+        raise TypeError(f"{fn}: enforce_zero must be a bool, got {enforce_zero!r}")
+    return prune, zero
+
+
+@torch.compiler.disable
+def soft_kmeans(
+    x: Tensor,
+    centroids: Tensor,
+    *,
+    tau: float = 1e-4,
+    max_iter: int = 3,
+    epsilon: float = 1e-4,
+    mode: str = "dkm",
+    enforce_zero: bool = False,
+    prune_threshold: float = 0.0,
+    zero_threshold: float = 1e-7,
+    lut_fn: Callable[[Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
+    clamp_attention: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Soft-cluster each LUT group of ``x`` around its centroids, differentiably (DKM).
+
+    Runs up to ``max_iter`` soft k-means iterations per group (module docstring has the
+    math) and returns the soft-palettized tensor, with gradients to ``x`` through the whole
+    unrolled computation, plus the updated centroids for the caller to keep as state.
+
+    ``zero_threshold`` and ``tau``: coremltools' notes (section 1.3) say the softmax uses
+    "tau = palett_tau, clamped from below at zero_threshold"; read as written, the
+    temperature used is ``max(tau, zero_threshold)`` (a no-op for any realistic tau). The
+    coremltools 9.0 source instead clamps the attention itself,
+    ``softmax(-D / tau).clamp(min=zero_threshold)`` (mode "dkm"); ``clamp_attention=True``
+    reproduces that. Every attention entry is then >= zero_threshold, so no column is ever
+    empty and a centroid far from all points drifts toward the group mean.
+
+    Early stopping is per group and absolute, like coremltools: a group stops after
+    iteration t >= 2 once |inertia_t - inertia_{t-1}| <= epsilon, with inertia the sum over
+    the group of min_j D_ij (adjusted D). Testing it costs one host sync per iteration.
+
+    Gumbel noise (mode "gsm", temperature 1 on logits -D / tau) comes from ``generator``
+    (default: the device's default generator) as uniforms u, noise = -log(-log(u)):
+
+    * dense: per iteration, per chunk of rows [a, b), ``torch.rand(G, b - a, K)``; one
+      ``torch.rand(G, N, K)`` per iteration when the whole group fits one chunk.
+    * table: per iteration ``torch.rand(G, U, K)``, one draw per *distinct code*, where U is
+      the largest number of distinct fp16 codes in a group and code u of a group is its u-th
+      smallest distinct value; all elements with the same code share the noise.
+
+    Args:
+        x: [G, N, d] float weights (already divided by any per-channel scale). Any float
+            dtype; the k-means runs in float32, with autocast disabled.
+        centroids: [G, K, d] initial centroids (state; never receives gradient).
+        tau: softmax temperature on squared distances (absolute, not scale-aware), > 0.
+        max_iter: k-means iterations, >= 1.
+        epsilon: absolute inertia change that stops a group early; negative disables
+            early stopping (and its host syncs).
+        mode: "dkm" (softmax), "gsm" (Gumbel-softmax) or "hard" (one-hot argmin; gradient
+            reaches x only through the centroid means).
+        enforce_zero: pin centroid 0 to exactly 0 after each update; with
+            ``prune_threshold == 0`` only exact zeros of x may use it. Pass ``centroids``
+            with slot 0 already 0.
+        prune_threshold: >= 0; if > 0, subtracted from every distance to centroid 0.
+        zero_threshold: > 0; see above.
+        lut_fn: optional differentiable map applied to the [G, K, d] float32 centroids after
+            each update (e.g. a straight-through LUT quantizer). May be called again in
+            backward; must be deterministic.
+        generator: torch.Generator on x's device for mode "gsm".
+        method: "table" (d == 1; O(N) memory), "dense" (exact, any d) or "auto": table when
+            d == 1 and there are at least 4 elements per table bin, G * N >= 4 * G * 65536
+            (N >= 262,144 per group), else dense.
+        clamp_attention: clamp the "dkm" attention from below at ``zero_threshold`` as the
+            coremltools 9.0 code does (see above).
+
+    Returns:
+        (x_hat, new_centroids): x_hat has x's shape and dtype; new_centroids is [G, K, d]
+        float32, detached.
+
+    Raises:
+        ValueError: a shape, value or option is out of range (the message names it).
+        TypeError: an argument has the wrong type.
+
+    Example:
+        >>> import torch
+        >>> from lightning_palettize.soft_kmeans import soft_kmeans
+        >>> w = (0.02 * torch.randn(1, 4096, 1)).requires_grad_()
+        >>> c = torch.quantile(w.detach().view(-1), torch.linspace(0, 1, 16)).view(1, 16, 1)
+        >>> w_hat, c = soft_kmeans(w, c)
+        >>> w_hat.pow(2).sum().backward()
+        >>> w_hat.shape, c.shape, w.grad.shape
+        (torch.Size([1, 4096, 1]), torch.Size([1, 16, 1]), torch.Size([1, 4096, 1]))
+    """
+    fn = "soft_kmeans"
+    _check_tensors(fn, x, centroids)
+    tau = _check_number(fn, "tau", tau, 0.0, strict=True)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{fn}: max_iter must be an int >= 1, got {max_iter!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon != epsilon:
+        raise ValueError(f"{fn}: epsilon must be a number (negative disables), got {epsilon!r}")
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: mode must be one of {_MODES}, got {mode!r}")
+    if method not in _METHODS:
+        raise ValueError(f"{fn}: method must be one of {_METHODS}, got {method!r}")
+    prune, zero = _check_threshold_args(fn, prune_threshold, enforce_zero, zero_threshold)
+    if lut_fn is not None and not callable(lut_fn):
+        raise TypeError(f"{fn}: lut_fn must be callable or None, got {type(lut_fn).__name__}")
+    if not isinstance(clamp_attention, bool):
+        raise TypeError(f"{fn}: clamp_attention must be a bool, got {clamp_attention!r}")
+    g, n, d = x.shape
+    if method == "table" and d != 1:
+        raise ValueError(f"{fn}: method='table' needs d == 1 (scalar clusters), got d={d}")
+    gen = None
+    if mode == "gsm":
+        gen = generator if generator is not None else _default_generator(x.device)
+        if not isinstance(gen, torch.Generator):
+            raise TypeError(f"{fn}: generator must be a torch.Generator, got {type(gen).__name__}")
+        if gen.device.type != x.device.type or (
+            x.device.index is not None and gen.device.index not in (None, x.device.index)
+        ):
+            raise ValueError(f"{fn}: generator is on {gen.device}, x on {x.device}")
+
+    cfg = _Cfg(
+        tau=max(tau, zero),
+        max_iter=max_iter,
+        epsilon=float(epsilon),
+        mode=mode,
+        enforce_zero=enforce_zero,
+        prune_threshold=prune,
+        zero_threshold=zero,
+        lut_fn=lut_fn,
+        clamp_attention=clamp_attention,
+    )
+    if method == "auto":
+        use_table = d == 1 and n >= _TABLE_MIN_ELEMS_PER_BIN * _NCODES
+        method = "table" if use_table else "dense"
+    c0 = centroids.detach().float()
+    with _no_autocast(x.device):
+        if method == "table":
+            out, new_c = _TableKMeans.apply(x, c0, cfg, gen)
+            return out, new_c.detach()
+        return _soft_kmeans_dense(x, c0, cfg, gen)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
+
+
+@torch.compiler.disable
+def hard_assign(
+    x: Tensor,
+    centroids: Tensor,
+    prune_threshold: float = 0.0,
+    enforce_zero: bool = False,
+    zero_threshold: float = 1e-7,
+) -> Tensor:
+    """Label each vector with its nearest centroid (eval / finalize path), chunked over N.
+
+    label_i = argmin_j D_ij with D adjusted as in :func:`soft_kmeans` (prune pull on
+    centroid 0; with ``enforce_zero`` and no prune pull, only exact zeros may take slot 0).
+    Memory is O(chunk x K); no gradient.
+
+    Args:
+        x: [G, N, d] float weights.
+        centroids: [G, K, d] centroids.
+        prune_threshold: >= 0, subtracted from every distance to centroid 0.
+        enforce_zero: reserve slot 0 for exact zeros (when ``prune_threshold == 0``).
+        zero_threshold: > 0; non-zero x get distance 1 / zero_threshold to slot 0.
+
+    Returns:
+        labels [G, N] int64.
+
+    Raises:
+        ValueError, TypeError: as :func:`soft_kmeans`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_palettize.soft_kmeans import hard_assign
+        >>> hard_assign(torch.tensor([[[0.1], [0.9]]]), torch.tensor([[[0.0], [1.0]]]))
+        tensor([[0, 1]])
+    """
+    fn = "hard_assign"
+    _check_tensors(fn, x, centroids)
+    prune, zero = _check_threshold_args(fn, prune_threshold, enforce_zero, zero_threshold)
+    cfg = _Cfg(
+        tau=1.0,
+        max_iter=1,
+        epsilon=-1.0,
+        mode="hard",
+        enforce_zero=enforce_zero,
+        prune_threshold=prune,
+        zero_threshold=zero,
+        lut_fn=None,
+        clamp_attention=False,
+    )
+    g, n, d = x.shape
+    k = centroids.shape[1]
+    labels = torch.empty(g, n, dtype=torch.long, device=x.device)
+    with torch.no_grad(), _no_autocast(x.device):
+        xf = x.detach().float()
+        c = centroids.detach().float()
+        for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+            xc = xf[:, a:b]
+            _, dist = _pairwise(xc, c)
+            labels[:, a:b] = _adjust(dist, xc, cfg).argmin(-1)
+    return labels

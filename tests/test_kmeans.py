@@ -1,0 +1,241 @@
+"""The clustering kernels: exact 1-D optimality, fast-mode error bound, vector k-means."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_palettize.kmeans import kmeans, kmeans_1d, kmeans_vectors
+
+
+def _brute_force(values, weights, k):
+    """Minimum weighted SSE over every partition of the sorted values into contiguous runs."""
+    order = np.argsort(values, kind="stable")
+    x, w = np.asarray(values)[order], np.asarray(weights)[order]
+    n = len(x)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, n), min(k, n) - 1):
+        bounds = [0, *cuts, n]
+        cost = 0.0
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sw = w[a:b].sum()
+            if sw > 0:
+                mu = (w[a:b] * x[a:b]).sum() / sw
+                cost += (w[a:b] * (x[a:b] - mu) ** 2).sum()
+        best = min(best, cost)
+    return best
+
+
+def _quadratic_dp(values, weights, k):
+    """Textbook O(k n^2) dynamic program over distinct values (independent reference)."""
+    u, inv = np.unique(values, return_inverse=True)
+    w = np.bincount(inv, weights=weights)
+    wx = np.bincount(inv, weights=weights * values)
+    wxx = np.bincount(inv, weights=weights * values * values)
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(a)]) for a in (w, wx, wxx))
+    m = len(u)
+
+    def cost(a, b):
+        s0 = p0[b] - p0[a]
+        return 0.0 if s0 <= 0 else max(0.0, (p2[b] - p2[a]) - (p1[b] - p1[a]) ** 2 / s0)
+
+    d = [cost(0, i) for i in range(m + 1)]
+    for _ in range(1, min(k, m)):
+        d = [min([d[j] + cost(j, i) for j in range(0, i)] or [0.0]) for i in range(m + 1)]
+    return d[m]
+
+
+def _sse(x, w, result):
+    cent = torch.gather(result.centroids.double(), 1, result.labels.long())
+    return (w * (x.double() - cent) ** 2).sum(dim=1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_1d_equals_brute_force_on_small_inputs(weighted):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 10, (1,), generator=gen))
+        x = torch.randn(1, n, generator=gen, dtype=torch.float64)
+        if trial % 4 == 0:  # ties
+            x = torch.round(x * 2) / 2
+        w = torch.rand(1, n, generator=gen, dtype=torch.float64) + 0.05
+        w = w if weighted else torch.ones_like(w)
+        for k in (1, 2, 3, 4, 6):
+            r = kmeans_1d(x, k, w if weighted else None, exact=True)
+            best = _brute_force(x[0].numpy(), w[0].numpy(), k)
+            assert r.inertia[0].item() == pytest.approx(best, rel=1e-9, abs=1e-12)
+            # the labels realise that optimum, and no label points at a padded slot
+            assert _sse(x, w, r)[0].item() == pytest.approx(best, rel=1e-9, abs=1e-12)
+            assert int(r.labels.max()) < min(k, len(torch.unique(x)))
+
+
+def test_1d_equals_quadratic_dp_on_larger_inputs():
+    rng = np.random.default_rng(1)
+    for n, k in [(300, 4), (250, 16), (200, 7), (120, 2)]:
+        vals = np.round(rng.standard_normal(n) * 50) / 10  # many duplicates
+        w = rng.random(n) + 0.01
+        ref = _quadratic_dp(vals, w, k)
+        x = torch.tensor(vals).unsqueeze(0)
+        r = kmeans_1d(x, k, torch.tensor(w).unsqueeze(0), exact=True)
+        assert r.inertia[0].item() == pytest.approx(ref, rel=1e-9)
+        assert _sse(x, torch.tensor(w).unsqueeze(0), r)[0].item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_1d_constant_and_fewer_distinct_values_than_k():
+    x = torch.full((2, 50), 0.25)
+    x[1, :25] = -1.0
+    r = kmeans_1d(x, 16)
+    assert r.centroids.shape == (2, 16)
+    assert torch.all(r.centroids[0] == 0.25)
+    assert set(r.centroids[1].tolist()) == {-1.0, 0.25}
+    assert torch.equal(_sse(x, torch.ones_like(x), r), torch.zeros(2, dtype=torch.float64))
+    # LUTs are sorted and the tail repeats the largest centroid
+    assert torch.all(r.centroids[:, 1:] >= r.centroids[:, :-1])
+
+
+def test_1d_groups_are_independent():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 400, generator=gen)
+    x[3] *= 100
+    batched = kmeans_1d(x, 8)
+    for g in range(5):
+        single = kmeans_1d(x[g : g + 1], 8)
+        assert torch.equal(batched.centroids[g], single.centroids[0])
+        assert torch.equal(batched.labels[g], single.labels[0])
+
+
+@pytest.mark.parametrize(
+    "dist", ["normal", "laplace", "uniform", "heavy_tail", "tiny", "bimodal"]
+)
+@pytest.mark.parametrize("groups,k", [(1, 4), (1, 16), (8, 16), (1, 256)])
+def test_fast_mode_within_0_1_percent_of_exact(dist, groups, k):
+    """fp32 weights binned by 16-bit code: error on the exact weights <= 1.001x the optimum."""
+    gen = torch.Generator().manual_seed(3)
+    n = 20000
+    if dist == "normal":
+        x = torch.randn(groups, n, generator=gen) * 0.02
+    elif dist == "laplace":
+        x = torch.distributions.Laplace(0.0, 0.05).sample((groups, n))
+    elif dist == "uniform":
+        x = torch.rand(groups, n, generator=gen) - 0.5
+    elif dist == "heavy_tail":
+        x = torch.randn(groups, n, generator=gen) ** 3
+    elif dist == "tiny":
+        x = torch.randn(groups, n, generator=gen) * 6e-5
+    else:
+        x = torch.randn(groups, n, generator=gen) * 0.01 + torch.sign(torch.randn(groups, n)) * 0.5
+    fast = kmeans_1d(x, k)
+    exact = kmeans_1d(x, k, exact=True)
+    ones = torch.ones_like(x, dtype=torch.float64)
+    ratio = _sse(x, ones, fast) / _sse(x, ones, exact)
+    assert torch.all(ratio <= 1.001), ratio
+
+
+def test_small_weights_keep_relative_precision():
+    """coremltools' 4-decimal rounding leaves ~3 values and 90% error for |w| ~ 6e-5."""
+    x = torch.randn(1, 50000, generator=torch.Generator().manual_seed(4)) * 6e-5
+    r = kmeans_1d(x, 16)
+    rel = (_sse(x, torch.ones_like(x, dtype=torch.float64), r) / (x.double() ** 2).sum()).item()
+    assert rel < 0.02
+    assert len(torch.unique(r.centroids)) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_inputs_are_clustered_exactly(dtype):
+    x = (torch.randn(3, 5000, generator=torch.Generator().manual_seed(5)) * 0.1).to(dtype)
+    fast = kmeans_1d(x, 16)
+    exact = kmeans_1d(x, 16, exact=True)
+    torch.testing.assert_close(fast.inertia, exact.inertia, rtol=1e-9, atol=0)
+
+
+def test_weighted_zero_weights_never_nan():
+    x = torch.randn(2, 1000, generator=torch.Generator().manual_seed(6))
+    w = torch.rand(2, 1000)
+    w[:, ::3] = 0.0
+    w[1] = 0.0  # a group with no weight at all
+    for exact in (False, True):
+        r = kmeans_1d(x, 8, w, exact=exact)
+        assert torch.isfinite(r.centroids).all()
+        assert torch.isfinite(r.inertia).all()
+
+
+def test_weights_pull_centroids():
+    x = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
+    heavy = torch.tensor([[1.0, 1.0, 100.0, 1.0]])
+    r = kmeans_1d(x, 2, heavy, exact=True)
+    # cluster {0, 1, 2} mean is pulled to ~2 by the heavy weight
+    assert r.centroids[0, 0].item() == pytest.approx((0 + 1 + 200) / 102)
+
+
+def test_1d_input_errors():
+    with pytest.raises(ValueError, match="rank 2"):
+        kmeans_1d(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kmeans_1d(torch.tensor([[0.0, float("nan")]]), 2)
+    with pytest.raises(ValueError, match="k: expected a positive int"):
+        kmeans_1d(torch.zeros(1, 3), 0)
+    with pytest.raises(ValueError, match="weights: expected shape"):
+        kmeans_1d(torch.zeros(1, 3), 2, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="non-negative"):
+        kmeans_1d(torch.zeros(1, 3), 2, -torch.ones(1, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        kmeans_1d(torch.zeros(1, 3, dtype=torch.int64), 2)
+
+
+def _is_lloyd_fixed_point(x, w, r):
+    d = ((x.unsqueeze(2) - r.centroids.unsqueeze(1)) ** 2).sum(-1)  # [G, N, K]
+    nearest = d.min(dim=2).values
+    assigned = torch.gather(d, 2, r.labels.long().unsqueeze(2)).squeeze(2)
+    assert torch.allclose(assigned, nearest, rtol=1e-5, atol=1e-9)
+    for g in range(x.shape[0]):
+        for c in range(r.centroids.shape[1]):
+            mask = r.labels[g].long() == c
+            if mask.any() and w[g, mask].sum() > 0:
+                mean = (x[g, mask] * w[g, mask, None]).sum(0) / w[g, mask].sum()
+                torch.testing.assert_close(r.centroids[g, c], mean, rtol=1e-4, atol=1e-6)
+
+
+def test_vector_kmeans_converges_and_is_deterministic():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 600, 2, generator=gen)
+    w = torch.rand(3, 600, generator=gen) + 0.1
+    a = kmeans_vectors(x, 8, w, seed=11)
+    b = kmeans_vectors(x, 8, w, seed=11)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.labels, b.labels)
+    _is_lloyd_fixed_point(x, w, a)
+    assert a.centroids.shape == (3, 8, 2) and a.labels.dtype == torch.uint8
+
+
+def test_vector_kmeans_repairs_empty_clusters():
+    # 5 distinct vectors, 8 clusters: every distinct vector gets its own centroid, no NaN
+    base = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-3.0, 2.0]])
+    x = base.repeat(40, 1).unsqueeze(0)
+    r = kmeans_vectors(x, 8)
+    assert torch.isfinite(r.centroids).all()
+    assert r.inertia.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_vector_kmeans_close_to_exact_in_1d():
+    """On d=1 data Lloyd with k-means++ should land near the exact optimum."""
+    x = torch.randn(1, 3000, generator=torch.Generator().manual_seed(8))
+    exact = kmeans_1d(x, 8, exact=True).inertia
+    vec = kmeans_vectors(x.unsqueeze(-1), 8, n_init=3).inertia
+    assert vec.item() <= exact.item() * 1.05
+
+
+def test_dispatch_shapes():
+    x = torch.randn(2, 100, 1)
+    assert kmeans(x, 4).centroids.shape == (2, 4, 1)
+    assert kmeans(torch.randn(2, 100, 3), 4).centroids.shape == (2, 4, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    x = torch.randn(4, 10000) * 0.02
+    cpu = kmeans_1d(x, 16)
+    gpu = kmeans_1d(x.cuda(), 16)
+    torch.testing.assert_close(gpu.centroids.cpu(), cpu.centroids)
+    assert torch.equal(gpu.labels.cpu(), cpu.labels)
+    v = kmeans_vectors(torch.randn(2, 500, 2).cuda(), 4)
+    assert v.centroids.is_cuda and torch.isfinite(v.centroids).all()

@@ -1,0 +1,299 @@
+"""PostTrainingPalettizer: options, modules, atomicity, metadata, report, coremltools parity."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_palettize import (
+    PostTrainingPalettizer,
+    PostTrainingPalettizerConfig,
+    strip_coreml_metadata,
+)
+from lightning_palettize.kmeans import kmeans_1d
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+class _AllModules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(32, 16)
+        self.c1 = nn.Conv1d(4, 8, 3)
+        self.c2 = nn.Conv2d(4, 8, 3)
+        self.c3 = nn.Conv3d(4, 8, 3)
+        self.t1 = nn.ConvTranspose1d(8, 4, 3)
+        self.t2 = nn.ConvTranspose2d(8, 4, 3)
+        self.emb = nn.Embedding(50, 16)
+        self.mha = nn.MultiheadAttention(16, 2)
+        self.norm = nn.LayerNorm(16)  # not a PTP module: must stay untouched
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+def _weights(model):
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.endswith("weight") and "norm" not in n
+    }
+
+
+def _distinct_per_group(w, group_axis=0, group_size=None):
+    w = w.movedim(group_axis, 0)
+    size = group_size or w.shape[0]
+    return [len(torch.unique(w[i : i + size])) for i in range(0, w.shape[0], size)]
+
+
+@pytest.mark.parametrize("n_bits", [1, 2, 3, 4, 8])
+def test_every_supported_module_palettized_per_tensor(n_bits):
+    model = _AllModules()
+    before = copy.deepcopy(model.state_dict())
+    out = PostTrainingPalettizer(model, {"global_config": {"n_bits": n_bits}}).compress(
+        progress=False
+    )
+    # input untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    palettized = _weights(out)
+    assert set(palettized) == {
+        "lin.weight",
+        "c1.weight",
+        "c2.weight",
+        "c3.weight",
+        "t1.weight",
+        "t2.weight",
+        "emb.weight",
+        "mha.in_proj_weight",
+        "mha.out_proj.weight",
+    }
+    for name, w in palettized.items():
+        assert len(torch.unique(w)) <= 2**n_bits, name
+    # biases and LayerNorm untouched
+    assert torch.equal(out.lin.bias, model.lin.bias)
+    assert torch.equal(out.norm.weight, model.norm.weight)
+    assert "norm._COREML_/weight/lut" not in out.state_dict()
+
+
+def test_weights_equal_lut_entries_and_optimal_lut():
+    model = _mlp()
+    out = PostTrainingPalettizer(model, {"global_config": {"n_bits": 3}}).compress(progress=False)
+    for i in (0, 2, 4):
+        lut = getattr(out[i], "_COREML_/weight/lut").reshape(-1)
+        w = out[i].weight
+        assert set(torch.unique(w).tolist()) <= set(lut.tolist())
+        exact = kmeans_1d(model[i].weight.detach().reshape(1, -1), 8, exact=True)
+        opt = exact.inertia.item()
+        ours = ((model[i].weight - w) ** 2).sum().item()
+        assert ours <= opt * 1.001 + 1e-12
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_grouped_channels_along_either_axis(axis):
+    model = _mlp()
+    cfg = {
+        "global_config": {
+            "n_bits": 2,
+            "granularity": "per_grouped_channel",
+            "group_size": 8,
+            "channel_axis": axis,
+        }
+    }
+    out = PostTrainingPalettizer(model, cfg).compress(progress=False)
+    for i in (0, 2, 4):
+        counts = _distinct_per_group(out[i].weight, axis, 8)
+        assert max(counts) <= 4 and len(counts) == out[i].weight.shape[axis] // 8
+        lut = getattr(out[i], "_COREML_/weight/lut")
+        expect = [1, 1, 4, 1]
+        expect[axis] = out[i].weight.shape[axis] // 8
+        assert list(lut.shape) == expect
+
+
+def test_vectors_per_channel_scale_and_lut_quantization():
+    model = _mlp()
+    out = PostTrainingPalettizer(model, {"global_config": {"n_bits": 2, "cluster_dim": 2}}).compress(
+        progress=False
+    )
+    w = out[2].weight  # (32, 128): vectors of 2 consecutive output channels
+    pairs = w.reshape(16, 2, 128).permute(0, 2, 1).reshape(-1, 2)
+    assert len(torch.unique(pairs, dim=0)) <= 4
+    assert int(getattr(out[2], "_COREML_/weight/vector_axis")) == 0
+
+    out = PostTrainingPalettizer(
+        model, {"global_config": {"n_bits": 2, "enable_per_channel_scale": True}}
+    ).compress(progress=False)
+    scale = getattr(out[0], "_COREML_/weight/palettization_scale")
+    assert scale.shape == (128, 1)
+    torch.testing.assert_close(scale.squeeze(1), model[0].weight.abs().amax(dim=1))
+    normed = out[0].weight / scale
+    assert len(torch.unique(torch.round(normed * 1e5))) <= 4
+
+    for qdtype in ("int8", "uint8"):
+        out = PostTrainingPalettizer(
+            model, {"global_config": {"n_bits": 4, "lut_dtype": qdtype}}
+        ).compress(progress=False)
+        lut = getattr(out[0], "_COREML_/weight/lut")
+        qs = getattr(out[0], "_COREML_/weight/quantization_scale")
+        codes = lut / qs
+        torch.testing.assert_close(codes, torch.round(codes), atol=1e-4, rtol=0)
+        assert out.state_dict()["0._COREML_/weight/compression_type"].tolist() == [2, 3]
+
+
+def test_subclass_and_name_and_type_selection():
+    model = nn.Sequential(_MyLinear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    cfg = PostTrainingPalettizerConfig.from_dict(
+        {
+            "global_config": {"n_bits": 4},
+            "module_type_configs": {"Linear": {"n_bits": 2}},
+            "module_name_configs": {"2": None},
+        }
+    )
+    out = PostTrainingPalettizer(model, cfg).compress(progress=False)
+    assert len(torch.unique(out[0].weight)) <= 4  # subclass uses the Linear config
+    assert len(torch.unique(out[1].weight)) <= 4
+    assert torch.equal(out[2].weight, model[2].weight)  # disabled by name
+
+
+def test_inplace_and_failed_call_leaves_model_unchanged():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    # group_size 16 divides 128 and 32 but not the last layer's 8 outputs: nothing may change
+    cfg = {"global_config": {"granularity": "per_grouped_channel", "group_size": 16}}
+    with pytest.raises(ValueError, match=r"4\.weight.*group_size"):
+        PostTrainingPalettizer(model, cfg).compress(inplace=True, progress=False)
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    out = PostTrainingPalettizer(model, {"global_config": {"n_bits": 2}}).compress(
+        inplace=True, progress=False
+    )
+    assert out is model and len(torch.unique(model[0].weight)) <= 4
+
+
+def test_bf16_and_fp16_weights():
+    for dtype in (torch.bfloat16, torch.float16):
+        model = _mlp().to(dtype)
+        out = PostTrainingPalettizer(model).compress(progress=False)
+        assert out[0].weight.dtype == dtype
+        assert len(torch.unique(out[0].weight)) <= 16
+        report = PostTrainingPalettizer(model).compress(progress=False)
+        assert report is not None
+
+
+def test_report_rows_and_bytes():
+    model = _mlp()
+    p = PostTrainingPalettizer(model, {"global_config": {"n_bits": 4}})
+    out = p.compress(progress=False)
+    rep = p.report()
+    assert list(rep) == ["0.weight", "2.weight", "4.weight"]
+    row = rep["0.weight"]
+    assert row.num_params == 64 * 128 and row.n_bits == 4 and row.num_luts == 1
+    assert row.bytes_before == 64 * 128 * 4
+    assert row.bytes_after == 64 * 128 * 4 // 8 + 16 * 4
+    rel = ((model[0].weight - out[0].weight) ** 2).sum() / (model[0].weight**2).sum()
+    assert row.rel_error == pytest.approx(rel.item(), rel=1e-5)
+    table = rep.to_table()
+    assert "0.weight" in table and "TOTAL" in table
+    assert rep.summary()["compression_ratio"] > 7
+
+
+def test_progress_can_be_silenced(capsys):
+    PostTrainingPalettizer(_mlp()).compress(progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_metadata_can_be_stripped_for_strict_loading():
+    model = _mlp()
+    out = PostTrainingPalettizer(model).compress(progress=False)
+    assert any("_COREML_" in k for k in out.state_dict())
+    fresh = _mlp()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict(out.state_dict())
+    fresh.load_state_dict(strip_coreml_metadata(copy.deepcopy(out)).state_dict())
+    assert torch.equal(fresh[0].weight, out[0].weight)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        PostTrainingPalettizer("model")
+    with pytest.raises(ValueError, match="n_bits"):
+        PostTrainingPalettizer(_mlp(), {"global_config": {"n_bits": 9}})
+    with pytest.raises(ValueError, match="num_kmeans_workers"):
+        PostTrainingPalettizer(_mlp()).compress(num_kmeans_workers=0)
+
+
+coremltools = pytest.importorskip("coremltools")
+
+
+def _ct_ops(mlmodel):
+    ops = []
+
+    def walk(block):
+        for op in block.operations:
+            ops.append(op)
+            for b in op.blocks:
+                walk(b)
+
+    walk(mlmodel._mil_program.functions["main"])
+    return ops
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"n_bits": 4},
+        {"n_bits": 2, "granularity": "per_grouped_channel", "group_size": 8},
+        {"n_bits": 3, "enable_per_channel_scale": True},
+        {"n_bits": 4, "lut_dtype": "int8"},
+    ],
+)
+def test_coreml_conversion_emits_lut_ops(cfg):
+    import coremltools as ct
+
+    model = _mlp().eval()
+    out = PostTrainingPalettizer(model, {"global_config": cfg}).compress(progress=False).eval()
+    traced = torch.jit.trace(out, torch.randn(1, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml = ct.convert(
+            traced,
+            inputs=[ct.TensorType(shape=(1, 64))],
+            minimum_deployment_target=ct.target.iOS18,
+            skip_model_load=True,
+            convert_to="mlprogram",
+        )
+    luts = [op for op in _ct_ops(ml) if op.op_type == "constexpr_lut_to_dense"]
+    assert len(luts) == 3
+    k = 2 ** cfg["n_bits"]
+    assert sorted(int(op.lut.shape[-2]) for op in luts) == [k, k, k]
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])
+def test_error_not_worse_than_coremltools(granularity):
+    from coremltools.optimize.torch.palettization import PostTrainingPalettizer as CtPTP
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizerConfig as CtConfig,
+    )
+
+    model = _mlp()
+    cfg = {"global_config": {"n_bits": 4, "granularity": granularity}}
+    if granularity == "per_grouped_channel":
+        cfg["global_config"]["group_size"] = 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = CtPTP(copy.deepcopy(model), CtConfig.from_dict(cfg)).compress()
+    ours = PostTrainingPalettizer(model, cfg).compress(progress=False)
+    for i in (0, 2, 4):
+        w = model[i].weight
+        e_ours = ((w - ours[i].weight) ** 2).sum().item()
+        e_theirs = ((w - theirs[i].weight) ** 2).sum().item()
+        assert e_ours <= e_theirs * 1.001, (i, e_ours, e_theirs)

@@ -1,0 +1,534 @@
+"""soft_kmeans / hard_assign against a naive dense reference that follows the math literally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_palettize import soft_kmeans as sk
+from lightning_palettize.soft_kmeans import hard_assign, soft_kmeans
+
+K = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# the naive reference: full N x K tensors, plain autograd
+
+
+def reference(
+    x,
+    c0,
+    *,
+    tau=1e-4,
+    max_iter=3,
+    epsilon=1e-4,
+    mode="dkm",
+    enforce_zero=False,
+    prune_threshold=0.0,
+    zero_threshold=1e-7,
+    lut_fn=None,
+    noise=None,
+    clamp_attention=False,
+):
+    """x_hat and new centroids; ``noise(t)`` gives the uniforms [G, N, K] of iteration t."""
+    xf = x.float()
+    g, _, _ = xf.shape
+    tau_eff = max(tau, zero_threshold)
+    c = prev_c = last_c = c0.float()
+    att_last = None
+    active = torch.ones(g, dtype=torch.bool, device=x.device)
+    prev_inertia = None
+    for t in range(max_iter):
+        dist = ((xf[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+        if prune_threshold > 0:
+            dist = torch.cat([dist[..., :1] - prune_threshold, dist[..., 1:]], -1)
+        elif enforce_zero:
+            nonzero = (xf != 0).any(-1, keepdim=True)
+            d0 = torch.where(
+                nonzero, torch.full_like(dist[..., :1], 1 / zero_threshold), dist[..., :1]
+            )
+            dist = torch.cat([d0, dist[..., 1:]], -1)
+        if mode == "hard":
+            att = F.one_hot(dist.argmin(-1), c.shape[1]).float()
+        else:
+            logits = -dist / tau_eff
+            if mode == "gsm":
+                u = noise(t).clamp_min(torch.finfo(torch.float32).tiny)
+                logits = logits - torch.log(-torch.log(u))
+            att = torch.softmax(logits, -1)
+            if clamp_attention and mode == "dkm":
+                att = att.clamp(min=zero_threshold)
+        mass = att.sum(1)
+        sums = att.transpose(1, 2) @ xf
+        safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+        new = torch.where(mass[..., None] > 0, sums / safe[..., None], c)
+        if lut_fn is not None:
+            new = lut_fn(new)
+        if enforce_zero:
+            new = torch.cat([torch.zeros_like(new[:, :1]), new[:, 1:]], 1)
+        inertia = dist.min(-1).values.sum(1)
+        keep = active.view(g, 1, 1)
+        prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
+        att_last = att if att_last is None else torch.where(keep, att, att_last)
+        c = last_c
+        if prev_inertia is not None:
+            active = active & ((inertia - prev_inertia).abs() > epsilon)
+        prev_inertia = inertia
+        if not active.any():
+            break
+    return (att_last @ last_c).to(x.dtype), last_c.detach()
+
+
+def fp16_ste(c):
+    """A straight-through fp16 LUT quantizer."""
+    return c + (c.half().float() - c).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def make_data(g, n, d, *, seed=0, std=0.02, zeros=0.0, fp16_exact=False, enforce_zero=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = std * torch.randn(g, n, d, generator=gen)
+    if zeros:
+        x[torch.rand(g, n, 1, generator=gen).expand(g, n, d) < zeros] = 0.0
+    if fp16_exact:
+        x = x.half().float()
+    if d == 1:
+        q = torch.linspace(0.02, 0.98, K)
+        c0 = torch.quantile(x.view(g, n), q, dim=1).T.unsqueeze(-1).contiguous()
+    else:
+        idx = torch.randperm(n, generator=gen)[:K]
+        c0 = x[:, idx].clone()
+    if enforce_zero:
+        c0[:, 0] = 0.0
+    return x, c0
+
+
+def run(fn, x, c0, w, **kw):
+    """x_hat, new centroids and d(sum w * x_hat)/dx."""
+    xr = x.detach().clone().requires_grad_()
+    out, c = fn(xr, c0, **kw)
+    (grad,) = torch.autograd.grad((out.float() * w).sum(), xr)
+    return out.detach(), c, grad
+
+
+def assert_close(actual, expected, rtol, atol_frac):
+    atol = atol_frac * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_nontrivial(grad, w):
+    # DKM is a near-identity map: its gradient is comparable to the plain one (w), not ~0
+    assert grad.norm() > 0.02 * w.norm(), (grad.norm(), w.norm())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: OpenMP on a shared 2-vCPU box only adds jitter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force the dense engine through many chunks."""
+    monkeypatch.setitem(sk._CHUNK_ELEMS, "cpu", 4096)
+
+
+def table_noise(x, gen):
+    """Per-element view of the table engine's per-code noise (see soft_kmeans docstring)."""
+    g = x.shape[0]
+    inverse = []
+    for i in range(g):
+        _, inv = torch.unique(x[i].view(-1), return_inverse=True)
+        inverse.append(inv)
+    u = max(int(inv.max()) + 1 for inv in inverse)
+    cidx = torch.stack(inverse)
+
+    def noise(t):
+        table = torch.rand(g, u, K, generator=gen)
+        return torch.stack([table[i, cidx[i]] for i in range(g)])
+
+    return noise
+
+
+# ---------------------------------------------------------------------------------------------
+# dense engine == reference
+
+
+@pytest.mark.parametrize("g,d", [(1, 1), (4, 1), (1, 2), (4, 2)])
+@pytest.mark.parametrize("mode", ["dkm", "hard", "gsm"])
+@pytest.mark.parametrize("tau", [1e-4, 1e-3])
+def test_dense_matches_reference(g, d, mode, tau, small_chunks, monkeypatch):
+    if mode == "gsm":
+        # one chunk per iteration, so the noise is one torch.rand(G, N, K) like the reference's
+        monkeypatch.setitem(sk._CHUNK_ELEMS, "cpu", 1 << 20)
+    x, c0 = make_data(g, 300, d, seed=g + 10 * d)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    kw = dict(tau=tau, mode=mode)
+    ref_gen, gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = lambda t: torch.rand(g, 300, K, generator=ref_gen)
+    want = run(reference, x, c0, w, noise=noise, **kw)
+    got = run(soft_kmeans, x, c0, w, method="dense", generator=gen, **kw)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-4, 1e-4)
+    assert_nontrivial(got[2], w)
+
+
+VARIANTS = {
+    "enforce_zero": dict(enforce_zero=True),
+    "enforce_zero+prune": dict(enforce_zero=True, prune_threshold=2e-5),
+    "prune": dict(prune_threshold=2e-5),
+    "lut_fn": dict(lut_fn=fp16_ste),
+    "clamp_attention": dict(clamp_attention=True, tau=1e-3),
+    "no_early_stop": dict(epsilon=-1.0, max_iter=4),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("d", [1, 2])
+def test_dense_variants_match_reference(variant, d, small_chunks):
+    kw = VARIANTS[variant]
+    ez = kw.get("enforce_zero", False)
+    x, c0 = make_data(4, 300, d, seed=3, zeros=0.1 if ez else 0.0, enforce_zero=ez)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    want = run(reference, x, c0, w, **kw)
+    got = run(soft_kmeans, x, c0, w, method="dense", **kw)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-4, 1e-4)
+    assert_nontrivial(got[2], w)
+    if ez:
+        assert (got[1][:, 0] == 0).all()
+        if "prune_threshold" not in kw:  # exact zeros stay exact zeros and nothing else joins
+            labels = hard_assign(x, got[1], enforce_zero=True)
+            assert torch.equal(labels == 0, (x == 0).all(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# table engine == reference
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("mode", ["dkm", "hard", "gsm"])
+@pytest.mark.parametrize("tau", [1e-4, 1e-3])
+def test_table_matches_reference_on_fp16_values(g, mode, tau):
+    # exactly fp16-representable weights: the table engine computes the same numbers
+    x, c0 = make_data(g, 2000, 1, seed=7 + g, fp16_exact=True)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    ref_gen, gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    kw = dict(tau=tau, mode=mode)
+    want = run(reference, x, c0, w, noise=table_noise(x, ref_gen), **kw)
+    got = run(soft_kmeans, x, c0, w, method="table", generator=gen, **kw)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-3, 1e-4)
+    assert_nontrivial(got[2], w)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_table_variants_match_reference(variant):
+    kw = VARIANTS[variant]
+    ez = kw.get("enforce_zero", False)
+    x, c0 = make_data(
+        4, 2000, 1, seed=4, zeros=0.1 if ez else 0.0, fp16_exact=True, enforce_zero=ez
+    )
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    want = run(reference, x, c0, w, **kw)
+    got = run(soft_kmeans, x, c0, w, method="table", **kw)
+    # with an fp16 LUT, a centroid whose sum lands on a rounding midpoint (one does here) may
+    # round one ulp apart: summation order differs between per-code and per-element sums
+    slack = 50 if variant == "lut_fn" else 1
+    assert_close(got[0], want[0], 1e-4, slack * 1e-5)
+    assert_close(got[1], want[1], 1e-4, slack * 1e-5)
+    assert_close(got[2], want[2], 1e-3, slack * 1e-4)
+    assert_nontrivial(got[2], w)
+
+
+@pytest.mark.parametrize("tau", [1e-4, 1e-3])
+def test_table_close_to_reference_on_generic_fp32(tau):
+    # generic fp32 weights are rounded to 11 significant bits: close, not equal
+    x, c0 = make_data(2, 5000, 1, seed=11)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    want = run(reference, x, c0, w, tau=tau, epsilon=-1.0)
+    got = run(soft_kmeans, x, c0, w, tau=tau, epsilon=-1.0, method="table")
+    assert_close(got[0], want[0], 1e-2, 1e-3)
+    assert_close(got[1], want[1], 1e-2, 1e-3)
+    cos = F.cosine_similarity(got[2].view(-1), want[2].view(-1), dim=0)
+    assert cos > 0.999, cos
+    assert (got[2].norm() / want[2].norm() - 1).abs() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# iteration semantics
+
+
+class CountingLut:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, c):
+        self.calls += 1
+        return c
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_early_stopping_by_absolute_inertia_change(method):
+    # tight, well separated clusters with centroids at their means: inertia is flat
+    g = torch.Generator().manual_seed(0)
+    centers = torch.linspace(-0.1, 0.1, K)
+    x = (
+        centers[torch.randint(0, K, (1, 4000), generator=g)]
+        + 1e-4 * torch.randn(1, 4000, generator=g)
+    ).unsqueeze(-1)
+    x = x.half().float()
+    c0 = centers.view(1, K, 1).clone()
+    for eps, expected in [(1.0, 2), (-1.0, 5), (0.0, None)]:
+        lut = CountingLut()
+        with torch.no_grad():
+            soft_kmeans(x, c0, max_iter=5, epsilon=eps, lut_fn=lut, method=method)
+        if expected is not None:
+            assert lut.calls == expected, (eps, lut.calls)
+        else:
+            assert 2 <= lut.calls <= 5
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_groups_stop_independently_like_separate_calls(method):
+    # group 0 is converged from the start, group 1 is not: batching must not change either
+    g = torch.Generator().manual_seed(1)
+    centers = torch.linspace(-0.5, 0.5, K)
+    tight = centers[torch.randint(0, K, (3000,), generator=g)] + 1e-4 * torch.randn(
+        3000, generator=g
+    )
+    loose = 0.05 * torch.randn(3000, generator=g)
+    x = torch.stack([tight, loose]).unsqueeze(-1).half().float()
+    c0 = torch.stack([centers, torch.linspace(-0.1, 0.1, K)]).unsqueeze(-1)
+    w = torch.randn(x.shape, generator=g)
+    kw = dict(max_iter=4, epsilon=1e-3, tau=1e-4, method=method)
+    both = run(soft_kmeans, x, c0, w, **kw)
+    for i in range(2):
+        one = run(soft_kmeans, x[i : i + 1], c0[i : i + 1], w[i : i + 1], **kw)
+        for a, b in zip(one, both):
+            assert_close(a, b[i : i + 1], 1e-5, 1e-6)
+    lut = CountingLut()
+    with torch.no_grad():
+        soft_kmeans(x[:1], c0[:1], lut_fn=lut, **kw)
+    assert lut.calls == 2  # group 0 alone stops at the first check
+    lut = CountingLut()
+    with torch.no_grad():
+        soft_kmeans(x[1:], c0[1:], lut_fn=lut, **kw)
+    assert lut.calls > 2  # group 1 keeps going
+    want = run(reference, x, c0, w, **{k: v for k, v in kw.items() if k != "method"})
+    assert_close(both[2], want[2], 1e-3, 1e-4)
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+@pytest.mark.parametrize("mode", ["dkm", "hard"])
+def test_empty_column_keeps_its_centroid(method, mode):
+    x, c0 = make_data(1, 1000, 1, seed=2, fp16_exact=True)
+    c0[0, 5, 0] = 3.0  # far from every weight: its attention column is exactly 0
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    got = run(soft_kmeans, x, c0, w, method=method, mode=mode)
+    want = run(reference, x, c0, w, mode=mode)
+    assert got[1][0, 5, 0] == 3.0
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_close(got[2], want[2], 1e-3, 1e-4)
+
+
+def test_clamp_attention_never_leaves_a_column_empty():
+    # coremltools 9.0 clamps A at zero_threshold: a far centroid is pulled to the group mean
+    x, c0 = make_data(1, 1000, 1, seed=2)
+    c0[0, 5, 0] = 3.0
+    _, c = soft_kmeans(x, c0, clamp_attention=True, method="dense")
+    assert c[0, 5, 0].abs() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes, autocast, compile, devices
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_bf16_autocast_is_ignored_inside(method):
+    x, c0 = make_data(2, 1000, 1, seed=3)
+    w = torch.randn(x.shape)
+    plain = run(soft_kmeans, x, c0, w, method=method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run(soft_kmeans, x, c0, w, method=method)
+    assert under[0].dtype == torch.float32 and under[2].dtype == torch.float32
+    for a, b in zip(under, plain):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_bf16_weights_keep_their_dtype(method):
+    x, c0 = make_data(2, 1000, 1, seed=4)
+    xb = x.bfloat16()
+    w = torch.randn(x.shape)
+    out, c, grad = run(soft_kmeans, xb, c0, w, method=method, tau=1e-3)
+    assert out.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16 and c.dtype == torch.float32
+    want = run(reference, xb.float(), c0, w, tau=1e-3)
+    assert_close(out.float(), want[0], 1e-2, 1e-2)
+    assert_close(c, want[1], 1e-4, 1e-5)  # bf16 values are exact table codes
+    assert_close(grad.float(), want[2], 2e-2, 1e-2)
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_torch_compile_eager_backend(method):
+    x, c0 = make_data(1, 1000, 1, seed=5)
+    w = torch.randn(x.shape)
+
+    def loss(xr):
+        out, _ = soft_kmeans(xr * 1.0, c0, method=method)
+        return (out * w).sum()
+
+    compiled = torch.compile(loss, backend="eager")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = loss(xa), compiled(xb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(lb, la)
+    torch.testing.assert_close(xb.grad, xa.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["dense", "table"])
+@pytest.mark.parametrize("mode", ["dkm", "hard", "gsm"])
+def test_cuda_matches_reference(method, mode):
+    x, c0 = make_data(4, 3000, 1, seed=6, fp16_exact=True)
+    x, c0 = x.cuda(), c0.cuda()
+    w = torch.randn(x.shape, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ref_gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = lambda t: torch.rand(4, 3000, K, generator=ref_gen, device="cuda")
+    if method == "table":
+        noise = _cuda_table_noise(x, ref_gen)
+    want = run(reference, x, c0, w, mode=mode, noise=noise)
+    got = run(soft_kmeans, x, c0, w, mode=mode, method=method, generator=gen)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-3, 1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        under = run(soft_kmeans, x, c0, w, method=method)
+    assert under[0].dtype == torch.float32
+
+
+def _cuda_table_noise(x, gen):
+    g = x.shape[0]
+    inverse = [torch.unique(x[i].view(-1), return_inverse=True)[1] for i in range(g)]
+    u = max(int(inv.max()) + 1 for inv in inverse)
+
+    def noise(t):
+        table = torch.rand(g, u, K, generator=gen, device=x.device)
+        return torch.stack([table[i, inverse[i]] for i in range(g)])
+
+    return noise
+
+
+def test_gsm_is_reproducible_from_the_generator():
+    x, c0 = make_data(1, 500, 1, seed=8)
+    outs = [
+        soft_kmeans(x, c0, mode="gsm", generator=torch.Generator().manual_seed(s))[0]
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def saved_bytes(fn):
+    """Bytes autograd keeps for backward, counted once per storage."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_table_saves_o_n_for_backward():
+    n = 1 << 18  # enough elements per bin that "auto" picks the table engine
+    x, c0 = make_data(1, n, 1, seed=9)
+    x.requires_grad_()
+    tables = 4 * 8 * (sk._NCODES + 1) + (1 << 16)  # per-code tables and small state
+    table = saved_bytes(lambda: soft_kmeans(x, c0))
+    assert table < 4 * n * 4 + tables, table
+    assert table >= 4 * n  # the int32 code of every element
+    naive = saved_bytes(lambda: reference(x[:, : n // 8], c0))
+    assert naive > (n // 8) * K * 4, naive
+
+
+def test_dense_saves_only_the_weights(small_chunks):
+    n, d = 20000, 2
+    x, c0 = make_data(1, n, d, seed=10)
+    x.requires_grad_()
+    dense = saved_bytes(lambda: soft_kmeans(x, c0, method="dense", epsilon=-1.0))
+    assert dense < n * d * 4 + 4096, dense
+
+
+# ---------------------------------------------------------------------------------------------
+# hard assignment
+
+
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize(
+    "kw", [{}, {"prune_threshold": 1e-3}, {"enforce_zero": True}], ids=["plain", "prune", "zero"]
+)
+def test_hard_assign_is_the_adjusted_argmin(d, kw, small_chunks):
+    x, c0 = make_data(3, 777, d, seed=12, zeros=0.1, enforce_zero=True)
+    labels = hard_assign(x, c0, **kw)
+    dist = ((x[:, :, None] - c0[:, None]) ** 2).sum(-1)
+    if kw.get("prune_threshold"):
+        dist[..., 0] -= kw["prune_threshold"]
+    elif kw.get("enforce_zero"):
+        dist[..., 0] = torch.where((x != 0).any(-1), 1e7, dist[..., 0])
+    assert labels.dtype == torch.int64 and labels.shape == (3, 777)
+    assert torch.equal(labels, dist.argmin(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"tau": 0.0}, "tau"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"mode": "topk"}, "mode"),
+        ({"method": "fast"}, "method"),
+        ({"prune_threshold": -1.0}, "prune_threshold"),
+        ({"zero_threshold": 0.0}, "zero_threshold"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"lut_fn": lambda c: c[:, :2]}, "lut_fn"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kw, match):
+    x, c0 = make_data(1, 50, 1)
+    with pytest.raises(ValueError, match=match):
+        soft_kmeans(x, c0, **kw)
+
+
+def test_bad_shapes_raise_value_error():
+    x, c0 = make_data(2, 50, 2)
+    with pytest.raises(ValueError, match="centroids"):
+        soft_kmeans(x, c0[:1])
+    with pytest.raises(ValueError, match="x"):
+        soft_kmeans(x[0], c0)
+    with pytest.raises(ValueError, match="table"):
+        soft_kmeans(x, c0, method="table")
+    with pytest.raises(ValueError, match="centroids"):
+        hard_assign(x, c0[..., :1])
+    with pytest.raises(TypeError, match="lut_fn"):
+        soft_kmeans(x, c0, lut_fn=3)
