@@ -85,12 +85,42 @@ def bench(n, k, device, reps, naive):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        ms = time_step(step, device, reps if name != "naive reference" else max(1, reps // 3))
+        try:
+            ms = time_step(step, device, reps if name != "naive reference" else max(1, reps // 3))
+        except torch.OutOfMemoryError:
+            weight.grad = None
+            print(f"{name}: out of memory")
+            continue
         peak = None
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         results[name] = (ms, peak)
     return results
+
+
+def _step(weight, c0, up, method):
+    def step():
+        weight.grad = None
+        out, _ = soft_kmeans(weight, c0, method=method)
+        (out * up).sum().backward()
+
+    return step
+
+
+def sweep(k, device, reps):
+    """Table vs dense fwd+bwd over group shapes: where "auto" should switch engines."""
+    shapes = [(1, 4096), (1, 16384), (1, 65536), (1, 262144), (4, 65536), (16, 16384)]
+    shapes += [(64, 16384), (256, 4096), (1024, 1024)]
+    print(f"{'G':>6} {'N/group':>8} {'table ms':>9} {'dense ms':>9}")
+    for g, n in shapes:
+        gen = torch.Generator().manual_seed(0)
+        w0 = 0.02 * torch.randn(g, n, 1, generator=gen)
+        c0 = torch.quantile(w0[0, :, 0], torch.linspace(0.02, 0.98, k)).view(1, k, 1)
+        w0, c0 = w0.to(device), c0.repeat(g, 1, 1).to(device)
+        up = torch.randn(g, n, 1, generator=gen).to(device)
+        weight = w0.clone().requires_grad_()
+        ms = [time_step(_step(weight, c0, up, m), device, reps) for m in ("table", "dense")]
+        print(f"{g:>6} {n:>8} {ms[0]:9.2f} {ms[1]:9.2f}")
 
 
 def main():
@@ -101,16 +131,23 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument("--sweep", action="store_true", help="table vs dense over group shapes")
     args = parser.parse_args()
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
+    if args.sweep:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads or default_threads)
+            print(f"-- {torch.get_num_threads()} thread(s), device {device}, K={args.k} --")
+            sweep(args.k, device, args.reps)
+        return
     print(f"torch {torch.__version__}, device {device}, N={args.n}, K={args.k}, 3 iterations")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads or default_threads)
         res = bench(args.n, args.k, device, args.reps, not args.no_naive)
         print(f"\n-- {torch.get_num_threads()} thread(s) --")
         plain = res["plain Linear step"][0]
-        naive = res.get("naive reference", (None,))[0]
+        naive = res.get("naive reference", (None, None))[0]
         for name, (ms, peak) in res.items():
             line = f"{name:>18}: {ms:9.2f} ms/step   {ms / plain:7.1f}x plain"
             if naive is not None and name != "plain Linear step":

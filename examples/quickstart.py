@@ -31,7 +31,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def main() -> None:
     torch.manual_seed(0)
     xtr, ytr, xte, yte = load_digits_tensors()
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(300):
         idx = torch.randint(0, len(xtr), (128,))

@@ -14,13 +14,15 @@ from lightning_palettize.config import (
     load_config,
 )
 from lightning_palettize.palette import Layout, Palette
-from lightning_palettize.palettizers import PostTrainingPalettizer
+from lightning_palettize.palettizers import DKMPalettizer, PostTrainingPalettizer
 from lightning_palettize.palettizers._common import strip_coreml_metadata
+from lightning_palettize.palettizers.skm import SKMPalettizer
 from lightning_palettize.report import PalettizationReport, ReportRow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DKMPalettizer",
     "DKMPalettizerConfig",
     "Layout",
     "ModuleDKMPalettizerConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "PostTrainingPalettizer",
     "PostTrainingPalettizerConfig",
     "ReportRow",
+    "SKMPalettizer",
     "SKMPalettizerConfig",
     "load_config",
     "strip_coreml_metadata",

@@ -108,34 +108,38 @@ def _attend(dist: Tensor, cfg: _Cfg, u: Tensor | None) -> tuple[Tensor, Tensor |
     if cfg.mode == "hard":
         idx = dist.argmin(-1, keepdim=True)
         return torch.zeros_like(dist).scatter_(-1, idx, 1.0), None
-    logits = dist * (-1.0 / cfg.tau)
+    logits = dist.mul_(-1.0 / cfg.tau)  # dist is not needed after this
     if u is not None:
-        logits = logits + _gumbel(u)
+        logits += _gumbel(u)
     probs = torch.softmax(logits, -1)
     if cfg.clamp_attention and cfg.mode == "dkm":
         return probs.clamp_min(cfg.zero_threshold), probs
     return probs, probs
 
 
-def _dist_grad(grad_a: Tensor, probs: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
-    """d loss / d D from d loss / d A (consumes ``grad_a``), the analytic softmax backward."""
+def _logit_grad(grad_a: Tensor, probs: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
+    """d loss / d logits from d loss / d A (consumes ``grad_a``): the softmax backward.
+
+    d D = d logits * (-1 / tau); callers apply that factor after reducing (see _pairwise_grad).
+    """
     if cfg.clamp_attention and cfg.mode == "dkm":
         grad_a = grad_a * (probs >= cfg.zero_threshold)
     grad_a -= (grad_a * probs).sum(-1, keepdim=True)
-    grad_a *= probs * (-1.0 / cfg.tau)
+    grad_a *= probs
     if cfg.keep_zeros:
         # D_i0 is a constant for non-zero x_i, so nothing flows through it
         grad_a[..., 0] *= x.eq(0).all(-1)
     return grad_a
 
 
-def _pairwise_grad(grad_d: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward of D = ||x - c||^2 as (d x [G, n, d], d c [G, K, d])."""
+def _pairwise_grad(grad_logits: Tensor, diff: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
+    """Backward of logits = -||x - c||^2 / tau as (d x [G, n, d], d c [G, K, d])."""
+    two = -2.0 / cfg.tau
     if diff.dim() == 3:
-        e = grad_d * diff
-        return 2.0 * e.sum(-1, keepdim=True), -2.0 * e.sum(1).unsqueeze(-1)
-    e = grad_d.unsqueeze(-1) * diff
-    return 2.0 * e.sum(2), -2.0 * e.sum(1)
+        e = grad_logits.mul_(diff)
+        return two * e.sum(-1, keepdim=True), -two * e.sum(1).unsqueeze(-1)
+    e = grad_logits.unsqueeze(-1) * diff
+    return two * e.sum(2), -two * e.sum(1)
 
 
 def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
@@ -308,7 +312,7 @@ class _DenseStats(torch.autograd.Function):
                 if probs is None:
                     continue
                 grad_a = torch.baddbmm(grad_mass.unsqueeze(1), xc, grad_sums.transpose(1, 2))
-                gxc, gcc = _pairwise_grad(_dist_grad(grad_a, probs, xc, cfg), diff)
+                gxc, gcc = _pairwise_grad(_logit_grad(grad_a, probs, xc, cfg), diff, cfg)
                 if need_x:
                     gx[:, a:b] += gxc
                 gc += gcc
@@ -361,7 +365,7 @@ class _DenseOutput(torch.autograd.Function):
                 if probs is None:
                     continue
                 grad_a = torch.bmm(go, last_c.transpose(1, 2))
-                gxc, gpc = _pairwise_grad(_dist_grad(grad_a, probs, xc, cfg), diff)
+                gxc, gpc = _pairwise_grad(_logit_grad(grad_a, probs, xc, cfg), diff, cfg)
                 if need_x:
                     gx[:, a:b] = gxc
                 gp += gpc
@@ -497,9 +501,9 @@ def _table_slope(v, prev_c, last_c, probs, cfg):
         return torch.zeros_like(v)
     x = v.unsqueeze(-1)
     diff, _ = _pairwise(x, prev_c)
-    # _dist_grad maps d/dA (here C_j) to d/dD; D_j depends on v through 2 (v - c_j)
-    grad_d = _dist_grad(last_c.transpose(1, 2).expand_as(probs).clone(), probs, x, cfg)
-    return 2.0 * (grad_d * diff).sum(-1)
+    # _logit_grad maps d/dA (here C_j) to d/da; a_j depends on v through -2 (v - c_j) / tau
+    grad_a = _logit_grad(last_c.transpose(1, 2).expand_as(probs).clone(), probs, x, cfg)
+    return (-2.0 / cfg.tau) * (grad_a * diff).sum(-1)
 
 
 def _weighted_bincount(bins: Tensor, weights: Tensor, size: int) -> Tensor:

@@ -105,9 +105,7 @@ def test_1d_groups_are_independent():
         assert torch.equal(batched.labels[g], single.labels[0])
 
 
-@pytest.mark.parametrize(
-    "dist", ["normal", "laplace", "uniform", "heavy_tail", "tiny", "bimodal"]
-)
+@pytest.mark.parametrize("dist", ["normal", "laplace", "uniform", "heavy_tail", "tiny", "bimodal"])
 @pytest.mark.parametrize("groups,k", [(1, 4), (1, 16), (8, 16), (1, 256)])
 def test_fast_mode_within_0_1_percent_of_exact(dist, groups, k):
     """fp32 weights binned by 16-bit code: error on the exact weights <= 1.001x the optimum."""

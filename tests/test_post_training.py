@@ -17,7 +17,9 @@ from lightning_palettize.kmeans import kmeans_1d
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 8))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 8)
+    )
 
 
 class _AllModules(nn.Module):
@@ -119,9 +121,9 @@ def test_grouped_channels_along_either_axis(axis):
 
 def test_vectors_per_channel_scale_and_lut_quantization():
     model = _mlp()
-    out = PostTrainingPalettizer(model, {"global_config": {"n_bits": 2, "cluster_dim": 2}}).compress(
-        progress=False
-    )
+    out = PostTrainingPalettizer(
+        model, {"global_config": {"n_bits": 2, "cluster_dim": 2}}
+    ).compress(progress=False)
     w = out[2].weight  # (32, 128): vectors of 2 consecutive output channels
     pairs = w.reshape(16, 2, 128).permute(0, 2, 1).reshape(-1, 2)
     assert len(torch.unique(pairs, dim=0)) <= 4
@@ -198,7 +200,7 @@ def test_report_rows_and_bytes():
     assert row.num_params == 64 * 128 and row.n_bits == 4 and row.num_luts == 1
     assert row.bytes_before == 64 * 128 * 4
     assert row.bytes_after == 64 * 128 * 4 // 8 + 16 * 4
-    rel = ((model[0].weight - out[0].weight) ** 2).sum() / (model[0].weight**2).sum()
+    rel = ((model[0].weight - out[0].weight) ** 2).sum() / (model[0].weight ** 2).sum()
     assert row.rel_error == pytest.approx(rel.item(), rel=1e-5)
     table = rep.to_table()
     assert "0.weight" in table and "TOTAL" in table

@@ -25,6 +25,7 @@ __all__ = [
     "palettize_weight",
     "attach_coreml_metadata",
     "strip_coreml_metadata",
+    "set_metadata_version",
     "compress_model",
 ]
 
@@ -141,7 +142,7 @@ def attach_coreml_metadata(module: nn.Module, param_name: str, palette: Palette)
         module.register_buffer(f"{COREML_PREFIX}/{param_name}/{field}", value.cpu())
 
 
-def _set_metadata_version(model: nn.Module) -> None:
+def set_metadata_version(model: nn.Module) -> None:
     model.register_buffer(METADATA_VERSION_KEY, torch.tensor(1, dtype=torch.int64))
 
 
@@ -190,7 +191,7 @@ def compress_model(
     layouts = []
     for sel in selections:
         weight = getattr(sel.module, sel.param_name)
-        layouts.append(layout_for(weight, sel.config, f"{sel.qualified_name} {tuple(weight.shape)}"))
+        layouts.append(layout_for(weight, sel.config, sel.qualified_name))
     results: list[PalettizedWeight] = []
     with Progress(len(selections), desc, "weight", enabled=progress) as bar:
         for sel, layout in zip(selections, layouts):
@@ -232,7 +233,7 @@ def compress_model(
                 )
             )
         if results:
-            _set_metadata_version(target)
+            set_metadata_version(target)
     return target, PalettizationReport(rows)
 
 

@@ -1,0 +1,537 @@
+"""SKMPalettizer: sensitivity-weighted k-means palettization (SqueezeLLM), coremltools' API.
+
+Each weight element's clustering error is weighted by its diagonal Fisher information (the
+squared gradients of a calibration loss, :mod:`lightning_palettize.sensitivity`), so the
+centroids settle where the loss is most sensitive. Optionally the most sensitive elements are
+kept exact altogether (SqueezeLLM's dense-and-sparse decomposition, ``outlier_fraction``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_palettize.config import SKMPalettizerConfig, load_config
+from lightning_palettize.palette import Layout, Palette
+from lightning_palettize.palettizers._common import (
+    KMEANS_SUPPORTED,
+    PalettizedWeight,
+    compress_model,
+    layout_for,
+    palettize_weight,
+)
+from lightning_palettize.palettizers.post_training import lut_dtype_name
+from lightning_palettize.report import PalettizationReport
+from lightning_palettize.selection import WeightSelection, select_weights
+from lightning_palettize.sensitivity import (
+    _FORMAT_VERSION,
+    _HEADER_KEY,
+    Sensitivity,
+    compute_sensitivity,
+    normalize_sensitivity,
+)
+
+__all__ = ["SKMPalettizer"]
+
+# The exact DP keeps K int32 back-pointers per distinct value: cluster every distinct fp32 value
+# while (elements per LUT) * K stays under this (128 MiB of back-pointers, ~1 s per LUT here),
+# and the 16-bit codes of kmeans_1d (at most 65,536 bins per LUT) above it.
+_EXACT_MAX_WORK = 1 << 25
+_HALF = (torch.float16, torch.bfloat16)
+
+SensitivityLike = Sensitivity | Mapping[str, Tensor] | str | os.PathLike
+
+
+class SKMPalettizer:
+    """Sensitive k-means: palettize a trained model with Fisher-weighted exact k-means.
+
+    ``compress(dataloader, loss_fn)`` first runs ``calibration_nsamples`` calibration samples
+    through ``loss_fn(model, item)`` and accumulates the diagonal Fisher information of every
+    selected weight (see :func:`~lightning_palettize.sensitivity.compute_sensitivity`; the model
+    is left exactly as it was, also when ``loss_fn`` raises). Each weight is then clustered by
+    k-means that minimises ``sum(F_norm * (w - w_hat) ** 2)``, with ``F_norm`` the Fisher
+    normalised by :func:`~lightning_palettize.sensitivity.normalize_sensitivity` (in (0, 1], so
+    zero or tiny Fisher values never produce NaN or Inf, unlike coremltools 9.0), and
+    overwritten with its centroids; Core ML metadata is attached as by
+    :class:`~lightning_palettize.PostTrainingPalettizer`.
+
+    Counting samples: by default one dataloader item is one sample whatever its batch size
+    (coremltools: batch gradients); ``compress(per_sample=True)`` cuts items into individual
+    samples (SqueezeLLM: per-sample gradients, the Fisher the method assumes).
+
+    Clustering: ``cluster_dim == 1`` uses the exact weighted 1-D dynamic program on every
+    distinct value when ``elements per LUT * 2**n_bits <= 2**25`` (the optimum coremltools'
+    kmeans1d finds, in ``O(distinct values * K)`` memory), and on 16-bit float codes above that
+    (at most 65,536 bins per LUT, whatever the layer size; exact for fp16/bf16 weights and within
+    ~1e-6 of the optimum for fp32); ``compress(exact_kmeans=...)`` forces either.
+    ``cluster_dim > 1`` uses weighted vector k-means (importance summed over each vector).
+
+    Reusable sensitivity: :meth:`compute_sensitivity` returns (and with ``sensitivity_path``
+    saves) the Fisher; pass it back as ``compress(sensitivity=...)``, a
+    :class:`~lightning_palettize.sensitivity.Sensitivity`, a ``{name: tensor}`` mapping, or a
+    file path (``sensitivity_path=`` works too, as in coremltools). A file written by
+    :meth:`Sensitivity.save` is read one tensor at a time, so it never sits in memory whole; a
+    coremltools sensitivity file (``torch.save`` of a dict) is accepted as well.
+
+    Weights without a sensitivity (they got no gradient from ``loss_fn``, e.g. an unused pooler
+    or a frozen branch) fall back to plain k-means, with one warning naming them (coremltools
+    9.0 crashes with AttributeError on such a model).
+
+    Outliers (``ModuleSKMPalettizerConfig.outlier_fraction``, a lightning_palettize extension):
+    the ``int(outlier_fraction * numel)`` elements of each weight with the largest Fisher are
+    left out of the k-means (importance 0) and written back exactly, and the report counts them
+    (``ReportRow.outliers``; ``bytes_after`` adds 4 + itemsize bytes each for a sparse copy).
+    The Core ML metadata attached to the model describes only the LUT, not the outliers: a
+    weight with outliers must be exported with the sparse (dense-and-sparse) format, not with
+    ``coremltools.convert``'s LUT path.
+
+    Args:
+        model: the model to compress.
+        config: an :class:`SKMPalettizerConfig`, a dict, an OmegaConf DictConfig, a YAML path or
+            stream, or ``None`` (4 bits per tensor for every supported module, 128 samples).
+
+    Raises:
+        TypeError / ValueError: for an invalid model or config.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_palettize import SKMPalettizer
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> data = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(4)]
+        >>> loss_fn = lambda m, item: nn.functional.cross_entropy(m(item[0]), item[1])
+        >>> cfg = {"global_config": {"n_bits": 2, "outlier_fraction": 0.01},
+        ...        "calibration_nsamples": 4}
+        >>> skm = SKMPalettizer(model, cfg)
+        >>> small = skm.compress(data, loss_fn, progress=False)
+        >>> [row.outliers for row in skm.report().rows]
+        [5, 1]
+        >>> len(torch.unique(small[2].weight)) <= 4 + 1  # 4 centroids + 1 exact outlier
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SKMPalettizerConfig | dict | str | IO | Any | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self._model = model
+        self._config = load_config(config, SKMPalettizerConfig)
+        self._report = PalettizationReport()
+        self._source: _FisherSource | None = None
+        self._exact: bool | None = None
+
+    @property
+    def config(self) -> SKMPalettizerConfig:
+        """The validated config."""
+        return self._config
+
+    def compute_sensitivity(
+        self,
+        dataloader: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        sensitivity_path: str | os.PathLike[str] | None = None,
+        *,
+        per_sample: bool = False,
+        progress: bool = True,
+    ) -> Sensitivity:
+        """Calibrate: the raw Fisher of every weight :meth:`compress` would palettize.
+
+        Uses the first ``config.calibration_nsamples`` samples; the model is restored afterwards
+        (parameters, buffers, train/eval mode, requires_grad, ``.grad``), also on errors.
+
+        Args:
+            dataloader: any iterable of items (a DataLoader, a list of batches, ...).
+            loss_fn: ``loss_fn(model, item) -> Tensor`` with one element.
+            sensitivity_path: if given, also save the result there (safetensors), for
+                ``compress(sensitivity=path)`` later.
+            per_sample: count and differentiate individual samples of each item (SqueezeLLM)
+                instead of whole items (coremltools).
+            progress: a progress bar over samples; ``False`` silences it.
+
+        Returns:
+            The :class:`~lightning_palettize.sensitivity.Sensitivity` (raw, not normalised).
+
+        Raises:
+            ValueError / TypeError: for bad arguments (see ``compute_sensitivity``), or when a
+                weight's shape does not fit its config (checked before calibrating).
+        """
+        _check_bool("per_sample", per_sample)
+        if not callable(loss_fn):
+            raise TypeError(
+                f"SKMPalettizer: loss_fn must be a callable loss_fn(model, item) -> Tensor, got "
+                f"{type(loss_fn).__name__}"
+            )
+        selections = self._selections()
+        sens = compute_sensitivity(
+            self._model,
+            dataloader,
+            loss_fn,
+            param_names=[s.qualified_name for s in selections],
+            nsamples=self._config.calibration_nsamples,
+            per_sample=per_sample,
+            progress=progress,
+        )
+        if sensitivity_path is not None:
+            sens.save(sensitivity_path)
+        return sens
+
+    def compress(
+        self,
+        dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        inplace: bool = False,
+        *,
+        sensitivity: SensitivityLike | None = None,
+        sensitivity_path: str | os.PathLike[str] | None = None,
+        per_sample: bool = False,
+        progress: bool = True,
+        num_kmeans_workers: int = 1,
+        exact_kmeans: bool | None = None,
+    ) -> nn.Module:
+        """Calibrate (unless a sensitivity is given), then palettize the model.
+
+        Args:
+            dataloader: calibration data; needed unless ``sensitivity`` is given (then ignored).
+            loss_fn: ``loss_fn(model, item) -> Tensor``; needed with ``dataloader``.
+            inplace: modify the model given to the constructor instead of a deep copy.
+            sensitivity: a precomputed sensitivity: a
+                :class:`~lightning_palettize.sensitivity.Sensitivity`, a mapping from qualified
+                parameter name to its Fisher (raw or normalised; it is normalised here), or the
+                path of a file written by :meth:`Sensitivity.save` or by coremltools.
+            sensitivity_path: coremltools' name for a sensitivity file; same as passing the path
+                as ``sensitivity``.
+            per_sample: per-sample instead of per-item gradients (see the class docstring).
+            progress: progress bars over calibration samples and over weights.
+            num_kmeans_workers: accepted for coremltools compatibility; the k-means kernel
+                already runs LUT groups on two threads, so no worker processes are spawned.
+            exact_kmeans: ``None`` (auto, see the class docstring), ``True`` (every distinct
+                value) or ``False`` (16-bit codes) for ``cluster_dim == 1``.
+
+        Returns:
+            The palettized model (the original one when ``inplace``).
+
+        Raises:
+            ValueError: neither ``dataloader`` nor a sensitivity given, ``dataloader`` without
+                ``loss_fn``, both ``sensitivity`` and ``sensitivity_path``, a sensitivity that
+                knows none of the weights or has a wrong shape or NaN/Inf values, a weight whose
+                shape does not fit its config, or a calibration error. The model is then
+                unchanged.
+            TypeError: an argument of the wrong type (e.g. a path passed positionally as
+                ``inplace``, where coremltools has ``sensitivity_path``).
+            FileNotFoundError: a sensitivity path that does not exist.
+        """
+        if not isinstance(inplace, bool):
+            hint = (
+                "; coremltools' third positional argument is sensitivity_path: pass "
+                "sensitivity_path=... by keyword"
+                if isinstance(inplace, (str, os.PathLike))
+                else ""
+            )
+            raise TypeError(
+                f"SKMPalettizer.compress: inplace must be a bool, got {inplace!r}{hint}"
+            )
+        _check_bool("per_sample", per_sample)
+        _check_bool("progress", progress)
+        if exact_kmeans is not None:
+            _check_bool("exact_kmeans", exact_kmeans)
+        if isinstance(num_kmeans_workers, bool) or not isinstance(num_kmeans_workers, int):
+            raise TypeError(f"num_kmeans_workers: expected an int >= 1, got {num_kmeans_workers!r}")
+        if num_kmeans_workers < 1:
+            raise ValueError(f"num_kmeans_workers: expected an int >= 1, got {num_kmeans_workers}")
+        if sensitivity is not None and sensitivity_path is not None:
+            raise ValueError(
+                "SKMPalettizer.compress: got both sensitivity and sensitivity_path; pass one "
+                "(sensitivity_path is coremltools' name for a sensitivity file)"
+            )
+        if sensitivity is None:
+            sensitivity = sensitivity_path
+        if sensitivity is None:
+            if dataloader is None:
+                raise ValueError(
+                    "SKMPalettizer.compress: needs calibration data (dataloader=..., "
+                    "loss_fn=...) or a precomputed sensitivity (sensitivity=Sensitivity, "
+                    "mapping or file path); got neither"
+                )
+            if loss_fn is None:
+                raise ValueError(
+                    "SKMPalettizer.compress: dataloader given without loss_fn; pass "
+                    "loss_fn(model, item) -> scalar Tensor"
+                )
+
+        source = (
+            _as_source(sensitivity)
+            if sensitivity is not None
+            else _MappingSource.of(
+                self.compute_sensitivity(
+                    dataloader, loss_fn, per_sample=per_sample, progress=progress
+                )
+            )
+        )
+        self._check_coverage(source)
+        self._source, self._exact = source, exact_kmeans
+        try:
+            model, self._report = compress_model(
+                self._model,
+                self._config,
+                inplace=inplace,
+                plan=self._plan,
+                progress=progress,
+                desc="sensitive k-means",
+            )
+        finally:
+            self._source = self._exact = None
+        return model
+
+    def report(self) -> PalettizationReport:
+        """Per-weight statistics of the last :meth:`compress` (empty before it): relative error
+        (outliers included, exactly 0 there), bytes, LUT count and outliers kept exact."""
+        return self._report
+
+    # ------------------------------------------------------------------------------------------
+
+    def _selections(self) -> list[WeightSelection]:
+        """The weights to palettize, their layouts validated before any calibration."""
+        selections = select_weights(self._model, self._config, KMEANS_SUPPORTED)
+        for sel in selections:
+            w = getattr(sel.module, sel.param_name)
+            layout_for(w, sel.config, f"{sel.qualified_name} {tuple(w.shape)}")
+        return selections
+
+    def _check_coverage(self, source: _FisherSource) -> None:
+        """Warn once about weights without a Fisher; refuse a sensitivity for another model."""
+        selections = self._selections()
+        names = [s.qualified_name for s in selections]
+        for sel in selections:
+            shape = source.shape(sel.qualified_name)
+            want = tuple(getattr(sel.module, sel.param_name).shape)
+            if shape is not None and shape != want:
+                raise ValueError(
+                    f"SKMPalettizer: the sensitivity of {sel.qualified_name!r} has shape {shape}, "
+                    f"the weight has {want}; was the sensitivity computed for another model?"
+                )
+        no_grad = [n for n in names if n in source.missing]
+        absent = [n for n in names if source.shape(n) is None and n not in source.missing]
+        if names and len(absent) == len(names):
+            raise ValueError(
+                f"SKMPalettizer: the {source.what} has no entry for any of the {len(names)} "
+                f"weights to palettize (e.g. {names[:3]}); it holds {source.sample_names()}. "
+                "Was it computed for another model?"
+            )
+        if no_grad or absent:
+            parts = []
+            if no_grad:
+                parts.append(f"received no gradient from loss_fn: {no_grad}")
+            if absent:
+                parts.append(f"are not in the {source.what}: {absent}")
+            warnings.warn(
+                f"SKMPalettizer: {len(no_grad) + len(absent)} weight(s) have no Fisher "
+                f"sensitivity and are palettized with plain (unweighted) k-means, without "
+                f"outliers; they {' and '.join(parts)}",
+                stacklevel=3,
+            )
+
+    def _plan(self, sel: WeightSelection, weight: Tensor, layout: Layout) -> PalettizedWeight:
+        cfg = sel.config
+        name = sel.qualified_name
+        importance = outliers = None
+        fisher = self._source.fisher(name) if self._source is not None else None
+        if fisher is not None:
+            try:
+                importance = normalize_sensitivity(fisher).to(weight.device)
+            except ValueError as e:
+                raise ValueError(f"SKMPalettizer: sensitivity of {name!r}: {e}") from None
+            n_out = int(cfg.outlier_fraction * weight.numel())
+            if n_out > 0:
+                # Rank by the raw Fisher: normalising can flush the smallest values to one level.
+                flat = fisher.detach().reshape(-1).to(weight.device, torch.float32)
+                top = torch.topk(flat, n_out, sorted=False).indices
+                del flat
+                outliers = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+                outliers[top] = True
+                outliers = outliers.view(weight.shape)
+                importance.view(-1)[top] = 0.0
+            del fisher
+        exact = self._exact
+        if exact is None:
+            exact = _auto_exact(weight, layout, cfg.n_bits, cfg.enable_per_channel_scale)
+        palette = palettize_weight(
+            weight,
+            layout,
+            cfg.n_bits,
+            per_channel_scale="abs" if cfg.enable_per_channel_scale else None,
+            lut_dtype=cfg.lut_dtype,
+            importance=importance,
+            exact=exact,
+        )
+        return PalettizedWeight(
+            sel,
+            palette,
+            _relative_error(palette, weight, outliers),
+            lut_dtype_name(cfg.lut_dtype, weight),
+            outliers=outliers,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"SKMPalettizer.compress: {name} must be a bool, got {value!r}")
+
+
+def _auto_exact(weight: Tensor, layout: Layout, n_bits: int, scaled: bool) -> bool:
+    """Exact DP on distinct values while it is cheap; 16-bit codes otherwise."""
+    if layout.cluster_dim > 1 or (weight.dtype in _HALF and not scaled):
+        return False  # vectors: no 1-D DP; fp16/bf16: the codes *are* the distinct values
+    return layout.vectors_per_group * (1 << n_bits) <= _EXACT_MAX_WORK
+
+
+@torch.no_grad()
+def _relative_error(palette: Palette, weight: Tensor, outliers: Tensor | None) -> float:
+    """``||W - W_hat||^2 / ||W||^2`` of the weight as written back (outliers exact)."""
+    if outliers is None:
+        return palette.relative_error(weight)
+    w = weight.detach().to(palette.lut.device)
+    diff = w.double() - palette.dequantize(dtype=weight.dtype).double()
+    diff[outliers.to(diff.device)] = 0.0
+    ref = float(w.double().square().sum())
+    return 0.0 if ref == 0.0 else float(diff.square().sum()) / ref
+
+
+class _FisherSource:
+    """Where the Fisher of each weight comes from (in memory, or a file read tensor by tensor)."""
+
+    what = "sensitivity"
+    missing: frozenset[str] = frozenset()
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        raise NotImplementedError
+
+    def fisher(self, name: str) -> Tensor | None:
+        raise NotImplementedError
+
+    def sample_names(self) -> list[str]:
+        raise NotImplementedError
+
+
+class _MappingSource(_FisherSource):
+    def __init__(
+        self, fisher: Mapping[str, Tensor], missing: Iterable[str] = (), what: str = ""
+    ) -> None:
+        bad = [k for k, v in fisher.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+        if bad:
+            raise TypeError(
+                f"SKMPalettizer: a sensitivity mapping must map parameter names (str) to "
+                f"tensors; bad entries: {bad[:3]}"
+            )
+        self._fisher = fisher
+        self.missing = frozenset(missing)
+        self.what = what or "sensitivity"
+
+    @classmethod
+    def of(cls, sens: Sensitivity, what: str = "") -> _MappingSource:
+        return cls(sens.fisher, sens.missing, what)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._fisher.get(name)
+        return None if t is None else tuple(t.shape)
+
+    def fisher(self, name: str) -> Tensor | None:
+        return self._fisher.get(name)
+
+    def sample_names(self) -> list[str]:
+        return list(self._fisher)[:3]
+
+
+class _FileSource(_FisherSource):
+    """A :meth:`Sensitivity.save` file, opened once per tensor: each mapping is released with
+    its tensor, so the file never counts against memory as a whole."""
+
+    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], missing: list[str]) -> None:
+        self._path = path
+        self._shapes = shapes
+        self.missing = frozenset(missing)
+        self.what = f"sensitivity file {path!r}"
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self._shapes.get(name)
+
+    def fisher(self, name: str) -> Tensor | None:
+        if name not in self._shapes:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self._path, framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+
+    def sample_names(self) -> list[str]:
+        return list(self._shapes)[:3]
+
+
+def _as_source(sensitivity: Any) -> _FisherSource:
+    if isinstance(sensitivity, Sensitivity):
+        return _MappingSource.of(sensitivity)
+    if isinstance(sensitivity, (str, os.PathLike)):
+        return _open_file(os.fspath(sensitivity))
+    if isinstance(sensitivity, Mapping):
+        return _MappingSource(sensitivity)
+    raise TypeError(
+        f"SKMPalettizer.compress: sensitivity must be a Sensitivity, a mapping of parameter "
+        f"name to tensor, or a file path; got {type(sensitivity).__name__}"
+    )
+
+
+def _open_file(path: str) -> _FisherSource:
+    """Our safetensors file (lazily), else a coremltools ``torch.save`` dict (loaded whole)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SKMPalettizer: no such sensitivity file: {path!r}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError:
+        return _open_torch_file(path)
+    try:
+        header = json.loads(metadata[_HEADER_KEY])
+        ok = header.get("format_version") == _FORMAT_VERSION and isinstance(
+            header.get("missing"), list
+        )
+    except (KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        # Sensitivity.load names exactly what is wrong with the file.
+        sens = Sensitivity.load(path)
+        return _MappingSource.of(sens, f"sensitivity file {path!r}")
+    return _FileSource(path, shapes, [str(m) for m in header["missing"]])
+
+
+def _open_torch_file(path: str) -> _FisherSource:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"SKMPalettizer: {path!r} is neither a sensitivity file written by "
+            f"Sensitivity.save (safetensors) nor a coremltools sensitivity file (torch.save of "
+            f"a dict of tensors): {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"SKMPalettizer: {path!r} holds a {type(obj).__name__}; a coremltools sensitivity "
+            "file holds a dict of parameter name -> tensor"
+        )
+    return _MappingSource(obj, what=f"sensitivity file {path!r}")

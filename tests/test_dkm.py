@@ -1,0 +1,409 @@
+"""DKMPalettizer: equality to a dense reference DKM, milestones, training, finalize, state."""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_palettize import DKMPalettizer, PostTrainingPalettizer, strip_coreml_metadata
+from lightning_palettize.palettizers.dkm import load_prepared_state_dict
+
+
+def _fp16_exact(module):
+    # weights exactly representable in fp16: the table engine then matches the dense math tightly
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def _reference_dkm(w, cfg, cent, scale=None):
+    """Naive dense DKM: full N x K autograd tensors, written from the math."""
+    from lightning_palettize.palette import Layout
+
+    layout = Layout(
+        tuple(w.shape),
+        cfg.get("granularity", "per_tensor"),
+        cfg.get("group_size"),
+        cfg.get("channel_axis", 0),
+        cfg.get("cluster_dim", 1),
+    )
+    x = w if scale is None else w / scale
+    xg = layout.to_groups(x)  # [G, N, d]
+    c = cent.clone()
+    tau = cfg.get("palett_tau", 1e-4)
+    prev = None
+    for it in range(cfg.get("kmeans_max_iter", 3)):
+        d = ((xg.unsqueeze(2) - c.unsqueeze(1)) ** 2).sum(-1)  # [G, N, K]
+        prune = cfg.get("prune_threshold", 1e-7)  # coremltools' default pulls toward slot 0
+        if prune > 0:
+            d = torch.cat([d[..., :1] - prune, d[..., 1:]], dim=-1)
+        elif cfg.get("enforce_zero"):
+            nonzero = (xg != 0).any(-1)
+            d = d.clone()
+            d[..., 0] = torch.where(nonzero, torch.full_like(d[..., 0], 1e7), d[..., 0])
+        if cfg.get("palett_mode", "dkm") == "hard":
+            a = nn.functional.one_hot(d.argmin(-1), c.shape[1]).float()
+        else:
+            a = torch.softmax(-d / tau, dim=-1)
+        mass = a.sum(1)  # [G, K]
+        newc = torch.einsum("gnk,gnd->gkd", a, xg) / mass.clamp_min(1e-30).unsqueeze(-1)
+        c = torch.where(mass.unsqueeze(-1) > 0, newc, c)
+        if cfg.get("enforce_zero"):
+            c = torch.cat([torch.zeros_like(c[:, :1]), c[:, 1:]], dim=1)
+        inertia = d.min(-1).values.sum(1)
+        if prev is not None and bool(
+            ((inertia - prev).abs() <= cfg.get("palett_epsilon", 1e-4)).all()
+        ):
+            break
+        prev = inertia
+    out = layout.from_groups(torch.einsum("gnk,gkd->gnd", a, c))
+    return out if scale is None else out * scale
+
+
+CASES = [
+    {},
+    {"granularity": "per_grouped_channel", "group_size": 8},
+    {"cluster_dim": 2},
+    {"enable_per_channel_scale": True},
+    {"enable_per_channel_scale": True, "per_channel_scaling_factor_scheme": "abs"},
+    {"enforce_zero": True},
+    {"enforce_zero": True, "prune_threshold": 0.0},
+    {"prune_threshold": 1e-3},
+    {"palett_mode": "hard"},
+    {"palett_tau": 1e-3, "kmeans_max_iter": 2},
+    {"palett_epsilon": 1e3},  # always stops after the second iteration
+]
+
+
+@pytest.mark.parametrize("extra", CASES, ids=[str(c) for c in CASES])
+def test_forward_and_gradient_equal_dense_reference(extra):
+    torch.manual_seed(0)
+    lin = _fp16_exact(nn.Linear(48, 32))
+    # epsilon 0: no early stop that a last-bit difference in the inertia could flip
+    cfg = {"n_bits": 2, "weight_threshold": 0, "palett_epsilon": 0.0, **extra}
+    model = DKMPalettizer(lin, {"global_config": cfg}).prepare()
+    fp = model.weight_dkm
+    cent0 = fp.centroids.clone()
+    scale = fp.scale.clone() if cfg.get("enable_per_channel_scale") else None
+
+    w = model.weight
+    out = fp(w)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * g).sum(), w)
+
+    w_ref = w.detach().clone().requires_grad_(True)
+    ref = _reference_dkm(w_ref, cfg, cent0, scale)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), w_ref)
+    if scale is None:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-5)
+    else:
+        # w / scale is not fp16-exact: the per-code engine differs by the 16-bit rounding
+        assert (out - ref).norm() <= 1e-4 * ref.norm()
+        assert (grad - grad_ref).norm() <= 2e-3 * grad_ref.norm()
+    if cfg.get("palett_mode") != "hard":
+        assert grad.abs().sum() > 0
+
+
+def test_prepare_keeps_parameters_and_adds_no_learnables():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    DKMPalettizer(model, {"global_config": {"weight_threshold": 0}}).prepare(inplace=True)
+    assert list(model.parameters()) == params
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    loss = model(torch.randn(4, 64)).square().sum()
+    loss.backward()
+    before = model[0].weight.detach().clone()
+    opt.step()  # the optimizer built before prepare updates the same Parameter
+    assert not torch.equal(before, model[0].weight.detach())
+
+
+def test_milestone_passes_weights_through_until_reached():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    ref = copy.deepcopy(model)
+    cfg = {"global_config": {"n_bits": 2, "milestone": 2, "weight_threshold": 0}}
+    pal = DKMPalettizer(model, cfg)
+    prepared = pal.prepare()
+    x = torch.randn(5, 32)
+    for step in range(3):
+        out = prepared(x)
+        if step < 2:
+            assert torch.equal(out, ref(x)), step
+        else:
+            assert not torch.allclose(out, ref(x))
+        pal.step()
+    assert pal.steps == 3
+
+
+def test_error_right_after_milestone_matches_post_training():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    for n_bits in (2, 4):
+        pal = DKMPalettizer(model, {"global_config": {"n_bits": n_bits}})
+        prepared = pal.prepare()
+        ptp = PostTrainingPalettizer(model, {"global_config": {"n_bits": n_bits}})
+        ptp.compress(progress=False)
+        dkm_rows, ptp_rows = pal.report(), ptp.report()
+        for name in ptp_rows:
+            assert dkm_rows[name].rel_error <= 1.05 * ptp_rows[name].rel_error + 1e-12
+        assert prepared is not model
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    return x, torch.tensor(d.target)
+
+
+def test_training_lowers_loss_and_finalize_gives_a_palette():
+    pytest.importorskip("sklearn")
+    torch.manual_seed(3)
+    x, y = _digits()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    pal = DKMPalettizer(
+        model,
+        {
+            "global_config": {
+                "n_bits": 2,
+                "granularity": "per_grouped_channel",
+                "group_size": 8,
+                "weight_threshold": 0,
+                "palett_tau": 1e-3,
+            },
+            "module_name_configs": {"2": {"n_bits": 4, "weight_threshold": 0}},
+        },
+    )
+    model = pal.prepare(inplace=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for i in range(60):
+        idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(i))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pal.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    final = pal.finalize()
+    w = final[0].weight.detach()
+    for g in range(w.shape[0] // 8):
+        assert len(torch.unique(w[g * 8 : (g + 1) * 8])) <= 4
+    assert len(torch.unique(final[2].weight)) <= 16
+    acc = (final(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.6
+
+
+class _AllTypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.conv1 = nn.Conv1d(32, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv3 = nn.Conv3d(1, 4, 3, padding=1)
+        self.tconv = nn.ConvTranspose2d(8, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)  # [B, T, 32]
+        h = self.conv1(h.transpose(1, 2)).transpose(1, 2)
+        h = self.norm(h)
+        h, _ = self.mha(h, h, h)
+        img = h.mean(-1, keepdim=True).unsqueeze(1).expand(-1, 1, -1, 8)  # [B,1,T,8]
+        img = self.tconv(self.conv2(img))
+        vol = self.conv3(img[:, :1].unsqueeze(1))
+        return self.head(h.mean(1)) + vol.mean() + img.mean()
+
+
+def test_every_module_type_finalizes_and_loads_strictly():
+    torch.manual_seed(4)
+    model = _AllTypes()
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    prepared = pal.prepare()
+    tokens = torch.randint(0, 64, (2, 6))
+    prepared(tokens).sum().backward()
+    final = pal.finalize()
+    names = [k for k in final.state_dict() if k.endswith("_COREML_/weight/lut") or "in_proj" in k]
+    assert any("mha._COREML_/in_proj_weight/lut" in k for k in final.state_dict())
+    assert any("norm._COREML_/weight/lut" in k for k in final.state_dict())
+    assert names
+    for mod_name, pname in [
+        ("emb", "weight"),
+        ("norm", "weight"),
+        ("mha", "in_proj_weight"),
+        ("mha.out_proj", "weight"),
+        ("conv3", "weight"),
+        ("tconv", "weight"),
+    ]:
+        w = getattr(final.get_submodule(mod_name), pname)
+        assert len(torch.unique(w)) <= 4, mod_name
+    fresh = _AllTypes()
+    fresh.load_state_dict(strip_coreml_metadata(copy.deepcopy(final)).state_dict(), strict=True)
+    assert torch.allclose(fresh(tokens), final(tokens))
+
+
+def test_state_dict_round_trip_deepcopy_and_pickle_of_prepared_model():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    cfg = {"global_config": {"n_bits": 3, "weight_threshold": 0}}
+    pal = DKMPalettizer(model, cfg)
+    prepared = pal.prepare()
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    x = torch.randn(16, 64)
+    for _ in range(3):
+        prepared(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pal.step()
+    sd = prepared.state_dict()
+    assert "0.weight" in sd and "0.weight_dkm.centroids" in sd
+    other = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    pal2 = load_prepared_state_dict(other, sd, cfg)
+    assert pal2.steps == 3
+    # a training forward advances the centroids: compare fresh copies one at a time
+    for make in (
+        lambda: other,
+        lambda: copy.deepcopy(prepared),
+        lambda: pickle.loads(pickle.dumps(prepared)),
+    ):
+        snapshot = copy.deepcopy(prepared.state_dict())
+        m = make()
+        torch.testing.assert_close(m(x), prepared(x))
+        prepared.load_state_dict(snapshot)
+    prepared.eval()
+    again = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    load_prepared_state_dict(again, prepared.state_dict(), cfg)
+    torch.testing.assert_close(again.eval()(x), prepared(x))
+
+
+def test_lut_dtype_quantizes_in_forward_and_finalize():
+    torch.manual_seed(6)
+    model = nn.Linear(64, 64)
+    for lut_dtype in ("i8", "u8", "f16", "bf16"):
+        pal = DKMPalettizer(
+            model, {"global_config": {"n_bits": 3, "weight_threshold": 0, "lut_dtype": lut_dtype}}
+        )
+        prepared = pal.prepare()
+        prepared(torch.randn(2, 64)).sum().backward()
+        cent = prepared.weight_dkm.centroids
+        final = pal.finalize()
+        lut = getattr(final, "_COREML_/weight/lut").reshape(-1)
+        if lut_dtype in ("i8", "u8"):
+            qs = getattr(final, "_COREML_/weight/quantization_scale").reshape(-1)
+            codes = lut / qs
+            torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+            c = cent.reshape(-1)
+            s = c.abs().max() / 127
+            torch.testing.assert_close(c / s, (c / s).round(), atol=1e-3, rtol=0)
+        else:
+            dt = torch.float16 if lut_dtype == "f16" else torch.bfloat16
+            assert torch.equal(lut, lut.to(dt).float())
+
+
+def test_bf16_autocast_and_torch_compile():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    prepared = pal.prepare()
+    x = torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prepared(x)
+    out.float().sum().backward()
+    assert prepared[0].weight.grad is not None and torch.isfinite(prepared[0].weight.grad).all()
+    prepared.zero_grad()
+    snapshot = copy.deepcopy(prepared.state_dict())
+    eager = prepared(x)  # a training forward advances the centroids: restore before compiling
+    prepared.load_state_dict(snapshot)
+    compiled = torch.compile(prepared, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert prepared[0].weight.grad is not None
+
+
+def test_unsupported_options_and_bad_shapes_are_rejected():
+    model = nn.Sequential(nn.Linear(64, 10))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="quantize_activations=True"):
+        DKMPalettizer(
+            model, {"global_config": {"quantize_activations": True, "weight_threshold": 0}}
+        ).prepare(inplace=True)
+    with pytest.raises(ValueError, match="palett_lambda"):
+        DKMPalettizer(
+            model, {"global_config": {"palett_lambda": 0.1, "weight_threshold": 0}}
+        ).prepare(inplace=True)
+    with pytest.raises(ValueError, match=r"0\.weight.*group_size"):
+        DKMPalettizer(
+            model,
+            {
+                "global_config": {
+                    "granularity": "per_grouped_channel",
+                    "group_size": 4,
+                    "weight_threshold": 0,
+                }
+            },
+        ).prepare(inplace=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not any(isinstance(c, nn.Module) and "dkm" in n for n, c in model.named_modules())
+    with pytest.raises(RuntimeError, match="prepare"):
+        DKMPalettizer(model).step()
+
+
+def test_default_config_uses_coremltools_table():
+    model = nn.Sequential(nn.Linear(128, 128), nn.Conv1d(4, 4, 1), nn.Linear(8, 8))
+    pal = DKMPalettizer(model)
+    prepared = pal.prepare()
+    fps = {n: m for n, m in prepared.named_modules() if n.endswith("_dkm")}
+    # Linear(128,128) has 16384 > 2048 elements: 4 bits; the small ones stay unprepared
+    assert list(fps) == ["0.weight_dkm"] and fps["0.weight_dkm"].n_bits == 4
+
+
+coremltools = pytest.importorskip("coremltools")
+
+
+def test_finalized_model_converts_to_lut_ops():
+    import coremltools as ct
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    cfg = {
+        "global_config": {
+            "n_bits": 2,
+            "weight_threshold": 0,
+            "granularity": "per_grouped_channel",
+            "group_size": 8,
+        }
+    }
+    pal = DKMPalettizer(model, cfg)
+    prepared = pal.prepare()
+    prepared(torch.randn(4, 64)).sum().backward()
+    final = pal.finalize()
+    traced = torch.jit.trace(final, torch.randn(1, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml = ct.convert(
+            traced,
+            inputs=[ct.TensorType(shape=(1, 64))],
+            minimum_deployment_target=ct.target.iOS18,
+            skip_model_load=True,
+            convert_to="mlprogram",
+        )
+    ops = [
+        op
+        for op in ml._mil_program.functions["main"].operations
+        if op.op_type == "constexpr_lut_to_dense"
+    ]
+    assert len(ops) == 2
