@@ -36,7 +36,7 @@ def _reference_dkm(w, cfg, cent, scale=None):
     c = cent.clone()
     tau = cfg.get("palett_tau", 1e-4)
     prev = None
-    for it in range(cfg.get("kmeans_max_iter", 3)):
+    for _ in range(cfg.get("kmeans_max_iter", 3)):
         d = ((xg.unsqueeze(2) - c.unsqueeze(1)) ** 2).sum(-1)  # [G, N, K]
         prune = cfg.get("prune_threshold", 1e-7)  # coremltools' default pulls toward slot 0
         if prune > 0:

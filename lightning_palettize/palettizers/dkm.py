@@ -7,8 +7,9 @@ during each forward the hook shadows it with the soft-palettized weight computed
 :func:`lightning_palettize.soft_kmeans.soft_kmeans`, and a forward hook removes the shadow. The
 child owns only buffers (centroids, per-channel scale, step counter), so a prepared model can be
 deep-copied, pickled, checkpointed and resumed. (``torch.nn.utils.parametrize`` would rename the
-weight and makes modules unpicklable, which is why it is not used.) ``finalize`` hard-assigns every weight, writes the dense palettized
-values back into plain parameters and attaches the same Core ML metadata as
+weight and makes modules unpicklable, which is why it is not used.) ``finalize`` hard-assigns
+every weight, writes the dense palettized values back into plain parameters and attaches the
+same Core ML metadata as
 :class:`~lightning_palettize.PostTrainingPalettizer`.
 """
 
@@ -370,8 +371,8 @@ class DKMPalettizer:
 
         Each weight becomes ``scale * lut[argmin distance]`` (at most ``2**n_bits`` values or
         vectors per LUT group), gets the ``_COREML_`` metadata ``ct.convert`` reads, and the
-        DKM hooks and ``<param>_dkm`` children are removed: the result is a plain torch model whose state_dict, apart
-        from the ``_COREML_`` buffers (drop them with
+        DKM hooks and ``<param>_dkm`` children are removed: the result is a plain torch model
+        whose state_dict, apart from the ``_COREML_`` buffers (drop them with
         :func:`~lightning_palettize.strip_coreml_metadata`), loads strictly into a freshly
         built model. Weights whose milestone was never reached are left as they are.
 
