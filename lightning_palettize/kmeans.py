@@ -41,8 +41,11 @@ except ImportError as err:  # pragma: no cover - only on a broken install
 __all__ = ["KMeansResult", "kmeans_1d", "kmeans_vectors", "kmeans"]
 
 _NCODES = 65536
-# Elements handled per step when histogramming: bounds the temporaries to a few tens of MB.
-_CHUNK = 1 << 22
+# Elements handled per step: bounds the temporaries (~14 bytes per element) to a few MB, so
+# compress stays within ~2x the dense bytes of the weights it palettizes.
+_CHUNK = 1 << 18
+# Groups whose 65,536-code tables are held at once (int64 counts: 512 KiB per group).
+_TABLE_GROUPS = 4
 # In fast mode a cluster must span at least this many codes unless its codes are single values.
 _MIN_BINS_PER_CLUSTER = 32
 
@@ -134,6 +137,15 @@ def _ordered_codes(x: Tensor, scale: Tensor | None) -> Tensor:
     return (raw ^ torch.where(raw < 0, -1, 0x8000)) & 0xFFFF
 
 
+def _group_chunks(g_total: int, n: int):
+    """(g0, g1, [(n0, n1), ...]): a few groups at a time, elements in ~_CHUNK pieces."""
+    gc = max(1, min(_TABLE_GROUPS, _CHUNK // max(n, 1)))
+    for g0 in range(0, g_total, gc):
+        g1 = min(g_total, g0 + gc)
+        nc = max(1, _CHUNK // (g1 - g0))
+        yield g0, g1, [(n0, min(n, n0 + nc)) for n0 in range(0, n, nc)]
+
+
 def _code_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor | None, Tensor]:
     """Histogram of 16-bit codes per group. Returns bins, the fp32 scale (or None) and the
     global key (group * 65536 + code) of every bin, ascending."""
@@ -141,20 +153,17 @@ def _code_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor | None,
     device = x.device
     scale = None if x.dtype in (torch.float16, torch.bfloat16) else _pow2_scale(x)
     half = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
-    gc = max(1, min(g_total, _CHUNK // _NCODES))  # groups per histogram chunk
-    nc = max(1, _CHUNK // gc)  # elements per group per step
     keys, counts, wsums = [], [], []
-    for g0 in range(0, g_total, gc):
-        g1 = min(g_total, g0 + gc)
+    for g0, g1, steps in _group_chunks(g_total, n):
         base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
         cnt = torch.zeros((g1 - g0) * _NCODES, dtype=torch.int64, device=device)
         wsum = None if weights is None else torch.zeros_like(cnt, dtype=torch.float64)
-        for n0 in range(0, n, nc):
-            xs = x[g0:g1, n0 : n0 + nc]
+        for n0, n1 in steps:
+            xs = x[g0:g1, n0:n1]
             key = (_ordered_codes(xs, None if scale is None else scale[g0:g1]) + base).reshape(-1)
             cnt += torch.bincount(key, minlength=cnt.numel())
             if wsum is not None:
-                w = weights[g0:g1, n0 : n0 + nc].reshape(-1).double()
+                w = weights[g0:g1, n0:n1].reshape(-1).double()
                 wsum += torch.bincount(key, weights=w, minlength=cnt.numel())
         present = cnt.nonzero().squeeze(1)
         keys.append(present + g0 * _NCODES)
@@ -193,7 +202,19 @@ def _exact_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor]:
     return _Bins(offsets, value, wsum, wx, wxx, count), value
 
 
-def _solve_bins(bins: _Bins, k: int) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
+def _coarse_shift(k: int, max_bins: int) -> int:
+    """Low code bits merged by the coarse level of fast mode (0 = exact DP over all bins).
+
+    The coarse level keeps 2**(10 - shift) codes per octave: plenty to place k clusters, after
+    which each boundary is refined exactly over the full codes around it."""
+    if max_bins <= 2048:
+        return 0
+    return max(0, min(3, 3 - max(0, (k // 16).bit_length() - 1)))
+
+
+def _solve_bins(
+    bins: _Bins, k: int, keys: Tensor | None = None, shift: int = 0
+) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
     """Run the DP. Returns cluster starts [G, k+1] (bin index, CSR-local), centroids [G, k]
     (float64), inertia [G] and the element count of each cluster [G, k]."""
     g_total = len(bins.offsets) - 1
@@ -212,16 +233,20 @@ def _solve_bins(bins: _Bins, k: int) -> tuple[np.ndarray, Tensor, Tensor, Tensor
     s1_np = np.ascontiguousarray(s1.cpu().numpy())
     s2_np = np.ascontiguousarray(s2.cpu().numpy())
     out = np.zeros(g_total * (k + 1), dtype=np.int64)
-    args = (np.ascontiguousarray(w_np), s1_np, s2_np, bins.offsets, k, out)
+    if keys is None:
+        key_np = np.zeros(len(w_np), dtype=np.int32)
+    else:
+        key_np = np.ascontiguousarray(keys.cpu().numpy().astype(np.int32, copy=False))
+    args = (np.ascontiguousarray(w_np), s1_np, s2_np, key_np, bins.offsets, k, out)
     work = np.diff(bins.offsets)
     if g_total > 1 and int(work.sum()) > 50_000:
         # The kernel releases the GIL: split groups into two halves of equal work.
         cut = int(np.searchsorted(np.cumsum(work), work.sum() / 2)) + 1
         cut = min(max(cut, 1), g_total - 1)
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda r: _kmeans1d.solve(*args, *r), [(0, cut), (cut, g_total)]))
+            list(pool.map(lambda r: _kmeans1d.solve(*args, *r, shift), [(0, cut), (cut, g_total)]))
     else:
-        _kmeans1d.solve(*args, 0, g_total)
+        _kmeans1d.solve(*args, 0, g_total, shift)
     starts = out.reshape(g_total, k + 1)
 
     # Cluster sums from per-group prefix sums over the bins.
@@ -279,7 +304,8 @@ def kmeans_1d(
         return _kmeans_1d_exact(x, k, weights)
 
     bins, scale, gkey = _code_bins(x, weights)
-    starts, cent, inertia, count = _solve_bins(bins, k)
+    shift = _coarse_shift(k, int(np.diff(bins.offsets).max()) if g_total else 0)
+    starts, cent, inertia, count = _solve_bins(bins, k, gkey % _NCODES, shift)
     # Label of each present code = its cluster. Global bin index of every cluster start after
     # the first is sorted across groups, so one searchsorted counts the starts at or before each
     # bin (minus those of earlier groups).
@@ -287,16 +313,17 @@ def kmeans_1d(
     gstart = (torch.from_numpy(starts[:, 1:k] + bins.offsets[:-1, None]).to(device)).reshape(-1)
     pos = torch.arange(len(gkey), device=device)
     lab_of_bin = torch.searchsorted(gstart, pos, right=True) - gid * (k - 1)
-    table = torch.zeros(g_total * _NCODES, dtype=labels.dtype, device=device)
-    table[gkey] = lab_of_bin.to(table.dtype)
-    step = max(1, _CHUNK // n)
-    for g0 in range(0, g_total, step):
-        g1 = min(g_total, g0 + step)
-        base = (torch.arange(g0, g1, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
-        for n0 in range(0, n, _CHUNK):
-            xs = x[g0:g1, n0 : n0 + _CHUNK]
+    lab_of_bin = lab_of_bin.to(labels.dtype)
+    for g0, g1, steps in _group_chunks(g_total, n):
+        # code -> label table of these groups only (absent codes are never looked up)
+        table = torch.zeros((g1 - g0) * _NCODES, dtype=labels.dtype, device=device)
+        b0, b1 = int(bins.offsets[g0]), int(bins.offsets[g1])
+        table[gkey[b0:b1] - g0 * _NCODES] = lab_of_bin[b0:b1]
+        base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
+        for n0, n1 in steps:
+            xs = x[g0:g1, n0:n1]
             key = _ordered_codes(xs, None if scale is None else scale[g0:g1]) + base
-            labels[g0:g1, n0 : n0 + _CHUNK] = table.index_select(0, key.reshape(-1)).view(key.shape)
+            labels[g0:g1, n0:n1] = table.index_select(0, key.reshape(-1)).view(key.shape)
     result = KMeansResult(cent.float(), labels, inertia)
     if scale is not None:
         # fp32 only: a cluster spanning few codes that hold several elements each is too coarsely

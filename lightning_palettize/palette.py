@@ -45,7 +45,7 @@ _GRANULARITIES = ("per_tensor", "per_grouped_channel")
 _LUT_QDTYPES = (torch.int8, torch.uint8)
 _QMAX = 127  # LINEAR_SYMMETRIC 8-bit: int8 [-127, 127], uint8 [0, 254] with zero point 127
 # Elements gathered per step by dequantize/relative_error: chunk temporaries stay ~16 MB each.
-_CHUNK = 1 << 22
+_CHUNK = 1 << 18
 _COMPRESSION_PALETTIZATION = 2
 _COMPRESSION_QUANTIZATION = 3
 
