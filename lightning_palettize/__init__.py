@@ -13,6 +13,13 @@ from lightning_palettize.config import (
     SKMPalettizerConfig,
     load_config,
 )
+from lightning_palettize.export import (
+    compact_size,
+    export_coreml,
+    load_palettized,
+    read_palettized_metadata,
+    save_palettized,
+)
 from lightning_palettize.palette import Layout, Palette
 from lightning_palettize.palettizers import DKMPalettizer, PostTrainingPalettizer
 from lightning_palettize.palettizers._common import strip_coreml_metadata
@@ -35,6 +42,11 @@ __all__ = [
     "ReportRow",
     "SKMPalettizer",
     "SKMPalettizerConfig",
+    "compact_size",
+    "export_coreml",
     "load_config",
+    "load_palettized",
+    "read_palettized_metadata",
+    "save_palettized",
     "strip_coreml_metadata",
 ]

@@ -36,7 +36,17 @@ from typing import IO, Any, ClassVar, TypeVar
 import torch
 import torch.nn as nn
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+try:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+except ImportError:  # pragma: no cover - a declared dependency; absent only on bare machines
+    # Without omegaconf nothing can be a DictConfig: plain dicts and YAML still work.
+    class DictConfig:  # type: ignore[no-redef]
+        pass
+
+    class ListConfig:  # type: ignore[no-redef]
+        pass
+
+    OmegaConf = None  # type: ignore[assignment]
 
 __all__ = [
     "DKM_DEFAULT_N_BITS",

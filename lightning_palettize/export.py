@@ -16,9 +16,13 @@ File layout (safetensors metadata key ``"lightning_palettize"`` holds the JSON h
   of palettized weights are re-derived, other ``_COREML_`` buffers are kept).
 * ``palette/<weight key>/indices``: packed n-bit indices (:func:`~lightning_palettize.palette.
   pack_indices`, in :meth:`Layout.to_groups` order); ``/lut``: the LUT in the weight's dtype
-  when lossless, else in its buffer's dtype, or its int8 / uint8 codes for a quantized LUT;
-  ``/field/<name>``: float fields such as ``palettization_scale``, ``quantization_scale``,
-  ``zero_point``; ``/outlier_index`` (int32 or int64 flat) and ``/outlier_value``.
+  when lossless, else in its buffer's dtype, or its int8 / uint8 codes for a quantized LUT
+  (plus ``/lut_patch_index`` / ``/lut_patch_value`` for the rare entries a code cannot express,
+  such as -0.0); ``/field/<name>``: float or large fields such as ``palettization_scale`` and
+  ``quantization_scale``; ``/outlier_index`` (int32, or int64 past 2**31 elements) and
+  ``/outlier_value`` for the sparse outliers. Small integer fields (``compression_type``,
+  ``vector_axis``, ``zero_point``...) sit in the JSON header, which also records each weight's
+  layout and dtypes and the user's metadata.
 
 :func:`export_coreml` traces and converts with coremltools (optional extra ``coreml``) and
 checks that every palettized weight became a ``constexpr_lut_to_dense`` op.
@@ -260,18 +264,27 @@ def _dequantize(
     return Palette(layout, n_bits, lut32, indices, scale32, dtype=dtype).dequantize()
 
 
-def _nearest(x: Tensor, lut: Tensor) -> Tensor:
-    """uint8 ``[G, N]``: each ``[G, N, d]`` vector's nearest entry of its group's ``[G, K, d]``."""
+def _nearest(x: Tensor, lut: Tensor, rtol: float) -> Tensor:
+    """uint8 ``[G, N]``: each ``[G, N, d]`` vector's entry of its group's ``[G, K, d]`` LUT.
+
+    Scalars take the nearest entry. Vectors take, among the entries matching the most elements
+    (within ``rtol``, the weight dtype's rounding), the nearest: a vector with one outlier
+    element keeps its entry, so only that element is stored sparsely.
+    """
     g, n, d = x.shape
     k = lut.shape[1]
     out = torch.empty(g, n, dtype=torch.uint8)
     step = max(1, _CHUNK // max(1, g * k * d))
+    atol = lut.abs()[:, None] * rtol + torch.finfo(torch.float32).tiny  # [G, 1, K, d]
     for start in range(0, n, step):
         xs = x[:, start : start + step]
         if d == 1:
             dist = (xs - lut.transpose(1, 2)).abs_()  # [G, n, K]
         else:
-            dist = (xs[:, :, None, :] - lut[:, None, :, :]).square_().sum(-1)
+            diff = (xs[:, :, None, :] - lut[:, None, :, :]).abs_()  # [G, n, K, d]
+            misses = (~(diff <= atol)).sum(-1)
+            dist = diff.square_().nan_to_num_(nan=0.0, posinf=0.0).sum(-1)
+            dist.masked_fill_(misses > misses.amin(-1, keepdim=True), float("inf"))
         out[:, start : start + step] = dist.argmin(-1)
     return out
 
@@ -294,15 +307,17 @@ def _field_record(value: Tensor) -> dict[str, Any]:
     return {"dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
 
 
-def _lut_codes(fields: dict[str, Tensor], lut: Tensor) -> tuple[Tensor, str] | None:
-    """int8 / uint8 codes that rebuild ``lut`` bit for bit from its quantization fields."""
+def _lut_codes(fields: dict[str, Tensor], lut: Tensor) -> tuple[Tensor, Tensor] | None:
+    """int8 / uint8 codes that rebuild ``lut`` from its quantization fields, and the flat
+    positions the codes miss (e.g. -0.0, which a code cannot express); None when they do not fit.
+    """
     qscale = fields.get(_QSCALE)
     if qscale is None or not qscale.dtype.is_floating_point:
         return None
     zero_point = fields.get(_ZERO_POINT)
     qdtype, lo, hi = (torch.int8, -128, 127) if zero_point is None else (torch.uint8, 0, 255)
     try:
-        codes = torch.round(lut.float() / qscale.float())
+        codes = torch.round(lut.double() / qscale.double())
         if zero_point is not None:
             codes = codes + zero_point.float()
         if codes.shape != lut.shape or not bool(((codes >= lo) & (codes <= hi)).all()):
@@ -311,16 +326,21 @@ def _lut_codes(fields: dict[str, Tensor], lut: Tensor) -> tuple[Tensor, str] | N
         rebuilt = _lut_from_codes(codes, qscale, zero_point, lut.dtype)
     except RuntimeError:  # quantization fields that do not broadcast against the LUT
         return None
-    if rebuilt.shape != lut.shape or not torch.equal(_bits(rebuilt), _bits(lut)):
+    if rebuilt.shape != lut.shape:
         return None
-    return codes, _dtype_name(qdtype)
+    misses = (_bits(rebuilt) != _bits(lut)).reshape(-1).nonzero().reshape(-1)
+    if misses.numel() > max(1, lut.numel() // 8):
+        return None
+    return codes, misses.to(torch.int32)
 
 
 def _lut_from_codes(
     codes: Tensor, qscale: Tensor, zero_point: Tensor | None, dtype: torch.dtype
 ) -> Tensor:
-    q = codes.float() if zero_point is None else codes.float() - zero_point.float()
-    return (q * qscale.float()).to(dtype)
+    # in the scale's precision (coremltools writes float64 scales and rounds the product)
+    work = torch.promote_types(qscale.dtype, torch.float32)
+    q = codes.to(work) if zero_point is None else codes.to(work) - zero_point.to(work)
+    return (q * qscale.to(work)).to(dtype)
 
 
 def _encode_weight(
@@ -366,7 +386,7 @@ def _encode_weight(
     g, k, d = layout.num_groups, 1 << n_bits, layout.cluster_dim
     lut32 = lut_buf.float().reshape(g, k, d)
     x = weight.float() if scale is None else weight.float() / scale.float()
-    indices = _nearest(layout.to_groups(x), lut32)
+    indices = _nearest(layout.to_groups(x), lut32, 2 * torch.finfo(weight.dtype).eps)
     del x
     # outliers: whatever the palette does not reproduce bit for bit
     rebuilt = _dequantize(layout, n_bits, lut_buf, indices, scale, weight.dtype)
@@ -384,8 +404,13 @@ def _encode_weight(
     prefix = f"{_PALETTE}{wkey}/"
     tensors = {f"{prefix}indices": pack_indices(indices, n_bits)}
     codes = _lut_codes(values, lut_buf)
+    lut_patches = 0
     if codes is not None:
         tensors[f"{prefix}lut"], storage = codes[0].contiguous(), "codes"
+        lut_patches = codes[1].numel()
+        if lut_patches:
+            tensors[f"{prefix}lut_patch_index"] = codes[1]
+            tensors[f"{prefix}lut_patch_value"] = lut_buf.reshape(-1)[codes[1]].clone()
     else:
         narrow = lut_buf.to(weight.dtype)
         lossless = narrow.element_size() < lut_buf.element_size() and torch.equal(
@@ -416,7 +441,7 @@ def _encode_weight(
         "dtype": _dtype_name(weight.dtype),
         "n_bits": n_bits,
         "layout": _layout_dict(layout),
-        "lut": {**_field_record(lut_buf), "storage": storage},
+        "lut": {**_field_record(lut_buf), "storage": storage, "patches": lut_patches},
         "fields": records,
         "outliers": n_outliers,
     }
@@ -570,14 +595,14 @@ def save_palettized(
     """
     from safetensors.torch import save_file
 
-    encoded = _encode(model, "save_palettized")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"save_palettized: metadata must be a dict, got {type(metadata).__name__}.")
-    header = {**encoded.header, "metadata": metadata or {}}
     try:
-        text = json.dumps(header, allow_nan=True)
+        json.dumps(metadata)
     except (TypeError, ValueError) as err:
         raise TypeError(f"save_palettized: metadata must be JSON-serializable: {err}") from err
+    encoded = _encode(model, "save_palettized")
+    text = json.dumps({**encoded.header, "metadata": metadata or {}})
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -762,6 +787,9 @@ def _decode_weight(r: _Reader, wkey: str, entry: Any, target: Tensor) -> tuple[T
             raise r.error(wkey, f"quantization fields do not fit the lut ({err})") from err
         if tuple(lut.shape) != lut_shape:
             raise r.error(wkey, f"quantization fields do not fit the lut shape {lut_shape}")
+        patches = r.get(lut_record, "patches", int, wkey)
+        index, value = _read_sparse(r, f"{prefix}lut_patch", wkey, patches, lut_dtype, lut.numel())
+        lut.view(-1)[index] = value
     else:
         stored = r.dtype(storage, wkey)
         if stored not in (lut_dtype, dtype) or not stored.is_floating_point:
@@ -778,16 +806,26 @@ def _decode_weight(r: _Reader, wkey: str, entry: Any, target: Tensor) -> tuple[T
     weight = _dequantize(layout, n_bits, lut, indices, scale, dtype)
 
     n_out = r.get(entry, "outliers", int, wkey)
-    if n_out < 0:
-        raise r.error(wkey, f"bad outlier count {n_out}")
-    if n_out:
-        index = r.tensor(f"{prefix}outlier_index", wkey, (torch.int32, torch.int64), (n_out,))
-        value = r.tensor(f"{prefix}outlier_value", wkey, dtype, (n_out,))
-        lo, hi = (int(v) for v in torch.aminmax(index.long()))
-        if lo < 0 or hi >= weight.numel():
-            raise r.error(wkey, f"outlier index {lo if lo < 0 else hi} is outside the weight")
-        weight.view(-1)[index.long()] = value
+    index, value = _read_sparse(r, f"{prefix}outlier", wkey, n_out, dtype, weight.numel())
+    weight.view(-1)[index] = value
     return weight, {**fields, _LUT: lut}
+
+
+def _read_sparse(
+    r: _Reader, name: str, key: str, count: int, dtype: torch.dtype, size: int
+) -> tuple[Tensor, Tensor]:
+    """``count`` (flat index, value) pairs from ``<name>_index`` / ``<name>_value``, checked to
+    lie inside a tensor of ``size`` elements."""
+    if count < 0:
+        raise r.error(key, f"bad count {count} of {name!r} entries")
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=dtype)
+    index = r.tensor(f"{name}_index", key, (torch.int32, torch.int64), (count,)).long()
+    value = r.tensor(f"{name}_value", key, dtype, (count,))
+    lo, hi = (int(v) for v in torch.aminmax(index))
+    if lo < 0 or hi >= size:
+        raise r.error(key, f"{name}_index {lo if lo < 0 else hi} is outside 0..{size - 1}")
+    return index, value
 
 
 def _module_at(model: nn.Module, path: str) -> nn.Module | None:
@@ -953,7 +991,12 @@ class _CoreMLWeight:
 def _coreml_weights(model: nn.Module) -> dict[str, _CoreMLWeight]:
     state = model.state_dict()
     out = {}
+    tied = set()
     for wkey, fields in _palettized_fields(state).items():
+        ident = _storage_id(state[wkey])
+        if ident in tied:
+            continue  # a tied weight is one constant, so one LUT op
+        tied.add(ident)
         t = fields.tensors
         weight, lut = state[wkey], t[_LUT]
         reasons = []
@@ -1095,9 +1138,10 @@ def export_coreml(
         )
     ct = _import_coremltools()
     target = ct.target.iOS18 if minimum_deployment_target is None else minimum_deployment_target
+    target_name = getattr(target, "name", target)
     if target < ct.target.iOS16:
         raise ValueError(
-            f"export_coreml: minimum_deployment_target={target} is older than iOS16, where "
+            f"export_coreml: minimum_deployment_target={target_name} is older than iOS16, where "
             "coremltools silently drops the LUTs; use ct.target.iOS18 (or iOS16 for per-tensor "
             "LUTs)."
         )
@@ -1105,8 +1149,8 @@ def export_coreml(
         needy = {w: i.needs_ios18 for w, i in weights.items() if i.needs_ios18}
         if needy:
             raise ValueError(
-                f"export_coreml: minimum_deployment_target={target} supports per-tensor scalar "
-                f"LUTs only, but {sorted(needy)} need iOS18 ({needy}); use ct.target.iOS18."
+                f"export_coreml: minimum_deployment_target={target_name} supports per-tensor "
+                f"scalar LUTs only, but {sorted(needy)} need iOS18 ({needy}); use ct.target.iOS18."
             )
     if "inputs" not in kwargs:
         kwargs["inputs"] = [

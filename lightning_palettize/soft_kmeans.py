@@ -47,8 +47,13 @@ _TOP_EXPONENT = 15
 # Elements of one [G, rows, K, d] chunk of the dense engine (per device type; tests shrink it).
 _CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 25}
 _DEFAULT_CHUNK_ELEMS = 1 << 22
-# The table engine pays for G * 65536 bins; below 4 elements per bin the dense engine is cheaper.
-_TABLE_MIN_ELEMS_PER_BIN = 4
+# "auto" picks the table engine from this many elements per group (it pays for 65536 bins per
+# group, and many distinct values make its per-code tables nearly as big as the dense work).
+# Measured fwd+bwd at K=16 (bench/soft_kmeans_micro.py --sweep): on 1 CPU thread the table is
+# 2.6x faster at 65536 per group and slower at 64 groups x 16384; on an H200 both are launch
+# bound (~5-7 ms) below ~1M elements, so the GPU keeps the dense engine's fewer kernels there.
+_TABLE_MIN_GROUP = {"cpu": 1 << 16}
+_DEFAULT_TABLE_MIN_GROUP = 1 << 18
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -210,8 +215,11 @@ def _iterate(stats: Stats, c0: Tensor, cfg: _Cfg, schedule: list[Tensor | None] 
             # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
             running = (inertia - prev_inertia).abs() > cfg.epsilon
             active = running if act is None else act & running
-            if not bool(active.any()):
+            n_active = int(active.sum())  # the one host sync per iteration
+            if n_active == 0:
                 break
+            if n_active == active.numel():
+                active = None  # all still running: skip the per-group selects
         prev_inertia = inertia
     return prev_c, last_c, ran, extra
 
@@ -238,9 +246,10 @@ def _no_autocast(device: torch.device) -> torch.autocast:
 # dense engine
 
 
-def _chunk_rows(g: int, k: int, d: int, device: torch.device) -> int:
+def _chunk_rows(g: int, k: int, d: int, device: torch.device, noisy: bool) -> int:
+    """Rows per chunk; with Gumbel noise (whose draws follow the chunks) thread-independent."""
     elems = _CHUNK_ELEMS.get(device.type, _DEFAULT_CHUNK_ELEMS)
-    if device.type == "cpu":
+    if device.type == "cpu" and not noisy:
         # ~256K elements per thread: small chunks stay in cache, but every op is an OpenMP
         # barrier, which costs milliseconds on a loaded box
         elems *= torch.get_num_threads()
@@ -262,7 +271,7 @@ class _DenseStats(torch.autograd.Function):
     def forward(ctx, x, c, cfg, gen, state, need_inertia):
         g, n, d = x.shape
         k = c.shape[1]
-        rows = _chunk_rows(g, k, d, x.device)
+        rows = _chunk_rows(g, k, d, x.device, gen is not None)
         sums = x.new_zeros(g, k, d)
         mass = x.new_zeros(g, k)
         inertia = x.new_zeros(g)
@@ -280,7 +289,7 @@ class _DenseStats(torch.autograd.Function):
                 sums.baddbmm_(att.transpose(1, 2), xc)
                 mass += att.sum(1)
         ctx.save_for_backward(x, c)
-        ctx.cfg, ctx.state = cfg, state
+        ctx.cfg, ctx.state, ctx.rows = cfg, state, rows
         ctx.mark_non_differentiable(inertia)
         return sums, mass, inertia
 
@@ -299,7 +308,7 @@ class _DenseStats(torch.autograd.Function):
         gc = torch.zeros_like(c)
         gen = _replay(ctx.state, x.device) if ctx.state is not None else None
         with _no_autocast(x.device):
-            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+            for a, b in _chunks(n, ctx.rows):
                 xc = x[:, a:b]
                 diff, dist = _pairwise(xc, c)
                 _adjust(dist, xc, cfg)
@@ -331,16 +340,17 @@ class _DenseOutput(torch.autograd.Function):
         g, n, d = x.shape
         k = prev_c.shape[1]
         out = torch.empty_like(x)
+        rows = _chunk_rows(g, k, d, x.device, noise is not None)
         with _no_autocast(x.device):
             draws = _GroupNoise(noise, g, k, x.device)
-            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+            for a, b in _chunks(n, rows):
                 xc = x[:, a:b]
                 _, dist = _pairwise(xc, prev_c)
                 _adjust(dist, xc, cfg)
                 att, _ = _attend(dist, cfg, draws.next(b - a))
                 out[:, a:b] = torch.bmm(att, last_c)
         ctx.save_for_backward(x, prev_c, last_c)
-        ctx.cfg, ctx.noise = cfg, noise
+        ctx.cfg, ctx.noise, ctx.rows = cfg, noise, rows
         return out
 
     @staticmethod
@@ -355,7 +365,7 @@ class _DenseOutput(torch.autograd.Function):
         gf = torch.zeros_like(last_c)
         with _no_autocast(x.device):
             draws = _GroupNoise(ctx.noise, g, k, x.device)
-            for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+            for a, b in _chunks(n, ctx.rows):
                 xc = x[:, a:b]
                 go = grad_out[:, a:b].float()
                 diff, dist = _pairwise(xc, prev_c)
@@ -677,16 +687,22 @@ def soft_kmeans(
     Gumbel noise (mode "gsm", temperature 1 on logits -D / tau) comes from ``generator``
     (default: the device's default generator) as uniforms u, noise = -log(-log(u)):
 
-    * dense: per iteration, per chunk of rows [a, b), ``torch.rand(G, b - a, K)``; one
-      ``torch.rand(G, N, K)`` per iteration when the whole group fits one chunk.
+    * dense: per iteration, per chunk of rows [a, b), ``torch.rand(G, b - a, K)``, with
+      chunks of 2^18 (CPU) / 2^25 (CUDA) // (G * K * d) rows; one ``torch.rand(G, N, K)``
+      per iteration when the whole group fits one chunk.
     * table: per iteration ``torch.rand(G, U, K)``, one draw per *distinct code*, where U is
       the largest number of distinct fp16 codes in a group and code u of a group is its u-th
       smallest distinct value; all elements with the same code share the noise.
 
+    The table engine works on x rounded to 11 significant bits (fp16 after a power-of-two
+    rescale per group; exact for fp16 / bf16 weights), the inertia for early stopping
+    included. Gradients are first order: the backward is not itself differentiable.
+
     Args:
         x: [G, N, d] float weights (already divided by any per-channel scale). Any float
             dtype; the k-means runs in float32, with autocast disabled.
-        centroids: [G, K, d] initial centroids (state; never receives gradient).
+        centroids: [G, K, d] initial centroids (state; never receives gradient; copied, so
+            it may be overwritten in place right after the call).
         tau: softmax temperature on squared distances (absolute, not scale-aware), > 0.
         max_iter: k-means iterations, >= 1.
         epsilon: absolute inertia change that stops a group early; negative disables
@@ -703,8 +719,8 @@ def soft_kmeans(
             backward; must be deterministic.
         generator: torch.Generator on x's device for mode "gsm".
         method: "table" (d == 1; O(N) memory), "dense" (exact, any d) or "auto": table when
-            d == 1 and there are at least 4 elements per table bin, G * N >= 4 * G * 65536
-            (N >= 262,144 per group), else dense.
+            d == 1 and a group has at least 65,536 (CPU) / 262,144 (other devices) elements,
+            where it is measured faster; else dense.
         clamp_attention: clamp the "dkm" attention from below at ``zero_threshold`` as the
             coremltools 9.0 code does (see above).
 
@@ -767,9 +783,10 @@ def soft_kmeans(
         clamp_attention=clamp_attention,
     )
     if method == "auto":
-        use_table = d == 1 and n >= _TABLE_MIN_ELEMS_PER_BIN * _NCODES
+        use_table = d == 1 and n >= _TABLE_MIN_GROUP.get(x.device.type, _DEFAULT_TABLE_MIN_GROUP)
         method = "table" if use_table else "dense"
-    c0 = centroids.detach().float()
+    # a private copy: callers may write the returned centroids into their state in place
+    c0 = centroids.detach().to(torch.float32, copy=True)
     with _no_autocast(x.device):
         if method == "table":
             out, new_c = _TableKMeans.apply(x, c0, cfg, gen)
@@ -837,7 +854,7 @@ def hard_assign(
     with torch.no_grad(), _no_autocast(x.device):
         xf = x.detach().float()
         c = centroids.detach().float()
-        for a, b in _chunks(n, _chunk_rows(g, k, d, x.device)):
+        for a, b in _chunks(n, _chunk_rows(g, k, d, x.device, False)):
             xc = xf[:, a:b]
             _, dist = _pairwise(xc, c)
             labels[:, a:b] = _adjust(dist, xc, cfg).argmin(-1)

@@ -121,7 +121,7 @@ def assert_close(actual, expected, rtol, atol_frac):
 
 
 def assert_nontrivial(grad, w):
-    # DKM is a near-identity map: its gradient is comparable to the plain one (w), not ~0
+    # tau is scaled to the data, so the gradient is a sizeable fraction of the plain one (w)
     assert grad.norm() > 0.02 * w.norm(), (grad.norm(), w.norm())
 
 
@@ -141,18 +141,15 @@ def small_chunks(monkeypatch):
 
 
 def table_noise(x, gen):
-    """Per-element view of the table engine's per-code noise (see soft_kmeans docstring)."""
+    """Per-element view of the table engine's per-code noise (see soft_kmeans docstring):
+    per iteration torch.rand(G, U, K), row u of a group for its u-th smallest distinct value."""
     g = x.shape[0]
-    inverse = []
-    for i in range(g):
-        _, inv = torch.unique(x[i].view(-1), return_inverse=True)
-        inverse.append(inv)
+    inverse = [torch.unique(x[i].view(-1), return_inverse=True)[1] for i in range(g)]
     u = max(int(inv.max()) + 1 for inv in inverse)
-    cidx = torch.stack(inverse)
 
     def noise(t):
-        table = torch.rand(g, u, K, generator=gen)
-        return torch.stack([table[i, cidx[i]] for i in range(g)])
+        table = torch.rand(g, u, K, generator=gen, device=x.device)
+        return torch.stack([table[i, inverse[i]] for i in range(g)])
 
     return noise
 
@@ -179,6 +176,26 @@ def test_dense_matches_reference(g, d, mode, tau, small_chunks, monkeypatch):
     assert_close(got[1], want[1], 1e-4, 1e-5)
     assert_close(got[2], want[2], 1e-4, 1e-4)
     assert_nontrivial(got[2], w)
+
+
+def test_dense_gsm_noise_is_drawn_per_chunk_and_replayed_in_backward(small_chunks):
+    g, n, d = 2, 300, 1
+    rows = sk._CHUNK_ELEMS["cpu"] // (g * K * d)  # thread-independent when noise is drawn
+    x, c0 = make_data(g, n, d, seed=21)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    ref_gen = torch.Generator().manual_seed(4)
+
+    def noise(t):
+        return torch.cat(
+            [torch.rand(g, min(rows, n - a), K, generator=ref_gen) for a in range(0, n, rows)], 1
+        )
+
+    want = run(reference, x, c0, w, mode="gsm", noise=noise)
+    gen = torch.Generator().manual_seed(4)
+    got = run(soft_kmeans, x, c0, w, mode="gsm", method="dense", generator=gen)
+    assert rows < n
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-4, 1e-4)
 
 
 VARIANTS = {
@@ -434,7 +451,7 @@ def test_cuda_matches_reference(method, mode):
     ref_gen = torch.Generator(device="cuda").manual_seed(0)
     noise = lambda t: torch.rand(4, 3000, K, generator=ref_gen, device="cuda")
     if method == "table":
-        noise = _cuda_table_noise(x, ref_gen)
+        noise = table_noise(x, ref_gen)
     want = run(reference, x, c0, w, mode=mode, noise=noise)
     got = run(soft_kmeans, x, c0, w, mode=mode, method=method, generator=gen)
     assert_close(got[0], want[0], 1e-4, 1e-5)
@@ -444,16 +461,18 @@ def test_cuda_matches_reference(method, mode):
     assert under[0].dtype == torch.float32
 
 
-def _cuda_table_noise(x, gen):
-    g = x.shape[0]
-    inverse = [torch.unique(x[i].view(-1), return_inverse=True)[1] for i in range(g)]
-    u = max(int(inv.max()) + 1 for inv in inverse)
-
-    def noise(t):
-        table = torch.rand(g, u, K, generator=gen, device=x.device)
-        return torch.stack([table[i, inverse[i]] for i in range(g)])
-
-    return noise
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_centroids_can_be_updated_in_place_before_backward(method):
+    # the palettizer stores the new centroids into its state between forward and backward
+    x, c0 = make_data(1, 1000, 1, seed=3)
+    w = torch.randn(x.shape)
+    want = run(soft_kmeans, x, c0.clone(), w, method=method)
+    xr = x.clone().requires_grad_()
+    state = c0.clone()
+    out, new = soft_kmeans(xr, state, method=method)
+    state.copy_(new)
+    (grad,) = torch.autograd.grad((out * w).sum(), xr)
+    torch.testing.assert_close(grad, want[2])
 
 
 def test_gsm_is_reproducible_from_the_generator():
@@ -484,15 +503,23 @@ def saved_bytes(fn):
 
 
 def test_table_saves_o_n_for_backward():
-    n = 1 << 18  # enough elements per bin that "auto" picks the table engine
+    n = 1 << 18
     x, c0 = make_data(1, n, 1, seed=9)
     x.requires_grad_()
     tables = 4 * 8 * (sk._NCODES + 1) + (1 << 16)  # per-code tables and small state
-    table = saved_bytes(lambda: soft_kmeans(x, c0))
+    table = saved_bytes(lambda: soft_kmeans(x, c0, method="table"))
     assert table < 4 * n * 4 + tables, table
     assert table >= 4 * n  # the int32 code of every element
     naive = saved_bytes(lambda: reference(x[:, : n // 8], c0))
     assert naive > (n // 8) * K * 4, naive
+
+
+def test_auto_uses_the_table_for_large_scalar_groups():
+    small, c0 = make_data(1, 4096, 1, seed=1)
+    large, c1 = make_data(1, sk._TABLE_MIN_GROUP["cpu"], 1, seed=1)
+    for x, c, method in [(small, c0, "dense"), (large, c1, "table")]:
+        auto, forced = soft_kmeans(x, c)[0], soft_kmeans(x, c, method=method)[0]
+        assert torch.equal(auto, forced), method
 
 
 def test_dense_saves_only_the_weights(small_chunks):

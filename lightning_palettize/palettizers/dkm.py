@@ -197,13 +197,26 @@ class FakePalettize(nn.Module):
             self.centroids.copy_(cent)
         return self._finish(xhat, weight.dtype)
 
+    def live_weight(self, module: nn.Module) -> tuple[str, Tensor]:
+        """The parameter this palettizes and its current name on ``module``.
+
+        ``<param>``, or ``<param>_orig`` while ``torch.nn.utils.prune`` (e.g. Lightning's
+        ModelPruning) reparametrizes it: the palettized value then shadows ``<param>_orig`` and
+        pruning's own pre-hook, registered after ours, multiplies its mask on top.
+        """
+        name = self.param_name
+        if name not in module._parameters and f"{name}_orig" in module._parameters:
+            name = f"{name}_orig"
+        return name, module._parameters[name]
+
     # -- hooks on the owning module: shadow the parameter with its palettized value in forward
     def pre_hook(self, module: nn.Module, args: Any) -> None:
         if self.is_enabled:
-            module.__dict__[self.param_name] = self(module._parameters[self.param_name])
+            name, weight = self.live_weight(module)
+            module.__dict__[name] = self(weight)
 
     def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        module.__dict__.pop(self.param_name, None)
+        module.__dict__.pop(self.live_weight(module)[0], None)
 
     def attach(self, module: nn.Module) -> None:
         module.add_module(f"{self.param_name}_dkm", self)
@@ -214,7 +227,7 @@ class FakePalettize(nn.Module):
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
                 del hooks[key]
-        module.__dict__.pop(self.param_name, None)
+        module.__dict__.pop(self.live_weight(module)[0], None)
         delattr(module, f"{self.param_name}_dkm")
 
     @torch.no_grad()
@@ -354,10 +367,26 @@ class DKMPalettizer:
     def step(self) -> None:
         """Count one optimizer step; modules reaching their milestone start palettizing."""
         model = self._require_prepared()
-        for _, module, pname, fp in _fake_palettizers(model):
-            fp.steps += 1
-            if not fp.is_enabled and int(fp.steps) >= fp.cfg.milestone:
-                fp.initialize(module._parameters[pname])
+        self.set_step(self.steps + 1)
+
+    @torch.no_grad()
+    def set_step(self, step: int) -> None:
+        """Set the step counter of every weight to ``step`` (e.g. a trainer's global step).
+
+        Weights whose milestone is ``<= step`` and that are not yet palettizing start now.
+        Use it instead of :meth:`step` when an external counter (restored on resume) is the
+        source of truth.
+
+        Raises:
+            ValueError: if ``step`` is negative.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"set_step: step must be an int >= 0, got {step!r}")
+        model = self._require_prepared()
+        for _, module, _pname, fp in _fake_palettizers(model):
+            fp.steps.fill_(step)
+            if not fp.is_enabled and step >= fp.cfg.milestone:
+                fp.initialize(fp.live_weight(module)[1])
 
     @property
     def steps(self) -> int:
@@ -387,12 +416,12 @@ class DKMPalettizer:
         target = model if inplace else copy.deepcopy(model)
         any_palette = False
         for _, module, pname, fp in list(_fake_palettizers(target)):
-            palette = fp.to_palette(module._parameters[pname]) if fp.is_enabled else None
+            live = fp.live_weight(module)[1]
+            palette = fp.to_palette(live) if fp.is_enabled else None
             fp.detach_from(module)
             if palette is not None:
                 with torch.no_grad():
-                    param = getattr(module, pname)
-                    palette.dequantize(out=param.data)
+                    palette.dequantize(out=live.data)
                 attach_coreml_metadata(module, pname, palette)
                 any_palette = True
         if any_palette:
@@ -406,7 +435,7 @@ class DKMPalettizer:
         model = self._require_prepared()
         rows = []
         for name, module, pname, fp in _fake_palettizers(model):
-            original = module._parameters[pname]
+            original = fp.live_weight(module)[1]
             qualified = f"{name}.{pname}" if name else pname
             if not fp.is_enabled:
                 continue

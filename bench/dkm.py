@@ -1,0 +1,302 @@
+"""DKM benchmark: ours vs plain training vs coremltools 9.0 DKMPalettizer, side by side.
+
+Sections (each can be selected with --sections):
+  speed     first step after prepare (includes the centroid init) and the steady step, for the
+            MLP (batch 64), the digits conv net, all-MiniLM-L6-v2 fine-tuning (batch 16, seq 64)
+            and one 4096x4096 Linear; n_bits 2 and 4; per_tensor and group_size 16. Plain
+            training is timed in the same process, interleaved.
+  ct        coremltools' DKM on the MLP (4 bits, per_tensor): first and steady step.
+  memory    peak RSS increase of a DKM training run vs a plain one, each in a fresh process.
+  accuracy  digits CNN fine-tuned from an fp32 checkpoint with DKM for a fixed budget at 2, 3
+            and 4 bits: our DKM vs coremltools' DKM vs our PostTrainingPalettizer.
+
+Run:  python bench/dkm.py [--quick] [--sections speed,ct,memory,accuracy] [--threads 1]
+Writes bench/results/<out>.json and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _workloads as W  # noqa: E402
+from bench._harness import (  # noqa: E402
+    add_common_args,
+    print_table,
+    run_in_fresh_process,
+    set_threads,
+    write_json,
+)
+from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads: (model, batches, loss_fn, optimizer factory)
+
+
+def _ce(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def workload(name: str, steps: int):
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        model = W.mlp().train()
+        batches = [
+            (torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g))
+            for _ in range(steps)
+        ]
+        return model, batches, _ce, lambda m: torch.optim.SGD(m.parameters(), lr=0.01)
+    if name == "conv":
+        data = W.digits()
+        model = W.conv_net().train()
+        batches = W.digits_batches(data.x_train, data.y_train, 64)[:steps]
+        return model, batches, _ce, lambda m: torch.optim.SGD(m.parameters(), lr=0.01)
+    if name == "minilm":
+        model, tok = W.minilm()
+        model.train()
+        batches = W.sentence_pair_batches(16)
+        loss = W.minilm_loss_fn(tok, max_length=64)
+        return model, batches, loss, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-5)
+    if name == "linear4096":
+        model = W.big_linear().train()
+        batches = [
+            (torch.randn(64, 4096, generator=g), torch.randn(64, 4096, generator=g))
+            for _ in range(2)
+        ]
+        return model, batches, _mse, lambda m: torch.optim.SGD(m.parameters(), lr=0.01)
+    raise ValueError(name)
+
+
+def dkm_config(name: str, model: nn.Module, n_bits: int, gran: str) -> dict:
+    g = {"n_bits": n_bits, "weight_threshold": 0}
+    if gran == "g16":
+        g.update(granularity="per_grouped_channel", group_size=16)
+    cfg: dict = {"global_config": None, "module_type_configs": {}, "module_name_configs": {}}
+    if name == "minilm":
+        names = W.minilm_linear_names(model)
+        cfg["module_name_configs"] = {n.replace(".", r"\."): dict(g) for n in names}
+        cfg["global_config"] = None
+        cfg["module_type_configs"] = {"Embedding": None, "LayerNorm": None}
+        # only the encoder Linears; everything else unselected
+        cfg["module_name_configs"][".*"] = None
+        return cfg
+    cfg["global_config"] = g
+    if gran == "g16":
+        # layers whose output channels are not a multiple of 16 stay per-tensor
+        for mname, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.shape[0] % 16:
+                cfg["module_name_configs"][mname.replace(".", r"\.")] = {
+                    "n_bits": n_bits,
+                    "weight_threshold": 0,
+                }
+    return cfg
+
+
+def _time_steps(model, batches, loss_fn, make_opt, n, after=None):
+    opt = make_opt(model)
+    times = []
+    for i in range(n):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_speed(names, bits, grans, steps):
+    rows = []
+    for name in names:
+        for n_bits in bits:
+            for gran in grans:
+                base, batches, loss_fn, make_opt = workload(name, steps)
+                plain = copy.deepcopy(base)
+                _time_steps(plain, batches, loss_fn, make_opt, 2)  # warm-up
+                model = copy.deepcopy(base)
+                cfg = dkm_config(name, model, n_bits, gran)
+                t0 = time.perf_counter()
+                pal = DKMPalettizer(model, cfg)
+                prepared = pal.prepare(inplace=True)
+                t_prepare = time.perf_counter() - t0
+                first = _time_steps(prepared, batches, loss_fn, make_opt, 1, pal.step)[0]
+                # interleave plain and DKM steps so both see the same machine load
+                p_times, d_times = [], []
+                for _ in range(steps):
+                    p_times += _time_steps(plain, batches, loss_fn, make_opt, 1)
+                    d_times += _time_steps(prepared, batches, loss_fn, make_opt, 1, pal.step)
+                plain_s, dkm_s = statistics.median(p_times), statistics.median(d_times)
+                row = {
+                    "workload": name,
+                    "n_bits": n_bits,
+                    "gran": gran,
+                    "plain_ms": 1e3 * plain_s,
+                    "prepare_s": t_prepare,
+                    "first_step_s": first,
+                    "first_incl_prepare_s": first + t_prepare,
+                    "dkm_ms": 1e3 * dkm_s,
+                    "ratio": dkm_s / plain_s,
+                }
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def bench_coremltools(steps):
+    from bench._coremltools import ct_dkm_steps
+
+    model, batches, loss_fn, make_opt = workload("mlp", steps)
+    plain = copy.deepcopy(model)
+    p_times = _time_steps(plain, batches, loss_fn, make_opt, steps)
+    cfg = {"global_config": {"n_bits": 4, "weight_threshold": 0}}
+    t0 = time.perf_counter()
+    ct = ct_dkm_steps(copy.deepcopy(model), cfg, batches, make_opt, steps, loss_fn)
+    ct_total = time.perf_counter() - t0
+    ours_model = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    pal = DKMPalettizer(ours_model, cfg)
+    prepared = pal.prepare(inplace=True)
+    prep = time.perf_counter() - t0
+    o_times = _time_steps(prepared, batches, loss_fn, make_opt, steps, pal.step)
+    row = {
+        "workload": "mlp",
+        "n_bits": 4,
+        "plain_ms": 1e3 * statistics.median(p_times[1:]),
+        "ct_first_s": ct["first_step_s"] + ct["prepare_s"],
+        "ct_steady_s": ct["steady_step_s"],
+        "ours_first_s": o_times[0] + prep,
+        "ours_steady_ms": 1e3 * statistics.median(o_times[1:]),
+        "steady_speedup_vs_ct": ct["steady_step_s"] / statistics.median(o_times[1:]),
+        "ct_total_s": ct_total,
+    }
+    print(row, flush=True)
+    return [row]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: fresh processes
+
+
+def mem_run(name: str, dkm: bool, n_bits: int = 4, steps: int = 3):
+    """Fresh-process entry point: builds the workload, returns the measured training call."""
+    model, batches, loss_fn, make_opt = workload(name, steps)
+    pal = None
+    if dkm:
+        pal = DKMPalettizer(model, dkm_config(name, model, n_bits, "tensor"))
+        model = pal.prepare(inplace=True)
+
+    def call():
+        _time_steps(model, batches, loss_fn, make_opt, steps, pal.step if pal else None)
+        return {}
+
+    return call
+
+
+def bench_memory(names):
+    rows = []
+    for name in names:
+        plain = run_in_fresh_process("bench.dkm:mem_run", {"name": name, "dkm": False})
+        ours = run_in_fresh_process("bench.dkm:mem_run", {"name": name, "dkm": True})
+        row = {
+            "workload": name,
+            "plain_peak_MiB": plain["peak_rss_increase_bytes"] / 2**20,
+            "dkm_peak_MiB": ours["peak_rss_increase_bytes"] / 2**20,
+            "ratio": ours["peak_rss_increase_bytes"] / max(1, plain["peak_rss_increase_bytes"]),
+        }
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy on digits
+
+
+def bench_accuracy(bits, budget, with_ct):
+    data = W.digits()
+    base = W.train_digits_cnn()
+    fp32 = W.accuracy(base, data.x_test, data.y_test)
+    batches = W.digits_batches(data.x_train, data.y_train, 64, epochs=50)[:budget]
+
+    def make_opt(m):
+        return torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    rows = []
+    for n_bits in bits:
+        cfg = {"global_config": {"n_bits": n_bits, "weight_threshold": 0}}
+        row = {"n_bits": n_bits, "fp32_acc": fp32, "steps": budget}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ptp = PostTrainingPalettizer(base, cfg).compress(progress=False)
+        row["ours_ptp_acc"] = W.accuracy(ptp, data.x_test, data.y_test)
+        model = copy.deepcopy(base)
+        pal = DKMPalettizer(model, cfg)
+        prepared = pal.prepare(inplace=True)
+        t0 = time.perf_counter()
+        _time_steps(prepared, batches, _ce, make_opt, budget, pal.step)
+        row["ours_dkm_s"] = time.perf_counter() - t0
+        row["ours_dkm_acc"] = W.accuracy(pal.finalize(), data.x_test, data.y_test)
+        if with_ct:
+            from bench._coremltools import ct_dkm_steps
+
+            t0 = time.perf_counter()
+            res = ct_dkm_steps(copy.deepcopy(base), cfg, batches, make_opt, budget, _ce, True)
+            row["ct_dkm_s"] = time.perf_counter() - t0
+            row["ct_dkm_acc"] = W.accuracy(res["model"], data.x_test, data.y_test)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, "dkm")
+    parser.add_argument("--sections", default="speed,ct,memory,accuracy")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--budget", type=int, default=150, help="DKM steps for the accuracy run")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    sections = args.sections.split(",")
+    names = ["mlp", "conv"] if args.quick else ["mlp", "conv", "minilm", "linear4096"]
+    bits = [4] if args.quick else [2, 4]
+    grans = ["tensor"] if args.quick else ["tensor", "g16"]
+    out: dict = {"threads": threads}
+    if "speed" in sections:
+        out["speed"] = bench_speed(names, bits, grans, args.steps)
+        print_table(out["speed"])
+    if "ct" in sections:
+        out["coremltools"] = bench_coremltools(4 if args.quick else 6)
+        print_table(out["coremltools"])
+    if "memory" in sections:
+        out["memory"] = bench_memory(["mlp", "linear4096"] if not args.quick else ["mlp"])
+        print_table(out["memory"])
+    if "accuracy" in sections:
+        out["accuracy"] = bench_accuracy(
+            [4] if args.quick else [2, 3, 4], 40 if args.quick else args.budget, True
+        )
+        print_table(out["accuracy"])
+    print("wrote", write_json(args.out, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1062 @@
+r"""
+Lightning callbacks
+===================
+
+One callback turns an unchanged LightningModule into a palettized one:
+
+- :class:`PalettizationCallback`: DKM (differentiable k-means) during ``trainer.fit``, with
+  checkpoint resume, gradient accumulation, mixed precision and DDP.
+- :class:`PostTrainingPalettizationCallback`: data-free k-means at the end of fit or at the start
+  of ``trainer.validate`` / ``test`` / ``predict``.
+- :class:`SKMPalettizationCallback`: sensitivity-weighted k-means, calibrated with the module's
+  own ``training_step`` loss, at the same moments.
+
+Every pass reports to each logger of ``trainer.loggers`` (rank zero only): scalars (per-layer
+relative error, overall compression ratio, bytes before/after) and the per-layer table (a CSV
+next to CSVLogger's metrics, a markdown text entry in TensorBoard, a W&B table, an MLflow
+artifact), plus one console table.
+
+Checkpoints: a checkpoint saved mid-DKM holds the DKM buffers (``<param>_dkm.centroids`` ...)
+and loads with :func:`load_palettized_checkpoint`; one saved after palettization holds plain
+weights plus the ``_COREML_`` metadata buffers, and loads into a freshly built module with
+:func:`load_palettized_checkpoint` (metadata kept) or ``Module.load_from_checkpoint(path,
+strict=False)`` (metadata dropped); with ``keep_coreml_metadata=False`` it loads strictly
+anywhere. Inside a LightningModule, :func:`restore_palettization` in ``on_load_checkpoint``
+makes plain ``load_from_checkpoint`` work for both.
+"""
+
+import io
+import logging
+import os
+import re
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_palettize.config import (
+    DKM_DEFAULT_N_BITS,
+    DKMPalettizerConfig,
+    PostTrainingPalettizerConfig,
+    SKMPalettizerConfig,
+    load_config,
+)
+from lightning_palettize.palettizers._common import COREML_PREFIX, strip_coreml_metadata
+from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize
+from lightning_palettize.palettizers.post_training import PostTrainingPalettizer
+from lightning_palettize.palettizers.skm import SKMPalettizer
+from lightning_palettize.report import PalettizationReport
+
+__all__ = [
+    "PalettizationCallback",
+    "PostTrainingPalettizationCallback",
+    "SKMPalettizationCallback",
+    "load_palettized_checkpoint",
+    "restore_palettization",
+]
+
+log = logging.getLogger(__name__)
+
+_DKM_STATE_KIND = "lightning_palettize.dkm"
+_DKM_KEY = re.compile(r"(^|\.)[^.]+_dkm\.(centroids|scale|enabled|steps)$")
+_MOMENTS = ("fit_end", "validate_start", "test_start", "predict_start")
+# Strategies that shard parameters: a per-weight LUT needs the whole weight on every rank.
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (MisconfigurationException naming owner, key, value and what is accepted)
+
+
+def _bad(owner: str, key: str, value: Any, accepted: str) -> MisconfigurationException:
+    return MisconfigurationException(f"{owner}: {key}={value!r} is invalid; accepted: {accepted}")
+
+
+def _check_bool(owner: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(owner, key, value, "True or False")
+    return value
+
+
+def _check_int(owner: str, key: str, value: Any, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(owner, key, value, "an int >= 0" + (" or None" if optional else ""))
+    return value
+
+
+def _check_choice(owner: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _bad(owner, key, value, ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _load(owner: str, config: Any, cls: type) -> Any:
+    try:
+        return load_config(config, cls)
+    except (TypeError, ValueError) as error:
+        raise MisconfigurationException(f"{owner}: config: {error}") from error
+
+
+def _reject_sharded(trainer: "Trainer", owner: str) -> None:
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, _SHARDED):
+        raise MisconfigurationException(
+            f"{owner}: strategy {type(strategy).__name__} shards parameters, which palettization "
+            "does not support yet (every rank needs whole weights to cluster them); accepted: "
+            "single-device or DDP strategies ('auto', 'ddp', 'ddp_spawn', 'ddp_fork', ...)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# reports: scalars and tables to every logger, one console table
+
+
+def _report_scalars(report: PalettizationReport, kind: str) -> dict[str, float]:
+    summary = report.summary()
+    prefix = f"palettization/{kind}"
+    scalars = {
+        f"{prefix}/compression_ratio": float(summary["compression_ratio"]),
+        f"{prefix}/bytes_before": float(summary["bytes_before"]),
+        f"{prefix}/bytes_after": float(summary["bytes_after"]),
+        f"{prefix}/mean_rel_error": float(summary["mean_rel_error"]),
+    }
+    for row in report.rows:
+        scalars[f"{prefix}/rel_error/{row.name}"] = float(row.rel_error)
+    return scalars
+
+
+def _log_table(logger: Any, report: PalettizationReport, kind: str, step: int) -> bool:
+    """Write the per-layer table the way ``logger`` shows tables; False if it has no way."""
+    tag = f"palettization/{kind}/report"
+    if isinstance(logger, CSVLogger):
+        os.makedirs(logger.log_dir, exist_ok=True)
+        path = os.path.join(logger.log_dir, f"palettization_{kind}_step{step}.csv")
+        with open(path, "w", newline="") as f:
+            f.write(report.to_csv())
+        return True
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(tag, report.to_table(markdown=True), global_step=step)
+        logger.experiment.flush()
+        return True
+    if isinstance(logger, WandbLogger):
+        rows = report.as_dicts()
+        columns = list(rows[0]) if rows else ["name"]
+        logger.log_table(key=tag, columns=columns, data=[list(r.values()) for r in rows], step=step)
+        return True
+    if isinstance(logger, MLFlowLogger):
+        base = f"palettization/{kind}_report_step{step}"
+        logger.experiment.log_text(logger.run_id, report.to_csv(), f"{base}.csv")
+        logger.experiment.log_text(logger.run_id, report.to_table(markdown=True), f"{base}.md")
+        return True
+    return False
+
+
+def _publish(
+    trainer: "Trainer",
+    report: PalettizationReport,
+    kind: str,
+    title: str,
+    *,
+    extra: Mapping[str, float] | None = None,
+    verbose: bool = True,
+    after_teardown: bool = False,
+) -> None:
+    """Send one pass's report to every logger at the current step, and one console table.
+
+    Rank zero only (the loggers are rank-zero-only themselves; the guard also keeps the console
+    table single). ``after_teardown``: the Trainer already finalized its loggers (we are in
+    ``on_fit_end``), so finalize them again to flush what we wrote.
+    """
+    if not trainer.is_global_zero:
+        return
+    step = int(trainer.global_step)
+    scalars = _report_scalars(report, kind)
+    scalars.update(extra or {})
+    shown = True
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+        shown = _log_table(logger, report, kind, step) and shown
+        if after_teardown:
+            logger.finalize("success")
+        else:
+            logger.save()
+    if verbose or not shown or not trainer.loggers:
+        lines = [f"{title} (step {step})", report.to_table()]
+        if extra:
+            lines += [f"  {k} = {v:.6g}" for k, v in extra.items()]
+        rank_zero_info("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# running a LightningModule's own steps outside the Trainer's loops
+
+
+class _LogCapture:
+    """Stands in for ``LightningModule.log`` / ``log_dict`` while we run validation_step ourselves.
+
+    torchmetrics objects are kept and computed once at the end (so the module's own metrics,
+    with their own reduction, give the number); plain values are averaged over samples.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Any] = {}
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.batch_size = 1
+
+    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **_: Any):
+        from torchmetrics import Metric
+
+        if isinstance(value, Metric):
+            self.metrics[name] = value
+            return
+        n = batch_size or self.batch_size
+        self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self.log(name, value, **{k: v for k, v in kwargs.items() if k == "batch_size"})
+
+    def results(self) -> dict[str, float]:
+        out = {name: self.sums[name] / max(self.counts[name], 1) for name in self.sums}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            out[name] = (
+                float(value)
+                if isinstance(value, Tensor) and value.numel() == 1
+                else out.get(name, float("nan"))
+            )
+        return out
+
+
+@contextmanager
+def _module_logging(pl_module: LightningModule, capture: _LogCapture | None) -> Iterator[None]:
+    """Route (or, with ``capture=None``, silence) ``self.log`` of the module for a while.
+
+    ``self.log`` is not allowed from the hooks we run in, and calibration must not add training
+    metrics to the user's logs.
+    """
+    noop = lambda *args, **kwargs: None
+    saved = {k: pl_module.__dict__[k] for k in ("log", "log_dict") if k in pl_module.__dict__}
+    pl_module.__dict__["log"] = capture.log if capture else noop
+    pl_module.__dict__["log_dict"] = capture.log_dict if capture else noop
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            pl_module.__dict__.pop(k, None)
+        pl_module.__dict__.update(saved)
+
+
+def _reset_metrics(pl_module: nn.Module) -> None:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency of lightning
+        return
+    for module in pl_module.modules():
+        if isinstance(module, Metric):
+            module.reset()
+
+
+def _to_module_device(pl_module: LightningModule, batch: Any) -> Any:
+    # The module's own transfer hooks, to wherever the module is now (CPU in on_fit_end).
+    return pl_module._apply_batch_transfer_handler(batch, device=pl_module.device)
+
+
+def _dataloader(trainer: "Trainer", kind: Literal["train", "val"], owner: str, what: str) -> Any:
+    """The train / val dataloader the user gave the Trainer (datamodule, module hook or fit arg).
+
+    In validate/test/predict a datamodule may build its train set only in ``setup("fit")``:
+    then that is called once and the hook retried.
+    """
+    loop = trainer.fit_loop if kind == "train" else trainer.fit_loop.epoch_loop.val_loop
+    sources = [loop._data_source]
+    if kind == "val":
+        sources.append(trainer.validate_loop._data_source)
+    for source in sources:
+        if source.instance is None or not source.is_defined():
+            continue
+        try:
+            return source.dataloader()
+        except AttributeError:
+            datamodule = trainer.datamodule
+            if datamodule is None or trainer.state.fn == TrainerFn.FITTING:
+                raise
+            datamodule.setup("fit")
+            return source.dataloader()
+    raise MisconfigurationException(
+        f"{owner}: {what} needs a {kind} dataloader and found none; accepted: a datamodule or "
+        f"LightningModule with {kind}_dataloader(), {kind} dataloaders passed to trainer.fit, or "
+        f"the callback's own {'calibration' if kind == 'train' else 'compare'}_dataloader=..."
+    )
+
+
+@contextmanager
+def _step_context(trainer: "Trainer", train: bool) -> Iterator[None]:
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is None:
+        yield
+        return
+    with plugin.train_step_context() if train else plugin.val_step_context():
+        yield
+
+
+def _evaluate(trainer: "Trainer", pl_module: LightningModule, dataloader: Iterable[Any]) -> dict:
+    """Run ``validation_step`` over ``dataloader`` in eval mode; the logged values, reduced."""
+    capture = _LogCapture()
+    was_training = pl_module.training
+    pl_module.eval()
+    _reset_metrics(pl_module)
+    try:
+        with torch.no_grad(), _module_logging(pl_module, capture), _step_context(trainer, False):
+            for index, batch in enumerate(dataloader):
+                try:
+                    capture.batch_size = extract_batch_size(batch)
+                except Exception:  # batch of an unknown structure: count batches instead
+                    capture.batch_size = 1
+                pl_module.validation_step(_to_module_device(pl_module, batch), index)
+        return capture.results()
+    finally:
+        _reset_metrics(pl_module)
+        pl_module.train(was_training)
+
+
+def _broadcast_from_rank_zero(trainer: "Trainer", pl_module: nn.Module, keys: list[str]) -> None:
+    """Copy rank 0's values of these state_dict entries to every rank (no-op on one process)."""
+    if getattr(trainer, "world_size", 1) <= 1 or not keys:
+        return
+    state = pl_module.state_dict()
+    payload = {k: state[k].detach().cpu() for k in keys}
+    payload = trainer.strategy.broadcast(payload, src=0)
+    with torch.no_grad():
+        for k, value in payload.items():
+            state[k].copy_(value.to(state[k].device))
+
+
+# ----------------------------------------------------------------------------------------------
+# DKM during fit
+
+
+def _fake_palettizers(module: nn.Module) -> list[tuple[str, FakePalettize]]:
+    out = []
+    for name, child in module.named_modules():
+        if isinstance(child, FakePalettize):
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            out.append((f"{owner}.{child.param_name}" if owner else child.param_name, child))
+    return out
+
+
+def _shift_milestones(config: DKMPalettizerConfig, by: int) -> DKMPalettizerConfig:
+    """The same config with every module milestone + ``by`` (coremltools' defaults spelled out)."""
+
+    def shift(value: Any) -> Any:
+        if isinstance(value, list):
+            return [shift(v) for v in value]
+        if isinstance(value, dict):
+            return {**value, "milestone": value.get("milestone", 0) + by}
+        return value
+
+    data = config.as_dict()
+    if config.is_unset():
+        # "no config" means coremltools' default table: spell it out so it can be shifted
+        data["module_type_configs"] = {cls: {} for cls in DKM_DEFAULT_N_BITS}
+    data["global_config"] = shift(data["global_config"])
+    for key in ("module_type_configs", "module_name_configs"):
+        data[key] = {k: shift(v) for k, v in data[key].items()}
+    return DKMPalettizerConfig.from_dict(data)
+
+
+class PalettizationCallback(Callback):
+    r"""Palettize a LightningModule with DKM (differentiable k-means) while ``trainer.fit`` trains.
+
+    Hooks, and why each is where it is:
+
+    - ``setup(stage="fit")``: attaches DKM to the selected weights *in place*
+      (:meth:`DKMPalettizer.prepare`), before Lightning restores a checkpoint (so a mid-DKM
+      checkpoint finds its buffers) and before DDP wraps the module and optimizers are built.
+    - ``on_train_batch_end``: when ``trainer.global_step`` advanced (an optimizer step happened,
+      so gradient accumulation is respected), sets the DKM step to it; weights whose milestone
+      is reached start palettizing. ``global_step`` is restored on resume, so is the schedule.
+    - ``on_fit_end``: hard-assigns every weight, removes the DKM hooks and buffers, and attaches
+      the Core ML metadata: the module is a plain palettized LightningModule again.
+
+    Milestones: per weight in optimizer steps (``milestone`` of the module config), and
+    optionally in epochs: with ``milestone_epochs=E`` nothing palettizes before epoch ``E``
+    (0-based) starts, and the step milestones count from there.
+
+    Resume: ``trainer.fit(model, ckpt_path=...)`` with a checkpoint saved mid-DKM continues
+    bitwise identically (on CPU, same seed and data order) to an uninterrupted run. Outside the
+    Trainer, load such a checkpoint with :func:`load_palettized_checkpoint`.
+
+    Checkpoints after palettization: ModelCheckpoint saves during training, i.e. mid-DKM; save
+    the finalized module with ``trainer.save_checkpoint(path)`` after fit. It loads into a freshly
+    built module with :func:`load_palettized_checkpoint` (keeping the ``_COREML_`` metadata
+    ``coremltools.convert`` reads), or strictly with ``load_from_checkpoint`` when the callback
+    has ``keep_coreml_metadata=False``.
+
+    Joint pruning (``ModelPruning``): prune first, palettize second. Put the callbacks in that
+    order (``callbacks=[ModelPruning(...), PalettizationCallback(...)]``), let ModelPruning make
+    its pruning permanent (the default, in ``on_train_end``) before this callback finalizes in
+    ``on_fit_end``, and set ``enforce_zero: true`` so pruned zeros keep an exact zero centroid.
+    While both are active, the pruning mask is applied on top of the palettized weight.
+
+    Distributed: DDP (``ddp``, ``ddp_spawn``, ...) is supported; the centroids are broadcast
+    from rank 0 whenever weights start palettizing, and DDP keeps the buffers in sync. FSDP,
+    DeepSpeed and ModelParallel are rejected in ``setup``.
+
+    Args:
+        config: a :class:`~lightning_palettize.DKMPalettizerConfig`, a dict of its arguments, an
+            OmegaConf DictConfig, a YAML file path, or ``None`` (coremltools' defaults).
+        milestone_epochs: start palettizing at the start of this epoch (0-based; step
+            milestones then count from it); ``None``: step milestones only.
+        finalize_on_fit_end: finalize in ``on_fit_end``; with ``False`` the module stays
+            prepared (call ``callback.palettizer.finalize(inplace=True)`` later).
+        keep_coreml_metadata: keep the ``_COREML_`` buffers after finalize; ``False`` strips them
+            (the state_dict then loads strictly into a never-palettized module, but
+            ``coremltools.convert`` no longer emits LUT ops).
+        log_every_n_steps: log the scalars of the DKM state every this many optimizer steps
+            (``None``: the Trainer's ``log_every_n_steps``; 0: only at the end).
+        verbose: print the console table at the end.
+
+    Raises:
+        MisconfigurationException: for a bad argument, naming it, its value and what is
+            accepted; in ``setup`` for a sharded strategy or a config that does not fit the
+            module's weights.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_palettize.callbacks import PalettizationCallback
+        >>> callback = PalettizationCallback(
+        ...     {"global_config": {"n_bits": 4, "milestone": 100, "weight_threshold": 1024}}
+        ... )
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> trainer.save_checkpoint("palettized.ckpt")  # doctest: +SKIP
+    """
+
+    _OWNER: ClassVar[str] = "PalettizationCallback"
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str | DKMPalettizerConfig | None = None,
+        *,
+        milestone_epochs: int | None = None,
+        finalize_on_fit_end: bool = True,
+        keep_coreml_metadata: bool = True,
+        log_every_n_steps: int | None = None,
+        verbose: bool = True,
+    ) -> None:
+        owner = self._OWNER
+        self._config: DKMPalettizerConfig = _load(owner, config, DKMPalettizerConfig)
+        self._milestone_epochs = _check_int(owner, "milestone_epochs", milestone_epochs)
+        self._finalize_on_fit_end = _check_bool(owner, "finalize_on_fit_end", finalize_on_fit_end)
+        self._keep_metadata = _check_bool(owner, "keep_coreml_metadata", keep_coreml_metadata)
+        self._log_every_n_steps = _check_int(owner, "log_every_n_steps", log_every_n_steps)
+        self._verbose = _check_bool(owner, "verbose", verbose)
+        # With an epoch milestone every step milestone moves up by one: nothing starts in
+        # prepare, and "DKM step 1" is the start of epoch E (see _advance).
+        self._effective = (
+            self._config if self._milestone_epochs is None else _shift_milestones(self._config, 1)
+        )
+        self._palettizer: DKMPalettizer | None = None
+        self._epoch_start_step: int | None = None
+        self._last_step = -1
+        self._report: PalettizationReport | None = None
+
+    @property
+    def config(self) -> DKMPalettizerConfig:
+        """The validated config, as given."""
+        return self._config
+
+    @property
+    def palettizer(self) -> DKMPalettizer | None:
+        """The palettizer of the current fit (``None`` before setup and after finalize)."""
+        return self._palettizer
+
+    @property
+    def report(self) -> PalettizationReport | None:
+        """The report of the last finalize (``None`` before)."""
+        return self._report
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: "Trainer", pl_module: LightningModule, stage: str) -> None:
+        """Called when fit/validate/test/predict begins: on fit, attach DKM to the module.
+
+        Runs before checkpoint restore and DDP wrapping (see the class docstring). A module
+        that is already prepared (a previous fit with ``finalize_on_fit_end=False``, or
+        :func:`load_palettized_checkpoint`) is taken over as it is.
+        """
+        if stage != TrainerFn.FITTING.value:
+            return
+        _reject_sharded(trainer, self._OWNER)
+        if is_overridden("configure_model", pl_module):
+            rank_zero_warn(
+                f"{self._OWNER}: the module overrides configure_model(); it is called now, before "
+                "prepare, so the layers it builds can be palettized; make it idempotent"
+            )
+            pl_module.configure_model()
+        self._epoch_start_step, self._last_step, self._report = None, -1, None
+        palettizer = DKMPalettizer(pl_module, self._effective)
+        if _fake_palettizers(pl_module):
+            palettizer._prepared = pl_module  # adopt: prepare would attach a second set
+            rank_zero_info(f"{self._OWNER}: the module is already prepared; continuing DKM")
+        else:
+            try:
+                palettizer.prepare(inplace=True)
+            except ValueError as error:
+                raise MisconfigurationException(f"{self._OWNER}: {error}") from error
+        prepared = _fake_palettizers(pl_module)
+        if not prepared:
+            rank_zero_warn(
+                f"{self._OWNER}: the config selects no weight of {type(pl_module).__name__} "
+                "(check weight_threshold and the module names/types); nothing will be palettized"
+            )
+        self._palettizer = palettizer
+        self._sync_dkm_state(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when training begins (loops already restored): align DKM with global_step."""
+        self._last_step = trainer.global_step
+        if self._milestone_epochs is None:
+            self._advance(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when a training epoch begins: start the epoch milestone, if there is one."""
+        if (
+            self._milestone_epochs is not None
+            and self._epoch_start_step is None
+            and trainer.current_epoch >= self._milestone_epochs
+        ):
+            self._epoch_start_step = trainer.global_step
+            self._advance(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: "Trainer",
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Called after each training batch: act only when an optimizer step happened."""
+        step = trainer.global_step
+        if step <= self._last_step or self._palettizer is None:
+            return
+        self._last_step = step
+        self._advance(trainer, pl_module)
+        n = (
+            trainer.log_every_n_steps
+            if self._log_every_n_steps is None
+            else self._log_every_n_steps
+        )
+        if n and step % n == 0 and trainer.is_global_zero and trainer.loggers:
+            scalars = _report_scalars(self._palettizer.report(), "dkm")
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+
+    @override
+    def on_fit_end(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when fit ends (module unwrapped, on CPU): finalize and report."""
+        palettizer = self._palettizer
+        if palettizer is None:
+            return
+        report = palettizer.report()
+        never = [name for name, fp in _fake_palettizers(pl_module) if not fp.is_enabled]
+        if never:
+            rank_zero_warn(
+                f"{self._OWNER}: {len(never)} weight(s) never reached their milestone and "
+                f"stay unpalettized: {never[:5]}{' ...' if len(never) > 5 else ''}"
+            )
+        if not self._finalize_on_fit_end:
+            _publish(
+                trainer,
+                report,
+                "dkm",
+                f"{self._OWNER}: DKM state at fit end (not finalized)",
+                verbose=self._verbose,
+                after_teardown=True,
+            )
+            return
+        was_training = pl_module.training
+        palettizer.finalize(pl_module, inplace=True)
+        pl_module.train(was_training)
+        if not self._keep_metadata:
+            strip_coreml_metadata(pl_module)
+        self._palettizer, self._report = None, report
+        _publish(
+            trainer,
+            report,
+            "dkm",
+            f"{self._OWNER}: palettized {len(report)} weight(s)",
+            verbose=self._verbose,
+            after_teardown=True,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The config the module was prepared with and the epoch-milestone step (small)."""
+        return {
+            "kind": _DKM_STATE_KIND,
+            "config": self._effective.as_dict(),
+            "milestone_epochs": self._milestone_epochs,
+            "epoch_start_step": self._epoch_start_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epoch-milestone step (the DKM buffers come back with the module)."""
+        self._epoch_start_step = state_dict.get("epoch_start_step")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _advance(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Set the DKM step from trainer.global_step; sync newly initialised centroids."""
+        if self._palettizer is None:
+            return
+        if self._milestone_epochs is None:
+            step = trainer.global_step
+        elif self._epoch_start_step is None:
+            return
+        else:
+            step = trainer.global_step - self._epoch_start_step + 1
+        before = {name for name, fp in _fake_palettizers(pl_module) if fp.is_enabled}
+        self._palettizer.set_step(step)
+        started = [n for n, fp in _fake_palettizers(pl_module) if fp.is_enabled and n not in before]
+        if started:
+            self._sync_dkm_state(trainer, pl_module)
+            log.debug("DKM started on %s at global step %d", started, trainer.global_step)
+
+    def _sync_dkm_state(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        keys = [k for k in pl_module.state_dict() if _DKM_KEY.search(k)]
+        _broadcast_from_rank_zero(trainer, pl_module, keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# one-shot passes: post-training k-means and SKM
+
+
+class _PalettizationPass(Callback):
+    """Shared moment handling, comparison and reporting of the PTP and SKM callbacks."""
+
+    _OWNER: ClassVar[str] = ""
+    _KIND: ClassVar[str] = ""
+    _CONFIG: ClassVar[type] = PostTrainingPalettizerConfig
+
+    def __init__(
+        self,
+        config: Any,
+        when: str,
+        compare: bool,
+        compare_dataloader: Iterable[Any] | None,
+        keep_coreml_metadata: bool,
+        verbose: bool,
+    ) -> None:
+        owner = self._OWNER
+        self._config = _load(owner, config, self._CONFIG)
+        self._when = _check_choice(owner, "when", when, _MOMENTS)
+        self._compare = _check_bool(owner, "compare", compare)
+        if compare_dataloader is not None and not isinstance(compare_dataloader, Iterable):
+            raise _bad(owner, "compare_dataloader", compare_dataloader, "an iterable or None")
+        self._compare_dataloader = compare_dataloader
+        self._keep_metadata = _check_bool(owner, "keep_coreml_metadata", keep_coreml_metadata)
+        self._verbose = _check_bool(owner, "verbose", verbose)
+        self._done: weakref.WeakSet = weakref.WeakSet()
+        self._report: PalettizationReport | None = None
+        self._comparison: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles callbacks; weak references do not pickle
+        state = self.__dict__.copy()
+        state["_done"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._done = weakref.WeakSet()
+
+    @property
+    def config(self) -> Any:
+        """The validated config."""
+        return self._config
+
+    @property
+    def report(self) -> PalettizationReport | None:
+        """The report of the last pass (``None`` before)."""
+        return self._report
+
+    @property
+    def comparison(self) -> dict[str, float]:
+        """With ``compare=True``: ``before/<metric>``, ``after/<metric>``, ``drop/<metric>``."""
+        return dict(self._comparison)
+
+    @override
+    def setup(self, trainer: "Trainer", pl_module: LightningModule, stage: str) -> None:
+        """Called when fit/validate/test/predict begins: reject sharded strategies early."""
+        _reject_sharded(trainer, self._OWNER)
+
+    @override
+    def on_fit_end(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when fit ends (module unwrapped, on CPU): the pass, if ``when="fit_end"``."""
+        if self._when == "fit_end":
+            self._run(trainer, pl_module, after_teardown=True)
+
+    @override
+    def on_validation_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when validation begins: the pass, in ``trainer.validate`` only (not in fit)."""
+        if self._when == "validate_start" and trainer.state.fn == TrainerFn.VALIDATING:
+            self._run(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when ``trainer.test`` begins (weights already restored): the pass."""
+        if self._when == "test_start":
+            self._run(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when ``trainer.predict`` begins (weights already restored): the pass."""
+        if self._when == "predict_start":
+            self._run(trainer, pl_module)
+
+    def _compress(self, trainer: "Trainer", pl_module: LightningModule) -> PalettizationReport:
+        raise NotImplementedError
+
+    def _run(self, trainer: "Trainer", pl_module: LightningModule, after_teardown=False) -> None:
+        if pl_module in self._done:
+            rank_zero_info(f"{self._OWNER}: this module was palettized already; skipping")
+            return
+        compare_loader = None
+        before: dict[str, float] = {}
+        if self._compare:
+            compare_loader = self._compare_dataloader or _dataloader(
+                trainer, "val", self._OWNER, "compare=True"
+            )
+            before = _evaluate(trainer, pl_module, compare_loader)
+        was_training = pl_module.training
+        try:
+            report = self._compress(trainer, pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(f"{self._OWNER}: {error}") from error
+        pl_module.train(was_training)
+        keys = [row.name for row in report.rows]
+        keys += [k for k in pl_module.state_dict() if COREML_PREFIX in k]
+        _broadcast_from_rank_zero(trainer, pl_module, keys)
+        if not self._keep_metadata:
+            strip_coreml_metadata(pl_module)
+        extra: dict[str, float] = {}
+        if self._compare:
+            after = _evaluate(trainer, pl_module, compare_loader)
+            prefix = f"palettization/{self._KIND}"
+            for name in before:
+                if name in after:
+                    extra[f"{prefix}/before/{name}"] = before[name]
+                    extra[f"{prefix}/after/{name}"] = after[name]
+                    extra[f"{prefix}/drop/{name}"] = before[name] - after[name]
+        self._done.add(pl_module)
+        self._report = report
+        self._comparison = {k.split("/", 2)[2]: v for k, v in extra.items()}
+        _publish(
+            trainer,
+            report,
+            self._KIND,
+            f"{self._OWNER}: palettized {len(report)} weight(s)",
+            extra=extra,
+            verbose=self._verbose,
+            after_teardown=after_teardown,
+        )
+
+
+class PostTrainingPalettizationCallback(_PalettizationPass):
+    r"""Data-free k-means palettization of a trained LightningModule, at a chosen moment.
+
+    ``when="fit_end"`` (default) palettizes after ``trainer.fit``; ``"validate_start"``,
+    ``"test_start"`` or ``"predict_start"`` palettize a trained model (weights of ``ckpt_path``
+    already restored) just before ``trainer.validate`` / ``test`` / ``predict`` measure it::
+
+        trainer = Trainer(callbacks=[PostTrainingPalettizationCallback(
+            {"global_config": {"n_bits": 4}}, when="test_start", compare=True)])
+        trainer.test(model, datamodule=dm)   # tests the palettized model
+
+    A module is palettized at most once per callback instance.
+
+    Args:
+        config: a :class:`~lightning_palettize.PostTrainingPalettizerConfig`, a dict of its
+            arguments, an OmegaConf DictConfig, a YAML file path, or ``None`` (4 bits).
+        when: ``"fit_end"``, ``"validate_start"``, ``"test_start"`` or ``"predict_start"``.
+        compare: run the module's ``validation_step`` over the validation data before and after
+            palettization and log ``palettization/ptp/{before,after,drop}/<metric>`` for every
+            value it logs (its torchmetrics objects are computed as usual).
+        compare_dataloader: the data for ``compare`` (default: the Trainer's validation data).
+        keep_coreml_metadata: keep the ``_COREML_`` buffers ``coremltools.convert`` reads;
+            ``False`` strips them so the state_dict loads strictly into a fresh module.
+        verbose: print the console table.
+
+    Raises:
+        MisconfigurationException: for a bad argument (naming it, its value and what is
+            accepted), a sharded strategy, or a config that does not fit the weights.
+    """
+
+    _OWNER: ClassVar[str] = "PostTrainingPalettizationCallback"
+    _KIND: ClassVar[str] = "ptp"
+    _CONFIG: ClassVar[type] = PostTrainingPalettizerConfig
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str | PostTrainingPalettizerConfig | None = None,
+        *,
+        when: Literal["fit_end", "validate_start", "test_start", "predict_start"] = "fit_end",
+        compare: bool = False,
+        compare_dataloader: Iterable[Any] | None = None,
+        keep_coreml_metadata: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(config, when, compare, compare_dataloader, keep_coreml_metadata, verbose)
+
+    @override
+    def _compress(self, trainer: "Trainer", pl_module: LightningModule) -> PalettizationReport:
+        palettizer = PostTrainingPalettizer(pl_module, self._config)
+        palettizer.compress(inplace=True, progress=False)
+        return palettizer.report()
+
+
+def _loss_of(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    raise MisconfigurationException(
+        "SKMPalettizationCallback: training_step returned "
+        f"{type(output).__name__}; calibration needs a loss tensor or a dict with a 'loss' "
+        "tensor; accepted alternative: SKMPalettizationCallback(loss_fn=fn) with "
+        "fn(module, batch) -> scalar tensor"
+    )
+
+
+class SKMPalettizationCallback(_PalettizationPass):
+    r"""Sensitivity-weighted k-means (SqueezeLLM / coremltools SKM) of a trained LightningModule.
+
+    Calibration: the Fisher information of each weight is accumulated over
+    ``config.calibration_nsamples`` batches of the Trainer's *training* data (datamodule,
+    ``train_dataloader()`` hook or the dataloader given to fit), or of ``calibration_dataloader``;
+    the loss is ``training_step``'s (a tensor or a dict with ``"loss"``; what it ``self.log``\ s
+    is discarded), or ``loss_fn(module, batch)``. Batches are moved to the module's device with
+    its own transfer hooks first. Gradients are enabled for calibration even inside
+    ``trainer.test`` / ``predict`` (inference mode), and the module's parameters, buffers,
+    modes and ``.grad`` are restored afterwards (torchmetrics states are reset).
+
+    Moments and comparison as in :class:`PostTrainingPalettizationCallback`.
+
+    Args:
+        config: an :class:`~lightning_palettize.SKMPalettizerConfig`, a dict of its arguments,
+            an OmegaConf DictConfig, a YAML file path, or ``None`` (4 bits, 128 samples).
+        when: ``"fit_end"``, ``"validate_start"``, ``"test_start"`` or ``"predict_start"``.
+        calibration_dataloader: calibration data (default: the Trainer's training data).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (default: ``training_step``'s loss);
+            an import path string from YAML / LightningCLI.
+        sensitivity: a precomputed sensitivity file (skips calibration).
+        per_sample: per-sample Fisher (SqueezeLLM) instead of per-batch (coremltools).
+        compare: log the validation metrics before/after and their drop (``palettization/skm/``).
+        compare_dataloader: the data for ``compare`` (default: the Trainer's validation data).
+        keep_coreml_metadata: keep the ``_COREML_`` buffers (see the PTP callback).
+        verbose: print the console table.
+
+    Raises:
+        MisconfigurationException: for a bad argument, a sharded strategy, missing calibration
+            data, or a training_step that returns no loss.
+    """
+
+    _OWNER: ClassVar[str] = "SKMPalettizationCallback"
+    _KIND: ClassVar[str] = "skm"
+    _CONFIG: ClassVar[type] = SKMPalettizerConfig
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str | SKMPalettizerConfig | None = None,
+        *,
+        when: Literal["fit_end", "validate_start", "test_start", "predict_start"] = "fit_end",
+        calibration_dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        sensitivity: str | None = None,
+        per_sample: bool = False,
+        compare: bool = False,
+        compare_dataloader: Iterable[Any] | None = None,
+        keep_coreml_metadata: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(config, when, compare, compare_dataloader, keep_coreml_metadata, verbose)
+        owner = self._OWNER
+        if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
+            raise _bad(owner, "calibration_dataloader", calibration_dataloader, "an iterable")
+        if loss_fn is not None and not callable(loss_fn):
+            raise _bad(owner, "loss_fn", loss_fn, "a callable loss_fn(module, batch) or None")
+        if sensitivity is not None and not isinstance(sensitivity, (str, os.PathLike)):
+            raise _bad(owner, "sensitivity", sensitivity, "a sensitivity file path or None")
+        self._calibration_dataloader = calibration_dataloader
+        self._loss_fn = loss_fn
+        self._sensitivity = sensitivity
+        self._per_sample = _check_bool(owner, "per_sample", per_sample)
+
+    @override
+    def _compress(self, trainer: "Trainer", pl_module: LightningModule) -> PalettizationReport:
+        palettizer = SKMPalettizer(pl_module, self._config)
+        if self._sensitivity is not None:
+            palettizer.compress(inplace=True, sensitivity=self._sensitivity, progress=False)
+            return palettizer.report()
+        loader = self._calibration_dataloader or _dataloader(
+            trainer, "train", self._OWNER, "calibration"
+        )
+        user_loss = self._loss_fn
+
+        def loss_fn(module: nn.Module, batch: Any) -> Tensor:
+            batch = _to_module_device(pl_module, batch)
+            with _step_context(trainer, True):
+                if user_loss is not None:
+                    return user_loss(module, batch)
+                return _loss_of(module.training_step(batch, 0))
+
+        # Calibration needs autograd even inside trainer.test / predict (inference mode).
+        with torch.inference_mode(False), torch.enable_grad(), _module_logging(pl_module, None):
+            try:
+                palettizer.compress(
+                    loader, loss_fn, inplace=True, per_sample=self._per_sample, progress=False
+                )
+            finally:
+                _reset_metrics(pl_module)
+        return palettizer.report()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading palettized checkpoints outside the Trainer
+
+
+def _dkm_config_of(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, Mapping) and state.get("kind") == _DKM_STATE_KIND:
+            return state["config"]
+    return None
+
+
+def restore_palettization(
+    module: nn.Module,
+    checkpoint: Mapping[str, Any],
+    config: dict[str, Any] | str | DKMPalettizerConfig | None = None,
+) -> nn.Module:
+    """Give ``module`` the structure a palettized checkpoint's state_dict expects, in place.
+
+    - Mid-DKM checkpoint (``*_dkm.centroids`` keys): prepares DKM with the config stored by
+      :class:`PalettizationCallback` in the checkpoint (or ``config``).
+    - After palettization (``_COREML_`` keys): registers the Core ML metadata buffers, so a
+      strict load keeps them.
+
+    Call it from ``LightningModule.on_load_checkpoint`` to make the stock
+    ``Module.load_from_checkpoint(path)`` work with such checkpoints::
+
+        def on_load_checkpoint(self, checkpoint):
+            restore_palettization(self, checkpoint)
+
+    Args:
+        module: a freshly built module (a module that is already prepared is left as it is).
+        checkpoint: a Lightning checkpoint dict, or a bare state_dict.
+        config: the DKM config, if the checkpoint does not carry the callback's state.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: a mid-DKM state_dict without a config in the checkpoint or the arguments.
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(_DKM_KEY.search(k) for k in state) and not _fake_palettizers(module):
+        config = config if config is not None else _dkm_config_of(checkpoint)
+        if config is None:
+            raise ValueError(
+                "restore_palettization: the state_dict was saved mid-DKM but the checkpoint has "
+                "no PalettizationCallback state; pass config=<the DKM config>"
+            )
+        was_training = module.training
+        DKMPalettizer(module, config).prepare(inplace=True)
+        module.train(was_training)
+    modules = dict(module.named_modules())
+    for key, value in state.items():
+        head, sep, tail = key.partition(COREML_PREFIX)
+        if not sep:
+            continue
+        owner = modules.get(head[:-1] if head else "")
+        name = COREML_PREFIX + tail
+        if owner is not None and name not in owner._buffers:
+            owner.register_buffer(name, torch.empty_like(value, device="cpu"))
+    return module
+
+
+def load_palettized_checkpoint(
+    model: LightningModule | type[LightningModule],
+    checkpoint_path: str | os.PathLike,
+    *,
+    map_location: Any = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> LightningModule:
+    """Load a checkpoint saved mid-DKM or after palettization, outside the Trainer.
+
+    The one call for both kinds: the module is built (from the class, with the checkpoint's
+    hyper-parameters, as ``load_from_checkpoint`` does) or taken as given, given the structure
+    the checkpoint expects by :func:`restore_palettization`, and loaded strictly. A mid-DKM
+    module can go on training (``trainer.fit`` with the same :class:`PalettizationCallback`
+    takes it over) or be finalized with ``DKMPalettizer(model).finalize(model, inplace=True)``.
+
+    Args:
+        model: the LightningModule class, or an instance built like the saved one.
+        checkpoint_path: the checkpoint file.
+        map_location: as for ``torch.load`` (default: CPU).
+        strict: strict state_dict loading.
+        **kwargs: hyper-parameter overrides, as for ``load_from_checkpoint`` (class only).
+
+    Returns:
+        The loaded module.
+
+    Example:
+        >>> model = load_palettized_checkpoint(MyModule, "epoch=3.ckpt")  # doctest: +SKIP
+    """
+    location = map_location if map_location is not None else "cpu"
+    checkpoint = torch.load(checkpoint_path, map_location=location, weights_only=False)
+    state = checkpoint["state_dict"]
+    if isinstance(model, type):
+        plain = {
+            k: v for k, v in state.items() if not _DKM_KEY.search(k) and COREML_PREFIX not in k
+        }
+        skeleton = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}
+        skeleton["state_dict"] = plain
+        buffer = io.BytesIO()
+        torch.save(skeleton, buffer)
+        buffer.seek(0)
+        model = model.load_from_checkpoint(
+            buffer, map_location=location, strict=strict, weights_only=False, **kwargs
+        )
+    elif kwargs:
+        raise TypeError(
+            f"load_palettized_checkpoint: hyper-parameter overrides {sorted(kwargs)} need the "
+            "module class, not an instance"
+        )
+    restore_palettization(model, checkpoint)
+    model.load_state_dict(state, strict=strict)
+    return model

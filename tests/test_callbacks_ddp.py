@@ -1,0 +1,85 @@
+"""PalettizationCallback under DDP: 2 CPU processes (gloo, ddp_spawn)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from test_callbacks_models import BoringModule, LUTRecorder, trainer
+
+from lightning_palettize.callbacks import PalettizationCallback
+
+# net.0 starts at prepare (same weights on every rank and in a single process), net.2 after
+# two optimizer steps (DDP-averaged weights).
+CONFIG = {
+    "global_config": {"n_bits": 2, "weight_threshold": 0},
+    "module_name_configs": {"net\\.2": {"n_bits": 3, "weight_threshold": 0, "milestone": 2}},
+}
+
+
+@pytest.mark.slow
+def test_ddp_luts_identical_on_ranks_and_report_logged_once(tmp_path, capfd):
+    pl.seed_everything(0, verbose=False)
+    model = BoringModule(n_batches=4)
+    single_model = BoringModule(n_batches=4)
+    single_model.load_state_dict(model.state_dict())
+
+    logger = CSVLogger(tmp_path / "logs", name="ddp")
+    ddp = trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[PalettizationCallback(CONFIG), LUTRecorder(str(tmp_path))],
+    )
+    ddp.fit(model)
+    out = capfd.readouterr()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    # identical LUTs (and enabled flags) on both ranks at every step
+    steps = sorted(ranks[0]["luts"])
+    assert steps == sorted(ranks[1]["luts"]) and steps[0] == 0 and len(steps) == 5
+    for step in steps:
+        a, b = ranks[0]["luts"][step], ranks[1]["luts"][step]
+        assert a.keys() == b.keys() and len(a) == 4
+        for k in a:
+            assert torch.equal(a[k], b[k]), (step, k)
+    assert int(ranks[0]["luts"][1]["net.2.weight_dkm.enabled"]) == 0
+    assert int(ranks[0]["luts"][2]["net.2.weight_dkm.enabled"]) == 1
+
+    # the finalized module is identical on both ranks, palettized, and reached the main process
+    final0, final1 = ranks[0]["final"], ranks[1]["final"]
+    assert final0.keys() == final1.keys()
+    assert not any("_dkm." in k for k in final0)
+    for k in final0:
+        assert torch.equal(final0[k], final1[k]), k
+    assert len(torch.unique(final0["net.0.weight"])) <= 4
+    assert len(torch.unique(final0["net.2.weight"])) <= 8
+    assert torch.equal(model.net[0].weight.detach(), final0["net.0.weight"])
+
+    # at the milestone where the weights are the same (prepare), a single process agrees
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    trainer(max_epochs=1, max_steps=1, callbacks=[
+        PalettizationCallback(CONFIG, verbose=False), LUTRecorder(str(single_dir))
+    ]).fit(single_model)
+    single = torch.load(single_dir / "rank0.pt")
+    k = "net.0.weight_dkm.centroids"
+    assert torch.equal(single["luts"][0][k], ranks[0]["luts"][0][k])
+
+    # one report: one table file, one row of report scalars, one console table
+    tables = glob.glob(os.path.join(logger.log_dir, "palettization_dkm_step*.csv"))
+    assert [os.path.basename(t) for t in tables] == ["palettization_dkm_step4.csv"]
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    final_rows = [r for r in rows if r.get("palettization/dkm/bytes_after") and r["step"] == "4"]
+    assert len(final_rows) == 1
+    assert out.err.count("PalettizationCallback: palettized 2 weight(s)") + out.out.count(
+        "PalettizationCallback: palettized 2 weight(s)"
+    ) == 1
