@@ -35,10 +35,10 @@ from bench._harness import (  # noqa: E402
     print_table,
     run_in_fresh_process,
     set_threads,
+    train_steps,
     write_json,
 )
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
-
 
 # ---------------------------------------------------------------------------------------------
 # workloads: (model, batches, loss_fn, optimizer factory)
@@ -109,20 +109,14 @@ def dkm_config(name: str, model: nn.Module, n_bits: int, gran: str) -> dict:
     return cfg
 
 
-def _time_steps(model, batches, loss_fn, make_opt, n, after=None):
-    opt = make_opt(model)
-    times = []
-    for i in range(n):
-        batch = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        if after is not None:
-            after()
-        times.append(time.perf_counter() - t0)
-    return times
+def _one_step(model, opt, batch, loss_fn, after=None) -> float:
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()
+    opt.step()
+    if after is not None:
+        after()
+    return time.perf_counter() - t0
 
 
 def bench_speed(names, bits, grans, steps):
@@ -132,19 +126,23 @@ def bench_speed(names, bits, grans, steps):
             for gran in grans:
                 base, batches, loss_fn, make_opt = workload(name, steps)
                 plain = copy.deepcopy(base)
-                _time_steps(plain, batches, loss_fn, make_opt, 2)  # warm-up
+                p_opt = make_opt(plain)
+                for i in range(2):  # warm-up
+                    _one_step(plain, p_opt, batches[i % len(batches)], loss_fn)
                 model = copy.deepcopy(base)
                 cfg = dkm_config(name, model, n_bits, gran)
                 t0 = time.perf_counter()
                 pal = DKMPalettizer(model, cfg)
                 prepared = pal.prepare(inplace=True)
                 t_prepare = time.perf_counter() - t0
-                first = _time_steps(prepared, batches, loss_fn, make_opt, 1, pal.step)[0]
+                d_opt = make_opt(prepared)
+                first = _one_step(prepared, d_opt, batches[0], loss_fn, pal.step)
                 # interleave plain and DKM steps so both see the same machine load
                 p_times, d_times = [], []
-                for _ in range(steps):
-                    p_times += _time_steps(plain, batches, loss_fn, make_opt, 1)
-                    d_times += _time_steps(prepared, batches, loss_fn, make_opt, 1, pal.step)
+                for i in range(steps):
+                    batch = batches[i % len(batches)]
+                    p_times.append(_one_step(plain, p_opt, batch, loss_fn))
+                    d_times.append(_one_step(prepared, d_opt, batch, loss_fn, pal.step))
                 plain_s, dkm_s = statistics.median(p_times), statistics.median(d_times)
                 row = {
                     "workload": name,
@@ -166,8 +164,7 @@ def bench_coremltools(steps):
     from bench._coremltools import ct_dkm_steps
 
     model, batches, loss_fn, make_opt = workload("mlp", steps)
-    plain = copy.deepcopy(model)
-    p_times = _time_steps(plain, batches, loss_fn, make_opt, steps)
+    p_times = train_steps(copy.deepcopy(model), batches, make_opt, steps, loss_fn)["step_s"]
     cfg = {"global_config": {"n_bits": 4, "weight_threshold": 0}}
     t0 = time.perf_counter()
     ct = ct_dkm_steps(copy.deepcopy(model), cfg, batches, make_opt, steps, loss_fn)
@@ -177,7 +174,7 @@ def bench_coremltools(steps):
     pal = DKMPalettizer(ours_model, cfg)
     prepared = pal.prepare(inplace=True)
     prep = time.perf_counter() - t0
-    o_times = _time_steps(prepared, batches, loss_fn, make_opt, steps, pal.step)
+    o_times = train_steps(prepared, batches, make_opt, steps, loss_fn, pal.step)["step_s"]
     row = {
         "workload": "mlp",
         "n_bits": 4,
@@ -206,7 +203,7 @@ def mem_run(name: str, dkm: bool, n_bits: int = 4, steps: int = 3):
         model = pal.prepare(inplace=True)
 
     def call():
-        _time_steps(model, batches, loss_fn, make_opt, steps, pal.step if pal else None)
+        train_steps(model, batches, make_opt, steps, loss_fn, pal.step if pal else None)
         return {}
 
     return call
@@ -253,7 +250,7 @@ def bench_accuracy(bits, budget, with_ct):
         pal = DKMPalettizer(model, cfg)
         prepared = pal.prepare(inplace=True)
         t0 = time.perf_counter()
-        _time_steps(prepared, batches, _ce, make_opt, budget, pal.step)
+        train_steps(prepared, batches, make_opt, budget, _ce, pal.step)
         row["ours_dkm_s"] = time.perf_counter() - t0
         row["ours_dkm_acc"] = W.accuracy(pal.finalize(), data.x_test, data.y_test)
         if with_ct:

@@ -57,12 +57,19 @@ def correctness() -> list[dict]:
         for d in ("cpu", "cuda"):
             wd = w.to(d).requires_grad_(True)
             y, _ = soft_kmeans(wd, c0.to(d), method=method, epsilon=0.0)
-            (gr,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y).to(d)).sum(), wd)
+            (gr,) = torch.autograd.grad(
+                (y * torch.linspace(-1, 1, y.numel()).view_as(y).to(d)).sum(), wd
+            )
             res.append((y.detach().cpu(), gr.cpu()))
         err_y = (res[0][0] - res[1][0]).abs().max().item()
         err_g = ((res[0][1] - res[1][1]).norm() / res[0][1].norm()).item()
-        out.append(check(f"soft_kmeans[{method}] cuda == cpu", err_y < 1e-5 and err_g < 1e-4,
-                         f"max|dy|={err_y:.2e} rel|dg|={err_g:.2e}"))
+        out.append(
+            check(
+                f"soft_kmeans[{method}] cuda == cpu",
+                err_y < 1e-5 and err_g < 1e-4,
+                f"max|dy|={err_y:.2e} rel|dg|={err_g:.2e}",
+            )
+        )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64))
     a = PostTrainingPalettizer(model, {"global_config": {"n_bits": 3}}).compress(progress=False)
@@ -70,7 +77,9 @@ def correctness() -> list[dict]:
         progress=False
     )
     cfg = {"global_config": {"n_bits": 3, "weight_threshold": 0}}
-    out.append(check("PTP cuda == cpu", all(torch.equal(a[i].weight, b[i].weight.cpu()) for i in (0, 2))))
+    out.append(
+        check("PTP cuda == cpu", all(torch.equal(a[i].weight, b[i].weight.cpu()) for i in (0, 2)))
+    )
     model = model.cpu()
     xb = torch.randn(32, 256)
     results = []

@@ -43,9 +43,11 @@ __all__ = ["KMeansResult", "kmeans_1d", "kmeans_vectors", "kmeans"]
 _NCODES = 65536
 # Elements handled per step: bounds the temporaries (~14 bytes per element) to a few MB, so
 # compress stays within ~2x the dense bytes of the weights it palettizes.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 16
 # Groups whose 65,536-code tables are held at once (int64 counts: 512 KiB per group).
 _TABLE_GROUPS = 4
+# Elements of the groups clustered together in fast mode (bounds the per-bin arrays).
+_BATCH = 1 << 17
 # In fast mode a cluster must span at least this many codes unless its codes are single values.
 _MIN_BINS_PER_CLUSTER = 32
 
@@ -111,12 +113,6 @@ class _Bins:
     count: Tensor  # float64 [T] number of elements
 
 
-def _code_values(keys: Tensor, half_dtype: torch.dtype) -> Tensor:
-    """float64 value of ordered 16-bit keys (see :func:`_ordered_codes`)."""
-    raw = torch.where(keys >= 0x8000, keys ^ 0x8000, keys ^ 0xFFFF)
-    return raw.to(torch.int32).to(torch.int16).view(half_dtype).double()
-
-
 def _pow2_scale(x: Tensor) -> Tensor:
     """Per-group power of two that maps each group's max |x| into [2^14, 2^15)."""
     amax = x.abs().amax(dim=1).double()
@@ -126,15 +122,20 @@ def _pow2_scale(x: Tensor) -> Tensor:
     return torch.exp2(14.0 - e)
 
 
-def _ordered_codes(x: Tensor, scale: Tensor | None) -> Tensor:
-    """Order-preserving 16-bit key (int32 in 0..65535) of every element of x[g, n]: the fp16 or
-    bf16 bit pattern with the sign bit flipped for positives and all bits flipped for negatives."""
+def _raw_codes(x: Tensor, scale: Tensor | None) -> Tensor:
+    """The 16-bit float bit pattern (int32 in 0..65535) of every element of x[g, n]: fp16/bf16
+    inputs as they are, fp32 after the exact power-of-two scaling of its group."""
     if x.dtype in (torch.float16, torch.bfloat16):
         h = x
     else:
         h = (x.float() * scale.float().unsqueeze(1)).half()
-    raw = h.view(torch.int16).int()
-    return (raw ^ torch.where(raw < 0, -1, 0x8000)) & 0xFFFF
+    return h.view(torch.int16).int() & 0xFFFF
+
+
+def _order_key(raw: Tensor) -> Tensor:
+    """Order-preserving key of raw 16-bit patterns: sign bit flipped for positives, all bits
+    flipped for negatives (applied to the few distinct codes, not to every element)."""
+    return torch.where(raw >= 0x8000, raw ^ 0xFFFF, raw ^ 0x8000)
 
 
 def _group_chunks(g_total: int, n: int):
@@ -146,39 +147,65 @@ def _group_chunks(g_total: int, n: int):
         yield g0, g1, [(n0, min(n, n0 + nc)) for n0 in range(0, n, nc)]
 
 
-def _code_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor | None, Tensor]:
-    """Histogram of 16-bit codes per group. Returns bins, the fp32 scale (or None) and the
-    global key (group * 65536 + code) of every bin, ascending."""
+def _code_bins(
+    x: Tensor, weights: Tensor | None
+) -> tuple[_Bins, Tensor | None, Tensor, Tensor | None]:
+    """Histogram of 16-bit codes per group. Returns bins (ascending values per group), the fp32
+    scale (or None), the global raw key (group * 65536 + bit pattern) of every bin, and for
+    small groups each element's bin index (else None: look codes up in a table)."""
     g_total, n = x.shape
     device = x.device
     scale = None if x.dtype in (torch.float16, torch.bfloat16) else _pow2_scale(x)
+    inverse = None
+    if n * 4 < _NCODES:
+        # Small groups: sorting the few codes beats 65,536-entry tables per group.
+        base = (torch.arange(g_total, device=device, dtype=torch.int64) * _NCODES).unsqueeze(1)
+        key = (_raw_codes(x, scale) + base).reshape(-1)
+        graw, inverse, cnt = torch.unique(key, return_inverse=True, return_counts=True)
+        counts = [cnt.double()]
+        if weights is None:
+            wsums = counts
+        else:
+            wsums = [
+                torch.bincount(inverse, weights=weights.reshape(-1).double(), minlength=len(graw))
+            ]
+        raws = [graw]
+    else:
+        raws, counts, wsums = [], [], []
+        for g0, g1, steps in _group_chunks(g_total, n):
+            base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
+            cnt = torch.zeros((g1 - g0) * _NCODES, dtype=torch.int64, device=device)
+            wsum = None if weights is None else torch.zeros_like(cnt, dtype=torch.float64)
+            for n0, n1 in steps:
+                xs = x[g0:g1, n0:n1]
+                key = (_raw_codes(xs, None if scale is None else scale[g0:g1]) + base).reshape(-1)
+                cnt += torch.bincount(key, minlength=cnt.numel())
+                if wsum is not None:
+                    w = weights[g0:g1, n0:n1].reshape(-1).double()
+                    wsum += torch.bincount(key, weights=w, minlength=cnt.numel())
+            present = cnt.nonzero().squeeze(1)
+            raws.append(present + g0 * _NCODES)
+            counts.append(cnt[present].double())
+            wsums.append(counts[-1] if wsum is None else wsum[present])
+    graw = torch.cat(raws)  # group * 65536 + raw pattern, in raw order
+    gid = graw // _NCODES
+    raw = graw % _NCODES
+    # Sort the present codes of each group by value (only m codes, not N elements).
+    order = torch.argsort(gid * _NCODES + _order_key(raw))
+    graw, gid, raw = graw[order], gid[order], raw[order]
+    if inverse is not None:
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=device)
+        inverse = rank[inverse]
+    count, w = torch.cat(counts)[order], torch.cat(wsums)[order]
     half = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
-    keys, counts, wsums = [], [], []
-    for g0, g1, steps in _group_chunks(g_total, n):
-        base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
-        cnt = torch.zeros((g1 - g0) * _NCODES, dtype=torch.int64, device=device)
-        wsum = None if weights is None else torch.zeros_like(cnt, dtype=torch.float64)
-        for n0, n1 in steps:
-            xs = x[g0:g1, n0:n1]
-            key = (_ordered_codes(xs, None if scale is None else scale[g0:g1]) + base).reshape(-1)
-            cnt += torch.bincount(key, minlength=cnt.numel())
-            if wsum is not None:
-                w = weights[g0:g1, n0:n1].reshape(-1).double()
-                wsum += torch.bincount(key, weights=w, minlength=cnt.numel())
-        present = cnt.nonzero().squeeze(1)
-        keys.append(present + g0 * _NCODES)
-        counts.append(cnt[present].double())
-        wsums.append(counts[-1] if wsum is None else wsum[present])
-    gkey = torch.cat(keys)
-    count, w = torch.cat(counts), torch.cat(wsums)
-    gid = gkey // _NCODES
-    value = _code_values(gkey % _NCODES, half)
+    value = raw.to(torch.int32).to(torch.int16).view(half).double()
     if scale is not None:
         value = value / scale[gid]
     offsets = np.zeros(g_total + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(torch.bincount(gid, minlength=g_total).cpu().numpy())
     bins = _Bins(offsets, value, w, w * value, w * value * value, count)
-    return bins, scale, gkey
+    return bins, scale, graw, inverse
 
 
 def _exact_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor]:
@@ -303,9 +330,25 @@ def kmeans_1d(
     if exact or x.dtype == torch.float64:
         return _kmeans_1d_exact(x, k, weights)
 
-    bins, scale, gkey = _code_bins(x, weights)
+    # Groups are solved a batch at a time so the per-bin arrays stay small.
+    gb = max(1, _BATCH // n)
+    cent = torch.empty(g_total, k, dtype=torch.float32, device=device)
+    inertia = torch.empty(g_total, dtype=torch.float64, device=device)
+    for g0 in range(0, g_total, gb):
+        g1 = min(g_total, g0 + gb)
+        w = None if weights is None else weights[g0:g1]
+        r = _kmeans_1d_codes(x[g0:g1], k, w, labels[g0:g1])
+        cent[g0:g1], inertia[g0:g1] = r.centroids, r.inertia
+    return KMeansResult(cent, labels, inertia)
+
+
+def _kmeans_1d_codes(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) -> KMeansResult:
+    """Fast mode on a batch of groups; writes ``labels`` in place."""
+    g_total, n = x.shape
+    device = x.device
+    bins, scale, gkey, inverse = _code_bins(x, weights)
     shift = _coarse_shift(k, int(np.diff(bins.offsets).max()) if g_total else 0)
-    starts, cent, inertia, count = _solve_bins(bins, k, gkey % _NCODES, shift)
+    starts, cent, inertia, count = _solve_bins(bins, k, _order_key(gkey % _NCODES), shift)
     # Label of each present code = its cluster. Global bin index of every cluster start after
     # the first is sorted across groups, so one searchsorted counts the starts at or before each
     # bin (minus those of earlier groups).
@@ -314,7 +357,9 @@ def kmeans_1d(
     pos = torch.arange(len(gkey), device=device)
     lab_of_bin = torch.searchsorted(gstart, pos, right=True) - gid * (k - 1)
     lab_of_bin = lab_of_bin.to(labels.dtype)
-    for g0, g1, steps in _group_chunks(g_total, n):
+    if inverse is not None:
+        labels.copy_(lab_of_bin[inverse].view(g_total, n))
+    for g0, g1, steps in _group_chunks(g_total, n) if inverse is None else ():
         # code -> label table of these groups only (absent codes are never looked up)
         table = torch.zeros((g1 - g0) * _NCODES, dtype=labels.dtype, device=device)
         b0, b1 = int(bins.offsets[g0]), int(bins.offsets[g1])
@@ -322,7 +367,7 @@ def kmeans_1d(
         base = (torch.arange(g1 - g0, device=device, dtype=torch.int32) * _NCODES).unsqueeze(1)
         for n0, n1 in steps:
             xs = x[g0:g1, n0:n1]
-            key = _ordered_codes(xs, None if scale is None else scale[g0:g1]) + base
+            key = _raw_codes(xs, None if scale is None else scale[g0:g1]) + base
             labels[g0:g1, n0:n1] = table.index_select(0, key.reshape(-1)).view(key.shape)
     result = KMeansResult(cent.float(), labels, inertia)
     if scale is not None:

@@ -56,7 +56,7 @@ class PalettizedWeight:
 
     selection: WeightSelection
     palette: Palette
-    rel_error: float
+    rel_error: float | None  # None: measured while the weight is written back
     lut_dtype: str
     outliers: Tensor | None = None  # bool mask of weights kept exact (SKM)
 
@@ -209,9 +209,11 @@ def compress_model(
             param = getattr(module, sel.param_name)
             original = param.detach().clone() if res.outliers is not None else None
             if param.device == res.palette.lut.device:
-                res.palette.dequantize(out=param.data)
+                measured = res.palette.write_into(param.data)
             else:
+                measured = res.palette.relative_error(param.data.to(res.palette.lut.device))
                 param.data.copy_(res.palette.dequantize().to(param.device))
+            rel_error = measured if res.rel_error is None else res.rel_error
             n_out = 0
             if res.outliers is not None:
                 param.data[res.outliers] = original[res.outliers]
@@ -225,7 +227,7 @@ def compress_model(
                     cluster_dim=layout.cluster_dim,
                     num_luts=layout.num_groups,
                     num_params=param.numel(),
-                    rel_error=res.rel_error,
+                    rel_error=rel_error,
                     bytes_before=res.palette.dense_nbytes(),
                     bytes_after=res.palette.nbytes() + _outlier_bytes(n_out, param),
                     lut_dtype=res.lut_dtype,

@@ -86,9 +86,7 @@ class PostTrainingPalettizer:
             lut_dtype=cfg.lut_dtype,
             exact=not cfg.enable_fast_kmeans_mode,
         )
-        return PalettizedWeight(
-            sel, palette, palette.relative_error(weight), lut_dtype_name(cfg.lut_dtype, weight)
-        )
+        return PalettizedWeight(sel, palette, None, lut_dtype_name(cfg.lut_dtype, weight))
 
     def compress(
         self, num_kmeans_workers: int = 1, inplace: bool = False, *, progress: bool = True
