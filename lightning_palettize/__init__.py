@@ -50,3 +50,21 @@ __all__ = [
     "save_palettized",
     "strip_coreml_metadata",
 ]
+
+# The Lightning face, imported on first use so plain-PyTorch users do not pay for Lightning.
+_CALLBACK_EXPORTS = (
+    "PalettizationCallback",
+    "PostTrainingPalettizationCallback",
+    "SKMPalettizationCallback",
+    "load_palettized_checkpoint",
+    "restore_palettization",
+)
+__all__ += list(_CALLBACK_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _CALLBACK_EXPORTS:
+        from lightning_palettize import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

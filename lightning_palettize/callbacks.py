@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_palettize.config import (
@@ -183,18 +184,20 @@ def _publish(
     """
     if not trainer.is_global_zero:
         return
+    if not len(report):
+        rank_zero_info(f"{title}: no weight was palettized")
+        return
     step = int(trainer.global_step)
     scalars = _report_scalars(report, kind)
     scalars.update(extra or {})
-    shown = True
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
-        shown = _log_table(logger, report, kind, step) and shown
+        _log_table(logger, report, kind, step)
         if after_teardown:
             logger.finalize("success")
         else:
             logger.save()
-    if verbose or not shown or not trainer.loggers:
+    if verbose:
         lines = [f"{title} (step {step})", report.to_table()]
         if extra:
             lines += [f"  {k} = {v:.6g}" for k, v in extra.items()]
@@ -219,8 +222,6 @@ class _LogCapture:
         self.batch_size = 1
 
     def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **_: Any):
-        from torchmetrics import Metric
-
         if isinstance(value, Metric):
             self.metrics[name] = value
             return
@@ -230,17 +231,14 @@ class _LogCapture:
 
     def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
         for name, value in dictionary.items():
-            self.log(name, value, **{k: v for k, v in kwargs.items() if k == "batch_size"})
+            self.log(name, value, batch_size=kwargs.get("batch_size"))
 
     def results(self) -> dict[str, float]:
         out = {name: self.sums[name] / max(self.counts[name], 1) for name in self.sums}
         for name, metric in self.metrics.items():
             value = metric.compute()
-            out[name] = (
-                float(value)
-                if isinstance(value, Tensor) and value.numel() == 1
-                else out.get(name, float("nan"))
-            )
+            if isinstance(value, Tensor) and value.numel() == 1:  # scalar metrics only
+                out[name] = float(value)
         return out
 
 
@@ -264,10 +262,6 @@ def _module_logging(pl_module: LightningModule, capture: _LogCapture | None) -> 
 
 
 def _reset_metrics(pl_module: nn.Module) -> None:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency of lightning
-        return
     for module in pl_module.modules():
         if isinstance(module, Metric):
             module.reset()
@@ -401,7 +395,8 @@ class PalettizationCallback(Callback):
 
     Resume: ``trainer.fit(model, ckpt_path=...)`` with a checkpoint saved mid-DKM continues
     bitwise identically (on CPU, same seed and data order) to an uninterrupted run. Outside the
-    Trainer, load such a checkpoint with :func:`load_palettized_checkpoint`.
+    Trainer, load such a checkpoint with :func:`load_palettized_checkpoint`. (A checkpoint saved
+    after finalize holds no DKM state: it is not for resuming DKM.)
 
     Checkpoints after palettization: ModelCheckpoint saves during training, i.e. mid-DKM; save
     the finalized module with ``trainer.save_checkpoint(path)`` after fit. It loads into a freshly
@@ -582,7 +577,7 @@ class PalettizationCallback(Callback):
             return
         report = palettizer.report()
         never = [name for name, fp in _fake_palettizers(pl_module) if not fp.is_enabled]
-        if never:
+        if never and self._finalize_on_fit_end:
             rank_zero_warn(
                 f"{self._OWNER}: {len(never)} weight(s) never reached their milestone and "
                 f"stay unpalettized: {never[:5]}{' ...' if len(never) > 5 else ''}"
@@ -748,9 +743,9 @@ class _PalettizationPass(Callback):
         compare_loader = None
         before: dict[str, float] = {}
         if self._compare:
-            compare_loader = self._compare_dataloader or _dataloader(
-                trainer, "val", self._OWNER, "compare=True"
-            )
+            compare_loader = self._compare_dataloader
+            if compare_loader is None:
+                compare_loader = _dataloader(trainer, "val", self._OWNER, "compare=True")
             before = _evaluate(trainer, pl_module, compare_loader)
         was_training = pl_module.training
         try:
@@ -922,9 +917,9 @@ class SKMPalettizationCallback(_PalettizationPass):
         if self._sensitivity is not None:
             palettizer.compress(inplace=True, sensitivity=self._sensitivity, progress=False)
             return palettizer.report()
-        loader = self._calibration_dataloader or _dataloader(
-            trainer, "train", self._OWNER, "calibration"
-        )
+        loader = self._calibration_dataloader
+        if loader is None:
+            loader = _dataloader(trainer, "train", self._OWNER, "calibration")
         user_loss = self._loss_fn
 
         def loss_fn(module: nn.Module, batch: Any) -> Tensor:

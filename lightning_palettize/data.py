@@ -269,7 +269,7 @@ def minilm_linear_names(model: nn.Module, include_pooler: bool = False) -> list[
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (include_pooler or not name.startswith("pooler"))
+        if isinstance(module, nn.Linear) and (include_pooler or "pooler" not in name.split("."))
     ]
 
 

@@ -236,7 +236,7 @@ def _coarse_shift(k: int, max_bins: int) -> int:
     which each boundary is refined exactly over the full codes around it."""
     if max_bins <= 2048:
         return 0
-    return max(0, min(3, 3 - max(0, (k // 16).bit_length() - 1)))
+    return max(0, min(4, 4 - max(0, (k // 16).bit_length() - 1)))
 
 
 def _solve_bins(

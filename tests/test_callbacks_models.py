@@ -124,8 +124,12 @@ class DigitsCNN(pl.LightningModule):
             nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU()
         )
         self.head = nn.Linear(16 * 6 * 6, 10)
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10)
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(
+            num_classes=10, average="micro"
+        )
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(
+            num_classes=10, average="micro"
+        )
 
     def forward(self, x):
         return self.head(self.features(x).flatten(1))
@@ -204,3 +208,9 @@ class LUTRecorder(pl.Callback):
             {"luts": self.luts, "final": final},
             os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"),
         )
+
+
+def mse_loss(module: nn.Module, batch) -> torch.Tensor:
+    """A loss_fn(module, batch) for SKM, importable by path (LightningCLI / Hydra)."""
+    x, y = batch
+    return nn.functional.mse_loss(module(x), y)

@@ -466,3 +466,21 @@ def test_bad_layout_fails_before_calibration():
     with pytest.raises(ValueError, match="group_size"):
         _quiet(SKMPalettizer(_mlp(), cfg), _data(), counting)
     assert calls == []
+
+
+def test_kmeans_workers_give_identical_results_and_propagate_errors():
+    model, data = _mlp(), _data()
+    sens = SKMPalettizer(model, _cfg(3)).compute_sensitivity(data, _ce, progress=False)
+    one, two = SKMPalettizer(model, _cfg(3)), SKMPalettizer(model, _cfg(3))
+    a = _quiet(one, sensitivity=sens)
+    b = _quiet(two, sensitivity=sens, num_kmeans_workers=2)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    assert one.report().as_dicts() == two.report().as_dicts()
+    bad = dict(sens.fisher)
+    bad["2.weight"] = torch.full_like(bad["2.weight"], float("inf"))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"'2\.weight'"):
+        _quiet(SKMPalettizer(model, _cfg(3)), sensitivity=bad, num_kmeans_workers=2, inplace=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -12,14 +12,14 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_palettize.config import SKMPalettizerConfig, load_config
-from lightning_palettize.kmeans import kmeans_1d
-from lightning_palettize.palette import Layout, Palette, quantize_lut
+from lightning_palettize.palette import Layout, Palette
 from lightning_palettize.palettizers._common import (
     KMEANS_SUPPORTED,
     PalettizedWeight,
@@ -40,15 +40,11 @@ from lightning_palettize.sensitivity import (
 
 __all__ = ["SKMPalettizer"]
 
-# Auto mode refines the 16-bit-code solution exactly for weights up to this many elements (the
-# refinement sorts the weight: ~50 bytes per element, transient); larger ones keep the codes.
-_REFINE_MAX_NUMEL = 1 << 22
-# Sorted positions on each side of a code-solution boundary where the exact boundary is sought:
-# N / (16 (K - 1)) keeps the refined DP at ~1/8 of the values, within [16, 1024] (MiniLM's exact
-# boundaries lie within ~500 positions of the code ones); widened x4 while a boundary touches.
-_WINDOW_MIN, _WINDOW_MAX = 16, 1024
+# The exact DP keeps K int32 back-pointers per distinct value: auto mode clusters every distinct
+# value while (elements per LUT) * K stays under this (128 MiB of back-pointers, about a second
+# per LUT here), and the 16-bit codes (at most 65,536 bins per LUT) above it.
+_EXACT_MAX_WORK = 1 << 25
 _HALF = (torch.float16, torch.bfloat16)
-_LUT_QDTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 
 SensitivityLike = Sensitivity | Mapping[str, Tensor] | str | os.PathLike
 
@@ -73,8 +69,8 @@ class SKMPalettizer:
     Clustering: ``cluster_dim == 1`` uses the exact weighted 1-D dynamic program on every
     distinct value when ``elements per LUT * 2**n_bits <= 2**25`` (the optimum coremltools'
     kmeans1d finds, in ``O(distinct values * K)`` memory), and on 16-bit float codes above that
-    (at most 65,536 bins per LUT, whatever the layer size; exact for fp16/bf16 weights and within
-    ~1e-6 of the optimum for fp32); ``compress(exact_kmeans=...)`` forces either.
+    (at most 65,536 bins per LUT, whatever the layer size; exact for fp16/bf16 weights, and
+    measured within 1e-5 of the optimum for fp32); ``compress(exact_kmeans=...)`` forces either.
     ``cluster_dim > 1`` uses weighted vector k-means (importance summed over each vector).
 
     Reusable sensitivity: :meth:`compute_sensitivity` returns (and with ``sensitivity_path``
@@ -218,8 +214,9 @@ class SKMPalettizer:
                 as ``sensitivity``.
             per_sample: per-sample instead of per-item gradients (see the class docstring).
             progress: progress bars over calibration samples and over weights.
-            num_kmeans_workers: accepted for coremltools compatibility; the k-means kernel
-                already runs LUT groups on two threads, so no worker processes are spawned.
+            num_kmeans_workers: how many weights are clustered at once, on threads (the
+                k-means kernel releases the GIL; coremltools spawns processes). The k-means
+                kernel also runs the LUT groups of one weight on two threads.
             exact_kmeans: ``None`` (auto, see the class docstring), ``True`` (every distinct
                 value) or ``False`` (16-bit codes) for ``cluster_dim == 1``.
 
@@ -285,16 +282,19 @@ class SKMPalettizer:
         )
         self._check_coverage(source)
         self._source, self._exact = source, exact_kmeans
+        plan = self._plan if num_kmeans_workers == 1 else _Ahead(self, num_kmeans_workers)
         try:
             model, self._report = compress_model(
                 self._model,
                 self._config,
                 inplace=inplace,
-                plan=self._plan,
+                plan=plan,
                 progress=progress,
                 desc="sensitive k-means",
             )
         finally:
+            if isinstance(plan, _Ahead):
+                plan.close()
             self._source = self._exact = None
         return model
 
@@ -367,18 +367,15 @@ class SKMPalettizer:
                 outliers = outliers.view(weight.shape)
                 importance.view(-1)[top] = 0.0
             del fisher
-        mode = _kmeans_mode(self._exact, weight, layout, cfg.enable_per_channel_scale)
         palette = palettize_weight(
             weight,
             layout,
             cfg.n_bits,
             per_channel_scale="abs" if cfg.enable_per_channel_scale else None,
-            lut_dtype=None if mode == "refine" else cfg.lut_dtype,
+            lut_dtype=cfg.lut_dtype,
             importance=importance,
-            exact=mode == "exact",
+            exact=_use_exact(self._exact, weight, layout, cfg),
         )
-        if mode == "refine":
-            palette = _refine_palette(palette, weight, importance, cfg.lut_dtype)
         return PalettizedWeight(
             sel,
             palette,
@@ -392,139 +389,37 @@ class SKMPalettizer:
 # helpers
 
 
+class _Ahead:
+    """``_plan`` of every weight submitted to a thread pool up front; compress_model's calls,
+    in its order, collect the results (re-raising a worker's error)."""
+
+    def __init__(self, skm: SKMPalettizer, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="skm-kmeans")
+        self._futures = {}
+        for sel in skm._selections():
+            weight = getattr(sel.module, sel.param_name)
+            layout = layout_for(weight, sel.config, sel.qualified_name)
+            self._futures[sel.qualified_name] = self._pool.submit(skm._plan, sel, weight, layout)
+
+    def __call__(self, sel: WeightSelection, weight: Tensor, layout: Layout) -> PalettizedWeight:
+        return self._futures[sel.qualified_name].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"SKMPalettizer.compress: {name} must be a bool, got {value!r}")
 
 
-def _kmeans_mode(exact: bool | None, weight: Tensor, layout: Layout, scaled: bool) -> str:
-    """ "exact" (DP on every distinct value), "codes" (DP on 16-bit codes) or "refine" (codes,
-    then the exact optimum around their boundaries)."""
-    if layout.cluster_dim > 1:
-        return "codes"  # vector k-means: the flag does not apply
+def _use_exact(exact: bool | None, weight: Tensor, layout: Layout, cfg: Any) -> bool:
+    """Whether the 1-D DP runs on every distinct value (else on 16-bit codes)."""
     if exact is not None:
-        return "exact" if exact else "codes"
-    if weight.dtype in _HALF and not scaled:
-        return "codes"  # the 16-bit codes *are* the distinct values: already exact
-    if weight.dtype == torch.float64:
-        return "exact"  # kmeans_1d clusters float64 exactly anyway
-    return "refine" if weight.numel() <= _REFINE_MAX_NUMEL else "codes"
-
-
-@torch.no_grad()
-def _refine_palette(
-    palette: Palette, weight: Tensor, importance: Tensor | None, lut_dtype: str | None
-) -> Palette:
-    """The code-solution palette, re-solved exactly on the distinct values near its boundaries;
-    then the LUT is quantized if asked (the code palette is built unquantized for this)."""
-    layout = palette.layout
-    w = weight.detach()
-    if palette.scale is not None:
-        w = w.float() / palette.scale
-    x = layout.to_groups(w)[..., 0]
-    imp = None if importance is None else layout.to_groups(importance.to(x.device))[..., 0]
-    cent, labels = _refine_1d(x, imp, palette.indices, palette.k)
-    lut = cent.unsqueeze(-1)
-    qdtype = qscale = zero_point = None
-    if lut_dtype is not None:
-        qdtype = _LUT_QDTYPES[lut_dtype]
-        lut, qscale, zero_point = quantize_lut(lut, qdtype)
-    return Palette(
-        layout,
-        palette.n_bits,
-        lut.contiguous(),
-        labels,
-        scale=palette.scale,
-        lut_qdtype=qdtype,
-        lut_qscale=qscale,
-        lut_zero_point=zero_point,
-        dtype=weight.dtype,
-    )
-
-
-def _refine_1d(
-    x: Tensor, w: Tensor | None, labels: Tensor, k: int, window: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Exact weighted 1-D k-means of ``x[G, N]`` restricted to boundaries within ``window``
-    sorted positions of those of ``labels`` (the 16-bit-code solution).
-
-    Everything between two windows is one super-point at its weighted mean with its total
-    weight: a block that never splits adds a constant to the cost, so the DP over these points
-    is exact for the restricted problem. It contains the code solution, so it is never worse;
-    while a refined boundary touches its window's edge the windows widen, and once they would
-    cover half the values the plain exact DP runs instead. Returns float32 centroids ``[G, k]``
-    and uint8 labels ``[G, N]``.
-    """
-    g_total, n = x.shape
-    dev = x.device
-    if window is None:
-        window = min(max(n // (16 * max(k - 1, 1)), _WINDOW_MIN), _WINDOW_MAX)
-    xs, perm = torch.sort(x, dim=1, stable=True)
-    xs = xs.double()
-    ws = torch.ones_like(xs) if w is None else torch.gather(w, 1, perm).double()
-    bounds = _bounds(torch.gather(labels, 1, perm), k)
-    rows = torch.arange(g_total, device=dev).unsqueeze(1)
-    while True:
-        if 4 * window * (k - 1) >= n:
-            r = kmeans_1d(x, k, w, exact=True)
-            return r.centroids, r.labels
-        allowed = _near(bounds, window, n)
-        seg = torch.cumsum(allowed, dim=1)  # segment of each sorted position
-        m = int(seg[:, -1].max()) + 1
-        flat = (seg + rows * m).reshape(-1)
-
-        def seg_sum(v: Tensor, flat: Tensor = flat, m: int = m) -> Tensor:
-            out = torch.zeros(g_total * m, dtype=torch.float64, device=dev)
-            return out.index_add_(0, flat, v.reshape(-1)).view(g_total, m)
-
-        sw, swx, sn, sx = seg_sum(ws), seg_sum(ws * xs), seg_sum(torch.ones_like(xs)), seg_sum(xs)
-        # Zero-weight blocks sit at their plain mean; padding (groups with fewer segments) sits
-        # on the group's largest value with no weight, which changes nothing.
-        val = torch.where(sw > 0, swx / sw.clamp_min(1e-300), sx / sn.clamp_min(1))
-        val = torch.where(sn > 0, val, xs[:, -1:])
-        r = kmeans_1d(val, k, sw, exact=True)
-        pos_labels = torch.gather(r.labels.long(), 1, seg)
-        new = _bounds(pos_labels, k)
-        if not _touches_edge(new, allowed, n):
-            break
-        bounds, window = new, window * 4
-    flat = (pos_labels + rows * k).reshape(-1)
-    cw = torch.zeros(g_total * k, dtype=torch.float64, device=dev).index_add_(
-        0, flat, ws.reshape(-1)
-    )
-    cx = torch.zeros_like(cw).index_add_(0, flat, (ws * xs).reshape(-1))
-    cw, cx = cw.view(g_total, k), cx.view(g_total, k)
-    cent = torch.where(cw > 0, cx / cw.clamp_min(1e-300), r.centroids.double()).float()
-    out = torch.empty_like(labels)
-    out.scatter_(1, perm, pos_labels.to(labels.dtype))
-    return cent, out
-
-
-def _bounds(sorted_labels: Tensor, k: int) -> Tensor:
-    """``[G, k-1]``: sorted position where each cluster after the first starts."""
-    counts = torch.zeros(sorted_labels.shape[0], k, dtype=torch.long, device=sorted_labels.device)
-    counts.scatter_add_(1, sorted_labels.long(), torch.ones_like(sorted_labels, dtype=torch.long))
-    return torch.cumsum(counts, dim=1)[:, :-1]
-
-
-def _near(bounds: Tensor, window: int, n: int) -> Tensor:
-    """``[G, n]`` long: 1 where a cut before that sorted position is within ``window`` of a
-    boundary (never before position 0)."""
-    diff = torch.zeros(bounds.shape[0], n + 1, dtype=torch.long, device=bounds.device)
-    ones = torch.ones_like(bounds)
-    diff.scatter_add_(1, (bounds - window + 1).clamp(1, n), ones)
-    diff.scatter_add_(1, (bounds + window).clamp(1, n), -ones)
-    return (torch.cumsum(diff, dim=1)[:, :n] > 0).long()
-
-
-def _touches_edge(bounds: Tensor, allowed: Tensor, n: int) -> bool:
-    """Whether a boundary inside the values has a neighbouring cut outside its window."""
-    inner = (bounds > 0) & (bounds < n)
-    padded = torch.nn.functional.pad(allowed, (1, 1), value=1)  # ends of the values: no limit
-    padded[:, 1] = 1  # a cut before position 0 is the end of the values too
-    lo = torch.gather(padded, 1, bounds)  # cut before bounds - 1
-    hi = torch.gather(padded, 1, bounds + 2)  # cut before bounds + 1
-    return bool((inner & ((lo == 0) | (hi == 0))).any())
+        return exact
+    if weight.dtype in _HALF and not cfg.enable_per_channel_scale:
+        return False  # the 16-bit codes *are* the distinct values: already exact
+    return layout.vectors_per_group * (1 << cfg.n_bits) <= _EXACT_MAX_WORK
 
 
 @torch.no_grad()
