@@ -47,7 +47,7 @@ _CHUNK = 1 << 16
 # Groups whose 65,536-code tables are held at once (int64 counts: 512 KiB per group).
 _TABLE_GROUPS = 4
 # Elements of the groups clustered together in fast mode (bounds the per-bin arrays).
-_BATCH = 1 << 17
+_BATCH = 1 << 18
 # In fast mode a cluster must span at least this many codes unless its codes are single values.
 _MIN_BINS_PER_CLUSTER = 32
 
@@ -84,8 +84,10 @@ def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
         raise ValueError(f"k: expected a positive int, got {k!r}")
     if x.shape[1] == 0:
         raise ValueError("x: groups are empty (N == 0)")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x: contains NaN or Inf values; cannot cluster them")
+    # One reduction instead of a weight-sized bool mask: NaN and Inf propagate into the sum.
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x: contains NaN or Inf values; cannot cluster them")
     if weights is not None:
         if tuple(weights.shape) != tuple(x.shape[:2]):
             raise ValueError(
@@ -190,8 +192,16 @@ def _code_bins(
     graw = torch.cat(raws)  # group * 65536 + raw pattern, in raw order
     gid = graw // _NCODES
     raw = graw % _NCODES
-    # Sort the present codes of each group by value (only m codes, not N elements).
-    order = torch.argsort(gid * _NCODES + _order_key(raw))
+    # Present codes come per group in ascending bit pattern: positives ascending, then negatives
+    # with growing magnitude. Value order is the negatives reversed, then the positives.
+    lengths = torch.bincount(gid, minlength=g_total)
+    npos = torch.bincount(gid[raw < 0x8000], minlength=g_total)
+    start = torch.cumsum(lengths, 0) - lengths
+    local = torch.arange(len(graw), device=device) - start[gid]
+    p, q = npos[gid], (lengths - npos)[gid]
+    target = start[gid] + torch.where(local < p, q + local, p + q - 1 - local)
+    order = torch.empty_like(target)
+    order[target] = torch.arange(len(target), device=device)
     graw, gid, raw = graw[order], gid[order], raw[order]
     if inverse is not None:
         rank = torch.empty_like(order)
