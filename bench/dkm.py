@@ -244,7 +244,8 @@ def bench_accuracy(bits, budget, with_ct):
         row = {"n_bits": n_bits, "fp32_acc": fp32, "steps": budget}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ptp = PostTrainingPalettizer(base, cfg).compress(progress=False)
+            ptp_cfg = {"global_config": {"n_bits": n_bits}}
+            ptp = PostTrainingPalettizer(base, ptp_cfg).compress(progress=False)
         row["ours_ptp_acc"] = W.accuracy(ptp, data.x_test, data.y_test)
         model = copy.deepcopy(base)
         pal = DKMPalettizer(model, cfg)

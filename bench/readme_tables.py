@@ -1,0 +1,200 @@
+"""Render the README's benchmark tables from bench/results/*.json.
+
+Run:  python bench/readme_tables.py [ptp|dkm|skm]   (prints markdown)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def ptp(name: str = "ptp_full") -> str:
+    d = _load(name)
+    if d is None:
+        return f"(no bench/results/{name}.json)"
+    rows = []
+    for r in d["rows"]:
+        gran = "per_tensor" if r["granularity"] == "per_tensor" else f"group {r['group_size']}"
+        rows.append(
+            [
+                r["workload"],
+                f"{r['weights'] / 1e6:.2f}M",
+                str(r["n_bits"]),
+                gran,
+                f"{r['ct_s']:.3g}",
+                f"{r['ours_s']:.3g}",
+                f"{r['speedup']:.1f}x",
+                f"{r['ct_err_mean']:.4g}",
+                f"{r['ours_err_mean']:.4g}",
+                f"{r['worst_err_ratio']:.4f}",
+                f"{r['ours_rss_ratio']:.2f}",
+            ]
+        )
+    header = [
+        "workload",
+        "weights",
+        "bits",
+        "granularity",
+        "coremltools s",
+        "ours s",
+        "speedup",
+        "mean rel. err. ct",
+        "mean rel. err. ours",
+        "worst layer ours/ct",
+        "peak RSS / weight bytes",
+    ]
+    return _table(header, rows)
+
+
+def dkm() -> str:
+    parts = []
+    d = _load("dkm")
+    if d and d.get("speed"):
+        rows = [
+            [
+                r["workload"],
+                str(r["n_bits"]),
+                r["gran"],
+                f"{r['plain_ms']:.1f}",
+                f"{r['dkm_ms']:.1f}",
+                f"{r['ratio']:.2f}x",
+                f"{r['first_incl_prepare_s']:.2f}",
+            ]
+            for r in d["speed"]
+        ]
+        header = [
+            "workload",
+            "bits",
+            "granularity",
+            "plain ms/step",
+            "DKM ms/step",
+            "ratio",
+            "prepare + first step s",
+        ]
+        parts.append("Step time, CPU, 1 thread:\n\n" + _table(header, rows))
+    if d and d.get("memory"):
+        rows = [
+            [
+                r["workload"],
+                f"{r['plain_peak_MiB']:.1f}",
+                f"{r['dkm_peak_MiB']:.1f}",
+                f"{r['ratio']:.2f}x",
+            ]
+            for r in d["memory"]
+        ]
+        parts.append(
+            "Peak RSS increase of 3 training steps, each in a fresh process:\n\n"
+            + _table(["workload", "plain MiB", "DKM MiB", "ratio"], rows)
+        )
+    a = _load("dkm_acc")
+    if a and a.get("accuracy"):
+        rows = [
+            [
+                str(r["n_bits"]),
+                str(r["steps"]),
+                f"{r['fp32_acc']:.4f}",
+                f"{r['ours_ptp_acc']:.4f}",
+                f"{r['ct_dkm_acc']:.4f} ({r['ct_dkm_s']:.0f} s)",
+                f"{r['ours_dkm_acc']:.4f} ({r['ours_dkm_s']:.0f} s)",
+            ]
+            for r in a["accuracy"]
+        ]
+        header = ["bits", "DKM steps", "fp32", "our PTP", "coremltools DKM", "our DKM"]
+        parts.append(
+            "Digits CNN test accuracy after finalize (fine-tuned from the fp32 checkpoint, Adam "
+            "1e-3, same batches):\n\n" + _table(header, rows)
+        )
+    g = _load("dkm_gpu_h200")
+    if g and g.get("llama"):
+        ll = g["llama"]
+        rows = [
+            [
+                "plain",
+                f"{1e3 * ll['plain']['steady_step_s']:.1f}",
+                f"{ll['plain']['peak_mem_GiB']:.2f}",
+                "-",
+            ],
+            [
+                "ours, DKM 4 bits (85 Linear)",
+                f"{1e3 * ll['dkm']['steady_step_s']:.1f}",
+                f"{ll['dkm']['peak_mem_GiB']:.2f}",
+                f"{ll['dkm']['prepare_s'] + ll['dkm']['first_step_s']:.2f}",
+            ],
+        ]
+        parts.append(
+            f"{g['device']} (torch {g['torch']}), {ll['params'] / 1e6:.0f}M-parameter LLaMA-shaped "
+            "LM, batch 8 x 512, bf16 autocast, AdamW: step ratio "
+            f"{ll['step_ratio']:.1f}x, memory ratio {ll['mem_ratio']:.2f}x\n\n"
+            + _table(["run", "ms/step", "peak GiB", "prepare + first step s"], rows)
+        )
+        checks = g.get("correctness") or []
+        if checks:
+            ok = sum(c["ok"] for c in checks)
+            parts.append(
+                f"CUDA correctness on the same card: {ok}/{len(checks)} checks passed ("
+                + "; ".join(c["check"] for c in checks)
+                + ")."
+            )
+    return "\n\n".join(parts) if parts else "(no DKM results)"
+
+
+def skm() -> str:
+    d = _load("skm")
+    if d is None:
+        return "(no bench/results/skm.json)"
+    rows = []
+    for r in d["rows"]:
+        rows.append(
+            [
+                str(r["n_bits"]),
+                r["granularity"],
+                f"{r['ct_s']:.1f}",
+                f"{r['ours_s']:.1f}",
+                f"{r['speedup']:.1f}x",
+                f"{r['worst_wratio']:.4f}",
+                f"{r['ct_cos']:.4f}",
+                f"{r['ours_cos']:.4f}",
+            ]
+        )
+    header = [
+        "bits",
+        "granularity",
+        "coremltools k-means s",
+        "ours s",
+        "speedup",
+        "worst layer Fisher-weighted error ours/ct",
+        "embedding cosine ct",
+        "ours",
+    ]
+    out = [_table(header, rows)]
+    for o in d.get("outliers", []):
+        out.append(
+            f"outlier_fraction {o['outlier_fraction']} at {o['n_bits']} bits ({o['outliers']} "
+            f"weights kept exact): Fisher-weighted error {o['wmean_without']:.4f} -> "
+            f"{o['wmean_with']:.4f}, embedding cosine {o['cos_without']:.4f} -> "
+            f"{o['cos_with']:.4f} (lower error on {o['layers_error_lower']}/{o['layers']} layers)."
+        )
+    for key in ("scale1b", "scale"):
+        if d.get(key):
+            out.append(f"Scale run: {json.dumps(d[key])}")
+    return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "ptp"
+    print({"ptp": ptp, "dkm": dkm, "skm": skm}[what]())
