@@ -37,6 +37,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -72,7 +73,7 @@ from lightning_palettize.palettizers.skm import SKMPalettizer
 from lightning_palettize.report import PalettizationReport
 from lightning_palettize.selection import select_weights
 
-__all__ = ["ConfigError", "main", "run"]
+__all__ = ["CONFIG_DIR", "ConfigError", "main", "palettizer_config", "run"]
 
 PROG = "lightning-palettize"
 CHECKPOINT_FILE = "palettized.ckpt"
@@ -248,7 +249,9 @@ class _DropTips(logging.Filter):
 @contextlib.contextmanager
 def _quiet_tips() -> Iterator[None]:
     """Hide the advertising tip every new Trainer prints (twice per run here)."""
-    loggers = [logging.getLogger(f"lightning.{p}.utilities.rank_zero") for p in ("pytorch", "fabric")]
+    loggers = [
+        logging.getLogger(f"lightning.{p}.utilities.rank_zero") for p in ("pytorch", "fabric")
+    ]
     tip_filter = _DropTips()
     for logger in loggers:
         logger.addFilter(tip_filter)
@@ -543,10 +546,8 @@ def _plot(
 ) -> bool:
     """One panel per palettized weight: histogram before palettization, LUT entries on top."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # A bare Figure draws with Agg and leaves pyplot's global backend and state alone.
+        from matplotlib.figure import Figure
     except ImportError:
         print(
             f"{PROG}: matplotlib is not installed; no figure "
@@ -561,7 +562,8 @@ def _plot(
     buffers = dict(module.named_buffers())
     ncols = min(4, len(rows))
     nrows = math.ceil(len(rows) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(rows) :]:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
@@ -569,24 +571,31 @@ def _plot(
         original = before.get(row.name)
         values = (original if original is not None else after).float().flatten()
         lo, hi = values.min().item(), values.max().item()
-        ax.hist(values.numpy(), bins=120, range=(lo, hi), color="0.65", label="weights (fp32)")
+        ax.hist(
+            values.numpy(),
+            bins=120,
+            range=(lo, hi),
+            color="0.65",
+            label="weights before palettizing",
+        )
         lut = _single_lut(buffers, row.name)
         if lut is not None:
             for i, c in enumerate(lut.tolist()):
                 ax.axvline(c, color="tab:red", lw=1.0, label="LUT entries" if i == 0 else None)
+            ax.legend(fontsize=6, loc="upper right")
         else:
-            ax.hist(after.numpy(), bins=120, range=(lo, hi), histtype="step", color="tab:red",
-                    label=f"palettized ({row.num_luts} LUTs)")  # fmt: skip
+            # Many LUTs: the palettized values' histogram, on its own scale (it is spiky).
+            twin = ax.twinx()
+            twin.hist(after.numpy(), bins=240, range=(lo, hi), histtype="step", color="tab:red")
+            twin.tick_params(labelsize=7, colors="tab:red")
+            twin.set_ylabel(f"palettized values ({row.num_luts} LUTs)", fontsize=7, color="tab:red")
+            ax.legend(fontsize=6, loc="upper left")
         short = row.name[len(prefix) :] if row.name.startswith(prefix) else row.name
-        ax.set_title(
-            f"{short}: {row.n_bits}-bit, rel err {row.rel_error:.2e}", fontsize=8
-        )
+        ax.set_title(f"{short}: {row.n_bits}-bit, rel err {row.rel_error:.2e}", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="upper right")
     fig.suptitle("weight histogram and LUT per palettized layer", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -655,12 +664,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     Raises:
         SystemExit: status 2 for a config error (message on stderr), 1 for Hydra's own errors.
     """
-    if argv is None:
-        _hydra_main()
-        return
     saved = sys.argv
-    sys.argv = [saved[0] if saved else PROG, *argv]
+    if argv is not None:
+        sys.argv = [saved[0] if saved else PROG, *argv]
     try:
         _hydra_main()
+    except BrokenPipeError:
+        # `lightning-palettize --help | head`: the reader left; end quietly, as POSIX tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     finally:
         sys.argv = saved

@@ -41,6 +41,7 @@ __all__ = [
     "SentenceEmbedder",
     "SentencePairsDataModule",
     "contrastive_loss",
+    "digits_accuracy",
     "embedding_cosine",
     "load_digits",
     "load_minilm",
@@ -50,6 +51,7 @@ __all__ = [
     "minilm_path",
     "pair_retrieval_accuracy",
     "split_digits",
+    "train_digits_cnn",
 ]
 
 #: Folder of the data files shipped inside the package.
@@ -71,9 +73,7 @@ def load_digits() -> tuple[Tensor, Tensor]:
     return x, table[:, 64].clone()
 
 
-def split_digits(
-    labels: Tensor, seed: int = 0, n_folds: int = 5
-) -> tuple[Tensor, Tensor, Tensor]:
+def split_digits(labels: Tensor, seed: int = 0, n_folds: int = 5) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded stratified split into train / val / test row indices (each sorted).
 
     Rows are shuffled, grouped by class and dealt into ``n_folds`` folds in turn, so every
@@ -102,7 +102,9 @@ class DigitsDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"DigitsDataModule.batch_size: got {batch_size!r}; expected an int >= 1")
+            raise ValueError(
+                f"DigitsDataModule.batch_size: got {batch_size!r}; expected an int >= 1"
+            )
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self._splits: dict[str, TensorDataset] = {}
 
@@ -204,6 +206,25 @@ class DigitsClassifier(L.LightningModule):
         return torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+
+
+def train_digits_cnn(
+    epochs: int = 8, lr: float = 1e-3, batch_size: int = 64, seed: int = 0
+) -> DigitsCNN:
+    """A :class:`DigitsCNN` trained in plain PyTorch (Adam, seeded) on the digits training split:
+    the fp32 model the pure-PyTorch examples palettize. About 97% test accuracy in 8 epochs."""
+    data = DigitsDataModule(batch_size=batch_size, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitsCNN()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(epochs):
+            for x, y in data.train_dataloader():
+                loss = nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return model.eval()
 
 
 @torch.no_grad()
@@ -414,7 +435,9 @@ class SentenceEmbedder(L.LightningModule):
         return mean_pooled_embeddings(self.model, self.tokenizer, sentences, self.max_length)
 
     def _loss(self, pairs: Sequence[tuple[str, str]]) -> Tensor:
-        return contrastive_loss(self.model, self.tokenizer, pairs, self.temperature, self.max_length)
+        return contrastive_loss(
+            self.model, self.tokenizer, pairs, self.temperature, self.max_length
+        )
 
     def training_step(self, batch: Sequence[tuple[str, str]], batch_idx: int) -> Tensor:
         loss = self._loss(batch)

@@ -29,13 +29,14 @@ Two engines compute it, neither keeping an N x K tensor alive for backward:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["hard_assign", "soft_kmeans"]
+__all__ = ["hard_assign", "soft_kmeans", "soft_kmeans_batch"]
 
 _MODES = ("dkm", "gsm", "hard")
 _METHODS = ("auto", "dense", "table")
@@ -54,6 +55,17 @@ _DEFAULT_CHUNK_ELEMS = 1 << 22
 # bound (~5-7 ms) below ~1M elements, so the GPU keeps the dense engine's fewer kernels there.
 _TABLE_MIN_GROUP = {"cpu": 1 << 16}
 _DEFAULT_TABLE_MIN_GROUP = 1 << 18
+
+# The scalar engine (d == 1): elements of one [G, K, rows] chunk (one chunk is the fast path:
+# the last iteration and the output then share their attention), and how many elements of
+# attention it may keep from forward for backward instead of recomputing them.
+_SCALAR_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+_DEFAULT_SCALAR_CHUNK_ELEMS = 1 << 24
+_KEEP_ATTENTION_ELEMS = {"cpu": 1 << 21, "cuda": 1 << 23}
+_DEFAULT_KEEP_ATTENTION_ELEMS = 1 << 22
+
+# CPU elements per chunk when writing the codes through scratch buffers
+_CODE_CHUNK = 1 << 16
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -215,11 +227,13 @@ def _iterate(stats: Stats, c0: Tensor, cfg: _Cfg, schedule: list[Tensor | None] 
             # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
             running = (inertia - prev_inertia).abs() > cfg.epsilon
             active = running if act is None else act & running
-            n_active = int(active.sum())  # the one host sync per iteration
-            if n_active == 0:
-                break
-            if n_active == active.numel():
-                active = None  # all still running: skip the per-group selects
+            if not _sync_free(c0.device):
+                n_active = int(active.sum())  # a host read: free on the CPU
+                if n_active == 0:
+                    break
+                if n_active == active.numel():
+                    active = None  # all still running: skip the per-group selects
+            # elsewhere every iteration runs and stopped groups keep their state (no sync)
         prev_inertia = inertia
     return prev_c, last_c, ran, extra
 
@@ -236,6 +250,11 @@ def _replay(state: Tensor, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.set_state(state)
     return gen
+
+
+def _sync_free(device: torch.device) -> bool:
+    """Whether early stopping must avoid host reads (every device but the CPU)."""
+    return device.type != "cpu"
 
 
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -604,6 +623,670 @@ def _scatter_codes(per_code: Tensor, codes: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# scalar engine (d == 1, modes "dkm" and "hard"): many tensors, one autograd node
+#
+# Every tensor of a call becomes rows of per-"code" tables: a "table" item has one code per
+# distinct 16-bit value of each group (the value's count as its mass), an "exact" item one code
+# per element (mass 1, x itself as the value, no rounding). The k-means runs on the tables laid
+# out [G, K, U] (K-major: every reduction over K is a strided, vectorised pass), in "segments"
+# of stacked rows: one per item on the CPU (no padding, the cost is in the passes), one for all
+# items elsewhere (rows padded to the longest, the cost is in the kernel launches).
+#
+# Backward is analytic, O(K U) per iteration and O(N) per element: for code u with value v_u,
+# mass m_u and incoming gradient sum gsum_u (a weighted bincount of the elements' gradients),
+# grad x_i = g_i h_u + r_u where h_u = dy_u/dv_u with the centroids held fixed and r_u is the
+# gradient through the centroids per unit mass. With Q = (v - c) * P (P the softmax of one
+# iteration) and a gradient w.r.t. the attention of the form A_bar[j, u] = sum_k a_k[u] b_k[j],
+# the softmax backward and the distance backward reduce to a few [G, <=5, K] x [G, K, U]
+# products (see _scalar_backward_step): no [G, K, U] temporary beyond Q.
+
+
+def _scalar_rows(g: int, k: int, device: torch.device) -> int:
+    elems = _SCALAR_CHUNK_ELEMS.get(device.type, _DEFAULT_SCALAR_CHUNK_ELEMS)
+    return max(1, elems // (g * k))
+
+
+def _keep_budget(device: torch.device) -> int:
+    return _KEEP_ATTENTION_ELEMS.get(device.type, _DEFAULT_KEEP_ATTENTION_ELEMS)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers for CPU temporaries that never leave a function.
+
+    Fresh multi-megabyte allocations cost page faults on every call on the CPU (the allocator
+    hands large blocks back to the OS); a chunk-sized scratch stays in cache and is reused.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, slot: str, numel: int, dtype: torch.dtype) -> Tensor:
+        buf = self.buffers.get((slot, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self.buffers[(slot, dtype)] = buf
+        return buf[:numel]
+
+
+_workspace = _Workspace()
+
+
+def _group_absmax(flat: Tensor) -> Tensor:
+    """max |x| per row of a [G, N] tensor, float32 [G], without an |x| temporary."""
+    if flat.shape[0] == 1:
+        lo, hi = torch.aminmax(flat)  # one pass (with a dim it is a slow loop on the CPU)
+        return torch.maximum(hi, lo.neg()).float().view(1)
+    return torch.maximum(flat.amax(1), flat.amin(1).neg()).float()
+
+
+def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cfg: _Cfg) -> None:
+    """dst[i] (int32) = fp16 bit pattern of f[i] * scale + offset, for one [s, n] tensor."""
+    s, n = f.shape
+    if f.device.type != "cpu" or s > 1 or cfg.keep_zeros:
+        half = (f.float() * scale.view(s, 1)).half()
+        if cfg.keep_zeros:
+            # a tiny non-zero weight must not round into the exact-zero code
+            tiny = (f.sign() * 2.0**-24).half()
+            half = torch.where(half.eq(0) & f.ne(0), tiny, half)
+        out = dst.view(s, n)
+        out.copy_(half.view(torch.int16))
+        out.add_(offset)
+        return
+    # CPU, one group: in cache-sized chunks through scratch buffers (no large temporaries)
+    flat = f.view(-1)
+    step = _CODE_CHUNK
+    buf = _workspace.get("code_f32", min(step, n), torch.float32)
+    half = _workspace.get("code_f16", min(step, n), torch.float16)
+    sc = float(scale)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        if flat.dtype == torch.float32:
+            torch.mul(flat[a:b], sc, out=buf[: b - a])
+        else:  # exactly f.float() * scale
+            buf[: b - a].copy_(flat[a:b]).mul_(sc)
+        half[: b - a].copy_(buf[: b - a])
+        out = dst[a:b]
+        out.copy_(half[: b - a].view(torch.int16))
+        out.add_(offset)
+
+
+def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
+    """Bin every element of every [G_l, N_l] tensor by its 16-bit code, all groups stacked.
+
+    Returns (bins [sum G_l N_l] int32 with g * 65537 + code over the stacked groups, codes
+    [G, U] of each group's distinct codes (ascending code order) padded with the spare bin
+    65536, their values [G, U] in x's units, their counts [G, U] float32 (0 for padding),
+    the number of distinct codes per group (a list on the CPU, else None), U).
+    """
+    sizes = [f.shape[0] for f in flats]
+    g = sum(sizes)
+    if device.type == "cuda" and all(s == 1 for s in sizes) and len(flats) > 1:
+        # one launch for all the per-tensor maxima
+        amax = torch.stack(torch._foreach_norm(flats, float("inf"))).float().view(-1)
+    elif len(flats) == 1:
+        amax = _group_absmax(flats[0])
+    else:
+        amax = torch.cat([_group_absmax(f) for f in flats])
+    _, exponent = torch.frexp(amax)
+    # a power of two: exact, and max|x| lands in [2^14, 2^15) where fp16 keeps 11 bits
+    scale = torch.ldexp(torch.ones_like(amax), (_TOP_EXPONENT - exponent).clamp(-126, 126))
+    bins = torch.empty(sum(f.numel() for f in flats), dtype=torch.int32, device=device)
+    start = row = 0
+    offsets = None
+    for f, s in zip(flats, sizes):
+        n = f.numel()
+        if s == 1:
+            offset: Tensor | int = row * _STRIDE + (1 << 15)
+        else:
+            if offsets is None:
+                offsets = torch.arange(g, dtype=torch.int32, device=device)
+                offsets = offsets.mul_(_STRIDE).add_(1 << 15).unsqueeze(1)
+            offset = offsets[row : row + s]
+        _write_codes(bins[start : start + n], f, scale[row : row + s], offset, cfg)
+        start += n
+        row += s
+    counts = torch.bincount(bins, minlength=g * _STRIDE).view(g, _STRIDE)
+    present = counts[:, :_NCODES] > 0
+    if g == 1:
+        codes = present.view(-1).nonzero().view(1, -1)
+        per_group = [codes.shape[1]] if device.type == "cpu" else None
+        u = codes.shape[1]
+    else:
+        n_present = present.sum(1)
+        gi, ci = present.nonzero(as_tuple=True)
+        if device.type == "cpu":
+            per_group = n_present.tolist()
+            u = max(per_group)
+        else:
+            per_group = None
+            u = int(n_present.max())  # the table width: one host sync per batch
+        first = torch.cumsum(n_present, 0) - n_present
+        slot = torch.arange(gi.numel(), device=device) - first[gi]
+        codes = torch.full((g, u), _NCODES, dtype=torch.long, device=device)
+        codes[gi, slot] = ci
+    mass = counts.gather(1, codes).float()
+    values = _code_values(device)[codes] / scale.unsqueeze(1)
+    return bins, codes, values, mass, per_group, u
+
+
+@dataclass
+class _ScalarItem:
+    kind: str  # "table" or "exact"
+    g: int
+    n: int
+    row: int  # first row among all items (centroid order)
+    trow: int  # first row among the table items (bins / codes order)
+    start: int  # first element in the stacked bins (table items)
+    seg: int = 0  # segment index
+    srow: int = 0  # first row in its segment
+    u: int = 0  # codes used by this item (<= the segment's width)
+
+
+class _Saved:
+    """Collects tensors for save_for_backward and hands back their positions."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor | None] = []
+
+    def __call__(self, t: Tensor | None) -> int:
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+
+def _scalar_dist(v: Tensor, c: Tensor, cfg: _Cfg, keep_diff: bool) -> tuple[Tensor | None, Tensor]:
+    """(v - c) [G, K, U] (if asked) and the adjusted squared distances D [G, K, U]."""
+    if keep_diff:
+        diff = v.unsqueeze(1) - c.unsqueeze(2)
+        dist = diff * diff
+    else:
+        diff = None
+        dist = torch.sub(v.unsqueeze(1), c.unsqueeze(2)).square_()
+    if cfg.prune_threshold > 0:
+        dist[:, 0] -= cfg.prune_threshold
+    elif cfg.keep_zeros:
+        dist[:, 0] = torch.where(v.ne(0), 1.0 / cfg.zero_threshold, dist[:, 0])
+    return diff, dist
+
+
+def _scalar_probs(dist: Tensor, cfg: _Cfg) -> Tensor:
+    """P from adjusted distances (consumes ``dist``): softmax over K, or one-hot (hard)."""
+    if cfg.mode == "hard":
+        idx = dist.argmin(1, keepdim=True)
+        return torch.zeros_like(dist).scatter_(1, idx, 1.0)
+    return torch.softmax(dist.mul_(-1.0 / cfg.tau), 1)
+
+
+def _scalar_att(probs: Tensor, cfg: _Cfg) -> Tensor:
+    if cfg.clamp_attention and cfg.mode == "dkm":
+        return probs.clamp_min(cfg.zero_threshold)
+    return probs
+
+
+def _scalar_update(sm: Tensor, c: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor, Tensor]:
+    """(raw, mass, new): raw = c + centered sums / mass (= sums / mass; a column with mass 0
+    keeps c), new = raw after lut_fn and the zero slot."""
+    mass = sm[:, 1]
+    filled = mass > 0
+    safe = torch.where(filled, mass, torch.ones_like(mass))
+    raw = torch.where(filled, c + sm[:, 0] / safe, c)
+    new = raw
+    if cfg.lut_fn is not None:
+        quantized = cfg.lut_fn(raw.unsqueeze(-1))
+        if not isinstance(quantized, Tensor) or quantized.shape != raw.unsqueeze(-1).shape:
+            got = getattr(quantized, "shape", type(quantized).__name__)
+            raise ValueError(
+                f"soft_kmeans: lut_fn must return a tensor of shape "
+                f"{tuple(raw.unsqueeze(-1).shape)}, got {got}"
+            )
+        new = quantized.detach().to(raw.dtype).squeeze(-1)
+    if cfg.enforce_zero:
+        new = new.clone()
+        new[:, 0] = 0.0
+    return raw, mass, new
+
+
+def _lut_vjp(cfg: _Cfg, raw: Tensor, grad: Tensor) -> Tensor:
+    """d loss / d raw from d loss / d lut_fn(raw) (identity for straight-through LUTs)."""
+    fn = cfg.lut_fn
+    if fn is None or getattr(fn, "straight_through", False):
+        return grad
+    with torch.enable_grad():
+        r = raw.detach().unsqueeze(-1).requires_grad_()
+        out = fn(r)
+        if not out.requires_grad:
+            return torch.zeros_like(grad)
+        (g,) = torch.autograd.grad(out, r, grad.unsqueeze(-1).to(out.dtype), allow_unused=True)
+    return torch.zeros_like(grad) if g is None else g.squeeze(-1).to(grad.dtype)
+
+
+def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
+    """The iterations on one segment: values v and masses m [G, U], centroids c [G, K].
+
+    Returns (y [G, U] per-code output, final centroids [G, K], state for backward).
+    Early stopping is per group: on the CPU the loop ends once every group has stopped (one
+    host read per iteration, free there); with ``sync_free`` every iteration runs and a group
+    that stopped keeps its state through torch.where (the same result, no host sync).
+    """
+    g, u = v.shape
+    k = c.shape[1]
+    chunks = list(_chunks(u, _scalar_rows(g, k, v.device)))
+    single = len(chunks) == 1
+    budget = _keep_budget(v.device)
+    keep_all = single and cfg.max_iter * g * k * u <= budget
+    hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    prev_c = last_c = c
+    p_out: Tensor | None = None  # the attention of each group's last iteration (one chunk)
+    last_it: Tensor | None = None  # per group, the last iteration run (None: the last one)
+    active: Tensor | None = None
+    prev_inertia: Tensor | None = None
+    for t in range(cfg.max_iter):
+        act = active
+        test = cfg.epsilon >= 0 and t + 1 < cfg.max_iter
+        # centered sums: sum_u A_ju m_u (v_u - c_j) and sum_u A_ju m_u, so that the new
+        # centroid c_j + sums / mass is accurate to float32 rounding of the *step*, not of the sum
+        sm = v.new_zeros(g, 2, k)
+        # the inertia is the float32 rounding of its exact value (summed in float64): it does
+        # not depend on chunking, batching or the device, and it stops changing once the
+        # centroids have converged to float32 precision
+        inertia = v.new_zeros(g, dtype=torch.float64) if test else None
+        probs = v
+        for a, b in chunks:
+            diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=True)
+            if inertia is not None:
+                inertia += torch.sum(dist.amin(1).double() * m[:, a:b], 1)
+            probs = _scalar_probs(dist, cfg)
+            att = _scalar_att(probs, cfg)
+            mc = m[:, a:b].unsqueeze(2)
+            sm[:, 0] += torch.bmm(diff.mul_(att), mc).view(g, k)
+            sm[:, 1] += torch.bmm(att, mc).view(g, k)
+        raw, mass, new = _scalar_update(sm, c, cfg)
+        hist.append((c, raw, mass, act, probs if keep_all else None))
+        if act is None:
+            prev_c, last_c, last_it = c, new, None
+            p_out = probs if single else None
+        else:
+            keep = act.unsqueeze(1)
+            prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
+            base = torch.full((g,), t - 1, dtype=torch.long, device=v.device)
+            last_it = torch.where(act, t, base if last_it is None else last_it)
+            if single:
+                p_out = torch.where(act.view(g, 1, 1), probs, p_out)
+        c = last_c
+        if not test:
+            continue
+        inertia = inertia.float()
+        if prev_inertia is not None:
+            # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
+            running = (inertia - prev_inertia).abs() > cfg.epsilon
+            active = running if act is None else act & running
+            if not sync_free:
+                n_active = int(active.sum())  # a host read: free on the CPU
+                if n_active == 0:
+                    break
+                if n_active == g:
+                    active = None
+        prev_inertia = inertia
+    y = v.new_empty(g, u)
+    for a, b in chunks:
+        probs = p_out
+        if probs is None:
+            _, dist = _scalar_dist(v[:, a:b], prev_c, cfg, keep_diff=False)
+            probs = _scalar_probs(dist, cfg)
+        y[:, a:b] = torch.bmm(last_c.unsqueeze(1), _scalar_att(probs, cfg)).view(g, b - a)
+    if not (single and g * k * u <= budget):
+        p_out = None
+    state = dict(v=v, m=m, hist=hist, prev_c=prev_c, last_c=last_c, last_it=last_it, p_out=p_out)
+    return y, last_c, state
+
+
+def _scalar_softmax_back(grad: Tensor, probs: Tensor, v: Tensor, cfg: _Cfg) -> Tensor:
+    """d loss / d logits from d loss / d A (consumes ``grad``), per [G, K, U] chunk."""
+    if cfg.clamp_attention and cfg.mode == "dkm":
+        grad = grad.mul_(probs >= cfg.zero_threshold)  # coremltools' clamp
+    out = torch._softmax_backward_data(grad, probs, 1, probs.dtype)
+    if cfg.keep_zeros:
+        out[:, 0] *= v.eq(0)  # slot 0's logit is a constant for non-zero v
+    return out
+
+
+def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
+    """One chunk of one iteration's backward, for the attention A = att(P) of centroids c.
+
+    d loss / d A[j, u] = m_u s_hat_j (v_u - raw_j) (the centroid update raw = sum A m v /
+    sum A m; zero rows for groups not updated) + gsum_u out_c_j (the output y = A . out_c,
+    when ``out_c`` is given). The logits are -(v - c)^2 / tau: d/dv = -two (v - c) = -d/dc.
+    Returns (r: gradient to v_u per unit mass through the update, h: the output's slope
+    dy_u/dv_u or None, d c through the update or None, d c through the output or None).
+    """
+    g = v.shape[0]
+    two = 2.0 / cfg.tau
+    r = dc = None
+    if s_hat is not None:
+        att = _scalar_att(probs, cfg)
+        r = torch.bmm(s_hat.unsqueeze(1), att).view(g, -1)  # the direct term d S_j / d v_u
+    if cfg.mode == "hard":  # A is piecewise constant
+        return r, None, None, None
+    if s_hat is not None:
+        grad = torch.sub(v.unsqueeze(1), raw.unsqueeze(2)).mul_(s_hat.unsqueeze(2))
+        e = _scalar_softmax_back(grad, probs, v, cfg).mul_(diff)
+        r.sub_(e.sum(1), alpha=two)
+        dc = torch.bmm(e, m.unsqueeze(2)).view(g, -1).mul_(two)
+    if out_c is None:
+        return r, None, dc, None
+    if cfg.clamp_attention and cfg.mode == "dkm":
+        grad = out_c.unsqueeze(2).expand_as(probs).clone()
+        e = _scalar_softmax_back(grad, probs, v, cfg)
+    else:  # softmax backward of a row-constant gradient: P (L - sum_k P_k L_k)
+        y = torch.bmm(out_c.unsqueeze(1), probs)
+        e = torch.sub(out_c.unsqueeze(2), y).mul_(probs)
+        if cfg.keep_zeros:
+            e[:, 0] *= v.eq(0)
+    e.mul_(diff)
+    h = e.sum(1).mul_(-two)
+    dc_out = torch.bmm(e, gsum.unsqueeze(2)).view(g, -1).mul_(two)
+    return r, h, dc, dc_out
+
+
+def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
+    """Per-code (h, r) of one segment: grad x_i = g_i h[u_i] + r[u_i]."""
+    v, m, hist = state["v"], state["m"], state["hist"]
+    prev_c, last_c, last_it, p_out = (state[k] for k in ("prev_c", "last_c", "last_it", "p_out"))
+    g, u = v.shape
+    k = prev_c.shape[1]
+    n_run = len(hist)
+    chunks = list(_chunks(u, _scalar_rows(g, k, v.device)))
+    merged = len(chunks) == 1
+    h = v.new_zeros(g, u)
+    r = v.new_zeros(g, u)
+    zeros_k = v.new_zeros(g, k)
+    hard = cfg.mode == "hard"
+
+    def probs_at(c, a, b, saved):
+        diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=not hard)
+        return diff, (saved if saved is not None else _scalar_probs(dist, cfg))
+
+    def d_output_c(probs, a, b):
+        att = _scalar_att(probs, cfg)
+        return torch.bmm(gsum[:, a:b].unsqueeze(1), att.transpose(1, 2)).view(g, k)
+
+    def ends_at(t):
+        """Groups whose output comes from iteration t: None (all), False (none) or a mask."""
+        if last_it is None:
+            return None if t == n_run - 1 else False
+        return last_it.eq(t).unsqueeze(1)
+
+    def add_at(base, extra, mask):
+        if extra is None or mask is False:
+            return base
+        return base + (extra if mask is None else extra * mask)
+
+    d_last = d_prev = None  # d loss / d (the output's centroids), per group
+    if not merged:
+        # the output alone first: d loss / d last_c is needed before undoing the last iteration
+        d_last, d_prev = zeros_k.clone(), zeros_k.clone()
+        for a, b in chunks:
+            diff, probs = probs_at(prev_c, a, b, None)
+            d_last += d_output_c(probs, a, b)
+            _, hh, _, dco = _scalar_backward_step(
+                v[:, a:b], m[:, a:b], gsum[:, a:b], probs, diff, cfg, None, None, last_c
+            )
+            if hh is not None:
+                h[:, a:b] = hh
+                d_prev += dco
+    grad_c = zeros_k  # d loss / d (centroids after the iteration being undone)
+    for t in reversed(range(n_run)):
+        c, raw, mass, act, saved = hist[t]
+        ends = ends_at(t)
+        grad_new = grad_c if act is None else grad_c * act.unsqueeze(1)
+        with_out = merged and t == n_run - 1
+        if with_out:
+            # the output's attention: this iteration's for every group still running (prev_c
+            # == c for them); the others only contribute through the output here
+            diff, probs = probs_at(prev_c, 0, u, p_out)
+            d_last = d_output_c(probs, 0, u)
+        grad_new = add_at(grad_new, d_last, ends)
+        # through lut_fn and the zero slot, then new = sums / mass (an empty column keeps c)
+        if cfg.enforce_zero:
+            grad_new = grad_new.clone()
+            grad_new[:, 0] = 0.0
+        grad_raw = _lut_vjp(cfg, raw, grad_new)
+        filled = mass > 0
+        s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
+        if act is not None:
+            s_hat = s_hat * act.unsqueeze(1)
+        grad_in = torch.where(filled, zeros_k, grad_raw)
+        if with_out:
+            rr, hh, dc, d_prev = _scalar_backward_step(
+                v, m, gsum, probs, diff, cfg, s_hat, raw, last_c
+            )
+            r += rr
+            if hh is not None:
+                h = hh
+            if dc is not None:
+                grad_in = grad_in + dc
+        else:
+            for a, b in chunks:
+                diff, probs = probs_at(c, a, b, saved)
+                rr, _, dc, _ = _scalar_backward_step(
+                    v[:, a:b], m[:, a:b], gsum[:, a:b], probs, diff, cfg, s_hat, raw, None
+                )
+                r[:, a:b] += rr
+                if dc is not None:
+                    grad_in = grad_in + dc
+        grad_in = add_at(grad_in, d_prev, ends)
+        grad_c = grad_in if act is None else torch.where(act.unsqueeze(1), grad_in, grad_c)
+    return h, r
+
+
+def _weighted_bincount_into(total: Tensor | None, bins: Tensor, weights: Tensor, lo: int, hi: int):
+    """sum of ``weights`` per bin over bins in [lo, hi), as a [hi - lo] tensor (or into ``total``,
+    a [size] tensor indexed by the bins themselves)."""
+    if total is not None:
+        if bins.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return total.index_put_((bins.long(),), weights, accumulate=True)
+        return total.index_add_(0, bins, weights)
+    return torch.bincount(bins, weights=weights, minlength=hi)[lo:hi]
+
+
+def _gather_grad(h_full: Tensor, r_full: Tensor, bins: Tensor, g: Tensor) -> Tensor:
+    """g * h[bins] + r[bins] (the per-element gradient), without a full-size temporary."""
+    out = r_full.index_select(0, bins)
+    if bins.device.type != "cpu":
+        return out.addcmul_(g, h_full.index_select(0, bins))
+    step = _CODE_CHUNK
+    n = bins.numel()
+    tmp = _workspace.get("grad_h", min(step, n), torch.float32)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        torch.index_select(h_full, 0, bins[a:b], out=tmp[: b - a])
+        out[a:b].addcmul_(g[a:b], tmp[: b - a])
+    return out
+
+
+class _ScalarKMeans(torch.autograd.Function):
+    """Soft k-means of many [G, N, 1] tensors (one config) in one node; see the section notes."""
+
+    @staticmethod
+    def forward(ctx, cfg, kinds, c0, *xs):
+        device = c0.device
+        sync_free = _sync_free(device)
+        items: list[_ScalarItem] = []
+        flats = []
+        row = trow = start = 0
+        for x, kind in zip(xs, kinds):
+            g, n = x.shape[0], x.shape[1]
+            items.append(_ScalarItem(kind, g, n, row, trow, start))
+            row += g
+            if kind == "table":
+                flats.append(x.detach().reshape(g, n))
+                trow += g
+                start += g * n
+        n_tab = trow
+        bins = codes = values = mass = None
+        per_group: list[int] | None = None
+        u_tab = 0
+        if flats:
+            bins, codes, values, mass, per_group, u_tab = _encode_many(flats, cfg, device)
+
+        def rows_of(i: int, u: int) -> tuple[Tensor, Tensor]:
+            it = items[i]
+            if it.kind == "table":
+                sl = slice(it.trow, it.trow + it.g)
+                return values[sl, :u], mass[sl, :u]
+            xv = xs[i].detach().reshape(it.g, it.n).float()
+            return xv, torch.ones_like(xv)
+
+        # segments: (rows slice, v, m, items)
+        segments = []
+        if sync_free:
+            width = max([u_tab] + [it.n for it in items if it.kind == "exact"])
+            if all(it.kind == "table" for it in items):
+                v, m = values, mass
+            else:
+                v = c0.new_zeros(row, width)
+                m = c0.new_zeros(row, width)
+                for i, it in enumerate(items):
+                    iv, im = rows_of(i, u_tab if it.kind == "table" else it.n)
+                    v[it.row : it.row + it.g, : iv.shape[1]] = iv
+                    m[it.row : it.row + it.g, : im.shape[1]] = im
+            for it in items:
+                it.seg, it.srow, it.u = 0, it.row, (u_tab if it.kind == "table" else it.n)
+            segments.append((slice(0, row), v, m))
+        else:
+            for i, it in enumerate(items):
+                if it.kind == "table":
+                    it.u = max(per_group[it.trow : it.trow + it.g])
+                else:
+                    it.u = it.n
+                v, m = rows_of(i, it.u)
+                it.seg, it.srow = i, 0
+                segments.append((slice(it.row, it.row + it.g), v, m))
+
+        saved = _Saved()
+        new_c = torch.empty_like(c0)
+        ys, seg_state = [], []
+        for rows, v, m in segments:
+            y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
+            new_c[rows] = last
+            ys.append(y)
+            hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
+            seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
+
+        outs = []
+        y_full = None
+        if n_tab:
+            y_full = c0.new_zeros(n_tab * _STRIDE)
+            table = y_full.view(n_tab, _STRIDE)
+            if sync_free and all(it.kind == "table" for it in items):
+                table.scatter_(1, codes, ys[0])
+            else:
+                for it in items:
+                    if it.kind == "table":
+                        sl = slice(it.trow, it.trow + it.g)
+                        seg_y = ys[it.seg][it.srow : it.srow + it.g, : it.u]
+                        table[sl].scatter_(1, codes[sl, : it.u], seg_y)
+        for x, it in zip(xs, items):
+            if it.kind == "table":
+                flat = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
+            else:
+                flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
+            outs.append(flat.reshape(x.shape).to(x.dtype))
+        ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
+        ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
+        ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.mark_non_differentiable(new_c)
+        ctx.set_materialize_grads(False)
+        return (*outs, new_c)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cfg, items, n_tab = ctx.cfg, ctx.items, ctx.n_tab
+        tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad[3:]
+        grads = grads[: len(items)]
+        live = [need[i] and grads[i] is not None for i in range(len(items))]
+        result: list[Tensor | None] = [None] * len(items)
+        if not any(live):
+            return (None, None, None, *result)
+        bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
+        device = tensors[ctx.seg_state[0][0]["v"]].device
+        with _no_autocast(device):
+            flat_g = [
+                grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))
+            ]
+            gsum_tab = None
+            if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
+                total = None
+                if len(items) > 1 and device.type != "cpu":
+                    total = codes.new_zeros(n_tab * _STRIDE, dtype=torch.float32)
+                parts = []
+                for i, it in enumerate(items):
+                    if it.kind != "table":
+                        continue
+                    lo, hi = it.trow * _STRIDE, (it.trow + it.g) * _STRIDE
+                    sl = bins[it.start : it.start + it.g * it.n]
+                    if total is not None:
+                        if live[i]:
+                            _weighted_bincount_into(total, sl, flat_g[i], lo, hi)
+                    elif live[i]:
+                        parts.append(_weighted_bincount_into(None, sl, flat_g[i], lo, hi))
+                    else:
+                        parts.append(codes.new_zeros(hi - lo, dtype=torch.float32))
+                if total is None:
+                    total = parts[0] if len(parts) == 1 else torch.cat(parts)
+                gsum_tab = total.view(n_tab, _STRIDE).gather(1, codes)
+            hr = []
+            for s, (st_idx, hist_idx) in enumerate(ctx.seg_state):
+                seg_items = [(i, it) for i, it in enumerate(items) if it.seg == s]
+                if not any(live[i] for i, _ in seg_items):
+                    hr.append(None)
+                    continue
+                state = {key: tensors[idx] for key, idx in st_idx.items()}
+                state["hist"] = [tuple(tensors[j] for j in entry) for entry in hist_idx]
+                v = state["v"]
+                gsum = v.new_zeros(v.shape)
+                for i, it in seg_items:
+                    if not live[i]:
+                        continue
+                    dst = gsum[it.srow : it.srow + it.g]
+                    if it.kind == "table":
+                        dst[:, : it.u] = gsum_tab[it.trow : it.trow + it.g, : it.u]
+                    else:
+                        dst[:, : it.n] = flat_g[i].view(it.g, it.n)
+                hr.append(_scalar_backward(state, gsum, cfg))
+            h_full = r_full = None
+            if n_tab:
+                h_full = codes.new_zeros(n_tab * _STRIDE, dtype=torch.float32)
+                r_full = torch.zeros_like(h_full)
+                h_tab, r_tab = h_full.view(n_tab, _STRIDE), r_full.view(n_tab, _STRIDE)
+                one_seg = len(ctx.seg_state) == 1 and all(it.kind == "table" for it in items)
+                if one_seg:
+                    h_tab.scatter_(1, codes, hr[0][0])
+                    r_tab.scatter_(1, codes, hr[0][1])
+                else:
+                    for i, it in enumerate(items):
+                        if it.kind != "table" or not live[i]:
+                            continue
+                        sl = slice(it.trow, it.trow + it.g)
+                        hs, rs = (t[it.srow : it.srow + it.g, : it.u] for t in hr[it.seg])
+                        h_tab[sl].scatter_(1, codes[sl, : it.u], hs)
+                        r_tab[sl].scatter_(1, codes[sl, : it.u], rs)
+            for i, it in enumerate(items):
+                if not live[i]:
+                    continue
+                shape, dtype = ctx.kinds_dtypes[i]
+                if it.kind == "table":
+                    sl = bins[it.start : it.start + it.g * it.n]
+                    grad = _gather_grad(h_full, r_full, sl, flat_g[i])
+                else:
+                    hs, rs = (t[it.srow : it.srow + it.g, : it.n] for t in hr[it.seg])
+                    grad = torch.addcmul(rs, flat_g[i].view(it.g, it.n), hs)
+                result[i] = grad.reshape(shape).to(dtype)
+        return (None, None, None, *result)
+
+
+# ---------------------------------------------------------------------------------------------
 # public API
 
 
@@ -744,6 +1427,17 @@ def soft_kmeans(
     """
     fn = "soft_kmeans"
     _check_tensors(fn, x, centroids)
+    cfg, gen, method = _make_cfg(
+        fn, x.device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold,
+        zero_threshold, lut_fn, generator, method, clamp_attention,
+    )
+    return _run_many([x], [centroids], cfg, gen, method)[0]
+
+
+def _make_cfg(
+    fn, device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold, zero_threshold,
+    lut_fn, generator, method, clamp_attention,
+) -> tuple[_Cfg, torch.Generator | None, str]:
     tau = _check_number(fn, "tau", tau, 0.0, strict=True)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"{fn}: max_iter must be an int >= 1, got {max_iter!r}")
@@ -758,19 +1452,15 @@ def soft_kmeans(
         raise TypeError(f"{fn}: lut_fn must be callable or None, got {type(lut_fn).__name__}")
     if not isinstance(clamp_attention, bool):
         raise TypeError(f"{fn}: clamp_attention must be a bool, got {clamp_attention!r}")
-    g, n, d = x.shape
-    if method == "table" and d != 1:
-        raise ValueError(f"{fn}: method='table' needs d == 1 (scalar clusters), got d={d}")
     gen = None
     if mode == "gsm":
-        gen = generator if generator is not None else _default_generator(x.device)
+        gen = generator if generator is not None else _default_generator(device)
         if not isinstance(gen, torch.Generator):
             raise TypeError(f"{fn}: generator must be a torch.Generator, got {type(gen).__name__}")
-        if gen.device.type != x.device.type or (
-            x.device.index is not None and gen.device.index not in (None, x.device.index)
+        if gen.device.type != device.type or (
+            device.index is not None and gen.device.index not in (None, device.index)
         ):
-            raise ValueError(f"{fn}: generator is on {gen.device}, x on {x.device}")
-
+            raise ValueError(f"{fn}: generator is on {gen.device}, x on {device}")
     cfg = _Cfg(
         tau=max(tau, zero),
         max_iter=max_iter,
@@ -782,16 +1472,98 @@ def soft_kmeans(
         lut_fn=lut_fn,
         clamp_attention=clamp_attention,
     )
+    return cfg, gen, method
+
+
+def _resolve_method(x: Tensor, method: str, fn: str) -> str:
+    g, n, d = x.shape
+    if method == "table" and d != 1:
+        raise ValueError(f"{fn}: method='table' needs d == 1 (scalar clusters), got d={d}")
     if method == "auto":
         use_table = d == 1 and n >= _TABLE_MIN_GROUP.get(x.device.type, _DEFAULT_TABLE_MIN_GROUP)
-        method = "table" if use_table else "dense"
-    # a private copy: callers may write the returned centroids into their state in place
-    c0 = centroids.detach().to(torch.float32, copy=True)
-    with _no_autocast(x.device):
-        if method == "table":
-            out, new_c = _TableKMeans.apply(x, c0, cfg, gen)
-            return out, new_c.detach()
-        return _soft_kmeans_dense(x, c0, cfg, gen)
+        return "table" if use_table else "dense"
+    return method
+
+
+def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
+    """The soft k-means of every (x, centroids): the scalar ones of one device in one node."""
+    methods = [_resolve_method(x, method, fn) for x in xs]
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(xs)
+    scalar: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.shape[2] == 1 and gen is None:
+            scalar.setdefault(x.device, []).append(i)
+    for device, idx in scalar.items():
+        # private copies: callers may write the returned centroids into their state in place
+        c0 = torch.cat([centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx]).float()
+        kinds = tuple("table" if methods[i] == "table" else "exact" for i in idx)
+        with _no_autocast(device):
+            *outs, new_c = _ScalarKMeans.apply(cfg, kinds, c0, *(xs[i] for i in idx))
+        row = 0
+        for i, out in zip(idx, outs):
+            g = xs[i].shape[0]
+            results[i] = (out, new_c[row : row + g].view(centroids[i].shape))
+            row += g
+    for i, x in enumerate(xs):
+        if results[i] is not None:
+            continue
+        c0 = centroids[i].detach().to(torch.float32, copy=True)
+        with _no_autocast(x.device):
+            if methods[i] == "table":
+                out, new_c = _TableKMeans.apply(x, c0, cfg, gen)
+                results[i] = (out, new_c.detach())
+            else:
+                results[i] = _soft_kmeans_dense(x, c0, cfg, gen)
+    return results
+
+
+@torch.compiler.disable
+def soft_kmeans_batch(
+    xs: list[Tensor],
+    centroids: list[Tensor],
+    *,
+    tau: float = 1e-4,
+    max_iter: int = 3,
+    epsilon: float = 1e-4,
+    mode: str = "dkm",
+    enforce_zero: bool = False,
+    prune_threshold: float = 0.0,
+    zero_threshold: float = 1e-7,
+    lut_fn: Callable[[Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
+    clamp_attention: bool = False,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`soft_kmeans` of several tensors with one configuration, in few kernels.
+
+    Equal, up to float rounding, to ``[soft_kmeans(x, c, **kw) for x, c in zip(xs,
+    centroids)]`` (each tensor keeps its own engine choice and its own early stopping per
+    group), but every scalar (d == 1) tensor of one device goes through one autograd node: the
+    per-code tables of all of them are stacked and iterated together, their backward runs as
+    one. Mode "gsm" and d > 1 run tensor by tensor (the noise is drawn per tensor as
+    documented in :func:`soft_kmeans`). ``lut_fn`` is applied to the stacked [sum G, K, d]
+    centroids, so it must act per LUT group (as a LUT quantizer does).
+
+    The backward of the shared node runs once every output's gradient is known: the inputs'
+    gradients arrive together, at the end of the backward pass.
+
+    Returns:
+        one (x_hat, new_centroids) per input, as :func:`soft_kmeans` returns them.
+    """
+    fn = "soft_kmeans_batch"
+    if not isinstance(xs, (list, tuple)) or not isinstance(centroids, (list, tuple)):
+        raise TypeError(f"{fn}: xs and centroids must be lists of tensors")
+    if len(xs) != len(centroids):
+        raise ValueError(f"{fn}: got {len(xs)} tensors and {len(centroids)} centroid tensors")
+    if not xs:
+        return []
+    for x, c in zip(xs, centroids):
+        _check_tensors(fn, x, c)
+    cfg, gen, method = _make_cfg(
+        fn, xs[0].device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold,
+        zero_threshold, lut_fn, generator, method, clamp_attention,
+    )
+    return _run_many(list(xs), list(centroids), cfg, gen, method, fn)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:

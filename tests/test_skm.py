@@ -484,3 +484,39 @@ def test_kmeans_workers_give_identical_results_and_propagate_errors():
         _quiet(SKMPalettizer(model, _cfg(3)), sensitivity=bad, num_kmeans_workers=2, inplace=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    ("kind", "n_bits", "groups"),
+    [("bimodal", 4, 1), ("student", 3, 1), ("gauss", 2, 1), ("bimodal", 4, 8)],
+)
+def test_default_kmeans_equals_full_exact_dp(kind, n_bits, groups):
+    # The default for large fp32 layers is the two-level DP (much faster than the exact DP on
+    # every distinct value); it must land on the same optimum. The bimodal layer once fooled a
+    # refinement around the 16-bit-code solution (a near tie between cluster allocations).
+    g = torch.Generator().manual_seed(7)
+    shape = (256, 512)
+    if kind == "bimodal":
+        far = torch.rand(shape, generator=g) < 0.5
+        w = torch.where(
+            far, torch.randn(shape, generator=g) + 3, torch.randn(shape, generator=g) * 0.1
+        )
+    elif kind == "student":
+        w = torch.distributions.StudentT(2.5).sample(shape) * 0.02
+    else:
+        w = torch.randn(shape, generator=g) * 0.02
+    layer = nn.Linear(512, 256, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    model = nn.Sequential(layer)
+    fisher = {"0.weight": (w * torch.randn(shape, generator=g)).square()}
+    s = normalize_sensitivity(fisher["0.weight"])
+    module = (
+        {"granularity": "per_grouped_channel", "group_size": 256 // groups} if groups > 1 else {}
+    )
+    cfg = _cfg(n_bits, **module)
+    auto = _quiet(SKMPalettizer(model, cfg), sensitivity=fisher)
+    exact = _quiet(SKMPalettizer(model, cfg), sensitivity=fisher, exact_kmeans=True)
+    e_auto = _weighted_sse(w, auto[0].weight, s)
+    e_exact = _weighted_sse(w, exact[0].weight, s)
+    assert e_auto == pytest.approx(e_exact, rel=1e-12)

@@ -16,6 +16,7 @@ same Core ML metadata as
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import IO, Any
 
 import torch
@@ -32,7 +33,7 @@ from lightning_palettize.palettizers._common import (
 )
 from lightning_palettize.report import PalettizationReport, ReportRow
 from lightning_palettize.selection import select_weights
-from lightning_palettize.soft_kmeans import hard_assign, soft_kmeans
+from lightning_palettize.soft_kmeans import hard_assign, soft_kmeans, soft_kmeans_batch
 
 __all__ = ["DKMPalettizer", "FakePalettize", "DKM_SUPPORTED"]
 
@@ -75,14 +76,179 @@ def _ste(c: Tensor, q: Tensor) -> Tensor:
 
 
 def _lut_fn(lut_dtype: str):
-    """Straight-through LUT quantizer used inside the soft k-means for lut_dtype != f32."""
+    """Straight-through LUT quantizer used inside the soft k-means for lut_dtype != f32.
+
+    It acts per LUT group (so the groups of several weights may be stacked) and its gradient
+    is the identity, which ``straight_through`` tells the kernel (it then skips the VJP).
+    """
     if lut_dtype == "f32":
         return None
     if lut_dtype in ("f16", "bf16"):
         dt = torch.float16 if lut_dtype == "f16" else torch.bfloat16
-        return lambda c: _ste(c, c.to(dt).float())
-    qdtype = torch.int8 if lut_dtype == "i8" else torch.uint8
-    return lambda c: _ste(c, quantize_lut(c.detach(), qdtype)[0])
+
+        def fn(c: Tensor) -> Tensor:
+            return _ste(c, c.to(dt).float())
+
+    else:
+        qdtype = torch.int8 if lut_dtype == "i8" else torch.uint8
+
+        def fn(c: Tensor) -> Tensor:
+            return _ste(c, quantize_lut(c.detach(), qdtype)[0])
+
+    fn.straight_through = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _kmeans_kwargs(cfg: ModuleDKMPalettizerConfig) -> dict[str, Any]:
+    return dict(
+        tau=cfg.palett_tau,
+        max_iter=cfg.kmeans_max_iter,
+        epsilon=cfg.palett_epsilon,
+        mode=cfg.palett_mode,
+        enforce_zero=cfg.enforce_zero,
+        prune_threshold=cfg.prune_threshold,
+        zero_threshold=cfg.zero_threshold,
+    )
+
+
+def _batch_key(cfg: ModuleDKMPalettizerConfig) -> tuple:
+    """Weights whose soft k-means may share one kernel call."""
+    kw = _kmeans_kwargs(cfg)
+    return (*kw.values(), cfg.lut_dtype, cfg.n_bits, cfg.cluster_dim)
+
+
+class _Pending:
+    """A soft weight computed ahead by a round, valid for exactly the state it came from."""
+
+    __slots__ = ("weight", "key", "soft", "centroids")
+
+    def __init__(self, weight: Tensor, key: tuple, soft: Tensor, centroids: Tensor) -> None:
+        self.weight, self.key, self.soft, self.centroids = weight, key, soft, centroids
+
+
+class _DKMGroup:
+    """Batches the soft k-means of the FakePalettize children of one model.
+
+    Shared by the children ``prepare`` attached together; each joins when its hook first runs.
+    In training mode, the first forward pre-hook that finds no result computed ahead for its
+    weight starts a *round*: the soft weights of every member that is enabled, training and
+    without a pending result, in one :func:`soft_kmeans_batch` call per configuration (one
+    autograd node, a few dozen kernels, instead of hundreds per weight). The other members'
+    results wait here; each member's own hook takes its result and writes its new centroids.
+
+    A pending result is used at most once and only for the exact state it was computed from:
+    the same weight tensor at the same version counter and storage, the same centroids and
+    scale (version and storage), the same grad mode. Anything else (the optimizer stepped, a
+    module called twice in one forward, a module run on its own, a state_dict load) starts a
+    new round, so every call computes what the unbatched soft k-means of the current weight
+    and centroids would. Pending results are dropped when a backward pass through a round
+    ends. Gumbel (gsm) weights keep computing one by one, in call order, so their noise stays
+    as documented.
+
+    Deep copies and unpickled copies get a fresh, empty group (shared by the copied members).
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+        self._pending: dict[int, _Pending] = {}
+
+    def __deepcopy__(self, memo: dict) -> _DKMGroup:
+        return _DKMGroup()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def join(self, fp: FakePalettize, module: nn.Module) -> bool:
+        """Register ``fp`` (attached to ``module``); True if it was not a member yet."""
+        entry = self._members.get(id(fp))
+        if entry is not None and entry[0]() is fp and entry[1]() is module:
+            return False
+        self._members[id(fp)] = (weakref.ref(fp), weakref.ref(module))
+        return True
+
+    def leave(self, fp: FakePalettize) -> None:
+        self._members.pop(id(fp), None)
+        self._pending.pop(id(fp), None)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    @staticmethod
+    def _key(fp: FakePalettize, weight: Tensor) -> tuple:
+        c, s = fp.centroids, fp.scale
+        return (
+            weight._version,
+            weight.data_ptr(),
+            c._version,
+            c.data_ptr(),
+            s._version,
+            s.data_ptr(),
+            torch.is_grad_enabled(),
+        )
+
+    def soft_weight(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
+        """The soft-palettized ``weight`` of ``fp`` (training mode, enabled)."""
+        if self.join(fp, module):
+            # joining lazily (a copied model): the members are still being discovered, so a
+            # round now would miss the rest; the first forward computes weight by weight
+            return fp(weight)
+        pending = self._pending.pop(id(fp), None)
+        if (
+            pending is not None
+            and pending.weight is weight
+            and pending.key == self._key(fp, weight)
+        ):
+            with torch.no_grad():
+                fp.centroids.copy_(pending.centroids)
+            return pending.soft
+        if fp.cfg.palett_mode == "gsm":
+            return fp(weight)
+        return self._round(fp, module, weight)
+
+    def _round(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
+        todo: dict[tuple, list[tuple[FakePalettize, Tensor]]] = {}
+        todo.setdefault((weight.device, _batch_key(fp.cfg)), []).append((fp, weight))
+        for key, (fp_ref, mod_ref) in list(self._members.items()):
+            other, mod = fp_ref(), mod_ref()
+            if other is None or mod is None:
+                del self._members[key]
+                continue
+            if other is fp or not (other.training and other.is_enabled):
+                continue
+            if other.cfg.palett_mode == "gsm" or getattr(mod, f"{other.param_name}_dkm", None) is not other:
+                continue
+            w = other.live_weight(mod)[1]
+            p = self._pending.get(key)
+            if p is not None and p.weight is w and p.key == self._key(other, w):
+                continue  # still valid: computed from this very state
+            todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
+        mine = None
+        for members in todo.values():
+            first = members[0][0]
+            results = soft_kmeans_batch(
+                [m._prepare_input(w) for m, w in members],
+                [m.centroids for m, _ in members],
+                lut_fn=first._lut_fn,
+                **_kmeans_kwargs(first.cfg),
+            )
+            for (m, w), (xhat, cent) in zip(members, results):
+                soft = m._finish(xhat, w.dtype)
+                if m is fp:
+                    with torch.no_grad():
+                        fp.centroids.copy_(cent)
+                    mine = soft
+                else:
+                    self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent)
+        if mine is not None and mine.requires_grad and self._pending:
+            mine.register_hook(self._drop_after_backward)
+        return mine
+
+    def _drop_after_backward(self, grad: Tensor) -> None:
+        # runs inside the backward pass: drop what is left once it has finished
+        torch.autograd.Variable._execution_engine.queue_callback(self.clear)
 
 
 class FakePalettize(nn.Module):
@@ -110,20 +276,53 @@ class FakePalettize(nn.Module):
         self.register_buffer("enabled", torch.zeros((), dtype=torch.uint8, device=weight.device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=weight.device))
         self._lut_fn = _lut_fn(cfg.lut_dtype)
+        # the model's shared batcher (prepare replaces this private one)
+        self._group = _DKMGroup()
+        # host-side copies of the ``enabled`` / ``steps`` buffers: (buffer, version, value)
+        self._enabled_seen: tuple[Tensor, int, bool] | None = None
+        self._steps_seen: tuple[Tensor, int, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # lambdas do not pickle: rebuild the LUT quantizer from the config
+        # local functions do not pickle: rebuild the LUT quantizer from the config
         state = self.__dict__.copy()
         state["_lut_fn"] = None
+        state["_enabled_seen"] = state["_steps_seen"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lut_fn = _lut_fn(self.cfg.lut_dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._enabled_seen = self._steps_seen = None  # re-read once from the loaded buffers
+
     @property
     def is_enabled(self) -> bool:
-        return bool(self.enabled)
+        """Whether the weight is palettized; a host-side copy of the ``enabled`` buffer.
+
+        Re-read from the buffer (a device-to-host copy) only after the buffer was written
+        (its version counter moved, e.g. a state_dict load or a broadcast) or replaced.
+        """
+        buf, seen = self.enabled, self._enabled_seen
+        if seen is None or seen[0] is not buf or seen[1] != buf._version:
+            seen = (buf, buf._version, bool(buf))
+            self._enabled_seen = seen
+        return seen[2]
+
+    @property
+    def step_count(self) -> int:
+        """The ``steps`` buffer as an int (host-side copy, re-read only after it changed)."""
+        buf, seen = self.steps, self._steps_seen
+        if seen is None or seen[0] is not buf or seen[1] != buf._version:
+            seen = (buf, buf._version, int(buf))
+            self._steps_seen = seen
+        return seen[2]
+
+    @torch.no_grad()
+    def set_step_count(self, step: int) -> None:
+        self.steps.fill_(step)
+        self._steps_seen = (self.steps, self.steps._version, step)
 
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
@@ -146,6 +345,7 @@ class FakePalettize(nn.Module):
             cent = self._lut_fn(cent)
         self.centroids.copy_(cent)
         self.enabled.fill_(1)
+        self._enabled_seen = (self.enabled, self.enabled._version, True)
 
     def _prepare_input(self, weight: Tensor) -> Tensor:
         w = weight.float() if weight.dtype != torch.float32 else weight
@@ -181,18 +381,8 @@ class FakePalettize(nn.Module):
             )
             return self._finish(hard, weight.dtype)
         xg = self._prepare_input(weight)
-        xhat, cent = soft_kmeans(
-            xg,
-            self.centroids.clone(),  # the kernel may save it for backward; we update in place
-            tau=cfg.palett_tau,
-            max_iter=cfg.kmeans_max_iter,
-            epsilon=cfg.palett_epsilon,
-            mode=cfg.palett_mode,
-            enforce_zero=cfg.enforce_zero,
-            prune_threshold=cfg.prune_threshold,
-            zero_threshold=cfg.zero_threshold,
-            lut_fn=self._lut_fn,
-        )
+        # the kernel copies the centroids it starts from: updating them in place is safe
+        xhat, cent = soft_kmeans(xg, self.centroids, lut_fn=self._lut_fn, **_kmeans_kwargs(cfg))
         with torch.no_grad():
             self.centroids.copy_(cent)
         return self._finish(xhat, weight.dtype)
@@ -210,16 +400,26 @@ class FakePalettize(nn.Module):
         return name, module._parameters[name]
 
     # -- hooks on the owning module: shadow the parameter with its palettized value in forward
+    @torch.compiler.disable
     def pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self.is_enabled:
-            name, weight = self.live_weight(module)
+        if not self.is_enabled:  # a host-side flag: no device sync per forward
+            return
+        name, weight = self.live_weight(module)
+        if self.training:
+            # batched with the model's other weights (see _DKMGroup)
+            module.__dict__[name] = self._group.soft_weight(self, module, weight)
+        else:
             module.__dict__[name] = self(weight)
 
     def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         module.__dict__.pop(self.live_weight(module)[0], None)
 
-    def attach(self, module: nn.Module) -> None:
+    def attach(self, module: nn.Module, group: _DKMGroup | None = None) -> None:
+        """Attach to ``module``; weights sharing ``group`` have their soft k-means batched."""
+        if group is not None:
+            self._group = group
         module.add_module(f"{self.param_name}_dkm", self)
+        self._group.join(self, module)
         module.register_forward_pre_hook(self.pre_hook)
         module.register_forward_hook(self.post_hook)
 
@@ -228,6 +428,7 @@ class FakePalettize(nn.Module):
             for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
                 del hooks[key]
         module.__dict__.pop(self.live_weight(module)[0], None)
+        self._group.leave(self)
         delattr(module, f"{self.param_name}_dkm")
 
     @torch.no_grad()
@@ -347,13 +548,14 @@ class DKMPalettizer:
             plans.append((sel, layout_for(weight, cfg, sel.qualified_name)))
         target = self._model if inplace else copy.deepcopy(self._model)
         modules = dict(target.named_modules(remove_duplicate=False))
+        group = _DKMGroup()
         for sel, layout in plans:
             module = modules[sel.module_name] if sel.module_name else target
             weight = getattr(module, sel.param_name)
             fp = FakePalettize(weight, layout, sel.config, sel.param_name)
             if sel.config.milestone == 0:
                 fp.initialize(weight)
-            fp.attach(module)
+            fp.attach(module, group)
         target.train()
         self._prepared = target
         return target
@@ -384,7 +586,7 @@ class DKMPalettizer:
             raise ValueError(f"set_step: step must be an int >= 0, got {step!r}")
         model = self._require_prepared()
         for _, module, _pname, fp in _fake_palettizers(model):
-            fp.steps.fill_(step)
+            fp.set_step_count(step)
             if not fp.is_enabled and step >= fp.cfg.milestone:
                 fp.initialize(fp.live_weight(module)[1])
 
@@ -392,7 +594,7 @@ class DKMPalettizer:
     def steps(self) -> int:
         """``step()`` calls so far (restored with the model's state_dict)."""
         model = self._require_prepared()
-        counts = [int(fp.steps) for *_, fp in _fake_palettizers(model)]
+        counts = [fp.step_count for *_, fp in _fake_palettizers(model)]
         return max(counts) if counts else 0
 
     def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
