@@ -1,4 +1,7 @@
-"""Builds the one compiled piece: the exact 1-D k-means dynamic program (plain C, no torch headers)."""
+"""Builds the one compiled piece: the exact 1-D k-means dynamic program (plain C).
+
+It needs the Python headers only, no torch headers.
+"""
 
 from setuptools import Extension, setup
 

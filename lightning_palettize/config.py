@@ -36,6 +36,7 @@ from typing import IO, Any, ClassVar, TypeVar
 import torch
 import torch.nn as nn
 import yaml
+
 try:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 except ImportError:  # pragma: no cover - a declared dependency; absent only on bare machines

@@ -84,10 +84,11 @@ def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
         raise ValueError(f"k: expected a positive int, got {k!r}")
     if x.shape[1] == 0:
         raise ValueError("x: groups are empty (N == 0)")
-    # One reduction instead of a weight-sized bool mask: NaN and Inf propagate into the sum.
-    if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x: contains NaN or Inf values; cannot cluster them")
+    # One reduction instead of a weight-sized bool mask: NaN and Inf propagate into the sum
+    # (the full check runs only if the sum is not finite, e.g. after an fp32 overflow).
+    total = x.sum(dtype=torch.float32)
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf values; cannot cluster them")
     if weights is not None:
         if tuple(weights.shape) != tuple(x.shape[:2]):
             raise ValueError(
