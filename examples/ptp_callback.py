@@ -1,18 +1,20 @@
 """Post-training palettization with Lightning: measure a trained model palettized, in
 trainer.test, with PostTrainingPalettizationCallback(when="test_start", compare=True).
 
-Run: python examples/ptp_callback.py   (under a minute on 2 cores)
+Run: python examples/ptp_callback.py   (about 10 s on 2 cores)
 """
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from lightning_palettize.callbacks import PostTrainingPalettizationCallback
 from lightning_palettize.data import DigitsClassifier, DigitsDataModule
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # a model this small runs faster on one thread than on two
     L.seed_everything(0)
     data, module = DigitsDataModule(), DigitsClassifier()
     L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False).fit(module, data)

@@ -53,6 +53,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_palettize.callbacks import (
     PalettizationCallback,
@@ -220,7 +221,7 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
             built = hydra.utils.instantiate(
                 {k: kwargs[k] for k in ("callbacks", "logger") if k in kwargs}, _convert_="all"
             )
-        except Exception as error:  # noqa: BLE001 - any failure of a user's _target_
+        except Exception as error:  # any failure of a user's _target_
             raise ConfigError(f"trainer: could not build callbacks/logger: {error}") from None
         kwargs.update(built)
     return kwargs
@@ -300,11 +301,15 @@ class _WeightSnapshot(L.Callback):
             if name.endswith("weight")
         }
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Called when fit ends, before a DKM callback listed later finalizes."""
         if self.moment == "fit_end":
             self._take(pl_module)
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Called when testing starts, before a PTP / SKM callback listed later palettizes."""
         if self.moment == "test_start" and not self.weights:
             self._take(pl_module)
 
@@ -637,10 +642,19 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             f"experiment.name: got {cfg.experiment.name!r}; expected one of digits, minilm"
         )
     pcfg = palettizer_config(cfg)
+    threads = _positive_int(cfg, "num_threads", optional=True)
+    if threads == 0:
+        raise ConfigError("num_threads: got 0; expected an int >= 1 or null")
     print(f"{PROG}: {cfg.experiment.name} / {cfg.algorithm.name} -> {out}", flush=True)
-    if cfg.experiment.name == "digits":
-        return _run_digits(cfg, out, pcfg)
-    return _run_minilm(cfg, out, pcfg)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if cfg.experiment.name == "digits":
+            return _run_digits(cfg, out, pcfg)
+        return _run_minilm(cfg, out, pcfg)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # An absolute path: Hydra then reads the folder directly (a relative one would need conf/ to be

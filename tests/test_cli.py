@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from lightning_palettize import load_palettized
 from lightning_palettize.callbacks import load_palettized_checkpoint
@@ -169,6 +170,38 @@ def test_shortcuts_reach_every_algorithm():
     assert (cfg.trainer.precision, cfg.output_dir) == ("bf16-mixed", "somewhere")
 
 
+def test_docs_reference_lists_every_config_key():
+    # The reference table (docs/CLI.md, or README.md once merged there) is kept in step with
+    # the shipped configs.
+    root, heading = Path(__file__).resolve().parent.parent, "### CLI configuration reference"
+    docs = [p.read_text() for p in (root / "docs" / "CLI.md", root / "README.md") if p.is_file()]
+    doc = next(text for text in docs if heading in text)
+    reference = doc[doc.index(heading) :]
+    trainer_row = next(line for line in reference.splitlines() if line.startswith("| `trainer.*`"))
+    opaque = ("algorithm.global_config", "algorithm.module_type_configs", "algorithm.module_name")
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and value and not path.startswith(opaque):
+                yield from leaves(value, f"{path}.")
+            else:
+                yield path
+
+    missing = set()
+    for experiment in ("digits", "minilm"):
+        for algorithm in ("dkm", "ptp", "skm"):
+            cfg = _compose(f"experiment={experiment}", f"algorithm={algorithm}")
+            for path in leaves(OmegaConf.to_container(cfg)):
+                if path.startswith("trainer."):
+                    found = f"{path.removeprefix('trainer.')}" in trainer_row
+                else:
+                    found = f"| `{path}` |" in reference
+                if not found:
+                    missing.add(path)
+    assert not missing, f"docs/CLI.md reference lacks {sorted(missing)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # bad overrides: the config's message, no stack trace, a non-zero exit, before any training
 
@@ -249,7 +282,8 @@ def test_figure_is_skipped_cleanly_without_matplotlib(tmp_path, capsys, monkeypa
     net = torch.nn.Sequential(torch.nn.Linear(16, 16))
     palettizer = PostTrainingPalettizer(net, {"global_config": {"n_bits": 2}})
     small = palettizer.compress(progress=False)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for name in ("matplotlib", "matplotlib.figure"):  # importing them -> ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     assert not _plot(tmp_path / "x.png", palettizer.report(), {}, small, "")
     assert not (tmp_path / "x.png").exists()
     assert "pip install 'lightning-palettize[plot]'" in capsys.readouterr().err
