@@ -16,19 +16,34 @@ centroids C [G, K, d]), repeated up to ``max_iter`` times:
 and returns x_hat_i = sum_j A_ij C_j (last attention, last centroids). Gradients flow through
 the whole unrolled computation; nothing is straight-through.
 
-Two engines compute it, neither keeping an N x K tensor alive for backward:
+Two methods, neither keeping an N x K tensor alive for backward:
 
 * "table" (d == 1): A depends on x_i only through its value, so all k-means work runs once per
   distinct 16-bit code (fp16 after a power-of-two rescale of the group) and is gathered back.
-  Backward is O(N): one weighted bincount and two gathers per element; the small per-code graph
-  is recomputed inside backward. Equal to the dense math up to rounding x to 11 significant bits
-  (exact for fp16 / bf16 weights).
-* "dense" (any d, exact): chunked over N, with custom autograd Functions that recompute each
-  chunk's attention in backward. Extra memory O(chunk x K) + O(N x d) + O(iterations x K x d).
+  Equal to the dense math up to rounding x to 11 significant bits (exact for fp16 / bf16).
+* "dense" (exact): the same math per element.
+
+For d == 1 (modes "dkm" and "hard") both run on the *scalar engine*: per-code tables (one code
+per element for "dense") laid out [G, K, U], any number of tensors stacked into one autograd
+node (:func:`soft_kmeans_batch`), an analytic backward that is O(U K) per iteration and O(N)
+per element (one weighted bincount and two gathers), the attention of the output iteration
+kept from forward when it is small and recomputed otherwise. New centroids are computed as
+c + sum A m (x - c) / sum A m (centered: nearly correctly rounded, so stacking or chunking
+does not move them), and the inertia is the float32 rounding of its float64 sum.
+For d > 1 and for mode "gsm" (its noise layout is documented per tensor) the engines run
+tensor by tensor: "dense" chunked over N with custom autograd Functions that recompute each
+chunk's attention in backward (extra memory O(chunk x K) + O(N x d) + O(iterations x K x d)),
+"table" with its small per-code graph recomputed inside backward.
+
+Host syncs: on the CPU, early stopping reads back one flag per iteration (free there) and
+stops when every group has; on other devices every iteration runs and a group that stopped
+keeps its state (torch.where), the same result without a sync. The table sizes of a call are
+read back once.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +74,15 @@ _DEFAULT_TABLE_MIN_GROUP = 1 << 18
 # The scalar engine (d == 1): elements of one [G, K, rows] chunk (one chunk is the fast path:
 # the last iteration and the output then share their attention), and how many elements of
 # attention it may keep from forward for backward instead of recomputing them.
-_SCALAR_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+_SCALAR_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 _DEFAULT_SCALAR_CHUNK_ELEMS = 1 << 24
 _KEEP_ATTENTION_ELEMS = {"cpu": 1 << 21, "cuda": 1 << 23}
 _DEFAULT_KEEP_ATTENTION_ELEMS = 1 << 22
 
 # CPU elements per chunk when writing the codes through scratch buffers
-_CODE_CHUNK = 1 << 16
+_CODE_CHUNK = 1 << 18
+# Largest CPU scratch buffer (elements) the engine keeps between calls
+_WORKSPACE_MAX_ELEMS = 1 << 22
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -255,6 +272,13 @@ def _replay(state: Tensor, device: torch.device) -> torch.Generator:
 def _sync_free(device: torch.device) -> bool:
     """Whether early stopping must avoid host reads (every device but the CPU)."""
     return device.type != "cpu"
+
+
+def _host_layout(device: torch.device) -> bool:
+    """The CPU's way of running the scalar engine: one segment per tensor (no padding),
+    cache-sized chunks through reused scratch buffers (no page faults on fresh blocks).
+    Elsewhere: one stacked segment and whole-tensor ops (fewest kernel launches)."""
+    return device.type == "cpu"
 
 
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -629,16 +653,17 @@ def _scatter_codes(per_code: Tensor, codes: Tensor) -> Tensor:
 # distinct 16-bit value of each group (the value's count as its mass), an "exact" item one code
 # per element (mass 1, x itself as the value, no rounding). The k-means runs on the tables laid
 # out [G, K, U] (K-major: every reduction over K is a strided, vectorised pass), in "segments"
-# of stacked rows: one per item on the CPU (no padding, the cost is in the passes), one for all
-# items elsewhere (rows padded to the longest, the cost is in the kernel launches).
+# of stacked rows (_plan_segments): one per tensor on the CPU (no padding: there the cost is in
+# the passes), as few as possible elsewhere (rows padded to the segment's widest table: there
+# the cost is in the kernel launches).
 #
 # Backward is analytic, O(K U) per iteration and O(N) per element: for code u with value v_u,
 # mass m_u and incoming gradient sum gsum_u (a weighted bincount of the elements' gradients),
-# grad x_i = g_i h_u + r_u where h_u = dy_u/dv_u with the centroids held fixed and r_u is the
-# gradient through the centroids per unit mass. With Q = (v - c) * P (P the softmax of one
-# iteration) and a gradient w.r.t. the attention of the form A_bar[j, u] = sum_k a_k[u] b_k[j],
-# the softmax backward and the distance backward reduce to a few [G, <=5, K] x [G, K, U]
-# products (see _scalar_backward_step): no [G, K, U] temporary beyond Q.
+# grad x_i = g_i h_u + r_u, where h_u = dy_u/dv_u with the centroids held fixed and r_u is the
+# gradient through the centroid updates per unit mass (_scalar_backward_step). The softmax
+# backward is taken row by row, so a saturated (one-hot) row contributes exactly nothing.
+# CPU temporaries live in per-thread scratch buffers: fresh multi-megabyte blocks would be
+# page-faulted in on every step.
 
 
 def _scalar_rows(g: int, k: int, device: torch.device) -> int:
@@ -679,15 +704,27 @@ def _group_absmax(flat: Tensor) -> Tensor:
     return torch.maximum(flat.amax(1), flat.amin(1).neg()).float()
 
 
+def _keep_tiny(half: Tensor, f: Tensor) -> Tensor:
+    """A tiny non-zero weight must not round into the exact-zero code (enforce_zero)."""
+    tiny = (f.sign() * 2.0**-24).half()
+    return torch.where(half.eq(0) & f.ne(0), tiny, half)
+
+
 def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cfg: _Cfg) -> None:
     """dst[i] (int32) = fp16 bit pattern of f[i] * scale + offset, for one [s, n] tensor."""
     s, n = f.shape
-    if f.device.type != "cpu" or s > 1 or cfg.keep_zeros:
+    if not _host_layout(f.device):
+        # two kernels: CUDA casts inside the kernel (the CPU would add temporaries and copies)
+        half = torch.empty((s, n), dtype=torch.float16, device=f.device)
+        torch.mul(f, scale.view(s, 1).to(torch.float32), out=half)
+        if cfg.keep_zeros:
+            half = _keep_tiny(half, f)
+        torch.add(half.view(torch.int16), offset, out=dst.view(s, n))
+        return
+    if s > 1 or cfg.keep_zeros:
         half = (f.float() * scale.view(s, 1)).half()
         if cfg.keep_zeros:
-            # a tiny non-zero weight must not round into the exact-zero code
-            tiny = (f.sign() * 2.0**-24).half()
-            half = torch.where(half.eq(0) & f.ne(0), tiny, half)
+            half = _keep_tiny(half, f)
         out = dst.view(s, n)
         out.copy_(half.view(torch.int16))
         out.add_(offset)
@@ -716,12 +753,12 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
     Returns (bins [sum G_l N_l] int32 with g * 65537 + code over the stacked groups, codes
     [G, U] of each group's distinct codes (ascending code order) padded with the spare bin
     65536, their values [G, U] in x's units, their counts [G, U] float32 (0 for padding),
-    the number of distinct codes per group (a list on the CPU, else None), U).
+    the number of distinct codes per group (a list: the batch's one host read), U).
     """
     sizes = [f.shape[0] for f in flats]
     g = sum(sizes)
-    if device.type == "cuda" and all(s == 1 for s in sizes) and len(flats) > 1:
-        # one launch for all the per-tensor maxima
+    if not _host_layout(device) and all(s == 1 for s in sizes) and len(flats) > 1:
+        # one launch for all the per-tensor maxima (a slow loop on the CPU)
         amax = torch.stack(torch._foreach_norm(flats, float("inf"))).float().view(-1)
     elif len(flats) == 1:
         amax = _group_absmax(flats[0])
@@ -735,9 +772,9 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
     offsets = None
     for f, s in zip(flats, sizes):
         n = f.numel()
-        if s == 1:
+        if s == 1 and _host_layout(device):
             offset: Tensor | int = row * _STRIDE + (1 << 15)
-        else:
+        else:  # a [s, 1] int32 tensor: int16 codes + offset promote to int32 in one kernel
             if offsets is None:
                 offsets = torch.arange(g, dtype=torch.int32, device=device)
                 offsets = offsets.mul_(_STRIDE).add_(1 << 15).unsqueeze(1)
@@ -749,21 +786,23 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
     present = counts[:, :_NCODES] > 0
     if g == 1:
         codes = present.view(-1).nonzero().view(1, -1)
-        per_group = [codes.shape[1]] if device.type == "cpu" else None
+        per_group = [codes.shape[1]]
         u = codes.shape[1]
     else:
-        n_present = present.sum(1)
-        gi, ci = present.nonzero(as_tuple=True)
-        if device.type == "cpu":
-            per_group = n_present.tolist()
-            u = max(per_group)
+        n_present = torch.count_nonzero(present, dim=1)
+        per_group = n_present.tolist()  # the table sizes: the one host read of a batch
+        u = max(per_group)
+        if _host_layout(device) and g <= 8:
+            codes = torch.full((g, u), _NCODES, dtype=torch.long, device=device)
+            for i in range(g):
+                row = present[i].nonzero().view(-1)
+                codes[i, : row.numel()] = row
         else:
-            per_group = None
-            u = int(n_present.max())  # the table width: one host sync per batch
-        first = torch.cumsum(n_present, 0) - n_present
-        slot = torch.arange(gi.numel(), device=device) - first[gi]
-        codes = torch.full((g, u), _NCODES, dtype=torch.long, device=device)
-        codes[gi, slot] = ci
+            gi, ci = present.nonzero(as_tuple=True)
+            first = torch.cumsum(n_present, 0) - n_present
+            slot = torch.arange(gi.numel(), device=device) - first[gi]
+            codes = torch.full((g, u), _NCODES, dtype=torch.long, device=device)
+            codes[gi, slot] = ci
     mass = counts.gather(1, codes).float()
     values = _code_values(device)[codes] / scale.unsqueeze(1)
     return bins, codes, values, mass, per_group, u
@@ -782,6 +821,36 @@ class _ScalarItem:
     u: int = 0  # codes used by this item (<= the segment's width)
 
 
+# segment planning: a device segment's rows are padded to its widest table; a new segment
+# starts below this fraction of that width (padding costs at most 1/_SEGMENT_FILL)
+_SEGMENT_FILL = 2 / 3
+# CPU: tensors whose whole table has at most this many [K x U] elements share one segment
+_TINY_TABLE = 1 << 16
+
+
+def _plan_segments(items: list[_ScalarItem], k: int, host: bool) -> list[list[int]]:
+    """Which tensors iterate together (indices into ``items``).
+
+    On the CPU the cost is in the passes, so each tensor gets its own segment (no padding),
+    except tiny ones, which share one (fewer ops). Elsewhere the cost is in the launches: one
+    segment, unless the table widths differ enough that padding would cost more.
+    """
+    order = sorted(range(len(items)), key=lambda i: -items[i].u)
+    if host:
+        tiny = [i for i in order if items[i].g * items[i].u * k <= _TINY_TABLE]
+        return [[i] for i in order if i not in tiny] + ([tiny] if tiny else [])
+    segments: list[list[int]] = []
+    for i in order:
+        if segments and items[i].u >= _SEGMENT_FILL * items[segments[-1][0]].u:
+            segments[-1].append(i)
+        else:
+            segments.append([i])
+    # keep the stacked-in-order fast path when everything fits one segment
+    if len(segments) == 1:
+        segments[0].sort()
+    return segments
+
+
 class _Saved:
     """Collects tensors for save_for_backward and hands back their positions."""
 
@@ -793,14 +862,30 @@ class _Saved:
         return len(self.tensors) - 1
 
 
+def _tmp(slot: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A float32 chunk temporary: reused scratch on the CPU (see _Workspace), else fresh.
+
+    The caller owns the slot until its next use of the same slot name.
+    """
+    numel = math.prod(shape)
+    if not _host_layout(device) or numel > _WORKSPACE_MAX_ELEMS:
+        return torch.empty(shape, device=device)
+    return _workspace.get(slot, numel, torch.float32).view(shape)
+
+
 def _scalar_dist(v: Tensor, c: Tensor, cfg: _Cfg, keep_diff: bool) -> tuple[Tensor | None, Tensor]:
-    """(v - c) [G, K, U] (if asked) and the adjusted squared distances D [G, K, U]."""
+    """(v - c) [G, K, U] (if asked) and the adjusted squared distances D [G, K, U].
+
+    Both live in scratch slots ("diff", "dist") until the next call.
+    """
+    shape = (v.shape[0], c.shape[1], v.shape[1])
+    diff = None
     if keep_diff:
-        diff = v.unsqueeze(1) - c.unsqueeze(2)
-        dist = diff * diff
+        diff = torch.sub(v.unsqueeze(1), c.unsqueeze(2), out=_tmp("diff", shape, v.device))
+        dist = torch.mul(diff, diff, out=_tmp("dist", shape, v.device))
     else:
-        diff = None
-        dist = torch.sub(v.unsqueeze(1), c.unsqueeze(2)).square_()
+        dist = torch.sub(v.unsqueeze(1), c.unsqueeze(2), out=_tmp("dist", shape, v.device))
+        dist.square_()
     if cfg.prune_threshold > 0:
         dist[:, 0] -= cfg.prune_threshold
     elif cfg.keep_zeros:
@@ -808,12 +893,16 @@ def _scalar_dist(v: Tensor, c: Tensor, cfg: _Cfg, keep_diff: bool) -> tuple[Tens
     return diff, dist
 
 
-def _scalar_probs(dist: Tensor, cfg: _Cfg) -> Tensor:
-    """P from adjusted distances (consumes ``dist``): softmax over K, or one-hot (hard)."""
+def _scalar_probs(dist: Tensor, cfg: _Cfg, slot: str | None) -> Tensor:
+    """P from adjusted distances (consumes ``dist``): softmax over K, or one-hot (hard).
+
+    Written to scratch ``slot``, or to a fresh tensor when ``slot`` is None (kept).
+    """
+    out = torch.empty_like(dist) if slot is None else _tmp(slot, dist.shape, dist.device)
     if cfg.mode == "hard":
         idx = dist.argmin(1, keepdim=True)
-        return torch.zeros_like(dist).scatter_(1, idx, 1.0)
-    return torch.softmax(dist.mul_(-1.0 / cfg.tau), 1)
+        return out.zero_().scatter_(1, idx, 1.0)
+    return torch._softmax(dist.mul_(-1.0 / cfg.tau), 1, False, out=out)
 
 
 def _scalar_att(probs: Tensor, cfg: _Cfg) -> Tensor:
@@ -873,6 +962,7 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
     single = len(chunks) == 1
     budget = _keep_budget(v.device)
     keep_all = single and cfg.max_iter * g * k * u <= budget
+    keep_out = single and g * k * u <= budget
     hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
     prev_c = last_c = c
     p_out: Tensor | None = None  # the attention of each group's last iteration (one chunk)
@@ -890,11 +980,14 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
         # centroids have converged to float32 precision
         inertia = v.new_zeros(g, dtype=torch.float64) if test else None
         probs = v
+        # P of this iteration: kept for backward, or alternating scratch (the previous one
+        # may still be the output's attention of a group that stopped)
+        slot = None if keep_all else ("p0", "p1")[t % 2]
         for a, b in chunks:
             diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=True)
             if inertia is not None:
                 inertia += torch.sum(dist.amin(1).double() * m[:, a:b], 1)
-            probs = _scalar_probs(dist, cfg)
+            probs = _scalar_probs(dist, cfg, slot)
             att = _scalar_att(probs, cfg)
             mc = m[:, a:b].unsqueeze(2)
             sm[:, 0] += torch.bmm(diff.mul_(att), mc).view(g, k)
@@ -931,19 +1024,28 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
         probs = p_out
         if probs is None:
             _, dist = _scalar_dist(v[:, a:b], prev_c, cfg, keep_diff=False)
-            probs = _scalar_probs(dist, cfg)
-        y[:, a:b] = torch.bmm(last_c.unsqueeze(1), _scalar_att(probs, cfg)).view(g, b - a)
-    if not (single and g * k * u <= budget):
+            probs = _scalar_probs(dist, cfg, "p0")
+        torch.bmm(last_c.unsqueeze(1), _scalar_att(probs, cfg), out=y[:, a:b].unsqueeze(1))
+    if not keep_out:
         p_out = None
+    elif not keep_all and p_out is not None and p_out.data_ptr() in _scratch_ptrs(p_out):
+        p_out = p_out.clone()  # out of the scratch slot: backward needs it
     state = dict(v=v, m=m, hist=hist, prev_c=prev_c, last_c=last_c, last_it=last_it, p_out=p_out)
     return y, last_c, state
 
 
-def _scalar_softmax_back(grad: Tensor, probs: Tensor, v: Tensor, cfg: _Cfg) -> Tensor:
+def _scratch_ptrs(t: Tensor) -> set[int]:
+    if not _host_layout(t.device):
+        return set()
+    return {b.data_ptr() for b in _workspace.buffers.values()}
+
+
+def _scalar_softmax_back(grad: Tensor, probs: Tensor, v: Tensor, cfg: _Cfg, slot: str) -> Tensor:
     """d loss / d logits from d loss / d A (consumes ``grad``), per [G, K, U] chunk."""
     if cfg.clamp_attention and cfg.mode == "dkm":
         grad = grad.mul_(probs >= cfg.zero_threshold)  # coremltools' clamp
-    out = torch._softmax_backward_data(grad, probs, 1, probs.dtype)
+    out = _tmp(slot, probs.shape, probs.device)
+    torch._softmax_backward_data(grad, probs, 1, probs.dtype, grad_input=out)
     if cfg.keep_zeros:
         out[:, 0] *= v.eq(0)  # slot 0's logit is a constant for non-zero v
     return out
@@ -955,6 +1057,7 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
     d loss / d A[j, u] = m_u s_hat_j (v_u - raw_j) (the centroid update raw = sum A m v /
     sum A m; zero rows for groups not updated) + gsum_u out_c_j (the output y = A . out_c,
     when ``out_c`` is given). The logits are -(v - c)^2 / tau: d/dv = -two (v - c) = -d/dc.
+    The softmax backward is taken row by row (exact where the attention saturates).
     Returns (r: gradient to v_u per unit mass through the update, h: the output's slope
     dy_u/dv_u or None, d c through the update or None, d c through the output or None).
     """
@@ -967,18 +1070,18 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
     if cfg.mode == "hard":  # A is piecewise constant
         return r, None, None, None
     if s_hat is not None:
-        grad = torch.sub(v.unsqueeze(1), raw.unsqueeze(2)).mul_(s_hat.unsqueeze(2))
-        e = _scalar_softmax_back(grad, probs, v, cfg).mul_(diff)
+        grad = torch.sub(v.unsqueeze(1), raw.unsqueeze(2), out=_tmp("b", probs.shape, v.device))
+        e = _scalar_softmax_back(grad.mul_(s_hat.unsqueeze(2)), probs, v, cfg, "e").mul_(diff)
         r.sub_(e.sum(1), alpha=two)
         dc = torch.bmm(e, m.unsqueeze(2)).view(g, -1).mul_(two)
     if out_c is None:
         return r, None, dc, None
     if cfg.clamp_attention and cfg.mode == "dkm":
-        grad = out_c.unsqueeze(2).expand_as(probs).clone()
-        e = _scalar_softmax_back(grad, probs, v, cfg)
+        grad = _tmp("b", probs.shape, v.device).copy_(out_c.unsqueeze(2).expand_as(probs))
+        e = _scalar_softmax_back(grad, probs, v, cfg, "e")
     else:  # softmax backward of a row-constant gradient: P (L - sum_k P_k L_k)
         y = torch.bmm(out_c.unsqueeze(1), probs)
-        e = torch.sub(out_c.unsqueeze(2), y).mul_(probs)
+        e = torch.sub(out_c.unsqueeze(2), y, out=_tmp("e", probs.shape, v.device)).mul_(probs)
         if cfg.keep_zeros:
             e[:, 0] *= v.eq(0)
     e.mul_(diff)
@@ -1003,7 +1106,7 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
 
     def probs_at(c, a, b, saved):
         diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=not hard)
-        return diff, (saved if saved is not None else _scalar_probs(dist, cfg))
+        return diff, (saved if saved is not None else _scalar_probs(dist, cfg, "p0"))
 
     def d_output_c(probs, a, b):
         att = _scalar_att(probs, cfg)
@@ -1078,20 +1181,40 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
     return h, r
 
 
-def _weighted_bincount_into(total: Tensor | None, bins: Tensor, weights: Tensor, lo: int, hi: int):
-    """sum of ``weights`` per bin over bins in [lo, hi), as a [hi - lo] tensor (or into ``total``,
-    a [size] tensor indexed by the bins themselves)."""
-    if total is not None:
-        if bins.is_cuda and torch.are_deterministic_algorithms_enabled():
-            return total.index_put_((bins.long(),), weights, accumulate=True)
-        return total.index_add_(0, bins, weights)
-    return torch.bincount(bins, weights=weights, minlength=hi)[lo:hi]
+def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
+    """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
+    device = bins.device
+    if _host_layout(device):
+        # weighted bincounts, one per tensor (the fastest scatter on the CPU)
+        parts = []
+        for i, it in enumerate(items):
+            if it.kind != "table":
+                continue
+            lo, hi = it.trow * _STRIDE, (it.trow + it.g) * _STRIDE
+            if live[i]:
+                sl = bins[it.start : it.start + it.g * it.n]
+                parts.append(torch.bincount(sl, weights=flat_g[i], minlength=hi)[lo:hi])
+            else:
+                parts.append(codes.new_zeros(hi - lo, dtype=torch.float32))
+        total = parts[0] if len(parts) == 1 else torch.cat(parts)
+    else:
+        # index_add_ into one table: no host read (CUDA's bincount reads its max back)
+        total = torch.zeros(n_tab * _STRIDE, device=device)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        for i, it in enumerate(items):
+            if it.kind == "table" and live[i]:
+                sl = bins[it.start : it.start + it.g * it.n]
+                if deterministic:
+                    total.index_put_((sl.long(),), flat_g[i], accumulate=True)
+                else:
+                    total.index_add_(0, sl, flat_g[i])
+    return total.view(n_tab, _STRIDE).gather(1, codes)
 
 
 def _gather_grad(h_full: Tensor, r_full: Tensor, bins: Tensor, g: Tensor) -> Tensor:
     """g * h[bins] + r[bins] (the per-element gradient), without a full-size temporary."""
     out = r_full.index_select(0, bins)
-    if bins.device.type != "cpu":
+    if not _host_layout(bins.device):
         return out.addcmul_(g, h_full.index_select(0, bins))
     step = _CODE_CHUNK
     n = bins.numel()
@@ -1128,46 +1251,59 @@ class _ScalarKMeans(torch.autograd.Function):
         if flats:
             bins, codes, values, mass, per_group, u_tab = _encode_many(flats, cfg, device)
 
-        def rows_of(i: int, u: int) -> tuple[Tensor, Tensor]:
-            it = items[i]
-            if it.kind == "table":
-                sl = slice(it.trow, it.trow + it.g)
-                return values[sl, :u], mass[sl, :u]
-            xv = xs[i].detach().reshape(it.g, it.n).float()
-            return xv, torch.ones_like(xv)
-
-        # segments: (rows slice, v, m, items)
-        segments = []
-        if sync_free:
-            width = max([u_tab] + [it.n for it in items if it.kind == "exact"])
-            if all(it.kind == "table" for it in items):
-                v, m = values, mass
-            else:
-                v = c0.new_zeros(row, width)
-                m = c0.new_zeros(row, width)
-                for i, it in enumerate(items):
-                    iv, im = rows_of(i, u_tab if it.kind == "table" else it.n)
-                    v[it.row : it.row + it.g, : iv.shape[1]] = iv
-                    m[it.row : it.row + it.g, : im.shape[1]] = im
-            for it in items:
-                it.seg, it.srow, it.u = 0, it.row, (u_tab if it.kind == "table" else it.n)
-            segments.append((slice(0, row), v, m))
-        else:
-            for i, it in enumerate(items):
+        for it in items:
+            it.u = max(per_group[it.trow : it.trow + it.g]) if it.kind == "table" else it.n
+        segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
+        for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
+            width = max(items[i].u for i in members)
+            tab_rows = sum(items[i].g for i in members if items[i].kind == "table")
+            if len(members) == len(items) and tab_rows == n_tab and width == u_tab:
+                # every tensor is a table one, in order: the code tables as they are
+                v, m, direct = values, mass, True
+                rows: slice | Tensor = slice(0, row)
+                for it in items:
+                    it.seg, it.srow = s_i, it.row
+            elif len(members) == 1:
+                it = items[members[0]]
                 if it.kind == "table":
-                    it.u = max(per_group[it.trow : it.trow + it.g])
+                    sl = slice(it.trow, it.trow + it.g)
+                    v, m = values[sl, : it.u], mass[sl, : it.u]
                 else:
-                    it.u = it.n
-                v, m = rows_of(i, it.u)
-                it.seg, it.srow = i, 0
-                segments.append((slice(it.row, it.row + it.g), v, m))
+                    v = xs[members[0]].detach().reshape(it.g, it.n).float()
+                    m = torch.ones_like(v)
+                rows, direct = slice(it.row, it.row + it.g), False
+                it.seg, it.srow = s_i, 0
+            else:
+                g_seg = sum(items[i].g for i in members)
+                v = c0.new_zeros(g_seg, width)
+                m = c0.new_zeros(g_seg, width)
+                r0, idx = 0, []
+                for i in members:
+                    it = items[i]
+                    if it.kind == "table":
+                        sl = slice(it.trow, it.trow + it.g)
+                        v[r0 : r0 + it.g, : it.u] = values[sl, : it.u]
+                        m[r0 : r0 + it.g, : it.u] = mass[sl, : it.u]
+                    else:
+                        v[r0 : r0 + it.g, : it.n] = xs[i].detach().reshape(it.g, it.n)
+                        m[r0 : r0 + it.g, : it.n] = 1.0
+                    it.seg, it.srow = s_i, r0
+                    idx.extend(range(it.row, it.row + it.g))
+                    r0 += it.g
+                rows = torch.tensor(idx).to(device, non_blocking=True)
+                direct = False
+            segments.append((rows, v, m, direct))
 
         saved = _Saved()
         new_c = torch.empty_like(c0)
         ys, seg_state = [], []
-        for rows, v, m in segments:
-            y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
-            new_c[rows] = last
+        for rows, v, m, _ in segments:
+            if isinstance(rows, slice):
+                y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
+                new_c[rows] = last
+            else:
+                y, last, state = _scalar_forward(v, m, c0.index_select(0, rows), cfg, sync_free)
+                new_c.index_copy_(0, rows, last)
             ys.append(y)
             hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
             seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
@@ -1177,7 +1313,7 @@ class _ScalarKMeans(torch.autograd.Function):
         if n_tab:
             y_full = c0.new_zeros(n_tab * _STRIDE)
             table = y_full.view(n_tab, _STRIDE)
-            if sync_free and all(it.kind == "table" for it in items):
+            if segments[0][3]:  # one stacked segment of every table
                 table.scatter_(1, codes, ys[0])
             else:
                 for it in items:
@@ -1192,6 +1328,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
             outs.append(flat.reshape(x.shape).to(x.dtype))
         ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
+        ctx.direct = segments[0][3]
         ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
         ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
         ctx.save_for_backward(*saved.tensors)
@@ -1212,30 +1349,10 @@ class _ScalarKMeans(torch.autograd.Function):
         bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
-            flat_g = [
-                grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))
-            ]
+            flat_g = [grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))]
             gsum_tab = None
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
-                total = None
-                if len(items) > 1 and device.type != "cpu":
-                    total = codes.new_zeros(n_tab * _STRIDE, dtype=torch.float32)
-                parts = []
-                for i, it in enumerate(items):
-                    if it.kind != "table":
-                        continue
-                    lo, hi = it.trow * _STRIDE, (it.trow + it.g) * _STRIDE
-                    sl = bins[it.start : it.start + it.g * it.n]
-                    if total is not None:
-                        if live[i]:
-                            _weighted_bincount_into(total, sl, flat_g[i], lo, hi)
-                    elif live[i]:
-                        parts.append(_weighted_bincount_into(None, sl, flat_g[i], lo, hi))
-                    else:
-                        parts.append(codes.new_zeros(hi - lo, dtype=torch.float32))
-                if total is None:
-                    total = parts[0] if len(parts) == 1 else torch.cat(parts)
-                gsum_tab = total.view(n_tab, _STRIDE).gather(1, codes)
+                gsum_tab = _code_grad_sums(items, live, flat_g, bins, codes, n_tab)
             hr = []
             for s, (st_idx, hist_idx) in enumerate(ctx.seg_state):
                 seg_items = [(i, it) for i, it in enumerate(items) if it.seg == s]
@@ -1245,23 +1362,31 @@ class _ScalarKMeans(torch.autograd.Function):
                 state = {key: tensors[idx] for key, idx in st_idx.items()}
                 state["hist"] = [tuple(tensors[j] for j in entry) for entry in hist_idx]
                 v = state["v"]
-                gsum = v.new_zeros(v.shape)
-                for i, it in seg_items:
-                    if not live[i]:
-                        continue
-                    dst = gsum[it.srow : it.srow + it.g]
+                if len(seg_items) == 1 and v.shape[1] == seg_items[0][1].u:
+                    i, it = seg_items[0]  # the segment is this tensor's rows: no copy
                     if it.kind == "table":
-                        dst[:, : it.u] = gsum_tab[it.trow : it.trow + it.g, : it.u]
+                        gsum = gsum_tab[it.trow : it.trow + it.g, : it.u]
                     else:
-                        dst[:, : it.n] = flat_g[i].view(it.g, it.n)
+                        gsum = flat_g[i].view(it.g, it.n)
+                elif ctx.direct:
+                    gsum = gsum_tab  # every tensor's tables, stacked in order
+                else:
+                    gsum = v.new_zeros(v.shape)
+                    for i, it in seg_items:
+                        if not live[i]:
+                            continue
+                        dst = gsum[it.srow : it.srow + it.g]
+                        if it.kind == "table":
+                            dst[:, : it.u] = gsum_tab[it.trow : it.trow + it.g, : it.u]
+                        else:
+                            dst[:, : it.n] = flat_g[i].view(it.g, it.n)
                 hr.append(_scalar_backward(state, gsum, cfg))
             h_full = r_full = None
             if n_tab:
                 h_full = codes.new_zeros(n_tab * _STRIDE, dtype=torch.float32)
                 r_full = torch.zeros_like(h_full)
                 h_tab, r_tab = h_full.view(n_tab, _STRIDE), r_full.view(n_tab, _STRIDE)
-                one_seg = len(ctx.seg_state) == 1 and all(it.kind == "table" for it in items)
-                if one_seg:
+                if ctx.direct:
                     h_tab.scatter_(1, codes, hr[0][0])
                     r_tab.scatter_(1, codes, hr[0][1])
                 else:
@@ -1365,7 +1490,10 @@ def soft_kmeans(
 
     Early stopping is per group and absolute, like coremltools: a group stops after
     iteration t >= 2 once |inertia_t - inertia_{t-1}| <= epsilon, with inertia the sum over
-    the group of min_j D_ij (adjusted D). Testing it costs one host sync per iteration.
+    the group of min_j D_ij (adjusted D; the float32 rounding of its exact sum). On the CPU
+    the iterations end once every group has stopped (one host read per iteration); on other
+    devices every iteration runs and a stopped group keeps its state: the same result, no
+    host sync.
 
     Gumbel noise (mode "gsm", temperature 1 on logits -D / tau) comes from ``generator``
     (default: the device's default generator) as uniforms u, noise = -log(-log(u)):
@@ -1428,15 +1556,37 @@ def soft_kmeans(
     fn = "soft_kmeans"
     _check_tensors(fn, x, centroids)
     cfg, gen, method = _make_cfg(
-        fn, x.device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold,
-        zero_threshold, lut_fn, generator, method, clamp_attention,
+        fn,
+        x.device,
+        tau,
+        max_iter,
+        epsilon,
+        mode,
+        enforce_zero,
+        prune_threshold,
+        zero_threshold,
+        lut_fn,
+        generator,
+        method,
+        clamp_attention,
     )
     return _run_many([x], [centroids], cfg, gen, method)[0]
 
 
 def _make_cfg(
-    fn, device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold, zero_threshold,
-    lut_fn, generator, method, clamp_attention,
+    fn,
+    device,
+    tau,
+    max_iter,
+    epsilon,
+    mode,
+    enforce_zero,
+    prune_threshold,
+    zero_threshold,
+    lut_fn,
+    generator,
+    method,
+    clamp_attention,
 ) -> tuple[_Cfg, torch.Generator | None, str]:
     tau = _check_number(fn, "tau", tau, 0.0, strict=True)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -1560,8 +1710,19 @@ def soft_kmeans_batch(
     for x, c in zip(xs, centroids):
         _check_tensors(fn, x, c)
     cfg, gen, method = _make_cfg(
-        fn, xs[0].device, tau, max_iter, epsilon, mode, enforce_zero, prune_threshold,
-        zero_threshold, lut_fn, generator, method, clamp_attention,
+        fn,
+        xs[0].device,
+        tau,
+        max_iter,
+        epsilon,
+        mode,
+        enforce_zero,
+        prune_threshold,
+        zero_threshold,
+        lut_fn,
+        generator,
+        method,
+        clamp_attention,
     )
     return _run_many(list(xs), list(centroids), cfg, gen, method, fn)
 

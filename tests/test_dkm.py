@@ -12,6 +12,15 @@ from lightning_palettize import DKMPalettizer, PostTrainingPalettizer, strip_cor
 from lightning_palettize.palettizers.dkm import load_prepared_state_dict
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small tensors: OpenMP on a shared 2-vCPU box only adds jitter (and minutes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fp16_exact(module):
     # weights exactly representable in fp16: the table engine then matches the dense math tightly
     with torch.no_grad():
@@ -407,3 +416,161 @@ def test_finalized_model_converts_to_lut_ops():
         if op.op_type == "constexpr_lut_to_dense"
     ]
     assert len(ops) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# batched rounds, host-side flags
+
+
+def _unbatched(monkeypatch):
+    """Every weight computes its own soft k-means when its module runs (the reference)."""
+    from lightning_palettize.palettizers import dkm
+
+    monkeypatch.setattr(dkm._DKMGroup, "soft_weight", lambda self, fp, module, w: fp(w))
+
+
+class _Reuse(nn.Module):
+    """A module called twice per forward (shared weights) and one that may run on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(260, 260)  # >= 65536 weights: the per-code table engine on the CPU
+        self.b = nn.Linear(260, 120)
+        self.head = nn.Linear(120, 7)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.a(h))  # a again: its second call starts from updated centroids
+        return self.head(torch.relu(self.b(h)))
+
+
+_MIXED = {
+    "global_config": {"n_bits": 3, "weight_threshold": 0, "palett_tau": 1e-3},
+    "module_name_configs": {
+        "b": {
+            "n_bits": 2,
+            "weight_threshold": 0,
+            "granularity": "per_grouped_channel",
+            "group_size": 8,
+        },
+        "head": {"n_bits": 4, "weight_threshold": 0, "enable_per_channel_scale": True},
+    },
+}
+
+
+def _train(monkeypatch, batched, config=_MIXED, steps=3, alone=False):
+    if not batched:
+        _unbatched(monkeypatch)
+    torch.manual_seed(11)
+    model = _Reuse()
+    pal = DKMPalettizer(model, config)
+    model = pal.prepare(inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(16, 260, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 7, (16,), generator=torch.Generator().manual_seed(2))
+    losses, alone_out = [], []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pal.step()
+        losses.append(loss.detach())
+        if alone:  # run one module outside the model's forward (training mode, no backward)
+            alone_out.append(model.b(torch.relu(x)).detach())
+    monkeypatch.undo()
+    return losses, alone_out, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_batched_rounds_train_like_weight_by_weight(monkeypatch):
+    # one soft_kmeans_batch call per configuration and forward; a module called twice and
+    # one run on its own between steps recompute from their current state, as unbatched
+    a = _train(monkeypatch, batched=True, alone=True)
+    b = _train(monkeypatch, batched=False, alone=True)
+    torch.testing.assert_close(torch.stack(a[0]), torch.stack(b[0]), rtol=1e-5, atol=1e-6)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for k in b[2]:
+        torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_rounds_batch_every_weight_in_one_call(monkeypatch):
+    from lightning_palettize.palettizers import dkm
+
+    calls = []
+    real = dkm.soft_kmeans_batch
+    monkeypatch.setattr(
+        dkm, "soft_kmeans_batch", lambda xs, cs, **kw: calls.append(len(xs)) or real(xs, cs, **kw)
+    )
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(5)])
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    prepared = pal.prepare()
+    x = torch.randn(4, 64)
+    for _ in range(2):
+        prepared(x).sum().backward()
+        pal.step()
+    assert calls == [5, 5]
+    calls.clear()
+    copied = copy.deepcopy(prepared)  # a copy gets its own, empty group: it learns its members
+    for _ in range(2):
+        torch.testing.assert_close(copied(x), prepared(x), rtol=1e-6, atol=1e-7)
+    assert calls == [5, 5, 5]  # the copy: weight by weight in its first forward, then batched
+    with torch.no_grad():
+        prepared.eval()
+        prepared(x)  # eval: hard assignment per module, no round
+    assert calls == [5, 5, 5]
+
+
+def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
+    # on a GPU every host read is a sync: the enabled flag and the step counters live on the
+    # host, early stopping is sync-free, and a round reads back only its table sizes
+    from lightning_palettize import soft_kmeans as sk
+
+    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+    monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    reads = []
+    for depth in (2, 6):
+        model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(depth)])
+        pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
+        model = pal.prepare(inplace=True)
+        x = torch.randn(8, 300)
+        model(x).sum().backward()
+        with _HostReads() as mode:
+            model(x).sum().backward()
+            pal.step()
+            assert pal.steps == 1
+        reads.append(mode.count)
+    assert reads == [2, 2], reads
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func).startswith(self.READS)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_flags_follow_their_buffers():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    cfg = {"global_config": {"n_bits": 2, "weight_threshold": 0, "milestone": 2}}
+    pal = DKMPalettizer(model, cfg)
+    prepared = pal.prepare()
+    fp = prepared[0].weight_dkm
+    assert not fp.is_enabled and pal.steps == 0
+    pal.step()
+    pal.step()
+    assert fp.is_enabled and pal.steps == 2 and int(fp.steps) == 2
+    state = copy.deepcopy(prepared.state_dict())
+    with torch.no_grad():  # a direct write (e.g. a broadcast from rank 0) is seen
+        fp.enabled.zero_()
+        fp.steps.fill_(9)
+    assert not fp.is_enabled and fp.step_count == 9
+    prepared.load_state_dict(state)  # and so is a state_dict load
+    assert fp.is_enabled and pal.steps == 2
+    pal.set_step(5)
+    assert [int(m.weight_dkm.steps) for m in prepared] == [5, 5] and pal.steps == 5

@@ -585,3 +585,194 @@ def test_bad_shapes_raise_value_error():
         hard_assign(x, c0[..., :1])
     with pytest.raises(TypeError, match="lut_fn"):
         soft_kmeans(x, c0, lut_fn=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# batching, layouts, sync-free early stopping
+
+
+@pytest.fixture
+def device_layout(monkeypatch):
+    """Run the engine the way it runs on a GPU (one stacked segment per width bucket, no host
+    reads for early stopping, no CPU scratch buffers), here on the CPU."""
+    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+    monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+
+
+def batch_inputs():
+    """Tensors of every kind: table ones (fp16-exact, G = 1 and 2), exact ones (G = 1 and 3),
+    tiny ones, widths far enough apart to need several device segments."""
+    shapes = [
+        (1, 70000, True),
+        (2, 66000, True),
+        (1, 3000, False),
+        (3, 500, False),
+        (1, 200, False),
+        (1, 1000, False),
+    ]
+    xs, cs = [], []
+    for i, (g, n, exact16) in enumerate(shapes):
+        x, c0 = make_data(g, n, 1, seed=40 + i, fp16_exact=exact16, zeros=0.05, enforce_zero=True)
+        xs.append(x)
+        cs.append(c0)
+    return xs, cs
+
+
+BATCH_VARIANTS = {
+    "dkm": {},
+    "hard": dict(mode="hard"),
+    "prune+lut": dict(prune_threshold=2e-5, lut_fn=fp16_ste),
+    "enforce_zero": dict(enforce_zero=True),
+    "clamp": dict(clamp_attention=True, tau=1e-3),
+}
+
+
+def run_batch(xs, cs, ws, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    res = sk.soft_kmeans_batch(leaves, cs, **kw)
+    grads = torch.autograd.grad([(o.float() * w).sum() for (o, _), w in zip(res, ws)], leaves)
+    return [(o.detach(), c, g) for (o, c), g in zip(res, grads)]
+
+
+@pytest.mark.parametrize("layout", ["host", "device"])
+@pytest.mark.parametrize("variant", list(BATCH_VARIANTS))
+def test_batch_equals_tensor_by_tensor(layout, variant, request):
+    kw = BATCH_VARIANTS[variant]
+    xs, cs = batch_inputs()
+    ws = [
+        torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)
+    ]
+    one = [run(soft_kmeans, x, c, w, **kw) for x, c, w in zip(xs, cs, ws)]
+    if layout == "device":
+        request.getfixturevalue("device_layout")
+    both = run_batch(xs, cs, ws, **kw)
+    for a, b in zip(both, one):  # float rounding only (sums over other lengths and orders)
+        assert_close(a[0], b[0], 1e-5, 1e-6)
+        assert_close(a[1], b[1], 1e-5, 1e-5)
+        assert_close(a[2], b[2], 1e-4, 1e-5)
+
+
+def test_batch_keeps_each_tensors_engine_and_dtype():
+    xs, cs = batch_inputs()
+    xs[2] = xs[2].bfloat16()
+    res = sk.soft_kmeans_batch(xs, cs, method="auto")
+    for x, (out, c) in zip(xs, res):
+        assert out.shape == x.shape and out.dtype == x.dtype and c.dtype == torch.float32
+    # exact tensors are not rounded to 11 significant bits like the tables
+    assert_close(res[3][0], soft_kmeans(xs[3], cs[3], method="dense")[0], 1e-6, 1e-7)
+    assert_close(res[0][0], soft_kmeans(xs[0], cs[0], method="table")[0], 1e-6, 1e-7)
+
+
+def test_batch_gsm_and_vectors_run_one_by_one():
+    x1, c1 = make_data(2, 300, 1, seed=1)
+    x2, c2 = make_data(2, 300, 2, seed=2)
+    kw = dict(mode="gsm")
+    res = sk.soft_kmeans_batch([x1, x2], [c1, c2], generator=torch.Generator().manual_seed(3), **kw)
+    gen = torch.Generator().manual_seed(3)
+    want = [soft_kmeans(x, c, generator=gen, **kw) for x, c in [(x1, c1), (x2, c2)]]
+    for (a, ca), (b, cb) in zip(res, want):
+        assert torch.equal(a, b) and torch.equal(ca, cb)
+
+
+def test_batch_argument_errors():
+    x, c0 = make_data(1, 50, 1)
+    with pytest.raises(ValueError, match="2 tensors and 1 centroid"):
+        sk.soft_kmeans_batch([x, x], [c0])
+    with pytest.raises(TypeError, match="lists"):
+        sk.soft_kmeans_batch(x, c0)
+    with pytest.raises(ValueError, match="centroids"):
+        sk.soft_kmeans_batch([x], [c0[:, :, :0]])
+    assert sk.soft_kmeans_batch([], []) == []
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+def test_sync_free_early_stop_gives_the_same_results(method, monkeypatch):
+    # elsewhere than the CPU every iteration runs and a stopped group keeps its state
+    x, c0, w = two_speed_groups()
+    kw = dict(max_iter=4, epsilon=1e-3, tau=1e-4, method=method)
+    host = run(soft_kmeans, x, c0, w, **kw)
+    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+    free = run(soft_kmeans, x, c0, w, **kw)
+    for a, b in zip(free, host):
+        assert_close(a, b, 1e-6, 1e-7)
+    lut = CountingLut()
+    with torch.no_grad():
+        soft_kmeans(x[:1], c0[:1], lut_fn=lut, **kw)
+    assert lut.calls == 4  # group 0 stops at the first check, yet every iteration runs
+
+
+@pytest.mark.parametrize("method", ["dense", "table"])
+@pytest.mark.parametrize("variant", ["dkm", "hard", "clamp", "enforce_zero"])
+def test_scalar_engine_chunked_and_recomputing_matches_reference(method, variant, monkeypatch):
+    # many chunks (separate output pass) and no attention kept for backward (recomputed)
+    monkeypatch.setitem(sk._SCALAR_CHUNK_ELEMS, "cpu", 4096)
+    monkeypatch.setitem(sk._KEEP_ATTENTION_ELEMS, "cpu", 0)
+    kw = {
+        "dkm": {},
+        "hard": dict(mode="hard"),
+        "clamp": dict(clamp_attention=True, tau=1e-3),
+        "enforce_zero": dict(enforce_zero=True),
+    }[variant]
+    x, c0 = make_data(2, 1500, 1, seed=8, fp16_exact=True, zeros=0.05, enforce_zero=True)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    want = run(reference, x, c0, w, **kw)
+    got = run(soft_kmeans, x, c0, w, method=method, **kw)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-3, 1e-4)
+
+
+def _reference64(x, c0, **kw):
+    """The naive reference in float64 (the truth the float32 engines approximate)."""
+    xf, c = x.double(), c0.double()
+    tau = kw.get("tau", 1e-4)
+    for _ in range(kw.get("max_iter", 3)):
+        dist = (xf - c.transpose(1, 2)) ** 2
+        att = torch.softmax(-dist / tau, -1)
+        mass = att.sum(1)
+        c = torch.where(mass[..., None] > 0, (att.transpose(1, 2) @ xf) / mass[..., None], c)
+    return att @ c, c
+
+
+def test_gradient_is_accurate_where_the_attention_saturates():
+    # x ~ 1 with tau = 1e-4: logits reach 1e4 and the attention is nearly one-hot; the row-wise
+    # softmax backward and the centered centroid sums keep float32 close to the float64 truth
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 1536, 1, generator=g) * 2 - 1).half().float()
+    c0 = torch.tensor([-0.7861, -0.2493, 0.2972, 0.8090]).view(1, 4, 1)
+    w = torch.randn(x.shape, generator=g)
+    x64 = x.double().requires_grad_()
+    out64, _ = _reference64(x64, c0)
+    (g64,) = torch.autograd.grad((out64 * w.double()).sum(), x64)
+    for method in ("dense", "table"):
+        _, _, grad = run(soft_kmeans, x, c0, w, epsilon=-1.0, method=method)
+        err = ((grad.double() - g64).norm() / g64.norm()).item()
+        assert err < 2e-4, (method, err)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read device memory back to the host (a sync on a GPU)."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READS):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_layout_reads_the_host_a_fixed_number_of_times(device_layout):
+    xs, cs = batch_inputs()
+    reads = []
+    for n in (2, len(xs)):
+        leaves = [x.clone().requires_grad_() for x in xs[:n]]
+        with _HostReads() as mode:
+            res = sk.soft_kmeans_batch(leaves, cs[:n], max_iter=5, epsilon=1e-6)
+            torch.autograd.backward([o for o, _ in res], [torch.ones_like(o) for o, _ in res])
+        reads.append(mode.count)
+    # the table sizes of the batch (bincount + nonzero), not per tensor nor per iteration
+    assert reads[0] == reads[1] == 2, reads

@@ -218,7 +218,8 @@ class _DKMGroup:
                 continue
             if other is fp or not (other.training and other.is_enabled):
                 continue
-            if other.cfg.palett_mode == "gsm" or getattr(mod, f"{other.param_name}_dkm", None) is not other:
+            attached = getattr(mod, f"{other.param_name}_dkm", None) is other
+            if other.cfg.palett_mode == "gsm" or not attached:
                 continue
             w = other.live_weight(mod)[1]
             p = self._pending.get(key)
@@ -279,8 +280,12 @@ class FakePalettize(nn.Module):
         # the model's shared batcher (prepare replaces this private one)
         self._group = _DKMGroup()
         # host-side copies of the ``enabled`` / ``steps`` buffers: (buffer, version, value)
-        self._enabled_seen: tuple[Tensor, int, bool] | None = None
-        self._steps_seen: tuple[Tensor, int, int] | None = None
+        self._enabled_seen: tuple[Tensor, int, bool] | None = (
+            self.enabled,
+            self.enabled._version,
+            False,
+        )
+        self._steps_seen: tuple[Tensor, int, int] | None = (self.steps, self.steps._version, 0)
 
     def __getstate__(self) -> dict[str, Any]:
         # local functions do not pickle: rebuild the LUT quantizer from the config
@@ -456,6 +461,23 @@ class FakePalettize(nn.Module):
         )
 
 
+@torch.no_grad()
+def _set_step_counts(fps: list[FakePalettize], step: int) -> None:
+    """Write ``step`` into every ``steps`` buffer: one foreach add when they all hold the same
+    known count (the usual step() call), else one fill per buffer."""
+    known = {fp.step_count for fp in fps}
+    bufs = [fp.steps for fp in fps]
+    if len(known) == 1 and len(fps) > 1 and len({b.device for b in bufs}) == 1:
+        delta = step - known.pop()
+        if delta:
+            torch._foreach_add_(bufs, delta)
+        for fp in fps:
+            fp._steps_seen = (fp.steps, fp.steps._version, step)
+        return
+    for fp in fps:
+        fp.set_step_count(step)
+
+
 def _fake_palettizers(model: nn.Module):
     """(module name, module, param name, FakePalettize) for every prepared weight."""
     for name, module in model.named_modules():
@@ -568,7 +590,7 @@ class DKMPalettizer:
     @torch.no_grad()
     def step(self) -> None:
         """Count one optimizer step; modules reaching their milestone start palettizing."""
-        model = self._require_prepared()
+        self._require_prepared()
         self.set_step(self.steps + 1)
 
     @torch.no_grad()
@@ -585,8 +607,9 @@ class DKMPalettizer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"set_step: step must be an int >= 0, got {step!r}")
         model = self._require_prepared()
-        for _, module, _pname, fp in _fake_palettizers(model):
-            fp.set_step_count(step)
+        members = list(_fake_palettizers(model))
+        _set_step_counts([fp for *_, fp in members], step)
+        for _, module, _pname, fp in members:
             if not fp.is_enabled and step >= fp.cfg.milestone:
                 fp.initialize(fp.live_weight(module)[1])
 

@@ -47,6 +47,9 @@ __all__ = ["SKMPalettizer"]
 # back-pointers: 128 MiB); else the 16-bit codes (at most 65,536 bins per LUT).
 _TWO_LEVEL_MAX_NUMEL = 1 << 22
 _TWO_LEVEL_MAX_BITS = 4
+# Below this many values per LUT group nearly every value has its own 16-bit code: level 1 would
+# not shrink the DP, so the plain exact DP runs (without sorting the weight twice).
+_TWO_LEVEL_MIN_GROUP = 1 << 15
 _EXACT_MAX_WORK = 1 << 25
 # Sorted positions on each side of a level-1 boundary where level 2 may move it: N / (16 (K-1))
 # within [32, 1024] (MiniLM's exact boundaries lie within ~500 positions of the code ones).
@@ -77,12 +80,12 @@ class SKMPalettizer:
     Clustering (``cluster_dim == 1``; ``exact_kmeans=None``, the default): the objective is
     solved to the optimum that coremltools' exact kmeans1d finds, faster:
 
-    * fp32 weights up to 4 bits and 2**22 elements: a two-level exact DP. Level 1 solves it
-      over blocks of values sharing a 16-bit float code (each block at its true weighted mean),
-      level 2 over the single values near each level-1 boundary. It matched the DP over every
-      distinct value on every weight and LUT group tried (all MiniLM layers at 2/3/4 bits,
-      thousands of random groups) and is ~4x faster on large LUT groups; it is not a proof of
-      optimality: ``exact_kmeans=True`` gives that.
+    * fp32 weights up to 4 bits and 2**22 elements, LUT groups of 2**15 values or more: a
+      two-level DP. Level 1 solves it over blocks of values sharing a 16-bit float code (each
+      block at its true weighted mean), level 2 over the single values near each level-1
+      boundary. It matched the DP over every distinct value on every weight and LUT group
+      tried (all MiniLM layers at 2/3/4 bits, thousands of random groups) and is ~4x faster on
+      large LUT groups; it is not a proof of optimality: ``exact_kmeans=True`` gives that.
     * otherwise the DP over every distinct value while ``elements per LUT * 2**n_bits <= 2**25``
       (``O(distinct values * K)`` memory), and over 16-bit float codes above that (at most
       65,536 bins per LUT whatever the layer size; exact for fp16/bf16 weights, measured within
@@ -457,7 +460,7 @@ def _kmeans_mode(exact: bool | None, weight: Tensor, layout: Layout, cfg: Any) -
         return "exact"
     if weight.numel() > _TWO_LEVEL_MAX_NUMEL:
         return "codes"
-    if cfg.n_bits <= _TWO_LEVEL_MAX_BITS:
+    if cfg.n_bits <= _TWO_LEVEL_MAX_BITS and layout.vectors_per_group >= _TWO_LEVEL_MIN_GROUP:
         return "two_level"
     return "exact" if layout.vectors_per_group << cfg.n_bits <= _EXACT_MAX_WORK else "codes"
 
@@ -658,7 +661,7 @@ def _kmeans_two_level(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tens
     """
     g_total, n = x.shape
     dev = x.device
-    xs, perm = torch.sort(x, dim=1, stable=True)
+    xs, perm = _sort(x)
     ws = torch.ones_like(xs, dtype=torch.float64) if w is None else torch.gather(w, 1, perm)
     ws = ws.double()
     # Level-1 blocks: a power-of-two scale per group (exact) puts its largest magnitude at the
@@ -695,6 +698,17 @@ def _kmeans_two_level(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tens
     return cent, out
 
 
+def _sort(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row of a float32 ``x`` by an order-preserving int32 key (a faster sort than
+    on floats); other dtypes sort directly. The order of equal values is irrelevant here."""
+    if x.dtype != torch.float32:
+        return torch.sort(x, dim=1)
+    bits = x.view(torch.int32)
+    # -0.0 and +0.0 get different keys, ordered like the floats (a cut between them is allowed)
+    _, perm = torch.sort(bits ^ ((bits >> 31) & 0x7FFFFFFF), dim=1)
+    return torch.gather(x, 1, perm), perm
+
+
 def _solve_blocks(xs: Tensor, ws: Tensor, cuts: Tensor, k: int) -> tuple[Tensor, Any]:
     """Exact DP over the blocks of sorted values that ``cuts`` (1 = a block starts here)
     delimit. Returns each sorted value's label and the DP result over the blocks."""
@@ -707,11 +721,14 @@ def _solve_blocks(xs: Tensor, ws: Tensor, cuts: Tensor, k: int) -> tuple[Tensor,
         out = torch.zeros(g_total * m, dtype=torch.float64, device=xs.device)
         return out.index_add_(0, flat, v.reshape(-1)).view(g_total, m)
 
-    sw, swx, count, sx = total(ws), total(ws * xs), total(torch.ones_like(xs)), total(xs)
-    # Weightless blocks sit at their plain mean; padding (a group with fewer blocks) sits on
-    # the group's largest value without weight, which changes nothing.
-    value = torch.where(sw > 0, swx / sw.clamp_min(1e-300), sx / count.clamp_min(1))
-    value = torch.where(count > 0, value, xs[:, -1:])
+    sw, swx = total(ws), total(ws * xs)
+    value = swx / sw.clamp_min(1e-300)
+    if bool((sw <= 0).any()):
+        # Weightless blocks sit at their plain mean; padding (a group with fewer blocks) sits
+        # on the group's largest value without weight, which changes nothing.
+        count, sx = total(torch.ones_like(xs)), total(xs)
+        value = torch.where(sw > 0, value, sx / count.clamp_min(1))
+        value = torch.where(count > 0, value, xs[:, -1:])
     r = kmeans_1d(value, k, sw, exact=True)
     return torch.gather(r.labels.long(), 1, block), r
 
