@@ -63,7 +63,7 @@ def ptp(name: str = "ptp_full") -> str:
 
 def dkm() -> str:
     parts = []
-    d = _load("dkm")
+    d = _load("dkm_quick") or _load("dkm")
     if d and d.get("speed"):
         rows = [
             [
