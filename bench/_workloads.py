@@ -74,30 +74,8 @@ def mlp_batch(batch_size: int = 64, seed: int = SEED) -> tuple[torch.Tensor, tor
 # conv net
 
 
-class DigitsCNN(nn.Module):
-    """Small conv net for (N, 1, 8, 8) inputs with 10 classes.
-
-    conv1 1->32 (3x3, pad 1) - ReLU - conv2 32->64 - ReLU - maxpool 2 - conv3 64->64 - ReLU -
-    flatten - fc1 1024->128 - ReLU - fc2 128->10.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 4 * 4, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = self.pool(x)
-        x = torch.relu(self.conv3(x))
-        x = torch.flatten(x, 1)
-        x = torch.relu(self.fc1(x))
-        return self.fc2(x)
+# The same architecture the CLI's digits experiment trains (one definition for both).
+from lightning_palettize.data import DigitsCNN  # noqa: E402
 
 
 def conv_net(dtype: torch.dtype = torch.float32, seed: int = SEED) -> DigitsCNN:
