@@ -55,7 +55,8 @@ def main() -> int:
         )
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=64))
         counts = [len(torch.unique(module.net[i].weight)) for i in (0, 2)]
-        ok = all(c <= 4 for c in counts) and module.net[0].weight.is_cuda
+        # (Lightning moves the module back to the CPU in teardown: no device check here)
+        ok = all(c <= 4 for c in counts)
         failures += not ok
         print(
             f"[{'PASS' if ok else 'FAIL'}] DKM callback {precision} on "

@@ -171,7 +171,8 @@ def run_row(
         row["worst_layer"] = worst
         row["layers_ours_gt_theirs"] = sum(r > 1.0 for r in ratios.values())
         row["speedup"] = ct_s / ours_s
-        row["ok_err"] = ratios[worst] <= 1.0
+        # 1e-12: the float64 -> float32 rounding of identical optimal centroids
+        row["ok_err"] = ratios[worst] <= 1.0 + 1e-12
         row["ok_cos"] = row["ours_cos"] >= row["ct_cos"]
         row["ok_speed"] = row["speedup"] >= SPEED_TARGET
         row["ct_per_layer_weighted"] = ct_w
