@@ -1070,8 +1070,15 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
     if cfg.mode == "hard":  # A is piecewise constant
         return r, None, None, None
     if s_hat is not None:
-        grad = torch.sub(v.unsqueeze(1), raw.unsqueeze(2), out=_tmp("b", probs.shape, v.device))
-        e = _scalar_softmax_back(grad.mul_(s_hat.unsqueeze(2)), probs, v, cfg, "e").mul_(diff)
+        # s_hat_j (v_u - raw_j) in one pass (the row-wise softmax backward below cancels the
+        # rounding of a saturated row exactly)
+        grad = torch.addcmul(
+            (s_hat * raw).neg_().unsqueeze(2),
+            v.unsqueeze(1),
+            s_hat.unsqueeze(2),
+            out=_tmp("b", probs.shape, v.device),
+        )
+        e = _scalar_softmax_back(grad, probs, v, cfg, "e").mul_(diff)
         r.sub_(e.sum(1), alpha=two)
         dc = torch.bmm(e, m.unsqueeze(2)).view(g, -1).mul_(two)
     if out_c is None:
