@@ -34,13 +34,18 @@ typedef struct {
     const double *prev;         /* D[k-1][.] */
 } ctx_t;
 
-/* Squared error of bins [a, b) around their weighted mean. */
-static inline double run_cost(const ctx_t *c, int64_t a, int64_t b) {
-    double s0 = c->p0[b] - c->p0[a];
+/* Squared error of bins [a, b) around their weighted mean, from prefix sums. */
+static inline double seg_cost(const double *p0, const double *p1, const double *p2, int64_t a,
+                              int64_t b) {
+    double s0 = p0[b] - p0[a];
     if (s0 <= 0.0) return 0.0;
-    double s1 = c->p1[b] - c->p1[a];
-    double v = (c->p2[b] - c->p2[a]) - s1 * s1 / s0;
+    double s1 = p1[b] - p1[a];
+    double v = (p2[b] - p2[a]) - s1 * s1 / s0;
     return v > 0.0 ? v : 0.0;
+}
+
+static inline double run_cost(const ctx_t *c, int64_t a, int64_t b) {
+    return seg_cost(c->p0, c->p1, c->p2, a, b);
 }
 
 /*
@@ -185,11 +190,7 @@ typedef struct {
 } wctx_t;
 
 static inline double wcost(const wctx_t *c, int64_t a, int64_t b) {
-    double s0 = c->p0[b] - c->p0[a];
-    if (s0 <= 0.0) return 0.0;
-    double s1 = c->p1[b] - c->p1[a];
-    double v = (c->p2[b] - c->p2[a]) - s1 * s1 / s0;
-    return v > 0.0 ? v : 0.0;
+    return seg_cost(c->p0, c->p1, c->p2, a, b);
 }
 
 static void wsolve(const wctx_t *c, int64_t plo, int64_t phi, int64_t qlo, int64_t qhi) {

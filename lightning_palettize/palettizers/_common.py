@@ -23,6 +23,8 @@ __all__ = [
     "PalettizedWeight",
     "layout_for",
     "palettize_weight",
+    "scaled_groups",
+    "build_palette",
     "attach_coreml_metadata",
     "strip_coreml_metadata",
     "set_metadata_version",
@@ -107,18 +109,38 @@ def palettize_weight(
     Returns:
         The palette; ``palette.dequantize()`` is the palettized weight.
     """
+    x, scale = scaled_groups(weight, layout, per_channel_scale)
+    imp = None
+    if importance is not None:
+        imp = layout.to_groups(importance.to(x.device, torch.float32)).sum(dim=-1)
+    result = kmeans(x, 1 << n_bits, imp, exact=exact, seed=seed)
+    return build_palette(weight, layout, n_bits, result.centroids, result.labels, scale, lut_dtype)
+
+
+def scaled_groups(
+    weight: Tensor, layout: Layout, per_channel_scale: str | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(x[G, N, d], scale)``: the weight divided by its per-channel scale (if any), grouped."""
     w = weight.detach()
     scale = None
     if per_channel_scale is not None:
         scale = channel_scale(w, per_channel_scale)
         w = w.float() / scale
-    x = layout.to_groups(w)  # [G, N, d]
-    imp = None
-    if importance is not None:
-        imp = layout.to_groups(importance.to(x.device, torch.float32)).sum(dim=-1)
-    k = 1 << n_bits
-    result = kmeans(x, k, imp, exact=exact, seed=seed)
-    lut = result.centroids.float()
+    return layout.to_groups(w), scale
+
+
+def build_palette(
+    weight: Tensor,
+    layout: Layout,
+    n_bits: int,
+    centroids: Tensor,
+    labels: Tensor,
+    scale: Tensor | None,
+    lut_dtype: str | None,
+) -> Palette:
+    """The :class:`Palette` of clustered ``weight``: centroids ``[G, K, d]`` become the LUT
+    (8-bit quantized when ``lut_dtype`` is ``"int8"``/``"uint8"``), labels the indices."""
+    lut = centroids.float()
     qdtype = qscale = zero_point = None
     if lut_dtype is not None:
         qdtype = _LUT_QDTYPES[lut_dtype]
@@ -127,7 +149,7 @@ def palettize_weight(
         layout,
         n_bits,
         lut.contiguous(),
-        result.labels.to(torch.uint8),
+        labels.to(torch.uint8),
         scale=scale,
         lut_qdtype=qdtype,
         lut_qscale=qscale,

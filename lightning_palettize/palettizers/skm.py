@@ -20,13 +20,15 @@ from torch import Tensor, nn
 
 from lightning_palettize.config import SKMPalettizerConfig, load_config
 from lightning_palettize.kmeans import kmeans_1d
-from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
+from lightning_palettize.palette import Layout, Palette
 from lightning_palettize.palettizers._common import (
     KMEANS_SUPPORTED,
     PalettizedWeight,
+    build_palette,
     compress_model,
     layout_for,
     palettize_weight,
+    scaled_groups,
 )
 from lightning_palettize.palettizers.post_training import lut_dtype_name
 from lightning_palettize.report import PalettizationReport
@@ -617,32 +619,12 @@ def _palettize_two_level(
     importance: Tensor | None,
 ) -> Palette:
     """:func:`palettize_weight` for ``cluster_dim == 1`` with :func:`_kmeans_two_level`."""
-    w = weight.detach()
-    scale = None
-    if per_channel_scale is not None:
-        scale = channel_scale(w, per_channel_scale)
-        w = w.float() / scale
-    x = layout.to_groups(w)[..., 0]
+    x, scale = scaled_groups(weight, layout, per_channel_scale)
     imp = None
     if importance is not None:
         imp = layout.to_groups(importance.to(x.device, torch.float32))[..., 0]
-    cent, labels = _kmeans_two_level(x, imp, 1 << n_bits)
-    lut = cent.unsqueeze(-1)
-    qdtype = qscale = zero_point = None
-    if lut_dtype is not None:
-        qdtype = _LUT_QDTYPES[lut_dtype]
-        lut, qscale, zero_point = quantize_lut(lut, qdtype)
-    return Palette(
-        layout,
-        n_bits,
-        lut.contiguous(),
-        labels,
-        scale=scale,
-        lut_qdtype=qdtype,
-        lut_qscale=qscale,
-        lut_zero_point=zero_point,
-        dtype=weight.dtype,
-    )
+    cent, labels = _kmeans_two_level(x[..., 0], imp, 1 << n_bits)
+    return build_palette(weight, layout, n_bits, cent.unsqueeze(-1), labels, scale, lut_dtype)
 
 
 def _kmeans_two_level(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
