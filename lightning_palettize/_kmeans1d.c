@@ -5,8 +5,9 @@
  * weights w, w*x and w*x^2 the cost of any run is O(1) and
  *     D[k][i] = min_{k-1 <= j < i} D[k-1][j] + cost(j, i)
  * gives the optimum. The squared-error cost satisfies the quadrangle inequality, so the layer
- * matrices are totally monotone and SMAWK solves each layer in O(m): O(k m) time in all, and
- * O(k m) memory for the int32 back-pointers.
+ * matrices are totally monotone: the argmin of row i never decreases with i, and divide and
+ * conquer solves each layer in O(m log m) entries (O(k m log m) time in all, O(k m) memory for
+ * the int32 back-pointers).
  *
  * Python signature (all buffers C-contiguous, the GIL is released while solving):
  *     solve(w, s1, s2, key, offsets, k, out, g0, g1, shift)
@@ -21,6 +22,11 @@
  *       k         : number of clusters
  *       out       : int64[G*(k+1)] written for groups g0..g1-1: the bin index where each cluster
  *                   starts, then the group's bin count. Clusters past min(k, m) are empty (start m).
+ *
+ *     codes(x, kind, w, k, vtab, labels, cent, inertia, flag, g0, g1)
+ *       fast mode of kmeans.py fused for CPU tensors: per group, the histogram of 16-bit float
+ *       codes, the DP above over the present codes, centroids and every element's label in one
+ *       place (see py_codes below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -60,53 +66,50 @@ static inline double entry(const ctx_t *c, int64_t i, int64_t j) {
     return c->prev[j - 1] + run_cost(c, j, i + 1);
 }
 
-static int smawk(const ctx_t *c, const int64_t *rows, int64_t nr, const int64_t *cols, int64_t nc,
-                 int64_t *res) {
-    if (nr == 0) return 0;
-    int64_t *st = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nr + nr / 2 + 1));
-    if (!st) return -1;
-    int64_t *odd = st + nr;
-    int64_t ns = 0;
-    /* REDUCE: keep at most nr columns that can still hold a row minimum. */
-    for (int64_t q = 0; q < nc; ++q) {
-        int64_t col = cols[q];
-        while (ns > 0) {
-            int64_t row = rows[ns - 1];
-            if (entry(c, row, col) >= entry(c, row, st[ns - 1])) break;
-            --ns;
+/* Row minima of a layer matrix by divide and conquer over its monotone argmins: rows
+ * [ilo, ihi], candidate columns [jlo, jhi]. O(m log m) entries per layer; SMAWK needs O(m),
+ * but its entries come in dependent, branchy chains: measured here the scan below is 1.2-3.5x
+ * faster from 1,000 to 1,000,000 bins. */
+static void dc_rows(const ctx_t *c, int64_t ilo, int64_t ihi, int64_t jlo, int64_t jhi,
+                    double *cur, int64_t *res) {
+    while (ilo <= ihi) {
+        int64_t i = ilo + (ihi - ilo) / 2;
+        const double *p0 = c->p0, *p1 = c->p1, *p2 = c->p2, *prev = c->prev;
+        double P0 = p0[i + 1], P1 = p1[i + 1], P2 = p2[i + 1];
+        int64_t best = jlo;
+        double bv = INFINITY;
+        int64_t j = jlo;
+        if (j == 0) {
+            bv = entry(c, i, 0);
+            best = 0;
+            j = 1;
         }
-        if (ns < nr) st[ns++] = col;
-    }
-    int64_t no = nr / 2;
-    for (int64_t t = 0; t < no; ++t) odd[t] = rows[2 * t + 1];
-    if (smawk(c, odd, no, st, ns, res)) {
-        free(st);
-        return -1;
-    }
-    /* INTERPOLATE: even rows search between the minima of their odd neighbours. */
-    int64_t start = 0;
-    for (int64_t r = 0; r < nr; r += 2) {
-        int64_t row = rows[r];
-        int64_t stop = ns - 1;
-        if (r < nr - 1) {
-            int64_t target = res[rows[r + 1]];
-            stop = start;
-            while (st[stop] != target) ++stop;
-        }
-        int64_t best = st[start];
-        double bv = entry(c, row, best);
-        for (int64_t q = start + 1; q <= stop; ++q) {
-            double v = entry(c, row, st[q]);
+        int64_t jend = jhi < i ? jhi : i;
+        for (; j <= jend; ++j) {
+            double s0 = P0 - p0[j], s1 = P1 - p1[j];
+            double cost = (P2 - p2[j]) - (s0 > 0.0 ? s1 * s1 / s0 : 0.0);
+            double v = prev[j - 1] + (cost > 0.0 ? cost : 0.0);
             if (v < bv) {
                 bv = v;
-                best = st[q];
+                best = j;
             }
         }
-        res[row] = best;
-        start = stop;
+        if (jhi > i && prev[i] < bv) {
+            bv = prev[i];
+            best = i + 1;
+        }
+        cur[i] = bv;
+        res[i] = best;
+        if (i - ilo < ihi - i) {
+            dc_rows(c, ilo, i - 1, jlo, best, cur, res);
+            ilo = i + 1;
+            jlo = best;
+        } else {
+            dc_rows(c, i + 1, ihi, best, jhi, cur, res);
+            ihi = i - 1;
+            jhi = best;
+        }
     }
-    free(st);
-    return 0;
 }
 
 /* DP over m bins with prefix sums p0/p1/p2; writes cluster starts (bin indices) to out[0..k]. */
@@ -118,7 +121,7 @@ static int dp_starts(const double *p0, const double *p1, const double *p2, int64
     out[0] = 0;
     if (kk <= 1) return 0;
     double *d = (double *)malloc(sizeof(double) * 2 * (size_t)m);
-    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)m);
+    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)m);
     int32_t *arg = (int32_t *)malloc(sizeof(int32_t) * (size_t)(kk - 1) * (size_t)m);
     if (!d || !idx || !arg) {
         free(d);
@@ -127,8 +130,7 @@ static int dp_starts(const double *p0, const double *p1, const double *p2, int64
         return -1;
     }
     double *prev = d, *cur = d + m;
-    int64_t *iota = idx, *res = idx + m;
-    for (int64_t i = 0; i < m; ++i) iota[i] = i;
+    int64_t *res = idx;
     ctx_t c = {p0, p1, p2, prev};
     for (int64_t i = 0; i < m; ++i) prev[i] = run_cost(&c, 0, i + 1);
 
@@ -150,11 +152,8 @@ static int dp_starts(const double *p0, const double *p1, const double *p2, int64
             a[i] = (int32_t)best;
             continue;
         }
-        failed = smawk(&c, iota, m, iota, m, res);
-        for (int64_t i = 0; i < m && !failed; ++i) {
-            cur[i] = entry(&c, i, res[i]);
-            a[i] = (int32_t)res[i];
-        }
+        dc_rows(&c, 0, m - 1, 0, m - 1, cur, res);
+        for (int64_t i = 0; i < m; ++i) a[i] = (int32_t)res[i];
         double *t = prev;
         prev = cur;
         cur = t;
@@ -272,6 +271,54 @@ static int window_refine(const double *p0, const double *p1, const double *p2, i
     return edge;
 }
 
+/* DP over m bins given their prefix sums (see solve(): shift / key / window). Returns 0 on
+ * success, -1 on allocation failure. */
+static int solve_prefix(const double *p0, const double *p1, const double *p2, const int32_t *key,
+                        int64_t m, int64_t k, int64_t shift, int64_t *out) {
+    int failed = 0;
+    int64_t nc = 0;
+    int64_t *cut = NULL;
+    if (shift > 0 && k < m) {
+        /* coarse level: merge bins whose keys agree above the low `shift` bits */
+        cut = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
+        if (!cut) return -1;
+        cut[0] = 0;
+        for (int64_t i = 1; i < m; ++i)
+            if ((key[i] >> shift) != (key[i - 1] >> shift)) cut[++nc] = i;
+        cut[++nc] = m;
+    }
+    if (cut == NULL || nc <= 2 * k) {
+        failed = dp_starts(p0, p1, p2, m, k, out);
+    } else {
+        double *q = (double *)malloc(sizeof(double) * 3 * (size_t)(nc + 1));
+        if (!q) {
+            free(cut);
+            return -1;
+        }
+        for (int64_t t = 0; t <= nc; ++t) {
+            q[t] = p0[cut[t]];
+            q[(nc + 1) + t] = p1[cut[t]];
+            q[2 * (nc + 1) + t] = p2[cut[t]];
+        }
+        failed = dp_starts(q, q + (nc + 1), q + 2 * (nc + 1), nc, k, out);
+        free(q);
+        if (!failed) {
+            for (int64_t c = 0; c <= k; ++c) out[c] = cut[out[c]];
+            /* window: two coarse bins' worth of fine bins on each side (at least 2 << shift) */
+            int64_t win = (int64_t)2 << shift;
+            int64_t per = 2 * ((m + nc - 1) / nc);
+            if (per > win) win = per;
+            for (int round = 0; round < 16; ++round) {
+                int r = window_refine(p0, p1, p2, m, k, win, out);
+                if (r < 0) failed = 1;
+                if (r <= 0) break;
+            }
+        }
+    }
+    free(cut);
+    return failed;
+}
+
 /* Returns 0 on success, -1 on allocation failure. */
 static int solve_group(const double *w, const double *s1, const double *s2, const int32_t *key,
                        int64_t m, int64_t k, int64_t shift, int64_t *out) {
@@ -284,51 +331,330 @@ static int solve_group(const double *w, const double *s1, const double *s2, cons
         p1[i + 1] = p1[i] + s1[i];
         p2[i + 1] = p2[i] + s2[i];
     }
-    int failed = 0;
-    int64_t nc = 0;
-    int64_t *cut = NULL;
-    if (shift > 0 && k < m) {
-        /* coarse level: merge bins whose keys agree above the low `shift` bits */
-        cut = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
-        if (!cut) {
-            free(p);
-            return -1;
-        }
-        cut[0] = 0;
-        for (int64_t i = 1; i < m; ++i)
-            if ((key[i] >> shift) != (key[i - 1] >> shift)) cut[++nc] = i;
-        cut[++nc] = m;
-    }
-    if (cut == NULL || nc <= 2 * k) {
-        failed = dp_starts(p0, p1, p2, m, k, out);
-    } else {
-        double *q = (double *)malloc(sizeof(double) * 3 * (size_t)(nc + 1));
-        if (!q) {
-            free(cut);
-            free(p);
-            return -1;
-        }
-        for (int64_t t = 0; t <= nc; ++t) {
-            q[t] = p0[cut[t]];
-            q[(nc + 1) + t] = p1[cut[t]];
-            q[2 * (nc + 1) + t] = p2[cut[t]];
-        }
-        failed = dp_starts(q, q + (nc + 1), q + 2 * (nc + 1), nc, k, out);
-        free(q);
-        if (!failed) {
-            for (int64_t c = 0; c <= k; ++c) out[c] = cut[out[c]];
-            int64_t kk = k;
-            int64_t win = (int64_t)2 << shift;
-            for (int round = 0; round < 16; ++round) {
-                int r = window_refine(p0, p1, p2, m, kk, win, out);
-                if (r < 0) failed = 1;
-                if (r <= 0) break;
-            }
-        }
-    }
-    free(cut);
+    int failed = solve_prefix(p0, p1, p2, key, m, k, shift, out);
     free(p);
     return failed;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Fused fast mode on the CPU: 16-bit code histogram, DP and labels of a group in one place.  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* float32 -> IEEE binary16 bit pattern, round to nearest even (what torch's .half() does). */
+static inline uint32_t f32_to_f16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u);
+    if (a >= 0x477FF000u) return sign | 0x7C00u; /* rounds to infinity */
+    if (a >= 0x38800000u) {                       /* normal half */
+        uint32_t m = a - 0x38000000u;              /* exponent rebiased from 127 to 15 */
+        m += 0x0FFFu + ((m >> 13) & 1u);
+        return sign | (m >> 13);
+    }
+    uint32_t e = a >> 23; /* half subnormal or zero: units of 2^-24 */
+    if (e < 102u) return sign;
+    uint32_t mm = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t sh = 126u - e; /* 14..24 */
+    uint32_t r = mm >> sh, rem = mm & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return sign | r;
+}
+
+/* value-order key of a 16-bit float pattern: negatives reversed below positives */
+static inline uint32_t order_key(uint32_t raw) {
+    return raw >= 0x8000u ? raw ^ 0xFFFFu : raw ^ 0x8000u;
+}
+
+enum { IN_F32 = 0, IN_HALF = 1 };
+
+typedef struct {
+    int32_t *cnt;    /* [65536] elements per code */
+    uint64_t *seen;  /* [1024] bitmap of present codes */
+    double *wsum;    /* [65536] summed weight per code (weighted only) */
+    uint8_t *lab;    /* [65536] label of each present code */
+    int32_t *bkey;   /* [65536] code of each bin */
+    double *bval;    /* [65536] */
+    double *bw;      /* [65536] */
+    double *bc;      /* [65536] element count per bin */
+    double *p;       /* [3 * 65537] prefix sums */
+    int64_t starts[257];
+} codes_ws_t;
+
+static void codes_ws_free(codes_ws_t *s) {
+    free(s->cnt);
+    free(s->seen);
+    free(s->wsum);
+    free(s->lab);
+    free(s->bkey);
+    free(s->bval);
+    free(s->bw);
+    free(s->bc);
+    free(s->p);
+}
+
+static int codes_ws_alloc(codes_ws_t *s, int weighted) {
+    const size_t n = 65536;
+    memset(s, 0, sizeof(*s));
+    s->cnt = (int32_t *)calloc(n, sizeof(int32_t));
+    s->seen = (uint64_t *)calloc(n / 64, sizeof(uint64_t));
+    s->wsum = weighted ? (double *)calloc(n, sizeof(double)) : NULL;
+    s->lab = (uint8_t *)malloc(n);
+    s->bkey = (int32_t *)malloc(n * sizeof(int32_t));
+    s->bval = (double *)malloc(n * sizeof(double));
+    s->bw = (double *)malloc(n * sizeof(double));
+    s->bc = (double *)malloc(n * sizeof(double));
+    s->p = (double *)malloc(3 * (n + 1) * sizeof(double));
+    if (!s->cnt || !s->seen || (weighted && !s->wsum) || !s->lab || !s->bkey || !s->bval || !s->bw ||
+        !s->bc || !s->p) {
+        codes_ws_free(s);
+        memset(s, 0, sizeof(*s));
+        return -1;
+    }
+    return 0;
+}
+
+/* code (value-order key) of element i */
+static inline uint32_t elem_key(const void *x, int kind, float sf, int64_t i) {
+    if (kind == IN_F32) return order_key(f32_to_f16_bits(((const float *)x)[i] * sf));
+    return order_key(((const uint16_t *)x)[i]);
+}
+
+/* One group of n elements. vtab: value of each ordered key (fp16 or bf16 interpretation).
+ * Writes labels[n], cent[k], *inertia, *flag (1: fp32 group too coarsely resolved by its codes,
+ * or scale out of float range: the caller re-solves it exactly). Returns -1 on failure. */
+static int codes_group(const void *x, int kind, const float *w, int64_t n, int64_t k,
+                       const double *vtab, codes_ws_t *s, uint8_t *labels, float *cent,
+                       double *inertia, uint8_t *flag) {
+    double scale = 1.0;
+    float sf = 1.0f;
+    *flag = 0;
+    if (kind == IN_F32) {
+        const float *xf = (const float *)x;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+            float a = fabsf(xf[i]);
+            amax = a > amax ? a : amax;
+        }
+        int e2 = 1;
+        if (amax > 0.0f) frexp((double)amax, &e2);
+        int e = amax > 0.0f ? e2 - 1 : 0;
+        if (14 - e > 126) { /* weights below ~2^-112: let the exact path take them */
+            *flag = 1;
+            return 0;
+        }
+        scale = ldexp(1.0, 14 - e);
+        sf = (float)scale;
+    }
+    /* histogram */
+    int32_t *cnt = s->cnt;
+    uint64_t *seen = s->seen;
+    if (w == NULL) {
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t kk = elem_key(x, kind, sf, i);
+            cnt[kk]++;
+            seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
+        }
+    } else {
+        double *ws = s->wsum;
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t kk = elem_key(x, kind, sf, i);
+            cnt[kk]++;
+            ws[kk] += (double)w[i];
+            seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
+        }
+    }
+    /* present codes in value order (set bits of the bitmap); clear the tables behind us */
+    int64_t m = 0;
+    double wtot = 0.0, wv = 0.0;
+    for (uint32_t word = 0; word < 1024u; ++word) {
+        uint64_t bits = seen[word];
+        if (!bits) continue;
+        seen[word] = 0;
+        while (bits) {
+            uint32_t kk = (word << 6) | (uint32_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            int32_t c = cnt[kk];
+            double v = vtab[kk] / scale;
+            double wt = s->wsum ? s->wsum[kk] : (double)c;
+            s->bkey[m] = (int32_t)kk;
+            s->bval[m] = v;
+            s->bw[m] = wt;
+            s->bc[m] = (double)c;
+            wtot += wt;
+            wv += wt * v;
+            cnt[kk] = 0;
+            if (s->wsum) s->wsum[kk] = 0.0;
+            ++m;
+        }
+    }
+    /* prefix sums centred on the weighted mean (no cancellation in the DP) */
+    double mu = wtot > 0.0 ? wv / wtot : 0.0;
+    double *p0 = s->p, *p1 = s->p + (m + 1), *p2 = s->p + 2 * (m + 1);
+    p0[0] = p1[0] = p2[0] = 0.0;
+    for (int64_t b = 0; b < m; ++b) {
+        double d = s->bval[b] - mu, wt = s->bw[b];
+        p0[b + 1] = p0[b] + wt;
+        p1[b + 1] = p1[b] + wt * d;
+        p2[b + 1] = p2[b] + wt * d * d;
+    }
+    int64_t shift = 0;
+    if (m > 2048) {
+        int64_t bl = 0;
+        for (int64_t q = k / 16; q > 0; q >>= 1) ++bl;
+        shift = 4 - (bl - 1 > 0 ? bl - 1 : 0);
+        shift = shift < 0 ? 0 : (shift > 4 ? 4 : shift);
+    }
+    int64_t *st = s->starts;
+    if (solve_prefix(p0, p1, p2, s->bkey, m, k, shift, st)) return -1;
+    /* clusters: centroid, error, label of every code */
+    double tot = 0.0, last = 0.0;
+    int64_t nreal = 0;
+    for (int64_t c = 0; c < k; ++c) {
+        int64_t a = st[c], b = st[c + 1];
+        double sc = 0.0, sv = 0.0;
+        for (int64_t t = a; t < b; ++t) {
+            sc += s->bc[t];
+            sv += s->bc[t] * s->bval[t];
+            s->lab[s->bkey[t]] = (uint8_t)c;
+        }
+        if (sc <= 0.0) {
+            cent[c] = (float)last; /* empty slots (only at the end) repeat the last centroid */
+            continue;
+        }
+        double sw = p0[b] - p0[a], sx = p1[b] - p1[a], sxx = p2[b] - p2[a];
+        double cc = sw > 0.0 ? mu + sx / sw : sv / sc;
+        if (sw > 0.0) {
+            double err = sxx - sx * sx / sw;
+            tot += err > 0.0 ? err : 0.0;
+        }
+        last = cc;
+        cent[c] = (float)cc;
+        ++nreal;
+        if (kind == IN_F32 && (b - a) < 32 && sc > 2.0 * (double)(b - a)) *flag = 1;
+    }
+    (void)nreal;
+    *inertia = tot;
+    for (int64_t i = 0; i < n; ++i) labels[i] = s->lab[elem_key(x, kind, sf, i)];
+    return 0;
+}
+
+/*
+ * codes(x, kind, w, k, vtab, labels, cent, inertia, flag, g0, g1)
+ *   x      : float32[G*N] (kind 0) or uint16[G*N] 16-bit float patterns (kind 1)
+ *   w      : float32[G*N] importance, or None
+ *   vtab   : float64[65536] value of each value-order key (fp16 or bf16 interpretation)
+ *   labels : uint8[G*N] out;  cent: float32[G*k] out;  inertia: float64[G] out;  flag: uint8[G] out
+ * Groups g0..g1-1 are solved (the GIL is released).
+ */
+static PyObject *py_codes(PyObject *self, PyObject *args) {
+    Py_buffer bx, bw, bt, bl, bc, bi, bf;
+    PyObject *wobj;
+    int kind;
+    long long k, g0, g1;
+    if (!PyArg_ParseTuple(args, "y*iOLy*w*w*w*w*LL", &bx, &kind, &wobj, &k, &bt, &bl, &bc, &bi,
+                          &bf, &g0, &g1))
+        return NULL;
+    PyObject *ret = NULL;
+    int have_w = wobj != Py_None;
+    if (have_w && PyObject_GetBuffer(wobj, &bw, PyBUF_SIMPLE) < 0) goto done_nobw;
+    {
+        int64_t g = bi.len / (Py_ssize_t)sizeof(double);
+        int64_t isz = kind == IN_F32 ? 4 : 2;
+        int64_t n = g > 0 ? bx.len / isz / g : 0;
+        if ((kind != IN_F32 && kind != IN_HALF) || k < 1 || k > 256 || g0 < 0 || g1 > g ||
+            g0 > g1 || bx.len != g * n * isz || bl.len != g * n || bc.len != g * k * 4 ||
+            bf.len != g || bt.len != 65536 * 8 || (have_w && bw.len != g * n * 4)) {
+            PyErr_SetString(PyExc_ValueError, "_kmeans1d.codes: inconsistent arguments");
+            goto done;
+        }
+        int failed = 0;
+        Py_BEGIN_ALLOW_THREADS codes_ws_t ws;
+        if (codes_ws_alloc(&ws, have_w)) failed = 1;
+        for (int64_t q = g0; q < g1 && !failed; ++q) {
+            failed = codes_group((const char *)bx.buf + q * n * isz, kind,
+                                 have_w ? (const float *)bw.buf + q * n : NULL, n, k,
+                                 (const double *)bt.buf, &ws, (uint8_t *)bl.buf + q * n,
+                                 (float *)bc.buf + q * k, (double *)bi.buf + q,
+                                 (uint8_t *)bf.buf + q) != 0;
+        }
+        codes_ws_free(&ws);
+        Py_END_ALLOW_THREADS if (failed) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    if (have_w) PyBuffer_Release(&bw);
+done_nobw:
+    PyBuffer_Release(&bx);
+    PyBuffer_Release(&bt);
+    PyBuffer_Release(&bl);
+    PyBuffer_Release(&bc);
+    PyBuffer_Release(&bi);
+    PyBuffer_Release(&bf);
+    return ret;
+}
+
+/*
+ * write_lut(out, labels, lut, k) -> (err, ref): out[g, i] = lut[g, labels[g, i]] for float32
+ * out[G*N], uint8 labels[G*N], float32 lut[G*k]; returns sum((before - after)^2) and
+ * sum(before^2) in float64. One pass instead of a gather, a difference and two reductions.
+ */
+static PyObject *py_write_lut(PyObject *self, PyObject *args) {
+    Py_buffer bo, bl, bt;
+    long long k;
+    if (!PyArg_ParseTuple(args, "w*y*y*L", &bo, &bl, &bt, &k)) return NULL;
+    PyObject *ret = NULL;
+    int64_t total = bl.len, g = k > 0 ? bt.len / 4 / k : 0;
+    if (k < 1 || k > 256 || bo.len != total * 4 || bt.len != g * k * 4 || g < 1 || total % g) {
+        PyErr_SetString(PyExc_ValueError, "_kmeans1d.write_lut: inconsistent arguments");
+    } else {
+        double err = 0.0, ref = 0.0;
+        int64_t n = total / g;
+        Py_BEGIN_ALLOW_THREADS for (int64_t q = 0; q < g; ++q) {
+            float *o = (float *)bo.buf + q * n;
+            const uint8_t *l = (const uint8_t *)bl.buf + q * n;
+            const float *t = (const float *)bt.buf + q * k;
+            double e = 0.0, r = 0.0;
+            for (int64_t i = 0; i < n; ++i) {
+                float before = o[i], after = t[l[i]];
+                double d = (double)before - (double)after;
+                e += d * d;
+                r += (double)before * (double)before;
+                o[i] = after;
+            }
+            err += e;
+            ref += r;
+        }
+        Py_END_ALLOW_THREADS ret = Py_BuildValue("(dd)", err, ref);
+    }
+    PyBuffer_Release(&bo);
+    PyBuffer_Release(&bl);
+    PyBuffer_Release(&bt);
+    return ret;
+}
+
+/* half_bits(x: float32 buffer, out: uint16 buffer): the conversion above, for tests */
+static PyObject *py_half_bits(PyObject *self, PyObject *args) {
+    Py_buffer bx, bo;
+    if (!PyArg_ParseTuple(args, "y*w*", &bx, &bo)) return NULL;
+    PyObject *ret = NULL;
+    if (bo.len * 2 != bx.len) {
+        PyErr_SetString(PyExc_ValueError, "_kmeans1d.half_bits: inconsistent arguments");
+    } else {
+        const float *x = (const float *)bx.buf;
+        uint16_t *o = (uint16_t *)bo.buf;
+        for (Py_ssize_t i = 0; i < bo.len / 2; ++i) o[i] = (uint16_t)f32_to_f16_bits(x[i]);
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&bx);
+    PyBuffer_Release(&bo);
+    return ret;
 }
 
 static PyObject *py_solve(PyObject *self, PyObject *args) {
@@ -373,6 +699,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"solve", py_solve, METH_VARARGS, "Exact weighted 1-D k-means over sorted bins (see source)."},
+    {"codes", py_codes, METH_VARARGS, "Fused fast mode: 16-bit code k-means per group (see source)."},
+    {"write_lut", py_write_lut, METH_VARARGS, "Dense LUT values into a float32 weight (see source)."},
+    {"half_bits", py_half_bits, METH_VARARGS, "float32 -> binary16 bit patterns (for tests)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kmeans1d", NULL, -1, methods};

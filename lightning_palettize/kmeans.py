@@ -341,6 +341,8 @@ def kmeans_1d(
     if exact or x.dtype == torch.float64:
         return _kmeans_1d_exact(x, k, weights)
 
+    if _fused_ok(x, k):
+        return _kmeans_1d_codes_cpu(x, k, weights, labels)
     # Groups are solved a batch at a time so the per-bin arrays stay small.
     gb = max(1, _BATCH // n)
     cent = torch.empty(g_total, k, dtype=torch.float32, device=device)
@@ -385,13 +387,74 @@ def _kmeans_1d_codes(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) 
         # fp32 only: a cluster spanning few codes that hold several elements each is too coarsely
         # resolved by the codes (e.g. 8 bits on a narrow mode); redo such groups exactly.
         nb = torch.from_numpy(np.diff(starts, axis=1)).to(device)
-        coarse = ((nb < _MIN_BINS_PER_CLUSTER) & (count > 2 * nb)).any(dim=1)
-        if bool(coarse.any()):
-            redo = coarse.nonzero().squeeze(1)
-            sub = _kmeans_1d_exact(x[redo], k, None if weights is None else weights[redo])
-            result.centroids[redo] = sub.centroids
-            result.labels[redo] = sub.labels
-            result.inertia[redo] = sub.inertia
+        _redo_exact(result, x, k, weights, ((nb < _MIN_BINS_PER_CLUSTER) & (count > 2 * nb)).any(1))
+    return result
+
+
+def _redo_exact(
+    result: KMeansResult, x: Tensor, k: int, weights: Tensor | None, redo: Tensor
+) -> None:
+    """Re-solve the groups flagged in ``redo`` [G] bool with the exact DP, in place."""
+    if bool(redo.any()):
+        idx = redo.nonzero().squeeze(1)
+        sub = _kmeans_1d_exact(x[idx], k, None if weights is None else weights[idx])
+        result.centroids[idx] = sub.centroids
+        result.labels[idx] = sub.labels
+        result.inertia[idx] = sub.inertia
+
+
+# The CPU runs fast mode in one compiled pass per group (``_kmeans1d.codes``); the torch
+# program above is the same computation for other devices (and what tests compare it with).
+_FUSED_CPU = True
+_value_tables: dict[torch.dtype, np.ndarray] = {}
+
+
+def _fused_ok(x: Tensor, k: int) -> bool:
+    return (
+        _FUSED_CPU
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and k <= 256
+    )
+
+
+def _value_table(half: torch.dtype) -> np.ndarray:
+    """float64[65536]: the value of each value-order key (:func:`_order_key`) of a 16-bit type."""
+    table = _value_tables.get(half)
+    if table is None:
+        key = torch.arange(_NCODES, dtype=torch.int32)
+        raw = torch.where(key < 0x8000, key ^ 0xFFFF, key ^ 0x8000)
+        table = raw.to(torch.int16).view(half).double().numpy()
+        _value_tables[half] = table
+    return table
+
+
+def _kmeans_1d_codes_cpu(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) -> KMeansResult:
+    """Fast mode on CPU tensors: the same bins, DP and labels as :func:`_kmeans_1d_codes`,
+    fused per group in C (two threads over the groups); writes ``labels`` in place."""
+    g_total, n = x.shape
+    if x.dtype == torch.float32:
+        kind, xin, half = 0, x.contiguous(), torch.float16
+    else:
+        kind, xin, half = 1, x.contiguous().view(torch.int16), x.dtype
+    w = None if weights is None else weights.to(torch.float32).contiguous().numpy()
+    cent = torch.empty(g_total, k, dtype=torch.float32)
+    inertia = torch.empty(g_total, dtype=torch.float64)
+    flag = torch.zeros(g_total, dtype=torch.uint8)
+    args = (xin.numpy(), kind, w, k, _value_table(half), labels.numpy(), cent.numpy())
+    args += (inertia.numpy(), flag.numpy())
+    if g_total > 1 and g_total * n >= 1 << 16:
+        cut = g_total // 2
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(_kmeans1d.codes, *args, cut, g_total)
+            _kmeans1d.codes(*args, 0, cut)
+            other.result()
+    else:
+        _kmeans1d.codes(*args, 0, g_total)
+    result = KMeansResult(cent, labels, inertia)
+    # flagged: too coarsely resolved by the codes (see _kmeans_1d_codes), or fp32 values so
+    # small that their power-of-two scale leaves the float range
+    _redo_exact(result, x, k, weights, flag.bool())
     return result
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_palettize import _kmeans1d
+
 __all__ = [
     "Layout",
     "Palette",
@@ -542,6 +544,11 @@ class Palette:
                 f"Palette.write_into: out must have shape {self.layout.shape} on "
                 f"{self.lut.device}, got {tuple(out.shape)} on {out.device}."
             )
+        if self._plain_cpu_f32(out):
+            err, ref = _kmeans1d.write_lut(
+                out.detach().numpy(), self.indices.numpy(), self.lut.numpy(), self.k
+            )
+            return 0.0 if ref == 0.0 else err / ref
         target = self.layout._block_view(out)
         work = torch.float64 if out.dtype == torch.float64 else torch.float32
         err = torch.zeros((), dtype=torch.float64, device=out.device)
@@ -556,6 +563,23 @@ class Palette:
             cur.copy_(new)
         ref_value = float(ref)
         return 0.0 if ref_value == 0.0 else float(err) / ref_value
+
+    def _plain_cpu_f32(self, out: torch.Tensor) -> bool:
+        """Whether ``write_into`` can take the compiled one-pass path: float32 CPU weight and LUT,
+        scalar LUT entries, no scale, groups that are row ranges of the weight."""
+        layout = self.layout
+        return (
+            out.device.type == "cpu"
+            and out.dtype == torch.float32
+            and out.is_contiguous()
+            and self.lut.dtype == torch.float32
+            and self.lut.is_contiguous()
+            and self.indices.dtype == torch.uint8
+            and self.indices.is_contiguous()
+            and self.scale is None
+            and layout.cluster_dim == 1
+            and layout.channel_axis == 0
+        )
 
     def _blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield ``(start, stop, values)`` over ranges of channel blocks, ~``_CHUNK`` at a time.

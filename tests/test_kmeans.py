@@ -147,6 +147,72 @@ def test_16bit_inputs_are_clustered_exactly(dtype):
     torch.testing.assert_close(fast.inertia, exact.inertia, rtol=1e-9, atol=0)
 
 
+def _fused_case(case):
+    gen = torch.Generator().manual_seed(11)
+    shape, k, dtype, weighted = case
+    x = torch.randn(shape, generator=gen) * 0.02
+    if case[0] == (3, 7):  # tiny groups, K larger than the distinct values
+        x = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0]] * 3)
+        x[1] = 0.0  # an all-zero group
+        x[2] = 5e-39  # subnormal fp32: the exact path takes it (scale out of float range)
+    if shape == (4, 9000):  # a narrow mode at 8 bits: some groups fall back to exact
+        x[:2] = torch.round(x[:2] * 2000) / 2000
+    w = torch.rand(shape, generator=gen) ** 4 if weighted else None
+    if weighted:
+        w[:, ::5] = 0.0
+    return x.to(dtype), k, w
+
+
+_FUSED_CASES = [
+    ((64, 4096), 16, torch.float32, False),
+    ((16, 3000), 4, torch.float32, True),
+    ((1, 200000), 16, torch.float32, False),  # > 2,048 codes: the coarse level and windows
+    ((1, 200000), 4, torch.float32, True),
+    ((8, 5000), 8, torch.bfloat16, False),
+    ((8, 5000), 8, torch.float16, True),
+    ((4, 9000), 256, torch.float32, False),
+    ((3, 7), 16, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("case", _FUSED_CASES, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}-w{int(c[3])}")
+def test_fused_cpu_fast_mode_equals_torch_program(monkeypatch, case):
+    """The compiled CPU fast mode (one pass per group) and the torch program (used on CUDA)
+    compute the same bins, DP, centroids and labels."""
+    import lightning_palettize.kmeans as km
+
+    x, k, w = _fused_case(case)
+    fused = kmeans_1d(x, k, w)
+    monkeypatch.setattr(km, "_FUSED_CPU", False)
+    ref = kmeans_1d(x, k, w)
+    # weighted sums add up in another order: a boundary between two bins tied to ~1e-12 may
+    # fall on either side, which moves a handful of elements and changes nothing measurable
+    differ = (fused.labels != ref.labels).sum().item()
+    assert differ <= (x.numel() // 10000 if w is not None else 0)
+    if differ == 0:
+        torch.testing.assert_close(fused.centroids, ref.centroids, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.inertia, ref.inertia, rtol=1e-9, atol=1e-30)
+
+
+def test_fused_half_conversion_matches_torch():
+    """float32 -> binary16 in C rounds like torch's .half(): ties, subnormals, overflow."""
+    from lightning_palettize import _kmeans1d
+
+    gen = torch.Generator().manual_seed(12)
+    half = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    half = half[torch.isfinite(half)].unique()
+    mid = (half[:-1] + half[1:]) / 2  # exact ties between neighbouring halves
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=gen).to(torch.int32)
+    rnd = bits.view(torch.float32)
+    rnd = rnd[torch.isfinite(rnd)]
+    edge = torch.tensor([0.0, -0.0, 65519.0, 65520.0, 1e6, 2.0**-25, 2.0**-24 * 1.5, 2.0**-26])
+    x = torch.cat([half, mid, -mid, rnd, edge, torch.randn(1 << 16, generator=gen) * 1e-6])
+    out = np.empty(x.numel(), dtype=np.uint16)
+    _kmeans1d.half_bits(x.contiguous().numpy(), out)
+    ref = x.half().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, ref)
+
+
 def test_weighted_zero_weights_never_nan():
     x = torch.randn(2, 1000, generator=torch.Generator().manual_seed(6))
     w = torch.rand(2, 1000)

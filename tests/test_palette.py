@@ -397,6 +397,37 @@ def test_coreml_metadata_fields_and_shapes():
         p.coreml_metadata()
 
 
+@pytest.mark.parametrize(("kind", "layout"), LAYOUTS, ids=LAYOUT_IDS)
+def test_write_into_equals_loop_reference_and_error(kind, layout, monkeypatch):
+    """write_into (compiled one-pass path where it applies, torch chunks elsewhere) writes the
+    loop reference and returns ||before - after||^2 / ||before||^2."""
+    palette = _random_palette(layout, n_bits=3)
+    expected = _reference_dequantize(palette)
+    before = torch.randn(layout.shape, generator=torch.Generator().manual_seed(1))
+    want = (before.double() - expected.double()).square().sum() / before.double().square().sum()
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(Palette, "_plain_cpu_f32", lambda self, out: False)
+        weight = torch.nn.Parameter(before.clone())  # a Parameter, as compress passes it
+        one_pass = palette._plain_cpu_f32(weight.data)
+        err = palette.write_into(weight.data)
+        assert torch.equal(weight.data, expected)
+        # the compiled pass sums in float64 throughout; the torch chunks difference in float32
+        assert err == pytest.approx(want.item(), rel=1e-12 if one_pass else 1e-6)
+        results.append(err)
+    assert palette._plain_cpu_f32(before) is False  # patched: the torch path ran second
+
+
+def test_write_into_takes_the_compiled_path_for_row_groups():
+    layout = Layout((32, 16), "per_grouped_channel", 8)
+    assert _random_palette(layout)._plain_cpu_f32(torch.zeros(32, 16))
+    assert not _random_palette(layout, scale=True)._plain_cpu_f32(torch.zeros(32, 16))
+    assert not _random_palette(layout)._plain_cpu_f32(torch.zeros(32, 16, dtype=torch.float16))
+    axis1 = Layout((32, 16), "per_grouped_channel", 8, channel_axis=1)
+    assert not _random_palette(axis1)._plain_cpu_f32(torch.zeros(32, 16))
+
+
 def test_relative_error_and_unique_counts(monkeypatch):
     layout = Layout((16, 12), "per_grouped_channel", 4, channel_axis=1)
     p = _random_palette(layout, n_bits=2, scale=True)
