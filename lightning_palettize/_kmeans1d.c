@@ -85,14 +85,24 @@ static void dc_rows(const ctx_t *c, int64_t ilo, int64_t ihi, int64_t jlo, int64
             j = 1;
         }
         int64_t jend = jhi < i ? jhi : i;
-        for (; j <= jend; ++j) {
-            double s0 = P0 - p0[j], s1 = P1 - p1[j];
-            double cost = (P2 - p2[j]) - (s0 > 0.0 ? s1 * s1 / s0 : 0.0);
-            double v = prev[j - 1] + (cost > 0.0 ? cost : 0.0);
-            if (v < bv) {
-                bv = v;
-                best = j;
+        /* entries a block at a time: a branch-free loop the compiler vectorises, then the
+         * argmin (leftmost) over the block */
+        double buf[64];
+        while (j <= jend) {
+            int64_t nb = jend - j + 1 < 64 ? jend - j + 1 : 64;
+            for (int64_t t = 0; t < nb; ++t) {
+                double s0 = P0 - p0[j + t], s1 = P1 - p1[j + t];
+                double den = s0 > 0.0 ? s0 : 1.0; /* s0 == 0 only with s1 == 0: cost 0 */
+                double cost = (P2 - p2[j + t]) - s1 * s1 / den;
+                buf[t] = prev[j + t - 1] + (cost > 0.0 ? cost : 0.0);
             }
+            for (int64_t t = 0; t < nb; ++t) {
+                if (buf[t] < bv) {
+                    bv = buf[t];
+                    best = j + t;
+                }
+            }
+            j += nb;
         }
         if (jhi > i && prev[i] < bv) {
             bv = prev[i];

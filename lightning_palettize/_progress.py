@@ -25,7 +25,8 @@ class Progress:
             from tqdm.auto import tqdm
         except ImportError:
             return
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        # shown only once the work has taken half a second (fast calls print nothing)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, delay=0.5)
 
     def update(self, n: int = 1) -> None:
         self.done += n

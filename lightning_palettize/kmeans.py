@@ -22,6 +22,7 @@ O(K m log m) for m distinct values. Two ways to get the distinct values:
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -277,14 +278,12 @@ def _solve_bins(
         key_np = np.ascontiguousarray(keys.cpu().numpy().astype(np.int32, copy=False))
     args = (np.ascontiguousarray(w_np), s1_np, s2_np, key_np, bins.offsets, k, out)
     work = np.diff(bins.offsets)
-    if g_total > 1 and int(work.sum()) > 50_000:
-        # The kernel releases the GIL: split groups into two halves of equal work.
+    cut = None
+    if g_total > 1 and int(work.sum()) > 8192:
+        # split groups into two halves of equal work
         cut = int(np.searchsorted(np.cumsum(work), work.sum() / 2)) + 1
         cut = min(max(cut, 1), g_total - 1)
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda r: _kmeans1d.solve(*args, *r, shift), [(0, cut), (cut, g_total)]))
-    else:
-        _kmeans1d.solve(*args, 0, g_total, shift)
+    _on_two_threads(lambda g0, g1: _kmeans1d.solve(*args, g0, g1, shift), g_total, cut)
     starts = out.reshape(g_total, k + 1)
 
     # Cluster sums from per-group prefix sums over the bins.
@@ -391,6 +390,26 @@ def _kmeans_1d_codes(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) 
     return result
 
 
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _on_two_threads(solve, g_total: int, cut: int | None) -> None:
+    """``solve(g0, g1)`` (a kernel call that releases the GIL) over groups ``[0, g_total)``: in
+    two halves at ``cut``, one on a persistent worker thread, or in one call when ``cut`` is
+    None. The worker is re-created after a fork (a forked child has no threads)."""
+    global _pool
+    if cut is None or os.cpu_count() == 1:
+        solve(0, g_total)
+        return
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lp-kmeans"))
+    other = _pool[1].submit(solve, cut, g_total)
+    try:
+        solve(0, cut)
+    finally:
+        other.result()
+
+
 def _redo_exact(
     result: KMeansResult, x: Tensor, k: int, weights: Tensor | None, redo: Tensor
 ) -> None:
@@ -443,14 +462,8 @@ def _kmeans_1d_codes_cpu(x: Tensor, k: int, weights: Tensor | None, labels: Tens
     flag = torch.zeros(g_total, dtype=torch.uint8)
     args = (xin.numpy(), kind, w, k, _value_table(half), labels.numpy(), cent.numpy())
     args += (inertia.numpy(), flag.numpy())
-    if g_total > 1 and g_total * n >= 1 << 16:
-        cut = g_total // 2
-        with ThreadPoolExecutor(1) as pool:
-            other = pool.submit(_kmeans1d.codes, *args, cut, g_total)
-            _kmeans1d.codes(*args, 0, cut)
-            other.result()
-    else:
-        _kmeans1d.codes(*args, 0, g_total)
+    cut = g_total // 2 if g_total > 1 and g_total * n >= 8192 else None
+    _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), g_total, cut)
     result = KMeansResult(cent, labels, inertia)
     # flagged: too coarsely resolved by the codes (see _kmeans_1d_codes), or fp32 values so
     # small that their power-of-two scale leaves the float range
