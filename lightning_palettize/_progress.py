@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+# tqdm appears only once the work has run this long (fast calls stay quiet); tests set it to 0
+DELAY_S = 0.5
+
 
 class Progress:
     """tqdm if installed, else a stderr line every ~10%; prints nothing when disabled.
@@ -25,8 +28,7 @@ class Progress:
             from tqdm.auto import tqdm
         except ImportError:
             return
-        # shown only once the work has taken half a second (fast calls print nothing)
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, delay=0.5)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, delay=DELAY_S)
 
     def update(self, n: int = 1) -> None:
         self.done += n

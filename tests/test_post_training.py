@@ -213,6 +213,16 @@ def test_progress_can_be_silenced(capsys):
     assert captured.err == "" and captured.out == ""
 
 
+def test_progress_shows_for_long_work_only(capsys, monkeypatch):
+    from lightning_palettize import _progress
+
+    PostTrainingPalettizer(_mlp()).compress()  # tests show bars at once (conftest)
+    assert "k-means palettization" in capsys.readouterr().err
+    monkeypatch.setattr(_progress, "DELAY_S", 30.0)  # the library default is 0.5 s
+    PostTrainingPalettizer(_mlp()).compress()
+    assert capsys.readouterr().err == ""
+
+
 def test_metadata_can_be_stripped_for_strict_loading():
     model = _mlp()
     out = PostTrainingPalettizer(model).compress(progress=False)
