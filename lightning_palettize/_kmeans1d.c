@@ -72,6 +72,23 @@ static inline double entry(const ctx_t *c, int64_t i, int64_t j) {
  * faster from 1,000 to 1,000,000 bins. */
 static void dc_rows(const ctx_t *c, int64_t ilo, int64_t ihi, int64_t jlo, int64_t jhi,
                     double *cur, int64_t *res) {
+    if (jhi - jlo < 8) {
+        /* few candidate columns: scan them all for every row, no further recursion */
+        for (int64_t i = ilo; i <= ihi; ++i) {
+            int64_t best = jlo;
+            double bv = INFINITY;
+            for (int64_t j = jlo; j <= jhi; ++j) {
+                double v = entry(c, i, j);
+                if (v < bv) {
+                    bv = v;
+                    best = j;
+                }
+            }
+            cur[i] = bv;
+            res[i] = best;
+        }
+        return;
+    }
     while (ilo <= ihi) {
         int64_t i = ilo + (ihi - ilo) / 2;
         const double *p0 = c->p0, *p1 = c->p1, *p2 = c->p2, *prev = c->prev;
@@ -377,6 +394,58 @@ static inline uint32_t order_key(uint32_t raw) {
     return raw >= 0x8000u ? raw ^ 0xFFFFu : raw ^ 0x8000u;
 }
 
+/* m bins in ascending value order (value, weight, element count; keys for the coarse level
+ * when shift > 0) -> prefix sums centred on the weighted mean (no cancellation in the DP), the
+ * DP, centroids (weighted mean; the plain mean for a cluster without weight; empty slots, only
+ * at the end, repeat the last centroid), the summed error and each bin's cluster in binlab.
+ * p: scratch of 3 (m + 1) doubles. *coarse is set when a cluster spans fewer than 32 bins that
+ * hold more than two elements each on average (the fast mode's sign of too coarse codes). */
+static int cluster_bins(const double *bval, const double *bw, const double *bc,
+                        const int32_t *bkey, int64_t m, int64_t k, int64_t shift, double *p,
+                        int64_t *st, uint8_t *binlab, float *cent, double *inertia, int *coarse) {
+    double wtot = 0.0, wv = 0.0;
+    for (int64_t b = 0; b < m; ++b) {
+        wtot += bw[b];
+        wv += bw[b] * bval[b];
+    }
+    double mu = wtot > 0.0 ? wv / wtot : 0.0;
+    double *p0 = p, *p1 = p + (m + 1), *p2 = p + 2 * (m + 1);
+    p0[0] = p1[0] = p2[0] = 0.0;
+    for (int64_t b = 0; b < m; ++b) {
+        double d = bval[b] - mu, wt = bw[b];
+        p0[b + 1] = p0[b] + wt;
+        p1[b + 1] = p1[b] + wt * d;
+        p2[b + 1] = p2[b] + wt * d * d;
+    }
+    if (solve_prefix(p0, p1, p2, bkey, m, k, shift, st)) return -1;
+    double tot = 0.0, last = 0.0;
+    *coarse = 0;
+    for (int64_t c = 0; c < k; ++c) {
+        int64_t a = st[c], b = st[c + 1];
+        double sc = 0.0, sv = 0.0;
+        for (int64_t t = a; t < b; ++t) {
+            sc += bc[t];
+            sv += bc[t] * bval[t];
+            binlab[t] = (uint8_t)c;
+        }
+        if (sc <= 0.0) {
+            cent[c] = (float)last;
+            continue;
+        }
+        double sw = p0[b] - p0[a], sx = p1[b] - p1[a], sxx = p2[b] - p2[a];
+        double cc = sw > 0.0 ? mu + sx / sw : sv / sc;
+        if (sw > 0.0) {
+            double err = sxx - sx * sx / sw;
+            tot += err > 0.0 ? err : 0.0;
+        }
+        last = cc;
+        cent[c] = (float)cc;
+        if ((b - a) < 32 && sc > 2.0 * (double)(b - a)) *coarse = 1;
+    }
+    *inertia = tot;
+    return 0;
+}
+
 enum { IN_F32 = 0, IN_HALF = 1 };
 
 typedef struct {
@@ -384,6 +453,7 @@ typedef struct {
     uint64_t *seen;  /* [1024] bitmap of present codes */
     double *wsum;    /* [65536] summed weight per code (weighted only) */
     uint8_t *lab;    /* [65536] label of each present code */
+    uint8_t *binlab; /* [65536] label of each bin */
     int32_t *bkey;   /* [65536] code of each bin */
     double *bval;    /* [65536] */
     double *bw;      /* [65536] */
@@ -397,6 +467,7 @@ static void codes_ws_free(codes_ws_t *s) {
     free(s->seen);
     free(s->wsum);
     free(s->lab);
+    free(s->binlab);
     free(s->bkey);
     free(s->bval);
     free(s->bw);
@@ -411,12 +482,13 @@ static int codes_ws_alloc(codes_ws_t *s, int weighted) {
     s->seen = (uint64_t *)calloc(n / 64, sizeof(uint64_t));
     s->wsum = weighted ? (double *)calloc(n, sizeof(double)) : NULL;
     s->lab = (uint8_t *)malloc(n);
+    s->binlab = (uint8_t *)malloc(n);
     s->bkey = (int32_t *)malloc(n * sizeof(int32_t));
     s->bval = (double *)malloc(n * sizeof(double));
     s->bw = (double *)malloc(n * sizeof(double));
     s->bc = (double *)malloc(n * sizeof(double));
     s->p = (double *)malloc(3 * (n + 1) * sizeof(double));
-    if (!s->cnt || !s->seen || (weighted && !s->wsum) || !s->lab || !s->bkey || !s->bval || !s->bw ||
+    if (!s->cnt || !s->seen || (weighted && !s->wsum) || !s->lab || !s->binlab || !s->bkey || !s->bval || !s->bw ||
         !s->bc || !s->p) {
         codes_ws_free(s);
         memset(s, 0, sizeof(*s));
@@ -477,7 +549,6 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
     }
     /* present codes in value order (set bits of the bitmap); clear the tables behind us */
     int64_t m = 0;
-    double wtot = 0.0, wv = 0.0;
     for (uint32_t word = 0; word < 1024u; ++word) {
         uint64_t bits = seen[word];
         if (!bits) continue;
@@ -486,28 +557,14 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
             uint32_t kk = (word << 6) | (uint32_t)__builtin_ctzll(bits);
             bits &= bits - 1;
             int32_t c = cnt[kk];
-            double v = vtab[kk] / scale;
-            double wt = s->wsum ? s->wsum[kk] : (double)c;
             s->bkey[m] = (int32_t)kk;
-            s->bval[m] = v;
-            s->bw[m] = wt;
+            s->bval[m] = vtab[kk] / scale;
+            s->bw[m] = s->wsum ? s->wsum[kk] : (double)c;
             s->bc[m] = (double)c;
-            wtot += wt;
-            wv += wt * v;
             cnt[kk] = 0;
             if (s->wsum) s->wsum[kk] = 0.0;
             ++m;
         }
-    }
-    /* prefix sums centred on the weighted mean (no cancellation in the DP) */
-    double mu = wtot > 0.0 ? wv / wtot : 0.0;
-    double *p0 = s->p, *p1 = s->p + (m + 1), *p2 = s->p + 2 * (m + 1);
-    p0[0] = p1[0] = p2[0] = 0.0;
-    for (int64_t b = 0; b < m; ++b) {
-        double d = s->bval[b] - mu, wt = s->bw[b];
-        p0[b + 1] = p0[b] + wt;
-        p1[b + 1] = p1[b] + wt * d;
-        p2[b + 1] = p2[b] + wt * d * d;
     }
     int64_t shift = 0;
     if (m > 2048) {
@@ -516,36 +573,12 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         shift = 4 - (bl - 1 > 0 ? bl - 1 : 0);
         shift = shift < 0 ? 0 : (shift > 4 ? 4 : shift);
     }
-    int64_t *st = s->starts;
-    if (solve_prefix(p0, p1, p2, s->bkey, m, k, shift, st)) return -1;
-    /* clusters: centroid, error, label of every code */
-    double tot = 0.0, last = 0.0;
-    int64_t nreal = 0;
-    for (int64_t c = 0; c < k; ++c) {
-        int64_t a = st[c], b = st[c + 1];
-        double sc = 0.0, sv = 0.0;
-        for (int64_t t = a; t < b; ++t) {
-            sc += s->bc[t];
-            sv += s->bc[t] * s->bval[t];
-            s->lab[s->bkey[t]] = (uint8_t)c;
-        }
-        if (sc <= 0.0) {
-            cent[c] = (float)last; /* empty slots (only at the end) repeat the last centroid */
-            continue;
-        }
-        double sw = p0[b] - p0[a], sx = p1[b] - p1[a], sxx = p2[b] - p2[a];
-        double cc = sw > 0.0 ? mu + sx / sw : sv / sc;
-        if (sw > 0.0) {
-            double err = sxx - sx * sx / sw;
-            tot += err > 0.0 ? err : 0.0;
-        }
-        last = cc;
-        cent[c] = (float)cc;
-        ++nreal;
-        if (kind == IN_F32 && (b - a) < 32 && sc > 2.0 * (double)(b - a)) *flag = 1;
-    }
-    (void)nreal;
-    *inertia = tot;
+    int coarse = 0;
+    if (cluster_bins(s->bval, s->bw, s->bc, s->bkey, m, k, shift, s->p, s->starts, s->binlab,
+                     cent, inertia, &coarse))
+        return -1;
+    if (kind == IN_F32 && coarse) *flag = 1;
+    for (int64_t b = 0; b < m; ++b) s->lab[s->bkey[b]] = s->binlab[b];
     for (int64_t i = 0; i < n; ++i) labels[i] = s->lab[elem_key(x, kind, sf, i)];
     return 0;
 }
@@ -606,6 +639,165 @@ done_nobw:
     PyBuffer_Release(&bc);
     PyBuffer_Release(&bi);
     PyBuffer_Release(&bf);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Exact mode on the CPU: every distinct float32 value is a bin.                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* order-preserving unsigned key of a float32 bit pattern */
+static inline uint32_t f32_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+typedef struct {
+    uint32_t *key, *key2;
+    int32_t *idx, *idx2;
+    double *bval, *bw, *bc, *p;
+    int32_t *bstart; /* sorted position where each bin starts (m + 1) */
+    uint8_t *binlab;
+} exact_ws_t;
+
+static void exact_ws_free(exact_ws_t *s) {
+    free(s->key);
+    free(s->key2);
+    free(s->idx);
+    free(s->idx2);
+    free(s->bval);
+    free(s->bw);
+    free(s->bc);
+    free(s->p);
+    free(s->bstart);
+    free(s->binlab);
+    memset(s, 0, sizeof(*s));
+}
+
+static int exact_ws_alloc(exact_ws_t *s, int64_t n) {
+    size_t u = (size_t)n;
+    memset(s, 0, sizeof(*s));
+    s->key = (uint32_t *)malloc(u * 4);
+    s->key2 = (uint32_t *)malloc(u * 4);
+    s->idx = (int32_t *)malloc(u * 4);
+    s->idx2 = (int32_t *)malloc(u * 4);
+    s->bval = (double *)malloc(u * 8);
+    s->bw = (double *)malloc(u * 8);
+    s->bc = (double *)malloc(u * 8);
+    s->p = (double *)malloc(3 * (u + 1) * 8);
+    s->bstart = (int32_t *)malloc((u + 1) * 4);
+    s->binlab = (uint8_t *)malloc(u);
+    if (!s->key || !s->key2 || !s->idx || !s->idx2 || !s->bval || !s->bw || !s->bc || !s->p ||
+        !s->bstart || !s->binlab) {
+        exact_ws_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* One group: LSD radix sort of the values (3 passes of 11 bits), bins of equal values, the
+ * exact DP over them, labels through the sort permutation. */
+static int exact_group(const float *x, const float *w, int64_t n, int64_t k, exact_ws_t *s,
+                       uint8_t *labels, float *cent, double *inertia) {
+    uint32_t *key = s->key, *key2 = s->key2;
+    int32_t *idx = s->idx, *idx2 = s->idx2;
+    for (int64_t i = 0; i < n; ++i) {
+        key[i] = f32_key(x[i]);
+        idx[i] = (int32_t)i;
+    }
+    for (int pass = 0; pass < 3; ++pass) {
+        int sh = 11 * pass;
+        uint32_t mask = pass == 2 ? 0x3FFu : 0x7FFu;
+        int64_t count[2049];
+        memset(count, 0, sizeof(count));
+        for (int64_t i = 0; i < n; ++i) count[((key[i] >> sh) & mask) + 1]++;
+        if (count[((key[0] >> sh) & mask) + 1] == n) continue; /* one bucket: order unchanged */
+        for (int b = 1; b < 2049; ++b) count[b] += count[b - 1];
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t d = count[(key[i] >> sh) & mask]++;
+            key2[d] = key[i];
+            idx2[d] = idx[i];
+        }
+        uint32_t *tk = key;
+        key = key2;
+        key2 = tk;
+        int32_t *ti = idx;
+        idx = idx2;
+        idx2 = ti;
+    }
+    /* bins of equal values (-0.0 and +0.0 are one value) */
+    int64_t m = 0;
+    for (int64_t q = 0; q < n; ++q) {
+        double v = (double)x[idx[q]];
+        double wt = w ? (double)w[idx[q]] : 1.0;
+        if (m == 0 || v != s->bval[m - 1]) {
+            s->bstart[m] = (int32_t)q;
+            s->bval[m] = v;
+            s->bw[m] = 0.0;
+            s->bc[m] = 0.0;
+            ++m;
+        }
+        s->bw[m - 1] += wt;
+        s->bc[m - 1] += 1.0;
+    }
+    s->bstart[m] = (int32_t)n;
+    int64_t st[257];
+    int coarse;
+    if (cluster_bins(s->bval, s->bw, s->bc, NULL, m, k, 0, s->p, st, s->binlab, cent, inertia,
+                     &coarse))
+        return -1;
+    for (int64_t b = 0; b < m; ++b)
+        for (int32_t q = s->bstart[b]; q < s->bstart[b + 1]; ++q) labels[idx[q]] = s->binlab[b];
+    return 0;
+}
+
+/*
+ * exact(x, w, k, labels, cent, inertia, g0, g1): exact mode of kmeans.py for float32 CPU
+ * tensors. x float32[G*N]; w float32[G*N] or None; labels uint8[G*N], cent float32[G*k],
+ * inertia float64[G] out. Groups g0..g1-1 (the GIL is released).
+ */
+static PyObject *py_exact(PyObject *self, PyObject *args) {
+    Py_buffer bx, bw, bl, bc, bi;
+    PyObject *wobj;
+    long long k, g0, g1;
+    if (!PyArg_ParseTuple(args, "y*OLw*w*w*LL", &bx, &wobj, &k, &bl, &bc, &bi, &g0, &g1))
+        return NULL;
+    PyObject *ret = NULL;
+    int have_w = wobj != Py_None;
+    if (have_w && PyObject_GetBuffer(wobj, &bw, PyBUF_SIMPLE) < 0) goto done_nobw;
+    {
+        int64_t g = bi.len / (Py_ssize_t)sizeof(double);
+        int64_t n = g > 0 ? bx.len / 4 / g : 0;
+        if (k < 1 || k > 256 || g0 < 0 || g1 > g || g0 > g1 || bx.len != g * n * 4 ||
+            bl.len != g * n || bc.len != g * k * 4 || n >= ((int64_t)1 << 31) ||
+            (have_w && bw.len != g * n * 4)) {
+            PyErr_SetString(PyExc_ValueError, "_kmeans1d.exact: inconsistent arguments");
+            goto done;
+        }
+        int failed = 0;
+        Py_BEGIN_ALLOW_THREADS exact_ws_t ws;
+        if (n > 0 && exact_ws_alloc(&ws, n)) failed = 1;
+        for (int64_t q = g0; q < g1 && !failed && n > 0; ++q)
+            failed = exact_group((const float *)bx.buf + q * n,
+                                 have_w ? (const float *)bw.buf + q * n : NULL, n, k, &ws,
+                                 (uint8_t *)bl.buf + q * n, (float *)bc.buf + q * k,
+                                 (double *)bi.buf + q) != 0;
+        if (n > 0) exact_ws_free(&ws);
+        Py_END_ALLOW_THREADS if (failed) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    if (have_w) PyBuffer_Release(&bw);
+done_nobw:
+    PyBuffer_Release(&bx);
+    PyBuffer_Release(&bl);
+    PyBuffer_Release(&bc);
+    PyBuffer_Release(&bi);
     return ret;
 }
 
@@ -710,6 +902,7 @@ done:
 static PyMethodDef methods[] = {
     {"solve", py_solve, METH_VARARGS, "Exact weighted 1-D k-means over sorted bins (see source)."},
     {"codes", py_codes, METH_VARARGS, "Fused fast mode: 16-bit code k-means per group (see source)."},
+    {"exact", py_exact, METH_VARARGS, "Exact mode: k-means over every distinct float32 value."},
     {"write_lut", py_write_lut, METH_VARARGS, "Dense LUT values into a float32 weight (see source)."},
     {"half_bits", py_half_bits, METH_VARARGS, "float32 -> binary16 bit patterns (for tests)."},
     {NULL, NULL, 0, NULL}};

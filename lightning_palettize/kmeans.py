@@ -474,6 +474,16 @@ def _kmeans_1d_codes_cpu(x: Tensor, k: int, weights: Tensor | None, labels: Tens
 def _kmeans_1d_exact(x: Tensor, k: int, weights: Tensor | None) -> KMeansResult:
     g_total, n = x.shape
     device = x.device
+    if _fused_ok(x, k):  # float32 holds fp16/bf16 values exactly
+        xin = x.to(torch.float32).contiguous()
+        w = None if weights is None else weights.to(torch.float32).contiguous().numpy()
+        labels = torch.empty((g_total, n), dtype=torch.uint8)
+        cent = torch.empty(g_total, k, dtype=torch.float32)
+        inertia = torch.empty(g_total, dtype=torch.float64)
+        args = (xin.numpy(), w, k, labels.numpy(), cent.numpy(), inertia.numpy())
+        cut = g_total // 2 if g_total > 1 and g_total * n >= 8192 else None
+        _on_two_threads(lambda g0, g1: _kmeans1d.exact(*args, g0, g1), g_total, cut)
+        return KMeansResult(cent, labels, inertia)
     labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
     bins, value = _exact_bins(x, weights)
     starts, cent, inertia, _ = _solve_bins(bins, k)
