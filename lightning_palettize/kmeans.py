@@ -17,6 +17,11 @@ O(K m log m) for m distinct values. Two ways to get the distinct values:
   largest: small weights keep full relative precision (coremltools' decimal rounding does
   not). Values sharing a code share a cluster, which costs a second-order amount of error
   (the bench and tests measure it well below 0.1% of the exact optimum).
+
+On CPU tensors both modes run per LUT group in one compiled call (``_kmeans1d.codes`` /
+``_kmeans1d.exact``: histogram or radix sort, DP, centroids, labels; groups split over two
+threads); elsewhere the torch program below builds the bins and only the DP runs in C. Tests
+check that the two give the same result.
 """
 
 from __future__ import annotations
