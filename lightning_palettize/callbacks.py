@@ -59,6 +59,7 @@ from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize
 from lightning_palettize.palettizers.post_training import PostTrainingPalettizer
 from lightning_palettize.palettizers.skm import SKMPalettizer
 from lightning_palettize.report import PalettizationReport
+from lightning_palettize.selection import has_type_config
 
 __all__ = [
     "PalettizationCallback",
@@ -366,9 +367,12 @@ def _shift_milestones(config: DKMPalettizerConfig, by: int) -> DKMPalettizerConf
         return value
 
     data = config.as_dict()
-    if config.is_unset():
-        # "no config" means coremltools' default table: spell it out so it can be shifted
-        data["module_type_configs"] = {cls: {} for cls in DKM_DEFAULT_N_BITS}
+    if config.fills_defaults():
+        # created empty: coremltools' default table applies to the types not configured since;
+        # spell it out so it can be shifted
+        for cls in DKM_DEFAULT_N_BITS:
+            if not has_type_config(config, cls):
+                data["module_type_configs"][cls] = {}
     data["global_config"] = shift(data["global_config"])
     for key in ("module_type_configs", "module_name_configs"):
         data[key] = {k: shift(v) for k, v in data[key].items()}

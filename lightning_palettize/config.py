@@ -597,6 +597,13 @@ class _PalettizerConfig:
     module_type_configs: dict[Any, Any] = dataclasses.field(default_factory=dict)
     module_name_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # coremltools fills its defaults in when a config is *created* empty (DKM: the per-type
+        # table into module_type_configs; PTP/SKM: a default global_config), so they survive
+        # later set_module_name / set_global calls. We keep that as a flag instead (as_dict stays
+        # as the user wrote it) and apply it in selection.resolve_module_config.
+        object.__setattr__(self, "_built_empty", self.is_unset())
+
     def __setattr__(self, name: str, value: Any) -> None:
         # Normalise on every assignment (in __init__ and later): dicts become module configs.
         if name == "global_config":
@@ -800,6 +807,14 @@ class _PalettizerConfig:
             opt_config, f"module_name_configs[{key!r}]"
         )
         return self
+
+    def fills_defaults(self) -> bool:
+        """True when the config was created with nothing set: as in coremltools, the
+        palettizer's defaults then apply to every module that a later ``set_module_name`` /
+        ``set_module_type`` call does not configure (DKM: its per-type default table, which also
+        wins over a later ``set_global``; PTP/SKM: a default ``global_config`` until
+        ``set_global`` replaces it)."""
+        return self._built_empty
 
     def is_unset(self) -> bool:
         """True when nothing is configured: the palettizer's own defaults then apply."""

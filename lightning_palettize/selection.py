@@ -47,7 +47,7 @@ from lightning_palettize.config import (
     SKMPalettizerConfig,
 )
 
-__all__ = ["WeightSelection", "resolve_module_config", "select_weights"]
+__all__ = ["WeightSelection", "has_type_config", "resolve_module_config", "select_weights"]
 
 ModuleConfig = (
     ModuleDKMPalettizerConfig | ModulePostTrainingPalettizerConfig | ModuleSKMPalettizerConfig
@@ -118,15 +118,15 @@ def resolve_module_config(
     found, value = _match_type(config, type(module))
     if found:
         return _finish(value, module, weights)
+    dkm = isinstance(config, DKMPalettizerConfig)
+    if dkm and config.fills_defaults() and _dkm_default_n_bits(type(module)) is not None:
+        # coremltools' default table, filled into module_type_configs when the config was
+        # created empty (so it also beats a later set_global)
+        return _finish(ModuleDKMPalettizerConfig(), module, weights)
     if config.global_config is not None:
         return _finish(config.global_config, module, weights)
-    if not config.is_unset():
+    if dkm or not config.fills_defaults():
         return None
-    if isinstance(config, DKMPalettizerConfig):
-        # coremltools palettizes only the types of its default table when given no config.
-        if _dkm_default_n_bits(type(module)) is None:
-            return None
-        return _finish(ModuleDKMPalettizerConfig(), module, weights)
     return _finish(config._module_config(), module, weights)
 
 
@@ -233,6 +233,11 @@ def _match_type(config: PalettizerConfig, cls: type) -> tuple[bool, Any]:
         if hits:
             return True, types[hits[0]]
     return False, None
+
+
+def has_type_config(config: PalettizerConfig, cls: type) -> bool:
+    """Whether ``config.module_type_configs`` has an entry for ``cls`` (or a base class)."""
+    return _match_type(config, cls)[0]
 
 
 def _dkm_default_n_bits(cls: type) -> int | None:

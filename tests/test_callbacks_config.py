@@ -104,3 +104,28 @@ def test_lightning_cli_with_callbacks_from_yaml_and_arguments(tmp_path):
     cli.trainer.fit(cli.model)
     assert cli.trainer.global_step == 2
     assert len(torch.unique(cli.model.net[0].weight)) <= 4
+
+
+def test_milestone_shift_keeps_the_defaults_of_a_config_created_empty():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from lightning_palettize.callbacks import _shift_milestones
+    from lightning_palettize.config import DKMPalettizerConfig
+    from lightning_palettize.palettizers._common import KMEANS_SUPPORTED
+    from lightning_palettize.selection import select_weights
+
+    model = nn.Sequential(
+        OrderedDict(a=nn.Linear(64, 64), b=nn.Linear(64, 64), c=nn.Conv1d(64, 64, 1))
+    )
+    config = (
+        DKMPalettizerConfig().set_module_name("a", None).set_module_type("Linear", {"n_bits": 3})
+    )
+    shifted = _shift_milestones(config, 5)
+    got = {
+        s.qualified_name: (s.config.n_bits, s.config.milestone)
+        for s in select_weights(model, shifted, KMEANS_SUPPORTED)
+    }
+    # "a" disabled by name, "b" by the user's Linear entry, "c" by the default table (2 bits)
+    assert got == {"b.weight": (3, 5), "c.weight": (2, 5)}

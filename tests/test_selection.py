@@ -363,6 +363,32 @@ def test_kmeans_defaults_when_nothing_is_set(top, module_cls):
     assert all(s.config == dataclasses.replace(module_cls(), cluster_dim=1) for s in selections)
 
 
+def test_config_created_empty_keeps_its_defaults_after_setters_like_coremltools():
+    # coremltools 9.0 (checked side by side): DKMPalettizerConfig() fills its default table into
+    # module_type_configs at creation, so set_module_name(.., None) disables only that module
+    # and a later set_global does not override the table; PTP/SKM fill a default global_config.
+    model = nn.Sequential(OrderedDict(a=nn.Linear(64, 64), b=nn.Linear(64, 64)))
+    dkm = DKMPalettizerConfig().set_module_name("a", None)
+    assert dkm.fills_defaults() and not dkm.is_unset()
+    assert bits(select_weights(model, dkm, SUPPORTED)) == {"b.weight": 4}
+    three = DKMPalettizerConfig().set_global({"n_bits": 3, "weight_threshold": 0})
+    assert bits(select_weights(model, three, SUPPORTED)) == {"a.weight": 4, "b.weight": 4}
+    mine = DKMPalettizerConfig().set_module_type(nn.Linear, {"n_bits": 3})
+    assert bits(select_weights(model, mine, SUPPORTED)) == {"a.weight": 3, "b.weight": 3}
+    # created with a config: no defaults at all
+    assert (
+        select_weights(model, DKMPalettizerConfig(module_name_configs={"a": None}), SUPPORTED) == []
+    )
+    for top in (PostTrainingPalettizerConfig, SKMPalettizerConfig):
+        cfg = top().set_module_name("a", None)
+        assert [s.qualified_name for s in select_weights(model, cfg, SUPPORTED)] == ["b.weight"]
+        cfg.set_global({"n_bits": 2})
+        assert bits(select_weights(model, cfg, SUPPORTED)) == {"b.weight": 2}
+        assert select_weights(model, top(module_name_configs={"a": None}), SUPPORTED) == []
+        # a dict / YAML round trip of a config created empty is created empty again
+        assert top.from_dict(top().as_dict()).fills_defaults()
+
+
 def test_ptp_fills_none_without_touching_the_rest():
     user = MPTP(
         n_bits=None, cluster_dim=None, enable_per_channel_scale=None, rounding_precision=None
