@@ -307,6 +307,24 @@ static int window_refine(const double *p0, const double *p1, const double *p2, i
     return edge;
 }
 
+/* |value| code (15 bits) of a value-order 16-bit key */
+static inline int32_t magnitude_code(int32_t key) {
+    return key < 0x8000 ? 0x7FFF - key : key - 0x8000;
+}
+
+/* Coarse block of a value-order key: the low `shift` bits of the magnitude code merged in the
+ * top three 1024-code ranges (binades for fp16 codes) below the group's largest, `shift` + d
+ * bits d ranges further down (at most a whole range): blocks about as wide in value near zero
+ * as at the top, where codes are 2^d times finer but the clusters are not. Monotone in the key. */
+static inline int32_t coarse_id(int32_t key, int32_t etop, int64_t shift) {
+    int32_t h = magnitude_code(key);
+    int32_t d = etop - 2 - (h >> 10);
+    int32_t sh = (int32_t)shift + (d > 0 ? d : 0);
+    if (sh > 10) sh = 10;
+    int32_t id = h & ~((1 << sh) - 1);
+    return key < 0x8000 ? -1 - id : id;
+}
+
 /* DP over m bins given their prefix sums (see solve(): shift / key / window). Returns 0 on
  * success, -1 on allocation failure. */
 static int solve_prefix(const double *p0, const double *p1, const double *p2, const int32_t *key,
@@ -318,9 +336,15 @@ static int solve_prefix(const double *p0, const double *p1, const double *p2, co
         /* coarse level: merge bins whose keys agree above the low `shift` bits */
         cut = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
         if (!cut) return -1;
+        int32_t etop = magnitude_code(key[0]) >> 10, e1 = magnitude_code(key[m - 1]) >> 10;
+        etop = e1 > etop ? e1 : etop;
         cut[0] = 0;
-        for (int64_t i = 1; i < m; ++i)
-            if ((key[i] >> shift) != (key[i - 1] >> shift)) cut[++nc] = i;
+        int32_t prev_id = coarse_id(key[0], etop, shift);
+        for (int64_t i = 1; i < m; ++i) {
+            int32_t id = coarse_id(key[i], etop, shift);
+            if (id != prev_id) cut[++nc] = i;
+            prev_id = id;
+        }
         cut[++nc] = m;
     }
     if (cut == NULL || nc <= 2 * k) {
@@ -460,6 +484,7 @@ enum { IN_F32 = 0, IN_HALF = 1 };
 typedef struct {
     int32_t *cnt;    /* [65536] elements per code */
     uint64_t *seen;  /* [1024] bitmap of present codes */
+    uint16_t *ekey;  /* [n] each element's code, kept from the histogram pass for the labels */
     double *wsum;    /* [65536] summed weight per code (weighted only) */
     uint8_t *lab;    /* [65536] label of each present code */
     uint8_t *binlab; /* [65536] label of each bin */
@@ -474,6 +499,7 @@ typedef struct {
 static void codes_ws_free(codes_ws_t *s) {
     free(s->cnt);
     free(s->seen);
+    free(s->ekey);
     free(s->wsum);
     free(s->lab);
     free(s->binlab);
@@ -484,9 +510,10 @@ static void codes_ws_free(codes_ws_t *s) {
     free(s->p);
 }
 
-static int codes_ws_alloc(codes_ws_t *s, int weighted) {
+static int codes_ws_alloc(codes_ws_t *s, int weighted, int64_t group_n) {
     const size_t n = 65536;
     memset(s, 0, sizeof(*s));
+    s->ekey = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(group_n > 0 ? group_n : 1));
     s->cnt = (int32_t *)calloc(n, sizeof(int32_t));
     s->seen = (uint64_t *)calloc(n / 64, sizeof(uint64_t));
     s->wsum = weighted ? (double *)calloc(n, sizeof(double)) : NULL;
@@ -497,8 +524,8 @@ static int codes_ws_alloc(codes_ws_t *s, int weighted) {
     s->bw = (double *)malloc(n * sizeof(double));
     s->bc = (double *)malloc(n * sizeof(double));
     s->p = (double *)malloc(3 * (n + 1) * sizeof(double));
-    if (!s->cnt || !s->seen || (weighted && !s->wsum) || !s->lab || !s->binlab || !s->bkey || !s->bval || !s->bw ||
-        !s->bc || !s->p) {
+    if (!s->cnt || !s->seen || !s->ekey || (weighted && !s->wsum) || !s->lab || !s->binlab ||
+        !s->bkey || !s->bval || !s->bw || !s->bc || !s->p) {
         codes_ws_free(s);
         memset(s, 0, sizeof(*s));
         return -1;
@@ -544,6 +571,7 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
     if (w == NULL) {
         for (int64_t i = 0; i < n; ++i) {
             uint32_t kk = elem_key(x, kind, sf, i);
+            s->ekey[i] = (uint16_t)kk;
             cnt[kk]++;
             seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
         }
@@ -551,6 +579,7 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         double *ws = s->wsum;
         for (int64_t i = 0; i < n; ++i) {
             uint32_t kk = elem_key(x, kind, sf, i);
+            s->ekey[i] = (uint16_t)kk;
             cnt[kk]++;
             ws[kk] += (double)w[i];
             seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
@@ -588,7 +617,7 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         return -1;
     if (kind == IN_F32 && coarse) *flag = 1;
     for (int64_t b = 0; b < m; ++b) s->lab[s->bkey[b]] = s->binlab[b];
-    for (int64_t i = 0; i < n; ++i) labels[i] = s->lab[elem_key(x, kind, sf, i)];
+    for (int64_t i = 0; i < n; ++i) labels[i] = s->lab[s->ekey[i]];
     return 0;
 }
 
@@ -623,7 +652,7 @@ static PyObject *py_codes(PyObject *self, PyObject *args) {
         }
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS codes_ws_t ws;
-        if (codes_ws_alloc(&ws, have_w)) failed = 1;
+        if (codes_ws_alloc(&ws, have_w, n)) failed = 1;
         for (int64_t q = g0; q < g1 && !failed; ++q) {
             failed = codes_group((const char *)bx.buf + q * n * isz, kind,
                                  have_w ? (const float *)bw.buf + q * n : NULL, n, k,

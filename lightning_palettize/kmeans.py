@@ -249,8 +249,11 @@ def _exact_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor]:
 def _coarse_shift(k: int, max_bins: int) -> int:
     """Low code bits merged by the coarse level of fast mode (0 = exact DP over all bins).
 
-    The coarse level keeps 2**(10 - shift) codes per octave: plenty to place k clusters, after
-    which each boundary is refined exactly over the full codes around it."""
+    The coarse level keeps 2**(10 - shift) codes per binade in the group's top three binades
+    and half as many per binade further down (at least one block per binade), so its blocks
+    are about as wide in value near zero as at the top: plenty to place k clusters, after
+    which each boundary is refined exactly over the full codes around it (see coarse_id in
+    _kmeans1d.c)."""
     if max_bins <= 2048:
         return 0
     return max(0, min(4, 4 - max(0, (k // 16).bit_length() - 1)))
@@ -396,6 +399,7 @@ def _kmeans_1d_codes(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) 
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+_NCPU = os.cpu_count() or 1
 
 
 def _on_two_threads(solve, g_total: int, cut: int | None) -> None:
@@ -403,7 +407,7 @@ def _on_two_threads(solve, g_total: int, cut: int | None) -> None:
     two halves at ``cut``, one on a persistent worker thread, or in one call when ``cut`` is
     None. The worker is re-created after a fork (a forked child has no threads)."""
     global _pool
-    if cut is None or os.cpu_count() == 1:
+    if cut is None or _NCPU == 1:
         solve(0, g_total)
         return
     if _pool is None or _pool[0] != os.getpid():
