@@ -35,6 +35,16 @@ tensor by tensor: "dense" chunked over N with custom autograd Functions that rec
 chunk's attention in backward (extra memory O(chunk x K) + O(N x d) + O(iterations x K x d)),
 "table" with its small per-code graph recomputed inside backward.
 
+On the CPU the scalar engine's passes run in the compiled kernels of ``_dkm_cpu`` (optional;
+without it, or with ``_USE_C = False``, the torch code below runs): per element, the 16-bit
+codes are recomputed from x in each pass (a histogram, the output gather, the gradient's
+bincount and gather) instead of being stored; per code (mode "dkm" without the exact-zero rule
+or the attention clamp, on AVX2/FMA CPUs) one fused loop per iteration computes distances,
+softmax and sums in registers, the logit gaps taken as (c_m - c_k)((v - c_k) + (v - c_m))
+against the nearest centroid m (accurate where two centroids compete, even when the logits
+reach 1e4) and the sums accumulated in float64. A soft weight reuses the storage of the
+previous step's soft-weight gradient once nothing else holds it (_OutputCache).
+
 Host syncs: on the CPU, early stopping reads back one flag per iteration (free there) and
 stops when every group has; on other devices every iteration runs and a group that stopped
 keeps its state (torch.where), the same result without a sync. The table sizes of a call are
@@ -76,13 +86,26 @@ _DEFAULT_TABLE_MIN_GROUP = 1 << 18
 # attention it may keep from forward for backward instead of recomputing them.
 _SCALAR_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 _DEFAULT_SCALAR_CHUNK_ELEMS = 1 << 24
-_KEEP_ATTENTION_ELEMS = {"cpu": 1 << 21, "cuda": 1 << 23}
+_KEEP_ATTENTION_ELEMS = {"cpu": 1 << 19, "cuda": 1 << 23}
 _DEFAULT_KEEP_ATTENTION_ELEMS = 1 << 22
 
 # CPU elements per chunk when writing the codes through scratch buffers
 _CODE_CHUNK = 1 << 18
 # Largest CPU scratch buffer (elements) the engine keeps between calls
 _WORKSPACE_MAX_ELEMS = 1 << 22
+
+_LOG2E = 1.4426950408889634
+
+try:  # fused CPU kernels (lightning_palettize/_dkm_cpu.c); the torch code below is the fallback
+    from lightning_palettize import _dkm_cpu
+except ImportError:  # pragma: no cover - an install without the compiled extension
+    _dkm_cpu = None
+# Tests switch the compiled kernels off to compare them with the torch code.
+_USE_C = True
+# The per-code passes run compiled where the AVX2 kernels cover the configuration ("auto":
+# mode "dkm" without prune pull, exact-zero rule or attention clamp, on an AVX2/FMA CPU; the
+# portable C kernels are slower than torch's vectorised ops there), "always" (tests), "never".
+_C_CODES = "auto"
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -279,6 +302,11 @@ def _host_layout(device: torch.device) -> bool:
     cache-sized chunks through reused scratch buffers (no page faults on fresh blocks).
     Elsewhere: one stacked segment and whole-tensor ops (fewest kernel launches)."""
     return device.type == "cpu"
+
+
+def _c_kernels(device: torch.device) -> bool:
+    """Whether the compiled CPU kernels (``_dkm_cpu``) run the scalar engine's passes."""
+    return _USE_C and _dkm_cpu is not None and device.type == "cpu" and _host_layout(device)
 
 
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -696,6 +724,57 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
+class _OutputCache(threading.local):
+    """CPU storages handed from one step's backward to the next step's forward.
+
+    Each step hands autograd a fresh multi-megabyte soft weight per tensor; glibc returns such
+    blocks to the OS and every step page-faults them back in, which costs about as much as the
+    compiled pass that fills them. Backward leaves the incoming gradient's storage here (the
+    soft weight's size; autograd frees it right after), and the next forward takes it back for
+    its soft weight if nothing else references it any more (its use count is down to this
+    slot's own reference); otherwise the forward allocates. A slot is emptied when taken, so
+    nothing is held across the step: the peak memory is that of fresh allocations.
+    """
+
+    MIN_ELEMS = 1 << 18
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple, torch.UntypedStorage] = {}
+
+    def take(self, key: tuple, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        st = self.slots.pop(key, None)
+        numel = math.prod(shape)
+        if (
+            st is not None
+            and device.type == "cpu"
+            and st.nbytes() == 4 * numel
+            and torch._C._storage_Use_Count(st._cdata) == 1
+        ):
+            return torch.empty(0).set_(st, 0, shape)
+        return torch.empty(shape, device=device)
+
+    def give(self, key: tuple, t: Tensor) -> None:
+        """Offer ``t``'s storage (a float32 tensor that is about to be dropped) to ``key``."""
+        if (
+            _HAS_USE_COUNT
+            and t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.numel() >= self.MIN_ELEMS
+            and t.is_contiguous()
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == 4 * t.numel()
+        ):
+            self.slots[key] = t.untyped_storage()
+
+
+_HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+# Keep each weight gradient's storage for the next step's (no page faults on a fresh block,
+# but it is then held through the next forward and the layers' backward: +1x the weights at
+# the peak). Off: the peak memory of fresh allocations.
+_KEEP_GRAD_STORAGE = False
+_outputs = _OutputCache()
+
+
 def _group_absmax(flat: Tensor) -> Tensor:
     """max |x| per row of a [G, N] tensor, float32 [G], without an |x| temporary."""
     if flat.shape[0] == 1:
@@ -747,10 +826,12 @@ def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cf
         out.add_(offset)
 
 
-def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
+def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: bool = False):
     """Bin every element of every [G_l, N_l] tensor by its 16-bit code, all groups stacked.
 
-    Returns (bins [sum G_l N_l] int32 with g * 65537 + code over the stacked groups, codes
+    Returns (bins [sum G_l N_l] int32 with g * 65537 + code over the stacked groups (None
+    with ``c_codes``: the compiled kernels recompute the codes from x and the scales), the
+    power-of-two scale of each group [G] float32, codes
     [G, U] of each group's distinct codes (ascending code order) padded with the spare bin
     65536, their values [G, U] in x's units, their counts [G, U] float32 (0 for padding),
     the number of distinct codes per group (a list: the batch's one host read), U).
@@ -767,6 +848,29 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
     _, exponent = torch.frexp(amax)
     # a power of two: exact, and max|x| lands in [2^14, 2^15) where fp16 keeps 11 bits
     scale = torch.ldexp(torch.ones_like(amax), (_TOP_EXPONENT - exponent).clamp(-126, 126))
+    if c_codes:
+        # one compiled pass per tensor: codes computed on the fly into the histogram, none
+        # stored (the element passes recompute them from x)
+        scale = scale.float().contiguous()
+        counts = torch.zeros(g * _STRIDE, dtype=torch.int32, device=device)
+        row = 0
+        for f, s in zip(flats, sizes):
+            _dkm_cpu.hist(
+                f.data_ptr(),
+                s,
+                f.shape[1],
+                scale[row:].data_ptr(),
+                int(cfg.keep_zeros),
+                counts[row * _STRIDE :].data_ptr(),
+            )
+            row += s
+        per_group = _dkm_cpu.present(counts.data_ptr(), g)
+        u = max(per_group)
+        codes = torch.empty(g, u, dtype=torch.long)
+        mass = torch.empty(g, u)
+        _dkm_cpu.compact(counts.data_ptr(), g, u, codes.data_ptr(), mass.data_ptr())
+        values = _code_values(device)[codes] / scale.unsqueeze(1)
+        return None, scale, codes, values, mass, per_group, u
     bins = torch.empty(sum(f.numel() for f in flats), dtype=torch.int32, device=device)
     start = row = 0
     offsets = None
@@ -783,6 +887,12 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
         start += n
         row += s
     counts = torch.bincount(bins, minlength=g * _STRIDE).view(g, _STRIDE)
+    return (bins, scale, *_code_tables(counts, scale, device))
+
+
+def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
+    """(codes, values, mass, per_group, U) from the per-group code histogram [G, 65537]."""
+    g = counts.shape[0]
     present = counts[:, :_NCODES] > 0
     if g == 1:
         codes = present.view(-1).nonzero().view(1, -1)
@@ -805,7 +915,7 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device):
             codes[gi, slot] = ci
     mass = counts.gather(1, codes).float()
     values = _code_values(device)[codes] / scale.unsqueeze(1)
-    return bins, codes, values, mass, per_group, u
+    return codes, values, mass, per_group, u
 
 
 @dataclass
@@ -893,16 +1003,23 @@ def _scalar_dist(v: Tensor, c: Tensor, cfg: _Cfg, keep_diff: bool) -> tuple[Tens
     return diff, dist
 
 
-def _scalar_probs(dist: Tensor, cfg: _Cfg, slot: str | None) -> Tensor:
+def _scalar_probs(dist: Tensor, cfg: _Cfg, slot: str | None, dmin: Tensor | None = None) -> Tensor:
     """P from adjusted distances (consumes ``dist``): softmax over K, or one-hot (hard).
 
-    Written to scratch ``slot``, or to a fresh tensor when ``slot`` is None (kept).
+    Written to scratch ``slot``, or to a fresh tensor when ``slot`` is None (kept). The
+    softmax is taken in base 2 on logits -D log2(e) / tau (the same single rounding as
+    -D / tau; exp2 is several times cheaper than exp on the CPU), its row maximum being
+    ``dmin`` [G, U] (min_k D, when the caller has it) times that factor, exactly.
     """
     out = torch.empty_like(dist) if slot is None else _tmp(slot, dist.shape, dist.device)
     if cfg.mode == "hard":
         idx = dist.argmin(1, keepdim=True)
         return out.zero_().scatter_(1, idx, 1.0)
-    return torch._softmax(dist.mul_(-1.0 / cfg.tau), 1, False, out=out)
+    factor = -_LOG2E / cfg.tau
+    logits = dist.mul_(factor)
+    top = logits.amax(1, keepdim=True) if dmin is None else (dmin * factor).unsqueeze(1)
+    torch.exp2(logits.sub_(top), out=out)
+    return out.div_(out.sum(1, keepdim=True))
 
 
 def _scalar_att(probs: Tensor, cfg: _Cfg) -> Tensor:
@@ -915,9 +1032,8 @@ def _scalar_update(sm: Tensor, c: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor, Te
     """(raw, mass, new): raw = c + centered sums / mass (= sums / mass; a column with mass 0
     keeps c), new = raw after lut_fn and the zero slot."""
     mass = sm[:, 1]
-    filled = mass > 0
-    safe = torch.where(filled, mass, torch.ones_like(mass))
-    raw = torch.where(filled, c + sm[:, 0] / safe, c)
+    # an empty column (mass 0) keeps c (its 0 / 0 is discarded by the select)
+    raw = torch.where(mass > 0, c + sm[:, 0] / mass, c)
     new = raw
     if cfg.lut_fn is not None:
         quantized = cfg.lut_fn(raw.unsqueeze(-1))
@@ -956,6 +1072,8 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
     host read per iteration, free there); with ``sync_free`` every iteration runs and a group
     that stopped keeps its state through torch.where (the same result, no host sync).
     """
+    if _c_codes(cfg, c.shape[1], v.device):
+        return _scalar_forward_c(v, m, c, cfg, sync_free)
     g, u = v.shape
     k = c.shape[1]
     chunks = list(_chunks(u, _scalar_rows(g, k, v.device)))
@@ -985,9 +1103,11 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
         slot = None if keep_all else ("p0", "p1")[t % 2]
         for a, b in chunks:
             diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=True)
+            dmin = None
             if inertia is not None:
-                inertia += torch.sum(dist.amin(1).double() * m[:, a:b], 1)
-            probs = _scalar_probs(dist, cfg, slot)
+                dmin = dist.amin(1)
+                inertia += torch.sum(dmin.double() * m[:, a:b], 1)
+            probs = _scalar_probs(dist, cfg, slot, dmin)
             att = _scalar_att(probs, cfg)
             mc = m[:, a:b].unsqueeze(2)
             sm[:, 0] += torch.bmm(diff.mul_(att), mc).view(g, k)
@@ -1076,19 +1196,19 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
             (s_hat * raw).neg_().unsqueeze(2),
             v.unsqueeze(1),
             s_hat.unsqueeze(2),
-            out=_tmp("b", probs.shape, v.device),
+            out=_tmp("dist", probs.shape, v.device),  # free again once P is known
         )
-        e = _scalar_softmax_back(grad, probs, v, cfg, "e").mul_(diff)
+        e = _scalar_softmax_back(grad, probs, v, cfg, "p1").mul_(diff)
         r.sub_(e.sum(1), alpha=two)
         dc = torch.bmm(e, m.unsqueeze(2)).view(g, -1).mul_(two)
     if out_c is None:
         return r, None, dc, None
     if cfg.clamp_attention and cfg.mode == "dkm":
-        grad = _tmp("b", probs.shape, v.device).copy_(out_c.unsqueeze(2).expand_as(probs))
-        e = _scalar_softmax_back(grad, probs, v, cfg, "e")
+        grad = _tmp("dist", probs.shape, v.device).copy_(out_c.unsqueeze(2).expand_as(probs))
+        e = _scalar_softmax_back(grad, probs, v, cfg, "p1")
     else:  # softmax backward of a row-constant gradient: P (L - sum_k P_k L_k)
         y = torch.bmm(out_c.unsqueeze(1), probs)
-        e = torch.sub(out_c.unsqueeze(2), y, out=_tmp("e", probs.shape, v.device)).mul_(probs)
+        e = torch.sub(out_c.unsqueeze(2), y, out=_tmp("p1", probs.shape, v.device)).mul_(probs)
         if cfg.keep_zeros:
             e[:, 0] *= v.eq(0)
     e.mul_(diff)
@@ -1099,6 +1219,8 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
 
 def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
     """Per-code (h, r) of one segment: grad x_i = g_i h[u_i] + r[u_i]."""
+    if state.get("c_path"):
+        return _scalar_backward_c(state, gsum, cfg)
     v, m, hist = state["v"], state["m"], state["hist"]
     prev_c, last_c, last_it, p_out = (state[k] for k in ("prev_c", "last_c", "last_it", "p_out"))
     g, u = v.shape
@@ -1112,8 +1234,13 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
     hard = cfg.mode == "hard"
 
     def probs_at(c, a, b, saved):
+        if saved is not None:  # only (v - c) is needed
+            shape = (g, k, b - a)
+            return torch.sub(
+                v[:, a:b].unsqueeze(1), c.unsqueeze(2), out=_tmp("diff", shape, v.device)
+            ), saved
         diff, dist = _scalar_dist(v[:, a:b], c, cfg, keep_diff=not hard)
-        return diff, (saved if saved is not None else _scalar_probs(dist, cfg, "p0"))
+        return diff, _scalar_probs(dist, cfg, "p0")
 
     def d_output_c(probs, a, b):
         att = _scalar_att(probs, cfg)
@@ -1188,6 +1315,200 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
     return h, r
 
 
+# ---------------------------------------------------------------------------------------------
+# the scalar engine's per-code passes in the compiled CPU kernels (mode "dkm")
+#
+# The same iterations and the same backward as _scalar_forward / _scalar_backward, each pass a
+# single fused loop over the codes in tiles (distances, softmax, sums or the softmax backward in
+# registers), the attention recomputed from the centroids wherever it is needed instead of
+# being stored (an exp2 per entry is cheaper than writing and reading it back).
+
+
+def _c_cfg(cfg: _Cfg, k: int) -> tuple:
+    clamp = cfg.clamp_attention and cfg.mode == "dkm"
+    return (
+        k,
+        -_LOG2E / cfg.tau,
+        cfg.prune_threshold,
+        int(cfg.keep_zeros),
+        1.0 / cfg.zero_threshold,
+        int(clamp),
+        cfg.zero_threshold,
+    )
+
+
+def _c_codes(cfg: _Cfg, k: int, device: torch.device) -> bool:
+    """Whether the scalar engine's per-code passes run in the compiled kernels."""
+    if cfg.mode != "dkm" or _C_CODES == "never" or not _c_kernels(device) or k > 256:
+        return False
+    return _C_CODES == "always" or _dkm_cpu.simd(_c_cfg(cfg, k))
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
+    """_scalar_forward through the compiled kernels (CPU, mode "dkm"); nothing N x K is kept."""
+    v, m = v.float().contiguous(), m.float().contiguous()
+    g, u = v.shape
+    k = c.shape[1]
+    ct = _c_cfg(cfg, k)
+    # the AVX2 kernels keep each iteration's attention in blocks of 8 codes; the last one is
+    # the output's (and backward's last step's) when every group ran it
+    p_keep = None
+    if _dkm_cpu.simd(ct) and g * k * 8 * ((u + 7) // 8) <= _keep_budget(v.device):
+        p_keep = v.new_empty(g * k * 8 * ((u + 7) // 8))
+    hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, None]] = []
+    prev_c = last_c = c = c.contiguous()
+    last_it: Tensor | None = None
+    active: Tensor | None = None
+    prev_inertia: Tensor | None = None
+    for t in range(cfg.max_iter):
+        act = active
+        test = cfg.epsilon >= 0 and t + 1 < cfg.max_iter
+        sm = v.new_zeros(g, 2, k)
+        inertia = v.new_zeros(g, dtype=torch.float64) if test else None
+        _dkm_cpu.fwd_stats(
+            v.data_ptr(),
+            m.data_ptr(),
+            c.data_ptr(),
+            g,
+            u,
+            ct,
+            sm.data_ptr(),
+            _ptr(inertia),
+            _ptr(p_keep),
+        )
+        raw, mass, new = _scalar_update(sm, c, cfg)
+        hist.append((c, raw, mass, act, None))
+        if act is None:
+            prev_c, last_c, last_it = c, new, None
+        else:
+            keep = act.unsqueeze(1)
+            prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
+            base = torch.full((g,), t - 1, dtype=torch.long, device=v.device)
+            last_it = torch.where(act, t, base if last_it is None else last_it)
+        c = last_c.contiguous()
+        if not test:
+            continue
+        inertia = inertia.float()
+        if prev_inertia is not None:
+            running = (inertia - prev_inertia).abs() > cfg.epsilon
+            active = running if act is None else act & running
+            if not sync_free:
+                n_active = int(active.sum())
+                if n_active == 0:
+                    break
+                if n_active == g:
+                    active = None
+        prev_inertia = inertia
+    prev_c, last_c = prev_c.contiguous(), last_c.contiguous()
+    if hist[-1][3] is not None:
+        p_keep = None  # some groups' output comes from an earlier iteration
+    y = v.new_empty(g, u)
+    _dkm_cpu.out_y(
+        v.data_ptr(), prev_c.data_ptr(), last_c.data_ptr(), g, u, ct, y.data_ptr(), _ptr(p_keep)
+    )
+    state = dict(
+        v=v,
+        m=m,
+        hist=hist,
+        prev_c=prev_c,
+        last_c=last_c,
+        last_it=last_it,
+        p_out=p_keep,
+        c_path=True,
+    )
+    return y, last_c, state
+
+
+def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
+    """_scalar_backward through the compiled kernels (the one-chunk schedule)."""
+    v, m, hist = state["v"], state["m"], state["hist"]
+    prev_c, last_c, last_it = state["prev_c"], state["last_c"], state["last_it"]
+    p_out = state["p_out"]  # the attention of prev_c, blocked (AVX2 kernels), or None
+    g, u = v.shape
+    k = prev_c.shape[1]
+    ct = _c_cfg(cfg, k)
+    two = 2.0 / cfg.tau
+    gsum = gsum.float().contiguous()
+    n_run = len(hist)
+    h = v.new_zeros(g, u)
+    r = v.new_zeros(g, u)
+    zeros_k = v.new_zeros(g, k)
+
+    def ends_at(t):
+        if last_it is None:
+            return None if t == n_run - 1 else False
+        return last_it.eq(t).unsqueeze(1)
+
+    def add_at(base, extra, mask):
+        if extra is None or mask is False:
+            return base
+        return base + (extra if mask is None else extra * mask)
+
+    d_last = d_prev = None
+    grad_c = zeros_k
+    for t in reversed(range(n_run)):
+        c, raw, mass, act, _ = hist[t]
+        ends = ends_at(t)
+        grad_new = grad_c if act is None else grad_c * act.unsqueeze(1)
+        with_out = t == n_run - 1
+        if with_out:
+            # d loss / d (the output's centroids): sum_u gsum_u A_uk, A from prev_c
+            d_last = v.new_empty(g, k)
+            _dkm_cpu.att_t(
+                v.data_ptr(),
+                gsum.data_ptr(),
+                prev_c.data_ptr(),
+                g,
+                u,
+                ct,
+                d_last.data_ptr(),
+                _ptr(p_out),
+            )
+            c = prev_c
+        grad_new = add_at(grad_new, d_last, ends)
+        if cfg.enforce_zero:
+            grad_new = grad_new.clone()
+            grad_new[:, 0] = 0.0
+        grad_raw = _lut_vjp(cfg, raw, grad_new)
+        filled = mass > 0
+        s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
+        if act is not None:
+            s_hat = s_hat * act.unsqueeze(1)
+        s_hat = s_hat.float().contiguous()
+        raw_c = raw.float().contiguous()
+        grad_in = torch.where(filled, zeros_k, grad_raw)
+        dc = v.new_empty(g, k)
+        dco = v.new_empty(g, k) if with_out else None
+        _dkm_cpu.bwd_step(
+            v.data_ptr(),
+            m.data_ptr(),
+            gsum.data_ptr() if with_out else 0,
+            c.contiguous().data_ptr(),
+            g,
+            u,
+            ct,
+            two,
+            s_hat.data_ptr(),
+            raw_c.data_ptr(),
+            last_c.data_ptr() if with_out else 0,
+            r.data_ptr(),
+            h.data_ptr(),
+            dc.data_ptr(),
+            _ptr(dco),
+            _ptr(p_out) if with_out else 0,
+        )
+        grad_in = grad_in + dc
+        if with_out:
+            d_prev = dco
+        grad_in = add_at(grad_in, d_prev, ends)
+        grad_c = grad_in if act is None else torch.where(act.unsqueeze(1), grad_in, grad_c)
+    return h, r
+
+
 def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
     device = bins.device
@@ -1252,11 +1573,19 @@ class _ScalarKMeans(torch.autograd.Function):
                 trow += g
                 start += g * n
         n_tab = trow
-        bins = codes = values = mass = None
+        bins = codes = values = mass = scale = None
         per_group: list[int] | None = None
         u_tab = 0
+        # the compiled element passes: float32, contiguous weights (x is then saved for
+        # backward, usually a view of the parameter, instead of an int32 code per element)
+        c_elems = bool(flats) and _c_kernels(device)
+        c_elems = c_elems and all(
+            f.dtype == torch.float32 and f.is_contiguous() and f.shape[1] < 1 << 31 for f in flats
+        )
         if flats:
-            bins, codes, values, mass, per_group, u_tab = _encode_many(flats, cfg, device)
+            bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
+                flats, cfg, device, c_elems
+            )
 
         for it in items:
             it.u = max(per_group[it.trow : it.trow + it.g]) if it.kind == "table" else it.n
@@ -1304,6 +1633,7 @@ class _ScalarKMeans(torch.autograd.Function):
         saved = _Saved()
         new_c = torch.empty_like(c0)
         ys, seg_state = [], []
+        seg_c: list[bool] = []
         for rows, v, m, _ in segments:
             if isinstance(rows, slice):
                 y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
@@ -1312,13 +1642,15 @@ class _ScalarKMeans(torch.autograd.Function):
                 y, last, state = _scalar_forward(v, m, c0.index_select(0, rows), cfg, sync_free)
                 new_c.index_copy_(0, rows, last)
             ys.append(y)
+            seg_c.append(state.pop("c_path", False))
             hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
             seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
 
         outs = []
         y_full = None
         if n_tab:
-            y_full = c0.new_zeros(n_tab * _STRIDE)
+            # the compiled gather reads only the codes present (all written below)
+            y_full = c0.new_empty(n_tab * _STRIDE) if c_elems else c0.new_zeros(n_tab * _STRIDE)
             table = y_full.view(n_tab, _STRIDE)
             if segments[0][3]:  # one stacked segment of every table
                 table.scatter_(1, codes, ys[0])
@@ -1328,16 +1660,34 @@ class _ScalarKMeans(torch.autograd.Function):
                         sl = slice(it.trow, it.trow + it.g)
                         seg_y = ys[it.seg][it.srow : it.srow + it.g, : it.u]
                         table[sl].scatter_(1, codes[sl, : it.u], seg_y)
+        t_i = 0
         for x, it in zip(xs, items):
-            if it.kind == "table":
+            if it.kind == "table" and c_elems:
+                flat = _outputs.take(("y", t_i, it.n), (it.g, it.n), device)
+                _dkm_cpu.gather(
+                    flats[t_i].data_ptr(),
+                    it.g,
+                    it.n,
+                    scale[it.trow :].data_ptr(),
+                    int(cfg.keep_zeros),
+                    y_full[it.trow * _STRIDE :].data_ptr(),
+                    flat.data_ptr(),
+                )
+            elif it.kind == "table":
                 flat = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
             else:
                 flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
             outs.append(flat.reshape(x.shape).to(x.dtype))
+            t_i += it.kind == "table"
         ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
+        ctx.seg_c = seg_c
         ctx.direct = segments[0][3]
         ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
         ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
+        ctx.c_elems = c_elems
+        if c_elems:
+            ctx.i_scale = saved(scale)
+            ctx.i_flats = [saved(f) for f in flats]
         ctx.save_for_backward(*saved.tensors)
         ctx.mark_non_differentiable(new_c)
         ctx.set_materialize_grads(False)
@@ -1358,8 +1708,35 @@ class _ScalarKMeans(torch.autograd.Function):
         with _no_autocast(device):
             flat_g = [grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))]
             gsum_tab = None
+            c_elems = ctx.c_elems
+            if c_elems:
+                scale = tensors[ctx.i_scale]
+                xflat = [tensors[j] for j in ctx.i_flats]
+                t_of = {}  # item index -> its x among the table tensors
+                for i, it in enumerate(items):
+                    if it.kind == "table":
+                        t_of[i] = len(t_of)
+                        if live[i]:
+                            flat_g[i] = flat_g[i].contiguous()
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
-                gsum_tab = _code_grad_sums(items, live, flat_g, bins, codes, n_tab)
+                if c_elems:
+                    # only the codes present are accumulated into and read back
+                    acc = torch.empty(n_tab * _STRIDE, dtype=torch.float64, device=device)
+                    acc.view(n_tab, _STRIDE).scatter_(1, codes, 0.0)
+                    for i, it in enumerate(items):
+                        if it.kind == "table" and live[i]:
+                            _dkm_cpu.scatter(
+                                xflat[t_of[i]].data_ptr(),
+                                it.g,
+                                it.n,
+                                scale[it.trow :].data_ptr(),
+                                int(cfg.keep_zeros),
+                                flat_g[i].data_ptr(),
+                                acc[it.trow * _STRIDE :].data_ptr(),
+                            )
+                    gsum_tab = acc.view(n_tab, _STRIDE).gather(1, codes).float()
+                else:
+                    gsum_tab = _code_grad_sums(items, live, flat_g, bins, codes, n_tab)
             hr = []
             for s, (st_idx, hist_idx) in enumerate(ctx.seg_state):
                 seg_items = [(i, it) for i, it in enumerate(items) if it.seg == s]
@@ -1368,6 +1745,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     continue
                 state = {key: tensors[idx] for key, idx in st_idx.items()}
                 state["hist"] = [tuple(tensors[j] for j in entry) for entry in hist_idx]
+                state["c_path"] = ctx.seg_c[s]
                 v = state["v"]
                 if len(seg_items) == 1 and v.shape[1] == seg_items[0][1].u:
                     i, it = seg_items[0]  # the segment is this tensor's rows: no copy
@@ -1388,11 +1766,18 @@ class _ScalarKMeans(torch.autograd.Function):
                         else:
                             dst[:, : it.n] = flat_g[i].view(it.g, it.n)
                 hr.append(_scalar_backward(state, gsum, cfg))
-            h_full = r_full = None
-            if n_tab:
+            h_full = r_full = hr_full = None
+            if n_tab and c_elems:
+                # (h, r) side by side, one cache line per code, for the compiled gradient pass
+                hr_full = codes.new_empty((n_tab, _STRIDE, 2), dtype=torch.float32)
+                if not all(live[i] for i, it in enumerate(items) if it.kind == "table"):
+                    hr_full.zero_()  # (rows of tensors without a gradient are never read)
+                h_tab, r_tab = hr_full[..., 0], hr_full[..., 1]
+            elif n_tab:
                 h_full = codes.new_zeros(n_tab * _STRIDE, dtype=torch.float32)
                 r_full = torch.zeros_like(h_full)
                 h_tab, r_tab = h_full.view(n_tab, _STRIDE), r_full.view(n_tab, _STRIDE)
+            if n_tab:
                 if ctx.direct:
                     h_tab.scatter_(1, codes, hr[0][0])
                     r_tab.scatter_(1, codes, hr[0][1])
@@ -1408,7 +1793,24 @@ class _ScalarKMeans(torch.autograd.Function):
                 if not live[i]:
                     continue
                 shape, dtype = ctx.kinds_dtypes[i]
-                if it.kind == "table":
+                if it.kind == "table" and c_elems:
+                    key = ("grad", t_of[i], it.n)
+                    grad = _outputs.take(key, (it.g * it.n,), device)
+                    if _KEEP_GRAD_STORAGE:
+                        _outputs.give(key, grad)
+                    # the soft weight's gradient becomes the next step's soft weight
+                    _outputs.give(("y", t_of[i], it.n), grads[i])
+                    _dkm_cpu.grad(
+                        xflat[t_of[i]].data_ptr(),
+                        it.g,
+                        it.n,
+                        scale[it.trow :].data_ptr(),
+                        int(cfg.keep_zeros),
+                        flat_g[i].data_ptr(),
+                        hr_full[it.trow :].data_ptr(),
+                        grad.data_ptr(),
+                    )
+                elif it.kind == "table":
                     sl = bins[it.start : it.start + it.g * it.n]
                     grad = _gather_grad(h_full, r_full, sl, flat_g[i])
                 else:

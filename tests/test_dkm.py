@@ -459,7 +459,11 @@ _MIXED = {
 
 
 def _train(monkeypatch, batched, config=_MIXED, steps=3, alone=False):
+    layout = {}
     if not batched:
+        from lightning_palettize import soft_kmeans as sk
+
+        layout = {"_sync_free": sk._sync_free, "_host_layout": sk._host_layout}
         _unbatched(monkeypatch)
     torch.manual_seed(11)
     model = _Reuse()
@@ -478,13 +482,29 @@ def _train(monkeypatch, batched, config=_MIXED, steps=3, alone=False):
         losses.append(loss.detach())
         if alone:  # run one module outside the model's forward (training mode, no backward)
             alone_out.append(model.b(torch.relu(x)).detach())
-    monkeypatch.undo()
+    if not batched:  # drop the unbatched patch, keep the layout the test chose
+        from lightning_palettize import soft_kmeans as sk
+
+        monkeypatch.undo()
+        for name, fn in layout.items():
+            monkeypatch.setattr(sk, name, fn)
     return losses, alone_out, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_batched_rounds_train_like_weight_by_weight(monkeypatch):
+def _device_layout(monkeypatch):
+    """The kernel's GPU code path (stacked tables, sync-free early stopping), on the CPU."""
+    from lightning_palettize import soft_kmeans as sk
+
+    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+    monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+
+
+@pytest.mark.parametrize("layout", ["host", "device"])
+def test_batched_rounds_train_like_weight_by_weight(monkeypatch, layout):
     # one soft_kmeans_batch call per configuration and forward; a module called twice and
     # one run on its own between steps recompute from their current state, as unbatched
+    if layout == "device":
+        _device_layout(monkeypatch)
     a = _train(monkeypatch, batched=True, alone=True)
     b = _train(monkeypatch, batched=False, alone=True)
     torch.testing.assert_close(torch.stack(a[0]), torch.stack(b[0]), rtol=1e-5, atol=1e-6)
@@ -524,10 +544,7 @@ def test_rounds_batch_every_weight_in_one_call(monkeypatch):
 def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
     # on a GPU every host read is a sync: the enabled flag and the step counters live on the
     # host, early stopping is sync-free, and a round reads back only its table sizes
-    from lightning_palettize import soft_kmeans as sk
-
-    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
-    monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    _device_layout(monkeypatch)
     reads = []
     for depth in (2, 6):
         model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(depth)])

@@ -297,6 +297,10 @@ class FakePalettize(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lut_fn = _lut_fn(self.cfg.lut_dtype)
+        # objects pickled before these existed: a group of their own (correct, unbatched)
+        if "_group" not in state:
+            self._group = _DKMGroup()
+        self._enabled_seen = self._steps_seen = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,1298 @@
+/*
+ * Fused CPU kernels of the DKM scalar engine (lightning_palettize.soft_kmeans).
+ *
+ * Two kinds of work, both written as single passes that the torch code needs several for:
+ *
+ * Per element (the "table" tensors: every weight is binned by its 16-bit code, the fp16 bit
+ * pattern of x * scale with scale a power of two per LUT group, XOR 0x8000):
+ *     hist    counts[row][code(x)] += 1                       (forward: the code histogram)
+ *     gather  out = table[row][code(x)]                       (forward: the soft weight)
+ *     scatter acc[row][code(x)] += g                          (backward: per-code grad sums)
+ *     grad    out = g * hr[row][code(x)][0] + hr[..][1]       (backward: the weight's grad)
+ * The codes are recomputed from x in every pass (one f32 -> f16 conversion per element, F16C
+ * where the CPU has it) instead of being stored: no N-sized int buffer lives across the step.
+ *
+ * Per code (one segment [G, U] of per-code values v and masses m, centroids c [G, K]; the
+ * softmax over K of -D / tau, D = (v - c)^2 adjusted for prune / exact zeros, mode "dkm"):
+ *     fwd_stats  centered sums sum_u A m (v - c), masses sum_u A m, inertia sum_u m min D
+ *     out_y      y_u = sum_k A_uk c'_k
+ *     att_t      sum_u w_u A_uk (the output's gradient to its centroids)
+ *     bwd_step   one iteration's analytic backward (see soft_kmeans._scalar_backward_step)
+ * in tiles of codes, the attention recomputed rather than stored (an exp2 per entry), except
+ * that the AVX2 kernels may keep the last iteration's attention (an optional trailing pointer:
+ * fwd_stats writes it, out_y / att_t / bwd_step read it; the portable kernels ignore it and
+ * recompute).
+ *
+ * All pointers are passed as integers (tensor.data_ptr()); the Python side checks dtypes,
+ * contiguity and sizes. The GIL is released while a kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define DKM_X86 1
+#include <immintrin.h>
+#else
+#define DKM_X86 0
+#endif
+
+#define STRIDE 65537
+#define BLOCK 256 /* elements whose codes are converted at once */
+#define TILE 64   /* codes per tile of the per-code kernels */
+
+/* ------------------------------------------------------------------------------------------ */
+/* float -> fp16 bits, round to nearest even (portable; F16C does the same in hardware) */
+
+static inline uint16_t f2h(float f) {
+    uint32_t u, sign;
+    memcpy(&u, &f, 4);
+    sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= (uint32_t)(127 + 16) << 23) {
+        o = u > (uint32_t)255 << 23 ? 0x7e00 : 0x7c00;
+    } else if (u < (uint32_t)113 << 23) {
+        float a, magic = 0.5f;
+        memcpy(&a, &u, 4);
+        a += magic;
+        uint32_t ai, mi;
+        memcpy(&ai, &a, 4);
+        memcpy(&mi, &magic, 4);
+        o = (uint16_t)(ai - mi);
+    } else {
+        uint32_t odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+        u += odd;
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* Codes (fp16 bits ^ 0x8000) of x[0..n) * scale; with keep_zeros a non-zero value that rounds
+ * to +-0 gets the smallest subnormal of its sign instead. */
+static inline void codes_generic(const float *x, int64_t n, float scale, int keep_zeros,
+                                 uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float f = x[i] * scale;
+        uint16_t h = f2h(f);
+        if (keep_zeros && (h & 0x7fffu) == 0 && f != 0.0f) h = (uint16_t)((h & 0x8000u) | 1u);
+        out[i] = (uint16_t)(h ^ 0x8000u);
+    }
+}
+
+#if DKM_X86
+__attribute__((target("avx2,fma,f16c"))) static inline void codes_f16c(const float *x,
+                                                                        int64_t n, float scale,
+                                                                        int keep_zeros,
+                                                                        uint16_t *out) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m128i flip = _mm_set1_epi16((short)0x8000);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 f = _mm256_mul_ps(_mm256_loadu_ps(x + i), s);
+        __m128i h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(out + i), _mm_xor_si128(h, flip));
+    }
+    codes_generic(x + i, n - i, scale, 0, out + i);
+    if (keep_zeros) { /* rare fix-up: recheck the block with the exact rule */
+        for (int64_t j = 0; j < n; j++) {
+            uint16_t h = (uint16_t)(out[j] ^ 0x8000u);
+            if ((h & 0x7fffu) == 0) {
+                float f = x[j] * scale;
+                if (f != 0.0f) out[j] = (uint16_t)(((h & 0x8000u) | 1u) ^ 0x8000u);
+            }
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* per-element kernels; ``CODES`` converts one block */
+
+#define ELEMENT_KERNELS(SUFFIX, ATTR, CODES)                                                     \
+    ATTR static void hist_##SUFFIX(const float *x, int64_t rows, int64_t n, const float *scale, \
+                                   int keep_zeros, int32_t *counts) {                            \
+        uint16_t buf[BLOCK];                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                     \
+            int32_t *cnt = counts + r * STRIDE;                                                  \
+            const float *xr = x + r * n;                                                         \
+            for (int64_t a = 0; a < n; a += BLOCK) {                                             \
+                int64_t len = n - a < BLOCK ? n - a : BLOCK;                                     \
+                CODES(xr + a, len, scale[r], keep_zeros, buf);                                   \
+                for (int64_t i = 0; i < len; i++) cnt[buf[i]]++;                                 \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    ATTR static void gather_##SUFFIX(const float *x, int64_t rows, int64_t n,                    \
+                                     const float *scale, int keep_zeros, const float *table,     \
+                                     float *out) {                                               \
+        uint16_t buf[BLOCK];                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                     \
+            const float *tab = table + r * STRIDE;                                               \
+            const float *xr = x + r * n;                                                         \
+            float *o = out + r * n;                                                              \
+            for (int64_t a = 0; a < n; a += BLOCK) {                                             \
+                int64_t len = n - a < BLOCK ? n - a : BLOCK;                                     \
+                CODES(xr + a, len, scale[r], keep_zeros, buf);                                   \
+                for (int64_t i = 0; i < len; i++) o[a + i] = tab[buf[i]];                        \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    ATTR static void scatter_##SUFFIX(const float *x, int64_t rows, int64_t n,                   \
+                                      const float *scale, int keep_zeros, const float *g,        \
+                                      double *acc) {                                             \
+        uint16_t buf[BLOCK];                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                     \
+            double *ac = acc + r * STRIDE;                                                       \
+            const float *xr = x + r * n;                                                         \
+            const float *gr = g + r * n;                                                         \
+            for (int64_t a = 0; a < n; a += BLOCK) {                                             \
+                int64_t len = n - a < BLOCK ? n - a : BLOCK;                                     \
+                CODES(xr + a, len, scale[r], keep_zeros, buf);                                   \
+                for (int64_t i = 0; i < len; i++) ac[buf[i]] += (double)gr[a + i];              \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    ATTR static void grad_##SUFFIX(const float *x, int64_t rows, int64_t n, const float *scale, \
+                                   int keep_zeros, const float *g, const float *hr,              \
+                                   float *out) {                                                 \
+        uint16_t buf[BLOCK];                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                     \
+            const float *tab = hr + 2 * r * STRIDE;                                              \
+            const float *xr = x + r * n;                                                         \
+            const float *gr = g + r * n;                                                         \
+            float *o = out + r * n;                                                              \
+            for (int64_t a = 0; a < n; a += BLOCK) {                                             \
+                int64_t len = n - a < BLOCK ? n - a : BLOCK;                                     \
+                CODES(xr + a, len, scale[r], keep_zeros, buf);                                   \
+                for (int64_t i = 0; i < len; i++) {                                              \
+                    const float *e = tab + 2 * (int64_t)buf[i];                                  \
+                    o[a + i] = gr[a + i] * e[0] + e[1];                                          \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+ELEMENT_KERNELS(generic, , codes_generic)
+#if DKM_X86
+ELEMENT_KERNELS(f16c, __attribute__((target("avx2,fma,f16c"))), codes_f16c)
+#endif
+
+#if DKM_X86
+/* gather / grad without the exact-zero rule: codes, table loads and the output in registers,
+ * 8 elements at a time (AVX2 gathers) */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256i codes8(const float *x,
+                                                                       __m256 s) {
+    __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(x), s),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtepu16_epi32(_mm_xor_si128(h, _mm_set1_epi16((short)0x8000)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void gather_v(const float *x, int64_t rows,
+                                                              int64_t n, const float *scale,
+                                                              const float *table, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *tab = table + r * STRIDE, *xr = x + r * n;
+        float *o = out + r * n;
+        const __m256 s = _mm256_set1_ps(scale[r]);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_i32gather_ps(tab, codes8(xr + i, s), 4));
+        if (i < n) {
+            uint16_t buf[8];
+            codes_generic(xr + i, n - i, scale[r], 0, buf);
+            for (int64_t j = 0; i + j < n; j++) o[i + j] = tab[buf[j]];
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void grad_v(const float *x, int64_t rows,
+                                                            int64_t n, const float *scale,
+                                                            const float *g, const float *hr,
+                                                            float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *tab = hr + 2 * r * STRIDE, *xr = x + r * n, *gr = g + r * n;
+        float *o = out + r * n;
+        const __m256 s = _mm256_set1_ps(scale[r]);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            /* one 64-bit gather per (h, r) pair, then de-interleaved */
+            __m256i idx = codes8(xr + i, s);
+            __m256 a = _mm256_castsi256_ps(_mm256_i32gather_epi64(
+                (const long long *)tab, _mm256_castsi256_si128(idx), 8));
+            __m256 b = _mm256_castsi256_ps(_mm256_i32gather_epi64(
+                (const long long *)tab, _mm256_extracti128_si256(idx, 1), 8));
+            __m256 hh = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+            __m256 rr = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+            hh = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(hh), _MM_SHUFFLE(3, 1, 2, 0)));
+            rr = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(rr), _MM_SHUFFLE(3, 1, 2, 0)));
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(gr + i), hh, rr));
+        }
+        if (i < n) {
+            uint16_t buf[8];
+            codes_generic(xr + i, n - i, scale[r], 0, buf);
+            for (int64_t j = 0; i + j < n; j++) {
+                const float *e = tab + 2 * (int64_t)buf[j];
+                o[i + j] = gr[i + j] * e[0] + e[1];
+            }
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* per-code kernels */
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* 2^x for x <= 0 (0 below -127): Cephes' exp2f polynomial (relative error ~1.7e-7),
+ * branch-free so that the tile loops vectorise. */
+INLINE float exp2_neg(float x) {
+    x = x < -127.0f ? -127.0f : x;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = x + magic;
+    int32_t ti;
+    memcpy(&ti, &t, 4);
+    int32_t e = ti - 0x4B400000; /* round(x) */
+    float f = x - (t - magic);   /* in [-0.5, 0.5] */
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = (e + 127) << 23; /* 0 (a zero scale) for e == -127 */
+    float s;
+    memcpy(&s, &bits, 4);
+    return p * s;
+}
+
+typedef struct {
+    int64_t k;
+    float factor;   /* -log2(e) / tau */
+    float prune;    /* subtracted from D_0 when > 0 */
+    int keep_zeros; /* D_0 = 1 / zero_threshold for v != 0 */
+    float zinv;     /* 1 / zero_threshold */
+    int clamp;      /* attention clamped from below at zero_threshold */
+    float zt;
+} cfg_t;
+
+/* One tile of TILE codes, padded (the padding has mass / gradient 0). */
+typedef struct {
+    float v[TILE], m[TILE], g[TILE];
+    float dmin[TILE];
+} tile_t;
+
+INLINE int64_t load_tile(tile_t *tl, const float *v, const float *m, const float *g, int64_t a,
+                         int64_t U) {
+    int64_t len = U - a < TILE ? U - a : TILE;
+    for (int64_t t = 0; t < len; t++) {
+        tl->v[t] = v[a + t];
+        tl->m[t] = m ? m[a + t] : 0.0f;
+        tl->g[t] = g ? g[a + t] : 0.0f;
+    }
+    for (int64_t t = len; t < TILE; t++) {
+        tl->v[t] = v[a];
+        tl->m[t] = 0.0f;
+        tl->g[t] = 0.0f;
+    }
+    return len;
+}
+
+/* P[k][t] (softmax over k) of the tile's codes for centroids c, into p (K x TILE);
+ * tl->dmin[t] = min_k D (adjusted). The logit of k is taken relative to the nearest centroid
+ * m as -(D_k - D_m) / tau with D_k - D_m = (c_m - c_k) ((v - c_k) + (v - c_m)): the
+ * differences v - c are exact for nearby centroids, so where two centroids compete (the only
+ * place the softmax is not saturated) the logit gap is accurate to a few ulps of itself rather
+ * than of the (up to 1e4 times larger) logits. An entry whose D is replaced outright (the
+ * exact-zero rule) uses D_k - D_m as computed. */
+INLINE void tile_probs(tile_t *restrict tl, const float *restrict c, const cfg_t *cf,
+                       float *restrict p) {
+    const int64_t K = cf->k;
+    const float prune = cf->prune > 0.0f ? cf->prune : 0.0f;
+    const int kz = prune > 0.0f ? 0 : cf->keep_zeros;
+    const float zinv = cf->zinv, factor = cf->factor;
+    float cm[TILE], sum[TILE];
+    const float *restrict v = tl->v;
+    float *restrict dmin = tl->dmin;
+    for (int64_t t = 0; t < TILE; t++) {
+        dmin[t] = 3.4e38f;
+        cm[t] = sum[t] = 0.0f;
+    }
+    if (prune == 0.0f && !kz) { /* the common case: plain squared distances */
+        for (int64_t k = 0; k < K; k++) {
+            const float ck = c[k];
+            float *restrict pk = p + k * TILE;
+#pragma omp simd
+            for (int64_t t = 0; t < TILE; t++) {
+                float a = v[t] - ck;
+                float d = a * a;
+                pk[t] = d;
+                int lt = d < dmin[t];
+                dmin[t] = lt ? d : dmin[t];
+                cm[t] = lt ? ck : cm[t];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float ck = c[k];
+            float *restrict pk = p + k * TILE;
+#pragma omp simd
+            for (int64_t t = 0; t < TILE; t++) {
+                float gap = (cm[t] - ck) * ((v[t] - ck) + (v[t] - cm[t]));
+                float e = exp2_neg(gap * factor);
+                pk[t] = e;
+                sum[t] += e;
+            }
+        }
+    } else {
+        float bm[TILE], am[TILE], rep[TILE], nz[TILE];
+        for (int64_t t = 0; t < TILE; t++) {
+            bm[t] = am[t] = rep[t] = 0.0f;
+            nz[t] = kz && v[t] != 0.0f ? 1.0f : 0.0f;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float ck = c[k], adj = k == 0 ? -prune : 0.0f;
+            const float zk = k == 0 ? 1.0f : 0.0f;
+            float *restrict pk = p + k * TILE;
+            for (int64_t t = 0; t < TILE; t++) {
+                float a = v[t] - ck;
+                float d = a * a + adj;
+                float r = zk * nz[t];
+                d = r != 0.0f ? zinv : d;
+                pk[t] = d;
+                int lt = d < dmin[t];
+                dmin[t] = lt ? d : dmin[t];
+                cm[t] = lt ? ck : cm[t];
+                bm[t] = lt ? a : bm[t];
+                am[t] = lt ? adj : am[t];
+                rep[t] = lt ? r : rep[t];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float ck = c[k], adj = k == 0 ? -prune : 0.0f;
+            const float zk = k == 0 ? 1.0f : 0.0f;
+            float *restrict pk = p + k * TILE;
+            for (int64_t t = 0; t < TILE; t++) {
+                float a = v[t] - ck;
+                float gap = (cm[t] - ck) * (a + bm[t]) + (adj - am[t]);
+                float direct = rep[t] + zk * nz[t];
+                gap = direct != 0.0f ? pk[t] - dmin[t] : gap;
+                float e = exp2_neg(gap * factor);
+                pk[t] = e;
+                sum[t] += e;
+            }
+        }
+    }
+    for (int64_t t = 0; t < TILE; t++) sum[t] = 1.0f / sum[t];
+    for (int64_t k = 0; k < K; k++) {
+        float *restrict pk = p + k * TILE;
+        for (int64_t t = 0; t < TILE; t++) pk[t] *= sum[t];
+    }
+}
+
+/* the attention from P: clamped from below at zero_threshold when asked */
+INLINE float att_of(float p, int clamp, float zt) { return clamp && p < zt ? zt : p; }
+
+INLINE void fwd_stats_body(const float *v, const float *m, const float *c, int64_t G, int64_t U,
+                           const cfg_t *cf, float *sm, double *inertia, float *restrict p) {
+    const int64_t K = cf->k;
+    const int clamp = cf->clamp;
+    const float zt = cf->zt;
+    tile_t tl;
+    for (int64_t g = 0; g < G; g++) {
+        const float *cg = c + g * K;
+        double in = 0.0;
+        double acc[2 * 256];
+        for (int64_t k = 0; k < 2 * K; k++) acc[k] = 0.0;
+        for (int64_t a = 0; a < U; a += TILE) {
+            load_tile(&tl, v + g * U, m + g * U, NULL, a, U);
+            tile_probs(&tl, cg, cf, p);
+            if (inertia) {
+                double s = 0.0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t t = 0; t < TILE; t++) s += (double)tl.dmin[t] * (double)tl.m[t];
+                in += s;
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const float *restrict pk = p + k * TILE;
+                const float ck = cg[k];
+                double s0 = 0.0, s1 = 0.0;
+#pragma omp simd reduction(+ : s0, s1)
+                for (int64_t t = 0; t < TILE; t++) {
+                    float w = att_of(pk[t], clamp, zt) * tl.m[t];
+                    s0 += (double)(w * (tl.v[t] - ck));
+                    s1 += (double)w;
+                }
+                acc[k] += s0;
+                acc[K + k] += s1;
+            }
+        }
+        for (int64_t k = 0; k < 2 * K; k++) sm[g * 2 * K + k] += (float)acc[k];
+        if (inertia) inertia[g] += in;
+    }
+}
+
+INLINE void out_y_body(const float *v, const float *cp, const float *cl, int64_t G, int64_t U,
+                       const cfg_t *cf, float *y, float *restrict p) {
+    const int64_t K = cf->k;
+    const int clamp = cf->clamp;
+    const float zt = cf->zt;
+    tile_t tl;
+    float acc[TILE];
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t a = 0; a < U; a += TILE) {
+            int64_t len = load_tile(&tl, v + g * U, NULL, NULL, a, U);
+            tile_probs(&tl, cp + g * K, cf, p);
+            for (int64_t t = 0; t < TILE; t++) acc[t] = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const float *restrict pk = p + k * TILE;
+                const float ck = cl[g * K + k];
+                for (int64_t t = 0; t < TILE; t++) acc[t] += att_of(pk[t], clamp, zt) * ck;
+            }
+            for (int64_t t = 0; t < len; t++) y[g * U + a + t] = acc[t];
+        }
+    }
+}
+
+INLINE void att_t_body(const float *v, const float *wt, const float *c, int64_t G, int64_t U,
+                       const cfg_t *cf, float *out, float *restrict p) {
+    const int64_t K = cf->k;
+    const int clamp = cf->clamp;
+    const float zt = cf->zt;
+    tile_t tl;
+    double acc[256];
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t k = 0; k < K; k++) acc[k] = 0.0;
+        for (int64_t a = 0; a < U; a += TILE) {
+            load_tile(&tl, v + g * U, wt + g * U, NULL, a, U);
+            tile_probs(&tl, c + g * K, cf, p);
+            for (int64_t k = 0; k < K; k++) {
+                const float *restrict pk = p + k * TILE;
+                double s = 0.0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t t = 0; t < TILE; t++) s += (double)(att_of(pk[t], clamp, zt) * tl.m[t]);
+                acc[k] += s;
+            }
+        }
+        for (int64_t k = 0; k < K; k++) out[g * K + k] = (float)acc[k];
+    }
+}
+
+/* One iteration's backward (see soft_kmeans._scalar_backward_step):
+ *   s_hat given: r_u += sum_k s_k A_k - two sum_k e_k (v - c_k), dc_k = two sum_u e_k m_u,
+ *                e = softmax backward of s_k (v - raw_k) (masked where the attention is clamped)
+ *   out_c given: h_u = -two sum_k e'_k (v - c_k), dco_k = two sum_u e'_k gsum_u,
+ *                e' = softmax backward of out_c (masked likewise)
+ * with slot 0's softmax gradient zeroed for v != 0 under the exact-zero rule. */
+INLINE void bwd_step_body(const float *v, const float *m, const float *gsum, const float *c,
+                          int64_t G, int64_t U, const cfg_t *cf, float two, const float *s_hat,
+                          const float *raw, const float *out_c, float *r, float *h, float *dc,
+                          float *dco, float *restrict p) {
+    const int64_t K = cf->k;
+    const int clamp = cf->clamp;
+    const float zt = cf->zt;
+    const int kz = cf->prune > 0.0f ? 0 : cf->keep_zeros;
+    tile_t tl;
+    double acc[2 * 256];
+    float dot[TILE], tot[TILE], dir[TILE], keep0[TILE];
+    for (int64_t g = 0; g < G; g++) {
+        const float *cg = c + g * K;
+        const float *sg = s_hat ? s_hat + g * K : NULL, *rg = raw + g * K;
+        const float *og = out_c ? out_c + g * K : NULL;
+        for (int64_t k = 0; k < 2 * K; k++) acc[k] = 0.0;
+        for (int64_t a = 0; a < U; a += TILE) {
+            int64_t len = load_tile(&tl, v + g * U, m + g * U, gsum ? gsum + g * U : NULL, a, U);
+            tile_probs(&tl, cg, cf, p);
+            for (int64_t t = 0; t < TILE; t++)
+                keep0[t] = kz && tl.v[t] != 0.0f ? 0.0f : 1.0f;
+            if (sg) {
+                for (int64_t t = 0; t < TILE; t++) dot[t] = dir[t] = tot[t] = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    const float *restrict pk = p + k * TILE;
+                    const float sk = sg[k], srk = sk * rg[k];
+                    for (int64_t t = 0; t < TILE; t++) {
+                        float gr = -srk + tl.v[t] * sk;
+                        gr = clamp && pk[t] < zt ? 0.0f : gr;
+                        dir[t] += sk * att_of(pk[t], clamp, zt);
+                        dot[t] += gr * pk[t];
+                    }
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    const float *restrict pk = p + k * TILE;
+                    const float sk = sg[k], srk = sk * rg[k], ck = cg[k];
+                    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t t = 0; t < TILE; t++) {
+                        float gr = -srk + tl.v[t] * sk;
+                        gr = clamp && pk[t] < zt ? 0.0f : gr;
+                        float ek = pk[t] * (gr - dot[t]);
+                        ek = k == 0 ? ek * keep0[t] : ek;
+                        ek *= tl.v[t] - ck;
+                        tot[t] += ek;
+                        s += (double)(ek * tl.m[t]);
+                    }
+                    acc[k] += s;
+                }
+                for (int64_t t = 0; t < len; t++) r[g * U + a + t] += dir[t] - two * tot[t];
+            }
+            if (og) {
+                for (int64_t t = 0; t < TILE; t++) dot[t] = tot[t] = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    const float *restrict pk = p + k * TILE;
+                    const float lk = og[k];
+                    for (int64_t t = 0; t < TILE; t++) {
+                        float l = clamp && pk[t] < zt ? 0.0f : lk;
+                        dot[t] += l * pk[t];
+                    }
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    const float *restrict pk = p + k * TILE;
+                    const float lk = og[k], ck = cg[k];
+                    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t t = 0; t < TILE; t++) {
+                        float l = clamp && pk[t] < zt ? 0.0f : lk;
+                        float ek = pk[t] * (l - dot[t]);
+                        ek = k == 0 ? ek * keep0[t] : ek;
+                        ek *= tl.v[t] - ck;
+                        tot[t] += ek;
+                        s += (double)(ek * tl.g[t]);
+                    }
+                    acc[K + k] += s;
+                }
+                for (int64_t t = 0; t < len; t++) h[g * U + a + t] = -two * tot[t];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            if (dc) dc[g * K + k] = (float)(two * acc[k]);
+            if (dco) dco[g * K + k] = (float)(two * acc[K + k]);
+        }
+    }
+}
+
+#define CODE_KERNELS(SUFFIX, ATTR)                                                               \
+    ATTR static void fwd_stats_##SUFFIX(const float *v, const float *m, const float *c,         \
+                                        int64_t G, int64_t U, const cfg_t *cf, float *sm,        \
+                                        double *inertia, float *p) {                             \
+        fwd_stats_body(v, m, c, G, U, cf, sm, inertia, p);                                       \
+    }                                                                                            \
+    ATTR static void out_y_##SUFFIX(const float *v, const float *cp, const float *cl,           \
+                                    int64_t G, int64_t U, const cfg_t *cf, float *y, float *p) { \
+        out_y_body(v, cp, cl, G, U, cf, y, p);                                                   \
+    }                                                                                            \
+    ATTR static void att_t_##SUFFIX(const float *v, const float *wt, const float *c, int64_t G,  \
+                                    int64_t U, const cfg_t *cf, float *out, float *p) {          \
+        att_t_body(v, wt, c, G, U, cf, out, p);                                                  \
+    }                                                                                            \
+    ATTR static void bwd_step_##SUFFIX(                                                          \
+        const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U, \
+        const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,    \
+        float *r, float *h, float *dc, float *dco, float *p) {                                   \
+        bwd_step_body(v, m, gsum, c, G, U, cf, two, s_hat, raw, out_c, r, h, dc, dco, p);        \
+    }
+
+CODE_KERNELS(generic, )
+#if DKM_X86
+CODE_KERNELS(avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX2 + FMA per-code kernels for the common configuration (no prune pull, no exact-zero rule,
+ * no attention clamp): 8 codes per vector, everything per code in registers, the K
+ * probabilities of a block in a small stack array, per-centroid sums in float lanes flushed to
+ * float64 every 8 blocks. Same math as the portable kernels above. */
+#if DKM_X86
+#define AVX __attribute__((target("avx2,fma"))) static inline
+#define FLUSH 8 /* blocks of 8 codes summed in float lanes before a float64 flush */
+
+AVX __m256 exp2_neg_v(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    __m256 t = _mm256_add_ps(x, magic);
+    __m256i e = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
+    __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
+    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* softmax over k of 8 codes: e[k] = P_k (normalised); returns min_k D. adj0 (<= 0) is the
+ * prune pull added to D_0; the logit gaps are taken as in tile_probs. */
+AVX __m256 probs8(__m256 v, const float *c, int64_t K, __m256 factor, __m256 adj0, __m256 *e) {
+    __m256 c0 = _mm256_set1_ps(c[0]);
+    __m256 a0 = _mm256_sub_ps(v, c0);
+    __m256 dmin = _mm256_fmadd_ps(a0, a0, adj0), cm = c0, am = adj0;
+    for (int64_t k = 1; k < K; k++) {
+        __m256 ck = _mm256_set1_ps(c[k]);
+        __m256 a = _mm256_sub_ps(v, ck);
+        __m256 d = _mm256_mul_ps(a, a);
+        __m256 lt = _mm256_cmp_ps(d, dmin, _CMP_LT_OQ);
+        dmin = _mm256_blendv_ps(dmin, d, lt);
+        cm = _mm256_blendv_ps(cm, ck, lt);
+        am = _mm256_andnot_ps(lt, am);
+    }
+    __m256 bm = _mm256_sub_ps(v, cm), sum = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 ck = _mm256_set1_ps(c[k]);
+        __m256 gap = _mm256_mul_ps(_mm256_sub_ps(cm, ck), _mm256_add_ps(_mm256_sub_ps(v, ck), bm));
+        gap = _mm256_sub_ps(gap, am);
+        if (k == 0) gap = _mm256_add_ps(gap, adj0);
+        __m256 ek = exp2_neg_v(_mm256_mul_ps(gap, factor));
+        e[k] = ek;
+        sum = _mm256_add_ps(sum, ek);
+    }
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+    for (int64_t k = 0; k < K; k++) e[k] = _mm256_mul_ps(e[k], inv);
+    return dmin;
+}
+
+/* the block's P from the stored attention (pin, written by fwd_stats) or computed */
+AVX void probs_in(const float *pin, int64_t g, int64_t i, int64_t U, __m256 v, const float *c,
+                  int64_t K, __m256 factor, __m256 adj0, __m256 *e) {
+    if (pin) {
+        const float *src = pin + (g * ((U + 7) / 8) + i / 8) * K * 8;
+        for (int64_t k = 0; k < K; k++) e[k] = _mm256_loadu_ps(src + 8 * k);
+    } else {
+        probs8(v, c, K, factor, adj0, e);
+    }
+}
+
+AVX double hsum_pd(__m256 x) {
+    __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                              _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+/* 8 codes from a[i..], padded with a[i] (vals) or 0 past the end */
+AVX __m256 load8(const float *a, int64_t i, int64_t U, int pad_first) {
+    if (i + 8 <= U) return _mm256_loadu_ps(a + i);
+    float buf[8];
+    for (int j = 0; j < 8; j++) buf[j] = i + j < U ? a[i + j] : (pad_first ? a[i] : 0.0f);
+    return _mm256_loadu_ps(buf);
+}
+
+AVX void store8(float *a, int64_t i, int64_t U, __m256 x) {
+    if (i + 8 <= U) {
+        _mm256_storeu_ps(a + i, x);
+        return;
+    }
+    float buf[8];
+    _mm256_storeu_ps(buf, x);
+    for (int j = 0; i + j < U; j++) a[i + j] = buf[j];
+}
+
+__attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, const float *m,
+                                                                const float *c, int64_t G,
+                                                                int64_t U, const cfg_t *cf,
+                                                                float *sm, double *inertia,
+                                                                __m256 *e, __m256 *lanes,
+                                                                double *acc, float *pout) {
+    const int64_t K = cf->k;
+    const __m256 factor = _mm256_set1_ps(cf->factor);
+    const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        const float *vg = v + g * U, *mg = m + g * U, *cg = c + g * K;
+        __m256d in_lo = _mm256_setzero_pd(), in_hi = _mm256_setzero_pd();
+        for (int64_t k = 0; k < 2 * K; k++) {
+            acc[k] = 0.0;
+            lanes[k] = _mm256_setzero_ps();
+        }
+        int64_t blocks = 0;
+        for (int64_t i = 0; i < U; i += 8) {
+            __m256 vv = load8(vg, i, U, 1), mm = load8(mg, i, U, 0);
+            __m256 dmin = probs8(vv, cg, K, factor, adj0, e);
+            if (pout) {
+                float *dst = pout + (g * ((U + 7) / 8) + i / 8) * K * 8;
+                for (int64_t k = 0; k < K; k++) _mm256_storeu_ps(dst + 8 * k, e[k]);
+            }
+            if (inertia) {
+                __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(dmin));
+                __m256d d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(dmin, 1));
+                __m256d m0 = _mm256_cvtps_pd(_mm256_castps256_ps128(mm));
+                __m256d m1 = _mm256_cvtps_pd(_mm256_extractf128_ps(mm, 1));
+                in_lo = _mm256_fmadd_pd(d0, m0, in_lo);
+                in_hi = _mm256_fmadd_pd(d1, m1, in_hi);
+            }
+            for (int64_t k = 0; k < K; k++) {
+                __m256 w = _mm256_mul_ps(e[k], mm);
+                __m256 diff = _mm256_sub_ps(vv, _mm256_set1_ps(cg[k]));
+                lanes[k] = _mm256_fmadd_ps(w, diff, lanes[k]);
+                lanes[K + k] = _mm256_add_ps(lanes[K + k], w);
+            }
+            if (++blocks == FLUSH) {
+                blocks = 0;
+                for (int64_t k = 0; k < 2 * K; k++) {
+                    acc[k] += hsum_pd(lanes[k]);
+                    lanes[k] = _mm256_setzero_ps();
+                }
+            }
+        }
+        for (int64_t k = 0; k < 2 * K; k++) sm[g * 2 * K + k] += (float)(acc[k] + hsum_pd(lanes[k]));
+        if (inertia) {
+            __m256d s = _mm256_add_pd(in_lo, in_hi);
+            __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+            inertia[g] += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void out_y_simd(const float *v, const float *cp,
+                                                            const float *cl, int64_t G,
+                                                            int64_t U, const cfg_t *cf, float *y,
+                                                            __m256 *e, const float *pin) {
+    const int64_t K = cf->k;
+    const __m256 factor = _mm256_set1_ps(cf->factor);
+    const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t i = 0; i < U; i += 8) {
+            __m256 vv = load8(v + g * U, i, U, 1);
+            probs_in(pin, g, i, U, vv, cp + g * K, K, factor, adj0, e);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++)
+                acc = _mm256_fmadd_ps(e[k], _mm256_set1_ps(cl[g * K + k]), acc);
+            store8(y + g * U, i, U, acc);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const float *wt,
+                                                            const float *c, int64_t G,
+                                                            int64_t U, const cfg_t *cf,
+                                                            float *out, __m256 *e,
+                                                            __m256 *lanes, double *acc,
+                                                            const float *pin) {
+    const int64_t K = cf->k;
+    const __m256 factor = _mm256_set1_ps(cf->factor);
+    const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t k = 0; k < K; k++) {
+            acc[k] = 0.0;
+            lanes[k] = _mm256_setzero_ps();
+        }
+        int64_t blocks = 0;
+        for (int64_t i = 0; i < U; i += 8) {
+            __m256 vv = load8(v + g * U, i, U, 1), ww = load8(wt + g * U, i, U, 0);
+            probs_in(pin, g, i, U, vv, c + g * K, K, factor, adj0, e);
+            for (int64_t k = 0; k < K; k++) lanes[k] = _mm256_fmadd_ps(e[k], ww, lanes[k]);
+            if (++blocks == FLUSH) {
+                blocks = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    acc[k] += hsum_pd(lanes[k]);
+                    lanes[k] = _mm256_setzero_ps();
+                }
+            }
+        }
+        for (int64_t k = 0; k < K; k++) out[g * K + k] = (float)(acc[k] + hsum_pd(lanes[k]));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void bwd_step_simd(
+    const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U,
+    const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,
+    float *r, float *h, float *dc, float *dco, __m256 *e, __m256 *lanes, double *acc,
+    const float *pin) {
+    const int64_t K = cf->k;
+    const __m256 factor = _mm256_set1_ps(cf->factor), twov = _mm256_set1_ps(two);
+    const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        const float *cg = c + g * K;
+        const float *sg = s_hat ? s_hat + g * K : NULL, *rg = raw + g * K;
+        const float *og = out_c ? out_c + g * K : NULL;
+        for (int64_t k = 0; k < 2 * K; k++) {
+            acc[k] = 0.0;
+            lanes[k] = _mm256_setzero_ps();
+        }
+        int64_t blocks = 0;
+        for (int64_t i = 0; i < U; i += 8) {
+            __m256 vv = load8(v + g * U, i, U, 1);
+            probs_in(pin, g, i, U, vv, cg, K, factor, adj0, e);
+            if (sg) {
+                __m256 mm = load8(m + g * U, i, U, 0);
+                __m256 dir = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
+                for (int64_t k = 0; k < K; k++) {
+                    __m256 sk = _mm256_set1_ps(sg[k]);
+                    __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
+                    dir = _mm256_fmadd_ps(sk, e[k], dir);
+                    dot = _mm256_fmadd_ps(gr, e[k], dot);
+                }
+                __m256 tot = _mm256_setzero_ps();
+                for (int64_t k = 0; k < K; k++) {
+                    __m256 sk = _mm256_set1_ps(sg[k]);
+                    __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
+                    __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(gr, dot));
+                    ek = _mm256_mul_ps(ek, _mm256_sub_ps(vv, _mm256_set1_ps(cg[k])));
+                    tot = _mm256_add_ps(tot, ek);
+                    lanes[k] = _mm256_fmadd_ps(ek, mm, lanes[k]);
+                }
+                __m256 rr = load8(r + g * U, i, U, 0);
+                rr = _mm256_add_ps(rr, _mm256_fnmadd_ps(twov, tot, dir));
+                store8(r + g * U, i, U, rr);
+            }
+            if (og) {
+                __m256 gg = load8(gsum + g * U, i, U, 0);
+                __m256 dot = _mm256_setzero_ps();
+                for (int64_t k = 0; k < K; k++)
+                    dot = _mm256_fmadd_ps(_mm256_set1_ps(og[k]), e[k], dot);
+                __m256 tot = _mm256_setzero_ps();
+                for (int64_t k = 0; k < K; k++) {
+                    __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(_mm256_set1_ps(og[k]), dot));
+                    ek = _mm256_mul_ps(ek, _mm256_sub_ps(vv, _mm256_set1_ps(cg[k])));
+                    tot = _mm256_add_ps(tot, ek);
+                    lanes[K + k] = _mm256_fmadd_ps(ek, gg, lanes[K + k]);
+                }
+                store8(h + g * U, i, U, _mm256_mul_ps(_mm256_set1_ps(-two), tot));
+            }
+            if (++blocks == FLUSH) {
+                blocks = 0;
+                for (int64_t k = 0; k < 2 * K; k++) {
+                    acc[k] += hsum_pd(lanes[k]);
+                    lanes[k] = _mm256_setzero_ps();
+                }
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            if (dc) dc[g * K + k] = (float)(two * (acc[k] + hsum_pd(lanes[k])));
+            if (dco) dco[g * K + k] = (float)(two * (acc[K + k] + hsum_pd(lanes[K + k])));
+        }
+    }
+}
+#endif
+
+static int force_generic = 0; /* tests: run the portable kernels */
+
+static int fast_cpu(void) {
+#if DKM_X86
+    static int cached = -1;
+    if (force_generic) return 0;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                 __builtin_cpu_supports("f16c");
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+static int use_simd(const cfg_t *cf) {
+    /* the exact-zero rule only applies without a prune pull */
+    int kz = cf->keep_zeros && !(cf->prune > 0.0f);
+    return fast_cpu() && !kz && !cf->clamp && cf->k <= 256;
+}
+
+#if DKM_X86
+typedef struct {
+    __m256 *e, *lanes;
+    double *acc;
+} simd_scratch_t;
+
+static int simd_alloc(simd_scratch_t *sc, int64_t k) {
+    size_t n = (size_t)(3 * k) * sizeof(__m256);
+    char *buf = (char *)aligned_alloc(32, n + (size_t)(2 * k) * sizeof(double) + 32);
+    if (!buf) return 0;
+    sc->e = (__m256 *)buf;
+    sc->lanes = sc->e + k;
+    sc->acc = (double *)(buf + n);
+    return 1;
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Python bindings */
+
+/* Subnormal floats cost ~100 cycles per operation on x86 and the saturated softmax produces
+ * them in bulk (exp2 of -126..-149): the kernels run with flush-to-zero / denormals-are-zero
+ * (a difference below 2^-126, far under float32 resolution of anything they sum), restoring
+ * the caller's MXCSR afterwards. */
+#if DKM_X86
+#define FTZ_ON unsigned int saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ | 0x8040u);
+#define FTZ_OFF _mm_setcsr(saved_csr_);
+#else
+#define FTZ_ON
+#define FTZ_OFF
+#endif
+
+#define P(T, x) ((T)(uintptr_t)(x))
+
+static PyObject *py_hist(PyObject *self, PyObject *args) {
+    unsigned long long x, scale, counts;
+    Py_ssize_t rows, n;
+    int kz;
+    if (!PyArg_ParseTuple(args, "KnnKiK", &x, &rows, &n, &scale, &kz, &counts)) return NULL;
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) hist_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
+                        P(int32_t *, counts));
+    else
+#endif
+        hist_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
+                     P(int32_t *, counts));
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gather(PyObject *self, PyObject *args) {
+    unsigned long long x, scale, table, out;
+    Py_ssize_t rows, n;
+    int kz;
+    if (!PyArg_ParseTuple(args, "KnnKiKK", &x, &rows, &n, &scale, &kz, &table, &out)) return NULL;
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast && !kz) gather_v(P(const float *, x), rows, n, P(const float *, scale),
+                              P(const float *, table), P(float *, out));
+    else if (fast) gather_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
+                               P(const float *, table), P(float *, out));
+    else
+#endif
+        gather_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
+                       P(const float *, table), P(float *, out));
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_scatter(PyObject *self, PyObject *args) {
+    unsigned long long x, scale, g, acc;
+    Py_ssize_t rows, n;
+    int kz;
+    if (!PyArg_ParseTuple(args, "KnnKiKK", &x, &rows, &n, &scale, &kz, &g, &acc)) return NULL;
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) scatter_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
+                           P(const float *, g), P(double *, acc));
+    else
+#endif
+        scatter_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
+                        P(const float *, g), P(double *, acc));
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_grad(PyObject *self, PyObject *args) {
+    unsigned long long x, scale, g, hr, out;
+    Py_ssize_t rows, n;
+    int kz;
+    if (!PyArg_ParseTuple(args, "KnnKiKKK", &x, &rows, &n, &scale, &kz, &g, &hr, &out))
+        return NULL;
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast && !kz) grad_v(P(const float *, x), rows, n, P(const float *, scale),
+                            P(const float *, g), P(const float *, hr), P(float *, out));
+    else if (fast) grad_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
+                             P(const float *, g), P(const float *, hr), P(float *, out));
+    else
+#endif
+        grad_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
+                     P(const float *, g), P(const float *, hr), P(float *, out));
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    Py_RETURN_NONE;
+}
+
+/* cfg tuple: (k, factor, prune, keep_zeros, zinv, clamp, zt) */
+static int parse_cfg(PyObject *t, cfg_t *cf) {
+    long long k;
+    if (!PyArg_ParseTuple(t, "Lffifif", &k, &cf->factor, &cf->prune, &cf->keep_zeros, &cf->zinv,
+                          &cf->clamp, &cf->zt))
+        return 0;
+    cf->k = k;
+    return 1;
+}
+
+static PyObject *py_fwd_stats(PyObject *self, PyObject *args) {
+    unsigned long long v, m, c, sm, inertia;
+    Py_ssize_t G, U;
+    PyObject *ct;
+    cfg_t cf;
+    unsigned long long pio = 0;
+    if (!PyArg_ParseTuple(args, "KKKnnOKK|K", &v, &m, &c, &G, &U, &ct, &sm, &inertia, &pio))
+        return NULL;
+    if (!parse_cfg(ct, &cf)) return NULL;
+    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
+    if (!p) return PyErr_NoMemory();
+    int fast = fast_cpu();
+#if DKM_X86
+    if (use_simd(&cf)) {
+        simd_scratch_t sc;
+        if (!simd_alloc(&sc, cf.k)) {
+            free(p);
+            return PyErr_NoMemory();
+        }
+        Py_BEGIN_ALLOW_THREADS
+        FTZ_ON
+        fwd_stats_simd(P(const float *, v), P(const float *, m), P(const float *, c), G, U, &cf,
+                       P(float *, sm), P(double *, inertia), sc.e, sc.lanes, sc.acc,
+                       P(float *, pio));
+        FTZ_OFF
+        Py_END_ALLOW_THREADS
+        free(sc.e);
+        free(p);
+        Py_RETURN_NONE;
+    }
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) fwd_stats_avx2(P(const float *, v), P(const float *, m), P(const float *, c), G, U,
+                             &cf, P(float *, sm), P(double *, inertia), p);
+    else
+#endif
+        fwd_stats_generic(P(const float *, v), P(const float *, m), P(const float *, c), G, U,
+                          &cf, P(float *, sm), P(double *, inertia), p);
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    free(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_out_y(PyObject *self, PyObject *args) {
+    unsigned long long v, cp, cl, y;
+    Py_ssize_t G, U;
+    PyObject *ct;
+    cfg_t cf;
+    unsigned long long pio = 0;
+    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &v, &cp, &cl, &G, &U, &ct, &y, &pio)) return NULL;
+    if (!parse_cfg(ct, &cf)) return NULL;
+    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
+    if (!p) return PyErr_NoMemory();
+    int fast = fast_cpu();
+#if DKM_X86
+    if (use_simd(&cf)) {
+        simd_scratch_t sc;
+        if (!simd_alloc(&sc, cf.k)) {
+            free(p);
+            return PyErr_NoMemory();
+        }
+        Py_BEGIN_ALLOW_THREADS
+        FTZ_ON
+        out_y_simd(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U, &cf,
+                   P(float *, y), sc.e, P(const float *, pio));
+        FTZ_OFF
+        Py_END_ALLOW_THREADS
+        free(sc.e);
+        free(p);
+        Py_RETURN_NONE;
+    }
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) out_y_avx2(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U,
+                         &cf, P(float *, y), p);
+    else
+#endif
+        out_y_generic(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U, &cf,
+                      P(float *, y), p);
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    free(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_att_t(PyObject *self, PyObject *args) {
+    unsigned long long v, w, c, out;
+    Py_ssize_t G, U;
+    PyObject *ct;
+    cfg_t cf;
+    unsigned long long pio = 0;
+    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &v, &w, &c, &G, &U, &ct, &out, &pio)) return NULL;
+    if (!parse_cfg(ct, &cf)) return NULL;
+    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
+    if (!p) return PyErr_NoMemory();
+    int fast = fast_cpu();
+#if DKM_X86
+    if (use_simd(&cf)) {
+        simd_scratch_t sc;
+        if (!simd_alloc(&sc, cf.k)) {
+            free(p);
+            return PyErr_NoMemory();
+        }
+        Py_BEGIN_ALLOW_THREADS
+        FTZ_ON
+        att_t_simd(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
+                   P(float *, out), sc.e, sc.lanes, sc.acc, P(const float *, pio));
+        FTZ_OFF
+        Py_END_ALLOW_THREADS
+        free(sc.e);
+        free(p);
+        Py_RETURN_NONE;
+    }
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) att_t_avx2(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
+                         P(float *, out), p);
+    else
+#endif
+        att_t_generic(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
+                      P(float *, out), p);
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    free(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_bwd_step(PyObject *self, PyObject *args) {
+    unsigned long long v, m, gsum, c, s_hat, raw, out_c, r, h, dc, dco;
+    Py_ssize_t G, U;
+    PyObject *ct;
+    float two;
+    cfg_t cf;
+    unsigned long long pio = 0;
+    if (!PyArg_ParseTuple(args, "KKKKnnOfKKKKKKK|K", &v, &m, &gsum, &c, &G, &U, &ct, &two, &s_hat,
+                          &raw, &out_c, &r, &h, &dc, &dco, &pio))
+        return NULL;
+    if (!parse_cfg(ct, &cf)) return NULL;
+    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
+    if (!p) return PyErr_NoMemory();
+    int fast = fast_cpu();
+#if DKM_X86
+    if (use_simd(&cf)) {
+        simd_scratch_t sc;
+        if (!simd_alloc(&sc, cf.k)) {
+            free(p);
+            return PyErr_NoMemory();
+        }
+        Py_BEGIN_ALLOW_THREADS
+        FTZ_ON
+        bwd_step_simd(P(const float *, v), P(const float *, m), P(const float *, gsum),
+                      P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
+                      P(const float *, raw), P(const float *, out_c), P(float *, r),
+                      P(float *, h), P(float *, dc), P(float *, dco), sc.e, sc.lanes, sc.acc,
+                      P(const float *, pio));
+        FTZ_OFF
+        Py_END_ALLOW_THREADS
+        free(sc.e);
+        free(p);
+        Py_RETURN_NONE;
+    }
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    FTZ_ON
+#if DKM_X86
+    if (fast) bwd_step_avx2(P(const float *, v), P(const float *, m), P(const float *, gsum),
+                            P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
+                            P(const float *, raw), P(const float *, out_c), P(float *, r),
+                            P(float *, h), P(float *, dc), P(float *, dco), p);
+    else
+#endif
+        bwd_step_generic(P(const float *, v), P(const float *, m), P(const float *, gsum),
+                         P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
+                         P(const float *, raw), P(const float *, out_c), P(float *, r),
+                         P(float *, h), P(float *, dc), P(float *, dco), p);
+    FTZ_OFF
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    free(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_portable(PyObject *self, PyObject *args) {
+    /* portable(flag): run the portable kernels (1) or the CPU's best (0); returns whether the
+     * AVX2/F16C kernels run now */
+    int want;
+    if (!PyArg_ParseTuple(args, "p", &want)) return NULL;
+    force_generic = want;
+    return PyBool_FromLong(fast_cpu());
+}
+
+/* present(counts, G) -> [number of codes with a non-zero count, per group]
+ * compact(counts, G, u, codes, mass): per group, the codes with a non-zero count in ascending
+ * order into codes [G, u] (int64, padded with 65536) and their counts into mass [G, u] (float) */
+static PyObject *py_present(PyObject *self, PyObject *args) {
+    unsigned long long counts;
+    Py_ssize_t G;
+    if (!PyArg_ParseTuple(args, "Kn", &counts, &G)) return NULL;
+    PyObject *out = PyList_New(G);
+    if (!out) return NULL;
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const int32_t *cnt = P(const int32_t *, counts) + g * STRIDE;
+        long n = 0;
+        for (int64_t i = 0; i < 65536; i++) n += cnt[i] != 0;
+        PyList_SET_ITEM(out, g, PyLong_FromLong(n));
+    }
+    return out;
+}
+
+static PyObject *py_compact(PyObject *self, PyObject *args) {
+    unsigned long long counts, codes, mass;
+    Py_ssize_t G, u;
+    if (!PyArg_ParseTuple(args, "KnnKK", &counts, &G, &u, &codes, &mass)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const int32_t *cnt = P(const int32_t *, counts) + g * STRIDE;
+        int64_t *cd = P(int64_t *, codes) + g * u;
+        float *ms = P(float *, mass) + g * u;
+        int64_t j = 0;
+        for (int64_t i = 0; i < 65536 && j < u; i++) {
+            if (cnt[i]) {
+                cd[j] = i;
+                ms[j++] = (float)cnt[i];
+            }
+        }
+        for (; j < u; j++) {
+            cd[j] = 65536;
+            ms[j] = 0.0f;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    /* simd(cfg) -> whether the per-code kernels take the AVX2 path for this configuration */
+    PyObject *ct;
+    cfg_t cf;
+    if (!PyArg_ParseTuple(args, "O", &ct)) return NULL;
+    if (!parse_cfg(ct, &cf)) return NULL;
+    return PyBool_FromLong(use_simd(&cf));
+}
+
+static PyMethodDef methods[] = {
+    {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
+    {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},
+    {"simd", py_simd, METH_VARARGS, "simd(cfg) -> whether the AVX2 per-code kernels run"},
+    {"hist", py_hist, METH_VARARGS, "per-code counts of a [rows, n] float32 tensor"},
+    {"gather", py_gather, METH_VARARGS, "out = table[code(x)]"},
+    {"scatter", py_scatter, METH_VARARGS, "acc[code(x)] += g (float64 accumulators)"},
+    {"grad", py_grad, METH_VARARGS, "out = g * hr[code(x)][0] + hr[code(x)][1]"},
+    {"fwd_stats", py_fwd_stats, METH_VARARGS, "one soft k-means iteration's sums"},
+    {"out_y", py_out_y, METH_VARARGS, "per-code soft output"},
+    {"att_t", py_att_t, METH_VARARGS, "out[g, k] = sum_u w_u A_uk"},
+    {"bwd_step", py_bwd_step, METH_VARARGS, "one iteration's backward"},
+    {"portable", py_portable, METH_VARARGS, "portable(flag) -> whether AVX2/F16C kernels run"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_dkm_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__dkm_cpu(void) { return PyModule_Create(&moddef); }
