@@ -47,7 +47,8 @@ def config_reference() -> str:
         for f in dataclasses.fields(module_cls):
             lines.append(f"| `{f.name}` | {_type(f)} | {_fmt(f.default)} |")
         extra = [
-            f for f in dataclasses.fields(top_cls)
+            f
+            for f in dataclasses.fields(top_cls)
             if f.name not in ("global_config", "module_type_configs", "module_name_configs")
         ]
         lines.append("")
