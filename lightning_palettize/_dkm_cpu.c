@@ -574,25 +574,49 @@ INLINE void bwd_step_body(const float *v, const float *m, const float *gsum, con
     }
 }
 
+/* One kernel call, as its py_* wrapper parsed it (see "Python bindings" below): the data
+ * pointers as integers in the order of the Python call, the sizes and the scalars. The
+ * kernel entry points that the bindings dispatch to (the *_call adapters and the per-code
+ * kernels below) take it and unpack it into their kernel's arguments. */
+typedef struct {
+    unsigned long long a[11]; /* data pointers, in the order of the Python call */
+    Py_ssize_t rows, n;       /* element kernels: x is [rows, n]; per-code kernels: G, U */
+    int kz;                   /* element kernels: the exact-zero rule */
+    PyObject *ct;             /* per-code kernels: the cfg tuple, parsed into cf */
+    cfg_t cf;
+    float two;                /* bwd_step: 2 / tau */
+    unsigned long long pio;   /* per-code kernels: the kept attention (0: none) */
+} call_t;
+
+/* scratch of the per-code kernels: p (TILE * K floats) for the portable / tiled ones; e, lanes
+ * (K and 2K vectors) and acc (2K doubles) for the AVX2 ones; buf is what to free */
+typedef struct {
+    void *buf;
+    float *p;
+#if DKM_X86
+    __m256 *e, *lanes;
+    double *acc;
+#endif
+} scratch_t;
+
+#define P(T, x) ((T)(uintptr_t)(x))
+#define F(i) P(float *, call->a[i]) /* the call's i-th data pointer, as float * */
+#define D(i) P(double *, call->a[i])
+#define I32(i) P(int32_t *, call->a[i])
+
 #define CODE_KERNELS(SUFFIX, ATTR)                                                               \
-    ATTR static void fwd_stats_##SUFFIX(const float *v, const float *m, const float *c,         \
-                                        int64_t G, int64_t U, const cfg_t *cf, float *sm,        \
-                                        double *inertia, float *p) {                             \
-        fwd_stats_body(v, m, c, G, U, cf, sm, inertia, p);                                       \
+    ATTR static void fwd_stats_##SUFFIX(const call_t *call, const scratch_t *s) {               \
+        fwd_stats_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->p);     \
     }                                                                                            \
-    ATTR static void out_y_##SUFFIX(const float *v, const float *cp, const float *cl,           \
-                                    int64_t G, int64_t U, const cfg_t *cf, float *y, float *p) { \
-        out_y_body(v, cp, cl, G, U, cf, y, p);                                                   \
+    ATTR static void out_y_##SUFFIX(const call_t *call, const scratch_t *s) {                   \
+        out_y_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->p);               \
     }                                                                                            \
-    ATTR static void att_t_##SUFFIX(const float *v, const float *wt, const float *c, int64_t G,  \
-                                    int64_t U, const cfg_t *cf, float *out, float *p) {          \
-        att_t_body(v, wt, c, G, U, cf, out, p);                                                  \
+    ATTR static void att_t_##SUFFIX(const call_t *call, const scratch_t *s) {                   \
+        att_t_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->p);               \
     }                                                                                            \
-    ATTR static void bwd_step_##SUFFIX(                                                          \
-        const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U, \
-        const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,    \
-        float *r, float *h, float *dc, float *dco, float *p) {                                   \
-        bwd_step_body(v, m, gsum, c, G, U, cf, two, s_hat, raw, out_c, r, h, dc, dco, p);        \
+    ATTR static void bwd_step_##SUFFIX(const call_t *call, const scratch_t *s) {                \
+        bwd_step_body(F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4),  \
+                      F(5), F(6), F(7), F(8), F(9), F(10), s->p);                                \
     }
 
 CODE_KERNELS(generic, )
@@ -892,22 +916,24 @@ static int use_simd(const cfg_t *cf) {
     return fast_cpu() && !kz && !cf->clamp && cf->k <= 256;
 }
 
+/* the per-code kernels' scratch: the AVX2 kernels' (simd) or the tiled ones'; 0 without memory */
+static int scratch_alloc(scratch_t *s, int64_t k, int simd) {
 #if DKM_X86
-typedef struct {
-    __m256 *e, *lanes;
-    double *acc;
-} simd_scratch_t;
-
-static int simd_alloc(simd_scratch_t *sc, int64_t k) {
-    size_t n = (size_t)(3 * k) * sizeof(__m256);
-    char *buf = (char *)aligned_alloc(32, n + (size_t)(2 * k) * sizeof(double) + 32);
-    if (!buf) return 0;
-    sc->e = (__m256 *)buf;
-    sc->lanes = sc->e + k;
-    sc->acc = (double *)(buf + n);
-    return 1;
-}
+    if (simd) {
+        size_t n = (size_t)(3 * k) * sizeof(__m256);
+        char *buf = (char *)aligned_alloc(32, n + (size_t)(2 * k) * sizeof(double) + 32);
+        if (!buf) return 0;
+        s->buf = buf;
+        s->e = (__m256 *)buf;
+        s->lanes = s->e + k;
+        s->acc = (double *)(buf + n);
+        return 1;
+    }
 #endif
+    (void)simd;
+    s->buf = s->p = (float *)malloc((size_t)k * TILE * sizeof(float));
+    return s->p != NULL;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Python bindings */
@@ -919,99 +945,30 @@ static int simd_alloc(simd_scratch_t *sc, int64_t k) {
 #if DKM_X86
 #define FTZ_ON unsigned int saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ | 0x8040u);
 #define FTZ_OFF _mm_setcsr(saved_csr_);
+#define X86(f) f /* a kernel that only x86 builds have */
 #else
 #define FTZ_ON
 #define FTZ_OFF
+#define X86(f) NULL
 #endif
 
-#define P(T, x) ((T)(uintptr_t)(x))
+/* Each py_* wrapper parses its arguments into a call_t and hands it, with its kernel's
+ * variants, to run_elem / run_code, which pick the variant for this CPU (and configuration)
+ * and run it without the GIL, with flush-to-zero. */
+typedef void (*elem_fn)(const call_t *call);
+typedef void (*code_fn)(const call_t *call, const scratch_t *s);
 
-static PyObject *py_hist(PyObject *self, PyObject *args) {
-    unsigned long long x, scale, counts;
-    Py_ssize_t rows, n;
-    int kz;
-    if (!PyArg_ParseTuple(args, "KnnKiK", &x, &rows, &n, &scale, &kz, &counts)) return NULL;
+/* element kernels: f16c (AVX2 + F16C) where the CPU has it, and vec (AVX2 gathers, NULL for
+ * none) in its place without the exact-zero rule; generic otherwise */
+static PyObject *run_elem(const call_t *call, elem_fn generic, elem_fn f16c, elem_fn vec) {
     int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
     FTZ_ON
-#if DKM_X86
-    if (fast) hist_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
-                        P(int32_t *, counts));
-    else
-#endif
-        hist_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
-                     P(int32_t *, counts));
+    if (fast && vec && !call->kz) vec(call);
+    else if (fast) f16c(call);
+    else generic(call);
     FTZ_OFF
     Py_END_ALLOW_THREADS
-    (void)fast;
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_gather(PyObject *self, PyObject *args) {
-    unsigned long long x, scale, table, out;
-    Py_ssize_t rows, n;
-    int kz;
-    if (!PyArg_ParseTuple(args, "KnnKiKK", &x, &rows, &n, &scale, &kz, &table, &out)) return NULL;
-    int fast = fast_cpu();
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast && !kz) gather_v(P(const float *, x), rows, n, P(const float *, scale),
-                              P(const float *, table), P(float *, out));
-    else if (fast) gather_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
-                               P(const float *, table), P(float *, out));
-    else
-#endif
-        gather_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
-                       P(const float *, table), P(float *, out));
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_scatter(PyObject *self, PyObject *args) {
-    unsigned long long x, scale, g, acc;
-    Py_ssize_t rows, n;
-    int kz;
-    if (!PyArg_ParseTuple(args, "KnnKiKK", &x, &rows, &n, &scale, &kz, &g, &acc)) return NULL;
-    int fast = fast_cpu();
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast) scatter_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
-                           P(const float *, g), P(double *, acc));
-    else
-#endif
-        scatter_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
-                        P(const float *, g), P(double *, acc));
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_grad(PyObject *self, PyObject *args) {
-    unsigned long long x, scale, g, hr, out;
-    Py_ssize_t rows, n;
-    int kz;
-    if (!PyArg_ParseTuple(args, "KnnKiKKK", &x, &rows, &n, &scale, &kz, &g, &hr, &out))
-        return NULL;
-    int fast = fast_cpu();
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast && !kz) grad_v(P(const float *, x), rows, n, P(const float *, scale),
-                            P(const float *, g), P(const float *, hr), P(float *, out));
-    else if (fast) grad_f16c(P(const float *, x), rows, n, P(const float *, scale), kz,
-                             P(const float *, g), P(const float *, hr), P(float *, out));
-    else
-#endif
-        grad_generic(P(const float *, x), rows, n, P(const float *, scale), kz,
-                     P(const float *, g), P(const float *, hr), P(float *, out));
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
     Py_RETURN_NONE;
 }
 
@@ -1025,196 +982,148 @@ static int parse_cfg(PyObject *t, cfg_t *cf) {
     return 1;
 }
 
-static PyObject *py_fwd_stats(PyObject *self, PyObject *args) {
-    unsigned long long v, m, c, sm, inertia;
-    Py_ssize_t G, U;
-    PyObject *ct;
-    cfg_t cf;
-    unsigned long long pio = 0;
-    if (!PyArg_ParseTuple(args, "KKKnnOKK|K", &v, &m, &c, &G, &U, &ct, &sm, &inertia, &pio))
-        return NULL;
-    if (!parse_cfg(ct, &cf)) return NULL;
-    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
-    if (!p) return PyErr_NoMemory();
-    int fast = fast_cpu();
-#if DKM_X86
-    if (use_simd(&cf)) {
-        simd_scratch_t sc;
-        if (!simd_alloc(&sc, cf.k)) {
-            free(p);
-            return PyErr_NoMemory();
-        }
-        Py_BEGIN_ALLOW_THREADS
-        FTZ_ON
-        fwd_stats_simd(P(const float *, v), P(const float *, m), P(const float *, c), G, U, &cf,
-                       P(float *, sm), P(double *, inertia), sc.e, sc.lanes, sc.acc,
-                       P(float *, pio));
-        FTZ_OFF
-        Py_END_ALLOW_THREADS
-        free(sc.e);
-        free(p);
-        Py_RETURN_NONE;
-    }
-#endif
+/* per-code kernels: simd (the AVX2 register kernels) where use_simd allows, else the tiled
+ * kernels compiled for AVX2 + FMA (avx2) or portable (generic) */
+static PyObject *run_code(call_t *call, code_fn generic, code_fn avx2, code_fn simd) {
+    if (!parse_cfg(call->ct, &call->cf)) return NULL;
+    int fast = fast_cpu(), vec = use_simd(&call->cf);
+    scratch_t s = {0};
+    if (!scratch_alloc(&s, call->cf.k, vec)) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     FTZ_ON
-#if DKM_X86
-    if (fast) fwd_stats_avx2(P(const float *, v), P(const float *, m), P(const float *, c), G, U,
-                             &cf, P(float *, sm), P(double *, inertia), p);
-    else
-#endif
-        fwd_stats_generic(P(const float *, v), P(const float *, m), P(const float *, c), G, U,
-                          &cf, P(float *, sm), P(double *, inertia), p);
+    if (vec) simd(call, &s);
+    else if (fast) avx2(call, &s);
+    else generic(call, &s);
     FTZ_OFF
     Py_END_ALLOW_THREADS
-    (void)fast;
-    free(p);
+    free(s.buf);
     Py_RETURN_NONE;
+}
+
+/* the element kernels' entry points */
+#define ELEMENT_CALLS(SUFFIX)                                                                    \
+    static void hist_##SUFFIX##_call(const call_t *call) {                                       \
+        hist_##SUFFIX(F(0), call->rows, call->n, F(1), call->kz, I32(2));                        \
+    }                                                                                            \
+    static void gather_##SUFFIX##_call(const call_t *call) {                                     \
+        gather_##SUFFIX(F(0), call->rows, call->n, F(1), call->kz, F(2), F(3));                  \
+    }                                                                                            \
+    static void scatter_##SUFFIX##_call(const call_t *call) {                                    \
+        scatter_##SUFFIX(F(0), call->rows, call->n, F(1), call->kz, F(2), D(3));                 \
+    }                                                                                            \
+    static void grad_##SUFFIX##_call(const call_t *call) {                                       \
+        grad_##SUFFIX(F(0), call->rows, call->n, F(1), call->kz, F(2), F(3), F(4));              \
+    }
+
+ELEMENT_CALLS(generic)
+#if DKM_X86
+ELEMENT_CALLS(f16c)
+
+static void gather_v_call(const call_t *call) {
+    gather_v(F(0), call->rows, call->n, F(1), F(2), F(3));
+}
+
+static void grad_v_call(const call_t *call) {
+    grad_v(F(0), call->rows, call->n, F(1), F(2), F(3), F(4));
+}
+
+/* the AVX2 per-code kernels' entry points (the tiled ones are CODE_KERNELS above) */
+static void fwd_stats_simd_call(const call_t *call, const scratch_t *s) {
+    fwd_stats_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->e, s->lanes,
+                   s->acc, P(float *, call->pio));
+}
+
+static void out_y_simd_call(const call_t *call, const scratch_t *s) {
+    out_y_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e,
+               P(const float *, call->pio));
+}
+
+static void att_t_simd_call(const call_t *call, const scratch_t *s) {
+    att_t_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e, s->lanes, s->acc,
+               P(const float *, call->pio));
+}
+
+static void bwd_step_simd_call(const call_t *call, const scratch_t *s) {
+    bwd_step_simd(F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4), F(5),
+                  F(6), F(7), F(8), F(9), F(10), s->e, s->lanes, s->acc,
+                  P(const float *, call->pio));
+}
+#endif
+
+/* hist(x, rows, n, scale, keep_zeros, counts) */
+static PyObject *py_hist(PyObject *self, PyObject *args) {
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KnnKiK", &a[0], &c.rows, &c.n, &a[1], &c.kz, &a[2])) return NULL;
+    return run_elem(&c, hist_generic_call, X86(hist_f16c_call), NULL);
+}
+
+/* gather(x, rows, n, scale, keep_zeros, table, out), scatter(x, rows, n, scale, keep_zeros, g,
+ * acc): the same arguments */
+static PyObject *gather_like(PyObject *args, elem_fn generic, elem_fn f16c, elem_fn vec) {
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KnnKiKK", &a[0], &c.rows, &c.n, &a[1], &c.kz, &a[2], &a[3]))
+        return NULL;
+    return run_elem(&c, generic, f16c, vec);
+}
+
+static PyObject *py_gather(PyObject *self, PyObject *args) {
+    return gather_like(args, gather_generic_call, X86(gather_f16c_call), X86(gather_v_call));
+}
+
+static PyObject *py_scatter(PyObject *self, PyObject *args) {
+    return gather_like(args, scatter_generic_call, X86(scatter_f16c_call), NULL);
+}
+
+/* grad(x, rows, n, scale, keep_zeros, g, hr, out) */
+static PyObject *py_grad(PyObject *self, PyObject *args) {
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KnnKiKKK", &a[0], &c.rows, &c.n, &a[1], &c.kz, &a[2], &a[3],
+                          &a[4]))
+        return NULL;
+    return run_elem(&c, grad_generic_call, X86(grad_f16c_call), X86(grad_v_call));
+}
+
+/* fwd_stats(v, m, c, G, U, cfg, sm, inertia[, p_keep]) */
+static PyObject *py_fwd_stats(PyObject *self, PyObject *args) {
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KKKnnOKK|K", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
+                          &a[4], &c.pio))
+        return NULL;
+    return run_code(&c, fwd_stats_generic, X86(fwd_stats_avx2), X86(fwd_stats_simd_call));
+}
+
+/* out_y(v, c_probs, c_out, G, U, cfg, y[, p_keep]), att_t(v, w, c, G, U, cfg, out[, p_keep]):
+ * the same arguments */
+static PyObject *out_y_like(PyObject *args, code_fn generic, code_fn avx2, code_fn simd) {
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
+                          &c.pio))
+        return NULL;
+    return run_code(&c, generic, avx2, simd);
 }
 
 static PyObject *py_out_y(PyObject *self, PyObject *args) {
-    unsigned long long v, cp, cl, y;
-    Py_ssize_t G, U;
-    PyObject *ct;
-    cfg_t cf;
-    unsigned long long pio = 0;
-    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &v, &cp, &cl, &G, &U, &ct, &y, &pio)) return NULL;
-    if (!parse_cfg(ct, &cf)) return NULL;
-    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
-    if (!p) return PyErr_NoMemory();
-    int fast = fast_cpu();
-#if DKM_X86
-    if (use_simd(&cf)) {
-        simd_scratch_t sc;
-        if (!simd_alloc(&sc, cf.k)) {
-            free(p);
-            return PyErr_NoMemory();
-        }
-        Py_BEGIN_ALLOW_THREADS
-        FTZ_ON
-        out_y_simd(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U, &cf,
-                   P(float *, y), sc.e, P(const float *, pio));
-        FTZ_OFF
-        Py_END_ALLOW_THREADS
-        free(sc.e);
-        free(p);
-        Py_RETURN_NONE;
-    }
-#endif
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast) out_y_avx2(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U,
-                         &cf, P(float *, y), p);
-    else
-#endif
-        out_y_generic(P(const float *, v), P(const float *, cp), P(const float *, cl), G, U, &cf,
-                      P(float *, y), p);
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
-    free(p);
-    Py_RETURN_NONE;
+    return out_y_like(args, out_y_generic, X86(out_y_avx2), X86(out_y_simd_call));
 }
 
 static PyObject *py_att_t(PyObject *self, PyObject *args) {
-    unsigned long long v, w, c, out;
-    Py_ssize_t G, U;
-    PyObject *ct;
-    cfg_t cf;
-    unsigned long long pio = 0;
-    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &v, &w, &c, &G, &U, &ct, &out, &pio)) return NULL;
-    if (!parse_cfg(ct, &cf)) return NULL;
-    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
-    if (!p) return PyErr_NoMemory();
-    int fast = fast_cpu();
-#if DKM_X86
-    if (use_simd(&cf)) {
-        simd_scratch_t sc;
-        if (!simd_alloc(&sc, cf.k)) {
-            free(p);
-            return PyErr_NoMemory();
-        }
-        Py_BEGIN_ALLOW_THREADS
-        FTZ_ON
-        att_t_simd(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
-                   P(float *, out), sc.e, sc.lanes, sc.acc, P(const float *, pio));
-        FTZ_OFF
-        Py_END_ALLOW_THREADS
-        free(sc.e);
-        free(p);
-        Py_RETURN_NONE;
-    }
-#endif
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast) att_t_avx2(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
-                         P(float *, out), p);
-    else
-#endif
-        att_t_generic(P(const float *, v), P(const float *, w), P(const float *, c), G, U, &cf,
-                      P(float *, out), p);
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
-    free(p);
-    Py_RETURN_NONE;
+    return out_y_like(args, att_t_generic, X86(att_t_avx2), X86(att_t_simd_call));
 }
 
+/* bwd_step(v, m, gsum, c, G, U, cfg, two, s_hat, raw, out_c, r, h, dc, dco[, p_keep]) */
 static PyObject *py_bwd_step(PyObject *self, PyObject *args) {
-    unsigned long long v, m, gsum, c, s_hat, raw, out_c, r, h, dc, dco;
-    Py_ssize_t G, U;
-    PyObject *ct;
-    float two;
-    cfg_t cf;
-    unsigned long long pio = 0;
-    if (!PyArg_ParseTuple(args, "KKKKnnOfKKKKKKK|K", &v, &m, &gsum, &c, &G, &U, &ct, &two, &s_hat,
-                          &raw, &out_c, &r, &h, &dc, &dco, &pio))
+    call_t c = {0};
+    unsigned long long *a = c.a;
+    if (!PyArg_ParseTuple(args, "KKKKnnOfKKKKKKK|K", &a[0], &a[1], &a[2], &a[3], &c.rows, &c.n,
+                          &c.ct, &c.two, &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10],
+                          &c.pio))
         return NULL;
-    if (!parse_cfg(ct, &cf)) return NULL;
-    float *p = (float *)malloc((size_t)cf.k * TILE * sizeof(float));
-    if (!p) return PyErr_NoMemory();
-    int fast = fast_cpu();
-#if DKM_X86
-    if (use_simd(&cf)) {
-        simd_scratch_t sc;
-        if (!simd_alloc(&sc, cf.k)) {
-            free(p);
-            return PyErr_NoMemory();
-        }
-        Py_BEGIN_ALLOW_THREADS
-        FTZ_ON
-        bwd_step_simd(P(const float *, v), P(const float *, m), P(const float *, gsum),
-                      P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
-                      P(const float *, raw), P(const float *, out_c), P(float *, r),
-                      P(float *, h), P(float *, dc), P(float *, dco), sc.e, sc.lanes, sc.acc,
-                      P(const float *, pio));
-        FTZ_OFF
-        Py_END_ALLOW_THREADS
-        free(sc.e);
-        free(p);
-        Py_RETURN_NONE;
-    }
-#endif
-    Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-#if DKM_X86
-    if (fast) bwd_step_avx2(P(const float *, v), P(const float *, m), P(const float *, gsum),
-                            P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
-                            P(const float *, raw), P(const float *, out_c), P(float *, r),
-                            P(float *, h), P(float *, dc), P(float *, dco), p);
-    else
-#endif
-        bwd_step_generic(P(const float *, v), P(const float *, m), P(const float *, gsum),
-                         P(const float *, c), G, U, &cf, two, P(const float *, s_hat),
-                         P(const float *, raw), P(const float *, out_c), P(float *, r),
-                         P(float *, h), P(float *, dc), P(float *, dco), p);
-    FTZ_OFF
-    Py_END_ALLOW_THREADS
-    (void)fast;
-    free(p);
-    Py_RETURN_NONE;
+    return run_code(&c, bwd_step_generic, X86(bwd_step_avx2), X86(bwd_step_simd_call));
 }
 
 static PyObject *py_portable(PyObject *self, PyObject *args) {

@@ -510,33 +510,99 @@ static void codes_ws_free(codes_ws_t *s) {
     free(s->p);
 }
 
-static int codes_ws_alloc(codes_ws_t *s, int weighted, int64_t group_n) {
+#if defined(_MSC_VER)
+#define LP_TLS __declspec(thread)
+#else
+#define LP_TLS _Thread_local
+#endif
+
+/* Each thread keeps its workspace between calls (fresh ~4 MB per call cost more in page
+ * faults than small layers take to solve). The count tables are all zero between groups
+ * (cleared behind the scan); the element-code buffer is kept up to KEEP_EKEY elements. */
+#define KEEP_EKEY ((int64_t)1 << 21)
+static LP_TLS codes_ws_t tls_ws;
+static LP_TLS int64_t tls_ekey_cap;
+
+static codes_ws_t *codes_ws_get(int weighted, int64_t group_n) {
     const size_t n = 65536;
-    memset(s, 0, sizeof(*s));
-    s->ekey = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(group_n > 0 ? group_n : 1));
-    s->cnt = (int32_t *)calloc(n, sizeof(int32_t));
-    s->seen = (uint64_t *)calloc(n / 64, sizeof(uint64_t));
-    s->wsum = weighted ? (double *)calloc(n, sizeof(double)) : NULL;
-    s->lab = (uint8_t *)malloc(n);
-    s->binlab = (uint8_t *)malloc(n);
-    s->bkey = (int32_t *)malloc(n * sizeof(int32_t));
-    s->bval = (double *)malloc(n * sizeof(double));
-    s->bw = (double *)malloc(n * sizeof(double));
-    s->bc = (double *)malloc(n * sizeof(double));
-    s->p = (double *)malloc(3 * (n + 1) * sizeof(double));
-    if (!s->cnt || !s->seen || !s->ekey || (weighted && !s->wsum) || !s->lab || !s->binlab ||
-        !s->bkey || !s->bval || !s->bw || !s->bc || !s->p) {
-        codes_ws_free(s);
-        memset(s, 0, sizeof(*s));
-        return -1;
+    codes_ws_t *s = &tls_ws;
+    if (!s->cnt) {
+        s->cnt = (int32_t *)calloc(n, sizeof(int32_t));
+        s->seen = (uint64_t *)calloc(n / 64, sizeof(uint64_t));
+        s->lab = (uint8_t *)malloc(n);
+        s->binlab = (uint8_t *)malloc(n);
+        s->bkey = (int32_t *)malloc(n * sizeof(int32_t));
+        s->bval = (double *)malloc(n * sizeof(double));
+        s->bw = (double *)malloc(n * sizeof(double));
+        s->bc = (double *)malloc(n * sizeof(double));
+        s->p = (double *)malloc(3 * (n + 1) * sizeof(double));
+        if (!s->cnt || !s->seen || !s->lab || !s->binlab || !s->bkey || !s->bval || !s->bw ||
+            !s->bc || !s->p) {
+            codes_ws_free(s);
+            memset(s, 0, sizeof(*s));
+            tls_ekey_cap = 0;
+            return NULL;
+        }
     }
-    return 0;
+    if (weighted && !s->wsum && !(s->wsum = (double *)calloc(n, sizeof(double)))) return NULL;
+    int64_t need = group_n > 0 ? group_n : 1;
+    if (need > tls_ekey_cap) {
+        free(s->ekey);
+        s->ekey = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)need);
+        tls_ekey_cap = s->ekey ? need : 0;
+        if (!s->ekey) return NULL;
+    }
+    return s;
+}
+
+/* after a call: drop a large element-code buffer (the tables stay) */
+static void codes_ws_trim(void) {
+    if (tls_ekey_cap > KEEP_EKEY) {
+        free(tls_ws.ekey);
+        tls_ws.ekey = NULL;
+        tls_ekey_cap = 0;
+    }
 }
 
 /* code (value-order key) of element i */
 static inline uint32_t elem_key(const void *x, int kind, float sf, int64_t i) {
     if (kind == IN_F32) return order_key(f32_to_f16_bits(((const float *)x)[i] * sf));
     return order_key(((const uint16_t *)x)[i]);
+}
+
+/* out[i] = value-order key of element i (x * sf rounded to binary16 for float32 input). */
+static void element_keys_scalar(const void *x, int kind, float sf, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = (uint16_t)elem_key(x, kind, sf, i);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* F16C converts 8 floats at once, rounding to nearest even like the scalar code */
+__attribute__((target("avx2,f16c"))) static void element_keys_f16c(const float *x, float sf,
+                                                                     int64_t n, uint16_t *out) {
+    const __m256 scale = _mm256_set1_ps(sf);
+    const __m128i sign = _mm_set1_epi16((short)0x8000), ones = _mm_set1_epi16((short)0xFFFF);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* order_key: negatives (sign bit set) ^ 0xFFFF, others ^ 0x8000 */
+        __m128i neg = _mm_srai_epi16(h, 15); /* 0xFFFF where negative */
+        __m128i flip = _mm_or_si128(sign, _mm_and_si128(neg, ones));
+        _mm_storeu_si128((__m128i *)(out + i), _mm_xor_si128(h, flip));
+    }
+    for (; i < n; ++i) out[i] = (uint16_t)order_key(f32_to_f16_bits(x[i] * sf));
+}
+#endif
+
+static void element_keys(const void *x, int kind, float sf, int64_t n, uint16_t *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kind == IN_F32 && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2")) {
+        element_keys_f16c((const float *)x, sf, n, out);
+        return;
+    }
+#endif
+    element_keys_scalar(x, kind, sf, n, out);
 }
 
 /* One group of n elements. vtab: value of each ordered key (fp16 or bf16 interpretation).
@@ -565,21 +631,21 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         scale = ldexp(1.0, 14 - e);
         sf = (float)scale;
     }
-    /* histogram */
+    /* every element's code (value-order key), then the histogram */
+    element_keys(x, kind, sf, n, s->ekey);
     int32_t *cnt = s->cnt;
     uint64_t *seen = s->seen;
+    const uint16_t *ek = s->ekey;
     if (w == NULL) {
         for (int64_t i = 0; i < n; ++i) {
-            uint32_t kk = elem_key(x, kind, sf, i);
-            s->ekey[i] = (uint16_t)kk;
+            uint32_t kk = ek[i];
             cnt[kk]++;
             seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
         }
     } else {
         double *ws = s->wsum;
         for (int64_t i = 0; i < n; ++i) {
-            uint32_t kk = elem_key(x, kind, sf, i);
-            s->ekey[i] = (uint16_t)kk;
+            uint32_t kk = ek[i];
             cnt[kk]++;
             ws[kk] += (double)w[i];
             seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
@@ -597,10 +663,10 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
             int32_t c = cnt[kk];
             s->bkey[m] = (int32_t)kk;
             s->bval[m] = vtab[kk] / scale;
-            s->bw[m] = s->wsum ? s->wsum[kk] : (double)c;
+            s->bw[m] = w ? s->wsum[kk] : (double)c;
             s->bc[m] = (double)c;
             cnt[kk] = 0;
-            if (s->wsum) s->wsum[kk] = 0.0;
+            if (w) s->wsum[kk] = 0.0;
             ++m;
         }
     }
@@ -651,16 +717,16 @@ static PyObject *py_codes(PyObject *self, PyObject *args) {
             goto done;
         }
         int failed = 0;
-        Py_BEGIN_ALLOW_THREADS codes_ws_t ws;
-        if (codes_ws_alloc(&ws, have_w, n)) failed = 1;
+        Py_BEGIN_ALLOW_THREADS codes_ws_t *ws = codes_ws_get(have_w, n);
+        if (!ws) failed = 1;
         for (int64_t q = g0; q < g1 && !failed; ++q) {
             failed = codes_group((const char *)bx.buf + q * n * isz, kind,
                                  have_w ? (const float *)bw.buf + q * n : NULL, n, k,
-                                 (const double *)bt.buf, &ws, (uint8_t *)bl.buf + q * n,
+                                 (const double *)bt.buf, ws, (uint8_t *)bl.buf + q * n,
                                  (float *)bc.buf + q * k, (double *)bi.buf + q,
                                  (uint8_t *)bf.buf + q) != 0;
         }
-        codes_ws_free(&ws);
+        codes_ws_trim();
         Py_END_ALLOW_THREADS if (failed) {
             PyErr_NoMemory();
             goto done;
@@ -878,7 +944,8 @@ static PyObject *py_write_lut(PyObject *self, PyObject *args) {
     return ret;
 }
 
-/* half_bits(x: float32 buffer, out: uint16 buffer): the conversion above, for tests */
+/* half_bits(x: float32 buffer, out: uint16 buffer): the fast mode's float32 -> binary16
+ * conversion (F16C or the portable code, as dispatched), for tests */
 static PyObject *py_half_bits(PyObject *self, PyObject *args) {
     Py_buffer bx, bo;
     if (!PyArg_ParseTuple(args, "y*w*", &bx, &bo)) return NULL;
@@ -886,9 +953,11 @@ static PyObject *py_half_bits(PyObject *self, PyObject *args) {
     if (bo.len * 2 != bx.len) {
         PyErr_SetString(PyExc_ValueError, "_kmeans1d.half_bits: inconsistent arguments");
     } else {
-        const float *x = (const float *)bx.buf;
+        /* through the dispatch the fast mode uses (F16C where present), back to raw bits */
         uint16_t *o = (uint16_t *)bo.buf;
-        for (Py_ssize_t i = 0; i < bo.len / 2; ++i) o[i] = (uint16_t)f32_to_f16_bits(x[i]);
+        element_keys(bx.buf, IN_F32, 1.0f, bo.len / 2, o);
+        for (Py_ssize_t i = 0; i < bo.len / 2; ++i)
+            o[i] = (uint16_t)(o[i] < 0x8000u ? o[i] ^ 0xFFFFu : o[i] ^ 0x8000u);
         ret = Py_None;
         Py_INCREF(ret);
     }

@@ -1064,6 +1064,36 @@ def _lut_vjp(cfg: _Cfg, raw: Tensor, grad: Tensor) -> Tensor:
     return torch.zeros_like(grad) if g is None else g.squeeze(-1).to(grad.dtype)
 
 
+def _track_last(t, act, c, new, prev_c, last_c, last_it):
+    """After iteration t (c -> new) ran on the groups ``act`` (None: all): per group, the
+    centroids before and after the last iteration it ran (prev_c, last_c) and that iteration
+    (last_it; None: the last one, for every group)."""
+    if act is None:
+        return c, new, None
+    keep = act.unsqueeze(1)
+    prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
+    base = torch.full(act.shape, t - 1, dtype=torch.long, device=act.device)
+    return prev_c, last_c, torch.where(act, t, base if last_it is None else last_it)
+
+
+def _next_active(inertia, prev_inertia, act, epsilon: float, sync_free: bool):
+    """(the groups that run the next iteration, None: all; whether none does) after an
+    iteration on the groups ``act`` with this inertia [G] (the previous one ``prev_inertia``).
+    The loop only ends early without ``sync_free`` (a host read)."""
+    if prev_inertia is None:
+        return act, False
+    # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
+    running = (inertia - prev_inertia).abs() > epsilon
+    active = running if act is None else act & running
+    if not sync_free:
+        n_active = int(active.sum())  # a host read: free on the CPU
+        if n_active == 0:
+            return active, True
+        if n_active == active.shape[0]:
+            return None, False
+    return active, False
+
+
 def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
     """The iterations on one segment: values v and masses m [G, U], centroids c [G, K].
 
@@ -1114,30 +1144,16 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
             sm[:, 1] += torch.bmm(att, mc).view(g, k)
         raw, mass, new = _scalar_update(sm, c, cfg)
         hist.append((c, raw, mass, act, probs if keep_all else None))
-        if act is None:
-            prev_c, last_c, last_it = c, new, None
-            p_out = probs if single else None
-        else:
-            keep = act.unsqueeze(1)
-            prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
-            base = torch.full((g,), t - 1, dtype=torch.long, device=v.device)
-            last_it = torch.where(act, t, base if last_it is None else last_it)
-            if single:
-                p_out = torch.where(act.view(g, 1, 1), probs, p_out)
+        prev_c, last_c, last_it = _track_last(t, act, c, new, prev_c, last_c, last_it)
+        if single:
+            p_out = probs if act is None else torch.where(act.view(g, 1, 1), probs, p_out)
         c = last_c
         if not test:
             continue
         inertia = inertia.float()
-        if prev_inertia is not None:
-            # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
-            running = (inertia - prev_inertia).abs() > cfg.epsilon
-            active = running if act is None else act & running
-            if not sync_free:
-                n_active = int(active.sum())  # a host read: free on the CPU
-                if n_active == 0:
-                    break
-                if n_active == g:
-                    active = None
+        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, sync_free)
+        if done:
+            break
         prev_inertia = inertia
     y = v.new_empty(g, u)
     for a, b in chunks:
@@ -1217,6 +1233,35 @@ def _scalar_backward_step(v, m, gsum, probs, diff, cfg, s_hat, raw, out_c):
     return r, h, dc, dc_out
 
 
+def _ends_at(last_it: Tensor | None, t: int, n_run: int):
+    """Groups whose output comes from iteration t: None (all), False (none) or a [G, 1] mask."""
+    if last_it is None:
+        return None if t == n_run - 1 else False
+    return last_it.eq(t).unsqueeze(1)
+
+
+def _add_at(base: Tensor, extra: Tensor | None, mask) -> Tensor:
+    """base + extra in the groups of ``mask`` (an _ends_at answer)."""
+    if extra is None or mask is False:
+        return base
+    return base + (extra if mask is None else extra * mask)
+
+
+def _update_vjp(cfg: _Cfg, raw: Tensor, mass: Tensor, act, grad_new: Tensor, zeros_k: Tensor):
+    """Back through one iteration's update (new = lut_fn(c + sums / mass), the zero slot; an
+    empty column keeps c): d loss / d new -> (s_hat, d loss / d sums per unit of mass, 0 in
+    the groups that did not run; grad_in, the part that reaches c directly)."""
+    if cfg.enforce_zero:
+        grad_new = grad_new.clone()
+        grad_new[:, 0] = 0.0
+    grad_raw = _lut_vjp(cfg, raw, grad_new)
+    filled = mass > 0
+    s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
+    if act is not None:
+        s_hat = s_hat * act.unsqueeze(1)
+    return s_hat, torch.where(filled, zeros_k, grad_raw)
+
+
 def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
     """Per-code (h, r) of one segment: grad x_i = g_i h[u_i] + r[u_i]."""
     if state.get("c_path"):
@@ -1246,17 +1291,6 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
         att = _scalar_att(probs, cfg)
         return torch.bmm(gsum[:, a:b].unsqueeze(1), att.transpose(1, 2)).view(g, k)
 
-    def ends_at(t):
-        """Groups whose output comes from iteration t: None (all), False (none) or a mask."""
-        if last_it is None:
-            return None if t == n_run - 1 else False
-        return last_it.eq(t).unsqueeze(1)
-
-    def add_at(base, extra, mask):
-        if extra is None or mask is False:
-            return base
-        return base + (extra if mask is None else extra * mask)
-
     d_last = d_prev = None  # d loss / d (the output's centroids), per group
     if not merged:
         # the output alone first: d loss / d last_c is needed before undoing the last iteration
@@ -1273,7 +1307,7 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
     grad_c = zeros_k  # d loss / d (centroids after the iteration being undone)
     for t in reversed(range(n_run)):
         c, raw, mass, act, saved = hist[t]
-        ends = ends_at(t)
+        ends = _ends_at(last_it, t, n_run)
         grad_new = grad_c if act is None else grad_c * act.unsqueeze(1)
         with_out = merged and t == n_run - 1
         if with_out:
@@ -1281,17 +1315,8 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
             # == c for them); the others only contribute through the output here
             diff, probs = probs_at(prev_c, 0, u, p_out)
             d_last = d_output_c(probs, 0, u)
-        grad_new = add_at(grad_new, d_last, ends)
-        # through lut_fn and the zero slot, then new = sums / mass (an empty column keeps c)
-        if cfg.enforce_zero:
-            grad_new = grad_new.clone()
-            grad_new[:, 0] = 0.0
-        grad_raw = _lut_vjp(cfg, raw, grad_new)
-        filled = mass > 0
-        s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
-        if act is not None:
-            s_hat = s_hat * act.unsqueeze(1)
-        grad_in = torch.where(filled, zeros_k, grad_raw)
+        grad_new = _add_at(grad_new, d_last, ends)
+        s_hat, grad_in = _update_vjp(cfg, raw, mass, act, grad_new, zeros_k)
         if with_out:
             rr, hh, dc, d_prev = _scalar_backward_step(
                 v, m, gsum, probs, diff, cfg, s_hat, raw, last_c
@@ -1310,7 +1335,7 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
                 r[:, a:b] += rr
                 if dc is not None:
                     grad_in = grad_in + dc
-        grad_in = add_at(grad_in, d_prev, ends)
+        grad_in = _add_at(grad_in, d_prev, ends)
         grad_c = grad_in if act is None else torch.where(act.unsqueeze(1), grad_in, grad_c)
     return h, r
 
@@ -1382,26 +1407,14 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         )
         raw, mass, new = _scalar_update(sm, c, cfg)
         hist.append((c, raw, mass, act, None))
-        if act is None:
-            prev_c, last_c, last_it = c, new, None
-        else:
-            keep = act.unsqueeze(1)
-            prev_c, last_c = torch.where(keep, c, prev_c), torch.where(keep, new, last_c)
-            base = torch.full((g,), t - 1, dtype=torch.long, device=v.device)
-            last_it = torch.where(act, t, base if last_it is None else last_it)
+        prev_c, last_c, last_it = _track_last(t, act, c, new, prev_c, last_c, last_it)
         c = last_c.contiguous()
         if not test:
             continue
         inertia = inertia.float()
-        if prev_inertia is not None:
-            running = (inertia - prev_inertia).abs() > cfg.epsilon
-            active = running if act is None else act & running
-            if not sync_free:
-                n_active = int(active.sum())
-                if n_active == 0:
-                    break
-                if n_active == g:
-                    active = None
+        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, sync_free)
+        if done:
+            break
         prev_inertia = inertia
     prev_c, last_c = prev_c.contiguous(), last_c.contiguous()
     if hist[-1][3] is not None:
@@ -1438,21 +1451,11 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
     r = v.new_zeros(g, u)
     zeros_k = v.new_zeros(g, k)
 
-    def ends_at(t):
-        if last_it is None:
-            return None if t == n_run - 1 else False
-        return last_it.eq(t).unsqueeze(1)
-
-    def add_at(base, extra, mask):
-        if extra is None or mask is False:
-            return base
-        return base + (extra if mask is None else extra * mask)
-
     d_last = d_prev = None
     grad_c = zeros_k
     for t in reversed(range(n_run)):
         c, raw, mass, act, _ = hist[t]
-        ends = ends_at(t)
+        ends = _ends_at(last_it, t, n_run)
         grad_new = grad_c if act is None else grad_c * act.unsqueeze(1)
         with_out = t == n_run - 1
         if with_out:
@@ -1469,18 +1472,10 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
                 _ptr(p_out),
             )
             c = prev_c
-        grad_new = add_at(grad_new, d_last, ends)
-        if cfg.enforce_zero:
-            grad_new = grad_new.clone()
-            grad_new[:, 0] = 0.0
-        grad_raw = _lut_vjp(cfg, raw, grad_new)
-        filled = mass > 0
-        s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
-        if act is not None:
-            s_hat = s_hat * act.unsqueeze(1)
+        grad_new = _add_at(grad_new, d_last, ends)
+        s_hat, grad_in = _update_vjp(cfg, raw, mass, act, grad_new, zeros_k)
         s_hat = s_hat.float().contiguous()
         raw_c = raw.float().contiguous()
-        grad_in = torch.where(filled, zeros_k, grad_raw)
         dc = v.new_empty(g, k)
         dco = v.new_empty(g, k) if with_out else None
         _dkm_cpu.bwd_step(
@@ -1504,7 +1499,7 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
         grad_in = grad_in + dc
         if with_out:
             d_prev = dco
-        grad_in = add_at(grad_in, d_prev, ends)
+        grad_in = _add_at(grad_in, d_prev, ends)
         grad_c = grad_in if act is None else torch.where(act.unsqueeze(1), grad_in, grad_c)
     return h, r
 
