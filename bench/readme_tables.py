@@ -63,7 +63,7 @@ def ptp(name: str = "ptp_full") -> str:
 
 def dkm() -> str:
     parts = []
-    d = _load("dkm_quick") or _load("dkm")
+    d = _load("dkm_speed") or _load("dkm_quick") or _load("dkm")
     if d and d.get("speed"):
         rows = [
             [
@@ -87,7 +87,8 @@ def dkm() -> str:
             "prepare + first step s",
         ]
         parts.append("Step time, CPU, 1 thread:\n\n" + _table(header, rows))
-    if d and d.get("memory"):
+    mem = _load("dkm_memory") or d
+    if mem and mem.get("memory"):
         rows = [
             [
                 r["workload"],
@@ -95,7 +96,7 @@ def dkm() -> str:
                 f"{r['dkm_peak_MiB']:.1f}",
                 f"{r['ratio']:.2f}x",
             ]
-            for r in d["memory"]
+            for r in mem["memory"]
         ]
         parts.append(
             "Peak RSS increase of 3 training steps, each in a fresh process:\n\n"

@@ -905,33 +905,86 @@ done_nobw:
     return ret;
 }
 
+/* binary16 / bfloat16 bit patterns <-> float32 (round to nearest even, as torch) */
+static inline float f16_to_f32(uint32_t h) {
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    float v;
+    if (e == 0) {
+        v = (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
+    } else if (e == 31) {
+        v = m ? NAN : INFINITY;
+    } else {
+        uint32_t u = ((e + 112u) << 23) | (m << 13);
+        memcpy(&v, &u, sizeof(v));
+    }
+    return (h & 0x8000u) ? -v : v;
+}
+
+static inline float bf16_to_f32(uint32_t h) {
+    uint32_t u = h << 16;
+    float v;
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
+
+static inline uint32_t f32_to_bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u; /* NaN stays NaN */
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2 };
+
 /*
- * write_lut(out, labels, lut, k) -> (err, ref): out[g, i] = lut[g, labels[g, i]] for float32
- * out[G*N], uint8 labels[G*N], float32 lut[G*k]; returns sum((before - after)^2) and
- * sum(before^2) in float64. One pass instead of a gather, a difference and two reductions.
+ * write_lut(out, labels, lut, k, kind) -> (err, ref): out[g, i] = lut[g, labels[g, i]] rounded
+ * to out's dtype (kind 0 float32, 1 float16, 2 bfloat16) for out[G*N], uint8 labels[G*N],
+ * float32 lut[G*k]; returns sum((before - after)^2) and sum(before^2) in float64. One pass
+ * instead of a gather, a cast, a difference and two reductions.
  */
 static PyObject *py_write_lut(PyObject *self, PyObject *args) {
     Py_buffer bo, bl, bt;
     long long k;
-    if (!PyArg_ParseTuple(args, "w*y*y*L", &bo, &bl, &bt, &k)) return NULL;
+    int kind;
+    if (!PyArg_ParseTuple(args, "w*y*y*Li", &bo, &bl, &bt, &k, &kind)) return NULL;
     PyObject *ret = NULL;
-    int64_t total = bl.len, g = k > 0 ? bt.len / 4 / k : 0;
-    if (k < 1 || k > 256 || bo.len != total * 4 || bt.len != g * k * 4 || g < 1 || total % g) {
+    int64_t total = bl.len, g = k > 0 ? bt.len / 4 / k : 0, isz = kind == OUT_F32 ? 4 : 2;
+    if (k < 1 || k > 256 || kind < OUT_F32 || kind > OUT_BF16 || bo.len != total * isz ||
+        bt.len != g * k * 4 || g < 1 || total % g) {
         PyErr_SetString(PyExc_ValueError, "_kmeans1d.write_lut: inconsistent arguments");
     } else {
         double err = 0.0, ref = 0.0;
         int64_t n = total / g;
         Py_BEGIN_ALLOW_THREADS for (int64_t q = 0; q < g; ++q) {
-            float *o = (float *)bo.buf + q * n;
             const uint8_t *l = (const uint8_t *)bl.buf + q * n;
             const float *t = (const float *)bt.buf + q * k;
             double e = 0.0, r = 0.0;
-            for (int64_t i = 0; i < n; ++i) {
-                float before = o[i], after = t[l[i]];
-                double d = (double)before - (double)after;
-                e += d * d;
-                r += (double)before * (double)before;
-                o[i] = after;
+            if (kind == OUT_F32) {
+                float *o = (float *)bo.buf + q * n;
+                for (int64_t i = 0; i < n; ++i) {
+                    float before = o[i], after = t[l[i]];
+                    double d = (double)before - (double)after;
+                    e += d * d;
+                    r += (double)before * (double)before;
+                    o[i] = after;
+                }
+            } else {
+                /* the LUT rounded to the weight's dtype once, then per element a lookup */
+                uint16_t tb[256];
+                float tv[256];
+                for (int64_t c = 0; c < k; ++c) {
+                    tb[c] = (uint16_t)(kind == OUT_F16 ? f32_to_f16_bits(t[c])
+                                                       : f32_to_bf16_bits(t[c]));
+                    tv[c] = kind == OUT_F16 ? f16_to_f32(tb[c]) : bf16_to_f32(tb[c]);
+                }
+                uint16_t *o = (uint16_t *)bo.buf + q * n;
+                for (int64_t i = 0; i < n; ++i) {
+                    float before = kind == OUT_F16 ? f16_to_f32(o[i]) : bf16_to_f32(o[i]);
+                    double d = (double)before - (double)tv[l[i]];
+                    e += d * d;
+                    r += (double)before * (double)before;
+                    o[i] = tb[l[i]];
+                }
             }
             err += e;
             ref += r;

@@ -34,6 +34,9 @@ import torch
 
 from lightning_palettize import _kmeans1d
 
+# weight dtypes write_into handles in one compiled pass (the kernel's dtype codes)
+_ONE_PASS_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 __all__ = [
     "Layout",
     "Palette",
@@ -544,9 +547,11 @@ class Palette:
                 f"Palette.write_into: out must have shape {self.layout.shape} on "
                 f"{self.lut.device}, got {tuple(out.shape)} on {out.device}."
             )
-        if self._plain_cpu_f32(out):
+        if self._one_pass_ok(out):
+            kind = _ONE_PASS_KINDS[out.dtype]
+            raw = out.detach() if kind == 0 else out.detach().view(torch.int16)
             err, ref = _kmeans1d.write_lut(
-                out.detach().numpy(), self.indices.numpy(), self.lut.numpy(), self.k
+                raw.numpy(), self.indices.numpy(), self.lut.numpy(), self.k, kind
             )
             return 0.0 if ref == 0.0 else err / ref
         target = self.layout._block_view(out)
@@ -564,13 +569,13 @@ class Palette:
         ref_value = float(ref)
         return 0.0 if ref_value == 0.0 else float(err) / ref_value
 
-    def _plain_cpu_f32(self, out: torch.Tensor) -> bool:
-        """Whether ``write_into`` can take the compiled one-pass path: float32 CPU weight and LUT,
-        scalar LUT entries, no scale, groups that are row ranges of the weight."""
+    def _one_pass_ok(self, out: torch.Tensor) -> bool:
+        """Whether ``write_into`` can take the compiled one-pass path: a float32 / float16 /
+        bfloat16 CPU weight, float32 LUT of scalars, no scale, groups that are row ranges."""
         layout = self.layout
         return (
             out.device.type == "cpu"
-            and out.dtype == torch.float32
+            and out.dtype in _ONE_PASS_KINDS
             and out.is_contiguous()
             and self.lut.dtype == torch.float32
             and self.lut.is_contiguous()

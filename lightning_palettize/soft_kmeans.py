@@ -42,8 +42,11 @@ bincount and gather) instead of being stored; per code (mode "dkm" without the e
 or the attention clamp, on AVX2/FMA CPUs) one fused loop per iteration computes distances,
 softmax and sums in registers, the logit gaps taken as (c_m - c_k)((v - c_k) + (v - c_m))
 against the nearest centroid m (accurate where two centroids compete, even when the logits
-reach 1e4) and the sums accumulated in float64. A soft weight reuses the storage of the
-previous step's soft-weight gradient once nothing else holds it (_OutputCache).
+reach 1e4) and the sums accumulated in float64. The weight's gradient is written into the
+storage of the soft weight's incoming gradient when nothing else can observe that one
+(_overwritable; else it is allocated), and a soft weight reuses the storage of the previous
+step's incoming gradient once nothing else holds it (_OutputCache): the backward then adds no
+weight-sized tensor to what plain training holds at its peak.
 
 Host syncs: on the CPU, early stopping reads back one flag per iteration (free there) and
 stops when every group has; on other devices every iteration runs and a group that stopped
@@ -54,7 +57,9 @@ read back once.
 from __future__ import annotations
 
 import math
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -730,10 +735,12 @@ class _OutputCache(threading.local):
     Each step hands autograd a fresh multi-megabyte soft weight per tensor; glibc returns such
     blocks to the OS and every step page-faults them back in, which costs about as much as the
     compiled pass that fills them. Backward leaves the incoming gradient's storage here (the
-    soft weight's size; autograd frees it right after), and the next forward takes it back for
-    its soft weight if nothing else references it any more (its use count is down to this
-    slot's own reference); otherwise the forward allocates. A slot is emptied when taken, so
-    nothing is held across the step: the peak memory is that of fresh allocations.
+    soft weight's size; autograd frees it right after, or it now holds the weight's ``.grad``
+    when that was written in place), and the next forward takes it back for its soft weight
+    if nothing else references it any more (its use count is down to this slot's own
+    reference, e.g. after ``zero_grad(set_to_none=True)``); otherwise the forward allocates.
+    A slot is emptied when taken, so nothing is held across the step: the peak memory is that
+    of fresh allocations.
     """
 
     MIN_ELEMS = 1 << 18
@@ -770,9 +777,159 @@ class _OutputCache(threading.local):
 _HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
 # Keep each weight gradient's storage for the next step's (no page faults on a fresh block,
 # but it is then held through the next forward and the layers' backward: +1x the weights at
-# the peak). Off: the peak memory of fresh allocations.
+# the peak). Off: the peak memory of fresh allocations. (Unused when the gradient is written
+# into the incoming one, _GRAD_IN_PLACE.)
 _KEEP_GRAD_STORAGE = False
 _outputs = _OutputCache()
+
+# Write the weight's gradient into the storage of the soft weight's incoming gradient when
+# nothing else can observe it (_grad_refs / _overwritable): the backward then allocates no
+# weight-sized tensor (without it, both are alive at the peak: +1x the weights). Tests switch
+# it off to compare.
+_GRAD_IN_PLACE = True
+
+
+def _grad_refs(grads: tuple) -> list[tuple[int, ...] | None]:
+    """Per incoming gradient, who holds it: (references to its Python object, owners of its
+    TensorImpl, owners of its storage, and for a view the same two counts of its base, else
+    (0, 0)); None for a gradient that is not a plain CPU tensor.
+
+    Must be the first thing a ``backward(ctx, *grads)`` does with ``grads`` (every other
+    reference it makes would count). The numbers that mean "only autograd's call holds it" are
+    measured once by :func:`_grad_baseline` through the same call path. Anything else that
+    holds the gradient shows up here: a tensor hook (or multi-grad hook) that kept it holds
+    the Python object; a node post-hook (the engine keeps the inputs for it), the capture of
+    ``torch.autograd.grad(..., inputs=[soft weight])`` or another node's input buffer that
+    received the same tensor (an add's backward passes one gradient to both operands) own the
+    TensorImpl; any other view or ``.detach()`` of it (e.g. a parameter's ``.grad`` that stole
+    it) owns the storage. A view (the gradient of a reshaped or transposed soft weight, e.g.
+    through ``F.linear``) also owns its base, whose own holders are counted likewise. (A
+    TensorImpl's count is read through ``_storage_Use_Count``: TensorImpl and StorageImpl are
+    both an ``intrusive_ptr_target`` at offset 0; _grad_baseline checks that it behaves.)
+    """
+    use = torch._C._storage_Use_Count
+    out: list[tuple[int, ...] | None] = []
+    for g in grads:
+        if type(g) is not Tensor or g.layout != torch.strided or g.device.type != "cpu":
+            out.append(None)
+            continue
+        st = g.untyped_storage()
+        refs = (sys.getrefcount(g), use(g._cdata), use(st._cdata))
+        base = g._base
+        if base is None:
+            out.append((*refs, 0, 0))
+        else:
+            out.append((*refs, sys.getrefcount(base), use(base._cdata)))
+        del st, base
+    return out
+
+
+class _GradProbe(torch.autograd.Function):
+    """Records _grad_refs as _ScalarKMeans.backward sees them (same signature, same path)."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        c = x.new_zeros(1)
+        ctx.mark_non_differentiable(c)
+        return x * 1.0, c
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _GradProbe.seen.append(_grad_refs(grads))
+        return grads[0]
+
+
+def _probe_refs(view: bool, hook=None, post_hook: bool = False):
+    """_grad_refs of the probe's incoming gradient: a fresh product, or a view of one."""
+    _GradProbe.seen.clear()
+    with torch.enable_grad(), _no_autocast(torch.device("cpu")):
+        x = torch.zeros(8, requires_grad=True)
+        y, _ = _GradProbe.apply(x)
+        if hook is not None:
+            y.register_hook(hook)
+        if post_hook:
+            y.grad_fn.register_hook(lambda grad_in, grad_out: None)
+        (y.view(2, 4) if view else y).mul(2.0).sum().backward()
+    seen = _GradProbe.seen[0][0] if _GradProbe.seen else None
+    _GradProbe.seen.clear()
+    return seen
+
+
+_grad_base: list = []  # [baselines or None], measured once
+
+
+def _grad_baseline() -> dict[bool, tuple[int, ...]] | None:
+    """_grad_refs of a gradient that only autograd's call holds, for a plain tensor (key
+    False) and a view (key True); None: never overwrite.
+
+    Measured on a probe node and validated: a tensor hook that keeps the gradient and a node
+    post-hook must each change the numbers, and a second measurement must repeat them (else
+    they do not mean what _grad_refs assumes on this torch build).
+    """
+    if _grad_base:
+        return _grad_base[0]
+    if _unusual_context():
+        return None  # measured later, in a plain context (modes may hold references)
+    base: dict[bool, tuple[int, ...]] | None = None
+    if _HAS_USE_COUNT:
+        try:
+            base = {}
+            for view in (False, True):
+                kept: list[Tensor] = []
+                ref = _probe_refs(view)
+                if (
+                    ref is None
+                    or (ref[3] != 0) != view
+                    or _probe_refs(view, hook=kept.append) == ref
+                    or _probe_refs(view, post_hook=True) == ref
+                    or _probe_refs(view) != ref
+                ):
+                    base = None
+                    break
+                base[view] = ref
+        except Exception:  # pragma: no cover - an autograd without these internals
+            base = None
+    _grad_base.append(base)
+    return base
+
+
+def _unusual_context() -> bool:
+    """Inference mode, or a Python dispatch / function mode active (they may wrap or keep
+    the probe's tensors): no baseline is measured then."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # pragma: no cover - a torch without them: never measured
+        return True
+    return (
+        torch.is_inference_mode_enabled()
+        or bool(_get_current_dispatch_mode_stack())
+        or bool(_get_current_function_mode_stack())
+    )
+
+
+def _overwritable(g: Tensor | None, refs, base) -> bool:
+    """Whether the backward may write the weight's gradient into ``g``'s storage: ``refs``
+    (its _grad_refs) equal the baseline (nothing but this call holds the tensor, its base, its
+    storage or their Python objects), and it is a plain float32 CPU tensor that covers its
+    whole storage, outside double backward."""
+    return (
+        base is not None
+        and g is not None
+        and refs is not None
+        and refs == base.get(g._is_view())
+        and weakref.getweakrefcount(g) == 0
+        and not torch.is_grad_enabled()
+        and not g.requires_grad
+        and g.dtype == torch.float32
+        and not g.is_inference()
+        and g.is_contiguous()
+        and g.storage_offset() == 0
+        and g.untyped_storage().nbytes() == 4 * g.numel()
+    )
 
 
 def _group_absmax(flat: Tensor) -> Tensor:
@@ -1587,8 +1744,8 @@ class _ScalarKMeans(torch.autograd.Function):
         segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
             width = max(items[i].u for i in members)
-            tab_rows = sum(items[i].g for i in members if items[i].kind == "table")
-            if len(members) == len(items) and tab_rows == n_tab and width == u_tab:
+            every_table = all(items[i].kind == "table" for i in members)
+            if len(members) == len(items) and every_table and width == u_tab:
                 # every tensor is a table one, in order: the code tables as they are
                 v, m, direct = values, mass, True
                 rows: slice | Tensor = slice(0, row)
@@ -1680,6 +1837,10 @@ class _ScalarKMeans(torch.autograd.Function):
         ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
         ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
         ctx.c_elems = c_elems
+        # the baseline for writing each weight's gradient into its incoming one (measured once)
+        ctx.grad_base = None
+        if c_elems and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
+            ctx.grad_base = _grad_baseline()
         if c_elems:
             ctx.i_scale = saved(scale)
             ctx.i_flats = [saved(f) for f in flats]
@@ -1690,6 +1851,8 @@ class _ScalarKMeans(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # before anything else references the gradients (see _grad_refs)
+        refs = _grad_refs(grads) if ctx.grad_base is not None else None
         cfg, items, n_tab = ctx.cfg, ctx.items, ctx.n_tab
         tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
@@ -1790,9 +1953,18 @@ class _ScalarKMeans(torch.autograd.Function):
                 shape, dtype = ctx.kinds_dtypes[i]
                 if it.kind == "table" and c_elems:
                     key = ("grad", t_of[i], it.n)
-                    grad = _outputs.take(key, (it.g * it.n,), device)
-                    if _KEEP_GRAD_STORAGE:
-                        _outputs.give(key, grad)
+                    if (
+                        refs is not None
+                        and _overwritable(grads[i], refs[i], ctx.grad_base)
+                        and flat_g[i].data_ptr() == grads[i].data_ptr()
+                    ):
+                        # nothing else holds the incoming gradient: the kernel reads each
+                        # element's g before writing its gradient in the same place
+                        grad = flat_g[i]
+                    else:
+                        grad = _outputs.take(key, (it.g * it.n,), device)
+                        if _KEEP_GRAD_STORAGE:
+                            _outputs.give(key, grad)
                     # the soft weight's gradient becomes the next step's soft weight
                     _outputs.give(("y", t_of[i], it.n), grads[i])
                     _dkm_cpu.grad(

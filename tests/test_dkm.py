@@ -591,3 +591,127 @@ def test_host_flags_follow_their_buffers():
     assert fp.is_enabled and pal.steps == 2
     pal.set_step(5)
     assert [int(m.weight_dkm.steps) for m in prepared] == [5, 5] and pal.steps == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight's gradient written into the soft weight's incoming gradient (CPU table engine)
+
+
+class _Twice(nn.Linear):
+    """Uses its (soft) weight twice in one forward: autograd sums the two gradients."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias) + nn.functional.linear(
+            x * 0.5, self.weight
+        )
+
+
+def _in_place_runs(monkeypatch):
+    from lightning_palettize import soft_kmeans as sk
+
+    verdicts = []
+    real = sk._overwritable
+    monkeypatch.setattr(sk, "_overwritable", lambda *a: verdicts.append(real(*a)) or verdicts[-1])
+    return verdicts
+
+
+@pytest.mark.parametrize("model_kind", ["called_twice", "weight_used_twice"])
+def test_training_with_gradients_in_place_is_bit_identical(monkeypatch, model_kind):
+    from lightning_palettize import soft_kmeans as sk
+
+    def train(in_place):
+        monkeypatch.setattr(sk, "_GRAD_IN_PLACE", in_place)
+        if model_kind == "called_twice":
+            return _train(monkeypatch, batched=True, steps=3)
+        torch.manual_seed(3)
+        model = nn.Sequential(_Twice(260, 260), nn.ReLU(), nn.Linear(260, 260))
+        pal = DKMPalettizer(model, {"global_config": {"n_bits": 3, "weight_threshold": 0}})
+        model = pal.prepare(inplace=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x = torch.randn(16, 260, generator=torch.Generator().manual_seed(4))
+        losses = []
+        for _ in range(3):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pal.step()
+            losses.append(loss.detach())
+        return losses, [], {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    verdicts = _in_place_runs(monkeypatch)
+    got = train(True)
+    assert any(verdicts)  # the in-place path ran
+    want = train(False)
+    assert torch.equal(torch.stack(got[0]), torch.stack(want[0]))
+    for k in want[2]:
+        assert torch.equal(got[2][k], want[2][k]), k
+    # and the torch code (no compiled kernels, always a fresh gradient) agrees
+    monkeypatch.setattr(sk, "_USE_C", False)
+    slow = train(True)
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], slow[2][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_hook_keeping_the_soft_weight_gradient_sees_it_unchanged(monkeypatch):
+    from lightning_palettize import soft_kmeans as sk
+
+    def run(in_place, keep):
+        monkeypatch.setattr(sk, "_GRAD_IN_PLACE", in_place)
+        torch.manual_seed(5)
+        lin = nn.Linear(256, 300)
+        pal = DKMPalettizer(
+            nn.Sequential(lin), {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+        )
+        model = pal.prepare(inplace=True)
+        soft, kept = [], []
+
+        def pre_hook(module, args):  # registered after prepare: sees the soft weight
+            soft.append(module.weight)
+            if keep:
+                module.weight.register_hook(kept.append)
+
+        lin.register_forward_pre_hook(pre_hook)
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        loss = model(x).square().sum()
+        (want,) = torch.autograd.grad(loss, soft[0], retain_graph=True)
+        loss.backward()
+        return lin.weight.grad, want, kept
+
+    verdicts = _in_place_runs(monkeypatch)
+    grad, want, kept = run(True, keep=True)
+    assert not any(verdicts)  # the hook keeps the gradient: the fallback ran
+    assert torch.equal(kept[-1], want)
+    ref, _, _ = run(False, keep=False)
+    assert torch.equal(grad, ref)
+    verdicts.clear()
+    grad2, _, _ = run(True, keep=False)  # the soft weight itself kept: no obstacle
+    assert any(verdicts) and torch.equal(grad2, ref)
+
+
+def test_bf16_autocast_and_torch_compile_gradients_in_place(monkeypatch):
+    from lightning_palettize import soft_kmeans as sk
+
+    def run(in_place):
+        monkeypatch.setattr(sk, "_GRAD_IN_PLACE", in_place)
+        torch.manual_seed(9)
+        model = nn.Sequential(nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 4))
+        pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+        prepared = pal.prepare()
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(10))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prepared(x)
+        out.float().sum().backward()
+        grads = [prepared[0].weight.grad.clone()]
+        prepared.zero_grad()
+        compiled = torch.compile(prepared, backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(x).sum().backward()
+        grads.append(prepared[0].weight.grad.clone())
+        return grads
+
+    got = run(True)
+    want = run(False)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

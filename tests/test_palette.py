@@ -408,24 +408,43 @@ def test_write_into_equals_loop_reference_and_error(kind, layout, monkeypatch):
     results = []
     for compiled in (True, False):
         if not compiled:
-            monkeypatch.setattr(Palette, "_plain_cpu_f32", lambda self, out: False)
+            monkeypatch.setattr(Palette, "_one_pass_ok", lambda self, out: False)
         weight = torch.nn.Parameter(before.clone())  # a Parameter, as compress passes it
-        one_pass = palette._plain_cpu_f32(weight.data)
+        one_pass = palette._one_pass_ok(weight.data)
         err = palette.write_into(weight.data)
         assert torch.equal(weight.data, expected)
         # the compiled pass sums in float64 throughout; the torch chunks difference in float32
         assert err == pytest.approx(want.item(), rel=1e-12 if one_pass else 1e-6)
         results.append(err)
-    assert palette._plain_cpu_f32(before) is False  # patched: the torch path ran second
+    assert palette._one_pass_ok(before) is False  # patched: the torch path ran second
 
 
 def test_write_into_takes_the_compiled_path_for_row_groups():
     layout = Layout((32, 16), "per_grouped_channel", 8)
-    assert _random_palette(layout)._plain_cpu_f32(torch.zeros(32, 16))
-    assert not _random_palette(layout, scale=True)._plain_cpu_f32(torch.zeros(32, 16))
-    assert not _random_palette(layout)._plain_cpu_f32(torch.zeros(32, 16, dtype=torch.float16))
+    assert _random_palette(layout)._one_pass_ok(torch.zeros(32, 16))
+    assert _random_palette(layout)._one_pass_ok(torch.zeros(32, 16, dtype=torch.bfloat16))
+    assert not _random_palette(layout, scale=True)._one_pass_ok(torch.zeros(32, 16))
+    assert not _random_palette(layout)._one_pass_ok(torch.zeros(32, 16, dtype=torch.float64))
     axis1 = Layout((32, 16), "per_grouped_channel", 8, channel_axis=1)
-    assert not _random_palette(axis1)._plain_cpu_f32(torch.zeros(32, 16))
+    assert not _random_palette(axis1)._one_pass_ok(torch.zeros(32, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_write_into_16bit_weights_equals_torch_path(dtype, monkeypatch):
+    """The one-pass path rounds the LUT to the weight's dtype like torch's cast (ties, tiny and
+    large values included) and measures the error on the stored values."""
+    layout = Layout((64, 48), "per_grouped_channel", 16)
+    palette = _random_palette(layout, n_bits=4, dtype=dtype)
+    lut = palette.lut.clone()
+    lut.view(-1)[:6] = torch.tensor([1e-7, -3e-6, 65504.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 0.0])
+    palette.lut = lut
+    before = (torch.randn(layout.shape, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    a, b = before.clone(), before.clone()
+    err_one = palette.write_into(a)
+    monkeypatch.setattr(Palette, "_one_pass_ok", lambda self, out: False)
+    err_torch = palette.write_into(b)
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert err_one == pytest.approx(err_torch, rel=1e-6)
 
 
 def test_relative_error_and_unique_counts(monkeypatch):

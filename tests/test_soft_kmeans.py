@@ -896,3 +896,188 @@ def test_reused_output_buffers_never_overwrite_a_kept_tensor(monkeypatch):
     monkeypatch.setattr(sk, "_USE_C", False)
     out4, _ = soft_kmeans(x.detach() * 1.5, c0, method="table")
     assert_close(out3.detach(), out4, 1e-5, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight's gradient written into the soft weight's incoming gradient (CPU, compiled path)
+
+
+def _soft_weight_grad(x, c0, inp, through, observe=None):
+    """(w.grad, whether it shares the incoming gradient's storage, what ``observe`` kept)."""
+    w = x.clone().requires_grad_()
+    out, _ = soft_kmeans(w, c0, method="table")
+    ptrs = []
+    out.register_hook(lambda g: ptrs.append(g.data_ptr()))  # keeps no reference: no fallback
+    kept = observe(out) if observe is not None else None
+    if through == "linear":  # the gradient arrives as a view of the weight-shaped mm result
+        loss = F.linear(inp, out.view(256, 256)).square().sum()
+    else:
+        loss = (out * out).sum()
+    loss.backward()
+    return w.grad, ptrs[0] == w.grad.data_ptr(), kept
+
+
+@needs_c
+@pytest.mark.parametrize("through", ["elementwise", "linear"])
+def test_weight_gradient_in_place_is_bit_identical(monkeypatch, through):
+    x, c0 = make_data(1, 256 * 256, 1, seed=5)
+    inp = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    got, shared, _ = _soft_weight_grad(x, c0, inp, through)
+    monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
+    want, copied, _ = _soft_weight_grad(x, c0, inp, through)
+    assert shared and not copied  # the in-place path ran, and the fallback did not share
+    assert torch.equal(got, want)
+    assert got.abs().sum() > 0
+
+
+def _keep_hook(out):
+    kept = []
+    out.register_hook(kept.append)
+    return kept
+
+
+def _keep_view_hook(out):
+    kept = []
+    out.register_hook(lambda g: kept.append(g.view(-1)) and None)
+    return kept
+
+
+def _keep_post_hook(out):
+    kept = []
+    out.grad_fn.register_hook(lambda grad_in, grad_out: kept.append(grad_out[0]) and None)
+    return kept
+
+
+def _keep_multi_grad_hook(out):
+    kept = []
+    torch.autograd.graph.register_multi_grad_hook((out,), lambda grads: kept.append(grads[0]))
+    return kept
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "observe",
+    [_keep_hook, _keep_view_hook, _keep_post_hook, _keep_multi_grad_hook],
+    ids=["tensor_hook", "tensor_hook_view", "node_post_hook", "multi_grad_hook"],
+)
+def test_a_kept_incoming_gradient_is_never_overwritten(monkeypatch, observe):
+    # whoever keeps the soft weight's gradient sees it unchanged: the backward then allocates
+    x, c0 = make_data(1, 256 * 256, 1, seed=7)
+    inp = torch.randn(8, 256, generator=torch.Generator().manual_seed(8))
+    for through in ("elementwise", "linear"):
+        got, shared, kept = _soft_weight_grad(x, c0, inp, through, observe)
+        assert not shared
+        w = x.clone().requires_grad_()
+        out, _ = soft_kmeans(w, c0, method="table")
+        soft = out.detach().requires_grad_()
+        if through == "linear":
+            loss = F.linear(inp, soft.view(256, 256)).square().sum()
+        else:
+            loss = (soft * soft).sum()
+        (want_soft,) = torch.autograd.grad(loss, soft)
+        assert torch.equal(kept[-1].view_as(want_soft), want_soft)
+        monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
+        want, _, _ = _soft_weight_grad(x, c0, inp, through)
+        monkeypatch.undo()
+        assert torch.equal(got, want)
+
+
+@needs_c
+def test_retained_and_requested_soft_weight_gradients_are_kept():
+    x, c0 = make_data(1, 256 * 256, 1, seed=9)
+    m = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    w = x.clone().requires_grad_()
+    out, _ = soft_kmeans(w, c0, method="table")
+    out.retain_grad()
+    (out * m).sum().backward()
+    assert torch.equal(out.grad, m)
+    w2 = x.clone().requires_grad_()
+    out2, _ = soft_kmeans(w2, c0, method="table")
+    g_out, g_w = torch.autograd.grad((out2 * m).sum(), [out2, w2])  # captures out2's gradient
+    assert torch.equal(g_out, m) and torch.equal(g_w, w.grad)
+
+
+@needs_c
+def test_a_gradient_shared_with_an_earlier_node_is_not_overwritten(monkeypatch):
+    # an add's backward hands one gradient tensor to both operands; the other operand's node
+    # (created earlier) runs after ours and must still read it unchanged
+    x, c0 = make_data(1, 256 * 256, 1, seed=11)
+    m = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+
+    def run():
+        a = torch.ones(x.shape, requires_grad=True)
+        h = a * 3.0
+        w = x.clone().requires_grad_()
+        out, _ = soft_kmeans(w, c0, method="table")
+        ((h + out) * m).sum().backward()
+        return a.grad, w.grad
+
+    a_grad, w_grad = run()
+    assert torch.equal(a_grad, 3.0 * m)
+    monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
+    assert torch.equal(run()[1], w_grad)
+
+
+@needs_c
+def test_soft_weight_used_twice_and_batched_tensors_get_their_gradients(monkeypatch):
+    # one soft weight feeding two ops (autograd sums its gradients), and several tensors of one
+    # batched node, one of which receives the very same gradient tensor as another
+    xs = [make_data(1, 256 * 256, 1, seed=s)[0] for s in (13, 14, 15)]
+    cs = [make_data(1, 256 * 256, 1, seed=s)[1] for s in (13, 14, 15)]
+    inp = torch.randn(8, 256, generator=torch.Generator().manual_seed(16))
+
+    def run():
+        ws = [x.clone().requires_grad_() for x in xs]
+        outs = [o for o, _ in sk.soft_kmeans_batch(ws, cs, method="table")]
+        w0 = outs[0].view(256, 256)
+        loss = F.linear(inp, w0).square().sum() + F.linear(inp * 2, w0.t()).sum()
+        loss = loss + ((outs[1] + outs[2]) * 3.0).sum()  # one gradient tensor for both
+        loss.backward()
+        return [w.grad for w in ws]
+
+    got = run()
+    monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
+    want = run()
+    monkeypatch.setattr(sk, "_USE_C", False)
+    slow = run()
+    for a, b, c in zip(got, want, slow):
+        assert torch.equal(a, b)
+        assert_close(a, c, 1e-4, 1e-5)
+
+
+@needs_c
+def test_create_graph_backward_allocates_the_weight_gradient():
+    # the backward is first order: with create_graph its result stays a plain tensor, equal to
+    # the ordinary one (the incoming gradient, part of the new graph, is left alone)
+    x, c0 = make_data(1, 256 * 256, 1, seed=17)
+    m = torch.randn(x.shape, generator=torch.Generator().manual_seed(18))
+    grads = []
+    for create_graph in (False, True):
+        w = x.clone().requires_grad_()
+        out, _ = soft_kmeans(w, c0, method="table")
+        scale = torch.ones((), requires_grad=True)
+        (g_w,) = torch.autograd.grad((out * m * scale).sum(), w, create_graph=create_graph)
+        assert g_w.grad_fn is None
+        grads.append(g_w)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_batch_of_a_small_table_and_an_exact_tensor_matches_one_by_one():
+    # both tiny enough to share one CPU segment: the exact tensor's rows must be stacked in
+    # (the code tables alone hold only the table tensor's)
+    gen = torch.Generator().manual_seed(19)
+    xs = [
+        0.02 * torch.randn(1, 76800, 1, generator=gen),
+        0.02 * torch.randn(1, 1200, 1, generator=gen),
+    ]
+    cs = [torch.linspace(-0.04, 0.04, 4).view(1, 4, 1)] * 2
+    ws = [x.clone().requires_grad_() for x in xs]
+    outs = sk.soft_kmeans_batch(ws, cs)
+    sum(((o * o).sum() for o, _ in outs)).backward()
+    for x, c, w, (out, cent) in zip(xs, cs, ws, outs):
+        w1 = x.clone().requires_grad_()
+        o1, c1 = soft_kmeans(w1, c)
+        (o1 * o1).sum().backward()
+        assert_close(out.detach(), o1.detach(), 1e-5, 1e-6)
+        assert_close(cent, c1, 1e-5, 1e-6)
+        assert_close(w.grad, w1.grad, 1e-4, 1e-5)
