@@ -616,11 +616,20 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
     *flag = 0;
     if (kind == IN_F32) {
         const float *xf = (const float *)x;
-        float amax = 0.0f;
-        for (int64_t i = 0; i < n; ++i) {
+        /* eight independent maxima (no dependency chain through one accumulator) */
+        float mx[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int t = 0; t < 8; ++t) {
+                float a = fabsf(xf[i + t]);
+                mx[t] = a > mx[t] ? a : mx[t];
+            }
+        for (; i < n; ++i) {
             float a = fabsf(xf[i]);
-            amax = a > amax ? a : amax;
+            mx[0] = a > mx[0] ? a : mx[0];
         }
+        float amax = 0.0f;
+        for (int t = 0; t < 8; ++t) amax = mx[t] > amax ? mx[t] : amax;
         int e2 = 1;
         if (amax > 0.0f) frexp((double)amax, &e2);
         int e = amax > 0.0f ? e2 - 1 : 0;
@@ -653,6 +662,9 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
     }
     /* present codes in value order (set bits of the bitmap); clear the tables behind us */
     int64_t m = 0;
+    int32_t *bkey = s->bkey;
+    double *bval = s->bval, *bw = s->bw, *bc = s->bc, *wsum = s->wsum;
+    const double inv = 1.0 / scale; /* a power of two: exact */
     for (uint32_t word = 0; word < 1024u; ++word) {
         uint64_t bits = seen[word];
         if (!bits) continue;
@@ -661,12 +673,12 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
             uint32_t kk = (word << 6) | (uint32_t)__builtin_ctzll(bits);
             bits &= bits - 1;
             int32_t c = cnt[kk];
-            s->bkey[m] = (int32_t)kk;
-            s->bval[m] = vtab[kk] / scale;
-            s->bw[m] = w ? s->wsum[kk] : (double)c;
-            s->bc[m] = (double)c;
+            bkey[m] = (int32_t)kk;
+            bval[m] = vtab[kk] * inv;
+            bw[m] = w ? wsum[kk] : (double)c;
+            bc[m] = (double)c;
             cnt[kk] = 0;
-            if (w) s->wsum[kk] = 0.0;
+            if (w) wsum[kk] = 0.0;
             ++m;
         }
     }
@@ -682,8 +694,13 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
                      cent, inertia, &coarse))
         return -1;
     if (kind == IN_F32 && coarse) *flag = 1;
-    for (int64_t b = 0; b < m; ++b) s->lab[s->bkey[b]] = s->binlab[b];
-    for (int64_t i = 0; i < n; ++i) labels[i] = s->lab[s->ekey[i]];
+    {
+        uint8_t *lab_w = s->lab;
+        const uint8_t *binlab = s->binlab;
+        for (int64_t b = 0; b < m; ++b) lab_w[bkey[b]] = binlab[b];
+    }
+    const uint8_t *lab = s->lab; /* locals: stores to labels may not alias the workspace */
+    for (int64_t i = 0; i < n; ++i) labels[i] = lab[ek[i]];
     return 0;
 }
 
