@@ -285,13 +285,7 @@ def _solve_bins(
     else:
         key_np = np.ascontiguousarray(keys.cpu().numpy().astype(np.int32, copy=False))
     args = (np.ascontiguousarray(w_np), s1_np, s2_np, key_np, bins.offsets, k, out)
-    work = np.diff(bins.offsets)
-    cut = None
-    if g_total > 1 and int(work.sum()) > 8192:
-        # split groups into two halves of equal work
-        cut = int(np.searchsorted(np.cumsum(work), work.sum() / 2)) + 1
-        cut = min(max(cut, 1), g_total - 1)
-    _on_two_threads(lambda g0, g1: _kmeans1d.solve(*args, g0, g1, shift), g_total, cut)
+    _on_two_threads(lambda g0, g1: _kmeans1d.solve(*args, g0, g1, shift), np.diff(bins.offsets))
     starts = out.reshape(g_total, k + 1)
 
     # Cluster sums from per-group prefix sums over the bins.
@@ -402,14 +396,17 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _NCPU = os.cpu_count() or 1
 
 
-def _on_two_threads(solve, g_total: int, cut: int | None) -> None:
-    """``solve(g0, g1)`` (a kernel call that releases the GIL) over groups ``[0, g_total)``: in
-    two halves at ``cut``, one on a persistent worker thread, or in one call when ``cut`` is
-    None. The worker is re-created after a fork (a forked child has no threads)."""
+def _on_two_threads(solve, work: np.ndarray) -> None:
+    """``solve(g0, g1)`` (a kernel call that releases the GIL) over the groups, ``work[g]``
+    elements or bins each: in two halves of equal work, one on a persistent worker thread, or
+    in one call when there is little work (under 8,192) or one CPU. The worker is re-created
+    after a fork (a forked child has no threads)."""
     global _pool
-    if cut is None or _NCPU == 1:
+    g_total, total = len(work), int(work.sum())
+    if g_total < 2 or total < 8192 or _NCPU == 1:
         solve(0, g_total)
         return
+    cut = min(max(int(np.searchsorted(np.cumsum(work), total / 2)) + 1, 1), g_total - 1)
     if _pool is None or _pool[0] != os.getpid():
         _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lp-kmeans"))
     other = _pool[1].submit(solve, cut, g_total)
@@ -471,8 +468,7 @@ def _kmeans_1d_codes_cpu(x: Tensor, k: int, weights: Tensor | None, labels: Tens
     flag = torch.zeros(g_total, dtype=torch.uint8)
     args = (xin.numpy(), kind, w, k, _value_table(half), labels.numpy(), cent.numpy())
     args += (inertia.numpy(), flag.numpy())
-    cut = g_total // 2 if g_total > 1 and g_total * n >= 8192 else None
-    _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), g_total, cut)
+    _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), np.full(g_total, n))
     result = KMeansResult(cent, labels, inertia)
     # flagged: too coarsely resolved by the codes (see _kmeans_1d_codes), or fp32 values so
     # small that their power-of-two scale leaves the float range
@@ -490,8 +486,7 @@ def _kmeans_1d_exact(x: Tensor, k: int, weights: Tensor | None) -> KMeansResult:
         cent = torch.empty(g_total, k, dtype=torch.float32)
         inertia = torch.empty(g_total, dtype=torch.float64)
         args = (xin.numpy(), w, k, labels.numpy(), cent.numpy(), inertia.numpy())
-        cut = g_total // 2 if g_total > 1 and g_total * n >= 8192 else None
-        _on_two_threads(lambda g0, g1: _kmeans1d.exact(*args, g0, g1), g_total, cut)
+        _on_two_threads(lambda g0, g1: _kmeans1d.exact(*args, g0, g1), np.full(g_total, n))
         return KMeansResult(cent, labels, inertia)
     labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
     bins, value = _exact_bins(x, weights)

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from test_soft_kmeans import _HostReads
 from torch import nn
 
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer, strip_coreml_metadata
@@ -558,18 +559,6 @@ def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
             assert pal.steps == 1
         reads.append(mode.count)
     assert reads == [2, 2], reads
-
-
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += str(func).startswith(self.READS)
-        return func(*args, **(kwargs or {}))
 
 
 def test_host_flags_follow_their_buffers():
