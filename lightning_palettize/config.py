@@ -813,7 +813,17 @@ class _PalettizerConfig:
         palettizer's defaults then apply to every module that a later ``set_module_name`` /
         ``set_module_type`` call does not configure (DKM: its per-type default table, which also
         wins over a later ``set_global``; PTP/SKM: a default ``global_config`` until
-        ``set_global`` replaces it)."""
+        ``set_global`` replaces it).
+
+        Returns:
+            Whether the config was created with nothing set.
+
+        Example:
+            >>> DKMPalettizerConfig().set_module_name("head", None).fills_defaults()
+            True
+            >>> DKMPalettizerConfig(module_name_configs={"head": None}).fills_defaults()
+            False
+        """
         return self._built_empty
 
     def is_unset(self) -> bool:

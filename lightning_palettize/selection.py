@@ -236,7 +236,22 @@ def _match_type(config: PalettizerConfig, cls: type) -> tuple[bool, Any]:
 
 
 def has_type_config(config: PalettizerConfig, cls: type) -> bool:
-    """Whether ``config.module_type_configs`` has an entry for ``cls`` (or a base class)."""
+    """Whether ``config.module_type_configs`` has an entry for ``cls`` (or a base class).
+
+    Args:
+        config: a top-level palettizer config.
+        cls: a module class.
+
+    Returns:
+        True when a type entry (class or class-name key) applies to ``cls``.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_palettize import DKMPalettizerConfig
+        >>> cfg = DKMPalettizerConfig().set_module_type("Linear", {"n_bits": 3})
+        >>> has_type_config(cfg, nn.Linear), has_type_config(cfg, nn.Conv2d)
+        (True, False)
+    """
     return _match_type(config, cls)[0]
 
 
