@@ -23,10 +23,10 @@
  *       out       : int64[G*(k+1)] written for groups g0..g1-1: the bin index where each cluster
  *                   starts, then the group's bin count. Clusters past min(k, m) are empty (start m).
  *
- *     codes(x, kind, w, k, vtab, labels, cent, inertia, flag, g0, g1)
- *       fast mode of kmeans.py fused for CPU tensors: per group, the histogram of 16-bit float
- *       codes, the DP above over the present codes, centroids and every element's label in one
- *       place (see py_codes below).
+ *     codes(jobs, inertia, flag, g0, g1)
+ *       fast mode of kmeans.py fused for CPU tensors: per LUT group (of any number of tensors),
+ *       the histogram of 16-bit float codes, the DP above over the present codes, centroids and
+ *       every element's label in one place (see py_codes below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -386,10 +386,14 @@ static int solve_group(const double *w, const double *s1, const double *s2, cons
     if (!p) return -1;
     double *p0 = p, *p1 = p + (m + 1), *p2 = p + 2 * (m + 1);
     p0[0] = p1[0] = p2[0] = 0.0;
+    double r0 = 0.0, r1 = 0.0, r2 = 0.0;
     for (int64_t i = 0; i < m; ++i) {
-        p0[i + 1] = p0[i] + w[i];
-        p1[i + 1] = p1[i] + s1[i];
-        p2[i + 1] = p2[i] + s2[i];
+        r0 += w[i];
+        r1 += s1[i];
+        r2 += s2[i];
+        p0[i + 1] = r0;
+        p1[i + 1] = r1;
+        p2[i + 1] = r2;
     }
     int failed = solve_prefix(p0, p1, p2, key, m, k, shift, out);
     free(p);
@@ -399,6 +403,28 @@ static int solve_group(const double *w, const double *s1, const double *s2, cons
 /* ------------------------------------------------------------------------------------------ */
 /* Fused fast mode on the CPU: 16-bit code histogram, DP and labels of a group in one place.  */
 /* ------------------------------------------------------------------------------------------ */
+
+/* IEEE binary16 / bfloat16 bit pattern -> float32 (exact) */
+static inline float f16_to_f32(uint32_t h) {
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    float v;
+    if (e == 0) {
+        v = (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
+    } else if (e == 31) {
+        v = m ? NAN : INFINITY;
+    } else {
+        uint32_t u = ((e + 112u) << 23) | (m << 13);
+        memcpy(&v, &u, sizeof(v));
+    }
+    return (h & 0x8000u) ? -v : v;
+}
+
+static inline float bf16_to_f32(uint32_t h) {
+    uint32_t u = h << 16;
+    float v;
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
 
 /* float32 -> IEEE binary16 bit pattern, round to nearest even (what torch's .half() does). */
 static inline uint32_t f32_to_f16_bits(float f) {
@@ -427,6 +453,15 @@ static inline uint32_t order_key(uint32_t raw) {
     return raw >= 0x8000u ? raw ^ 0xFFFFu : raw ^ 0x8000u;
 }
 
+/* inputs of the fused fast mode: float32 clustered by its fp16 codes, fp16, bf16 */
+enum { IN_F32 = 0, IN_F16 = 1, IN_BF16 = 2 };
+
+/* the value of a value-order key (fp16 codes for IN_F32 and IN_F16, bf16 for IN_BF16) */
+static inline double key_value(uint32_t key, int kind) {
+    uint32_t raw = key >= 0x8000u ? key ^ 0x8000u : key ^ 0xFFFFu;
+    return kind == IN_BF16 ? (double)bf16_to_f32(raw) : (double)f16_to_f32(raw);
+}
+
 /* m bins in ascending value order (value, weight, element count; keys for the coarse level
  * when shift > 0) -> prefix sums centred on the weighted mean (no cancellation in the DP), the
  * DP, centroids (weighted mean; the plain mean for a cluster without weight; empty slots, only
@@ -436,19 +471,31 @@ static inline uint32_t order_key(uint32_t raw) {
 static int cluster_bins(const double *bval, const double *bw, const double *bc,
                         const int32_t *bkey, int64_t m, int64_t k, int64_t shift, double *p,
                         int64_t *st, uint8_t *binlab, float *cent, double *inertia, int *coarse) {
-    double wtot = 0.0, wv = 0.0;
-    for (int64_t b = 0; b < m; ++b) {
-        wtot += bw[b];
-        wv += bw[b] * bval[b];
+    /* the centre only has to be near the data: four sums at a time, not one long chain */
+    double wt4[4] = {0.0, 0.0, 0.0, 0.0}, wv4[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t b4 = 0;
+    for (; b4 + 4 <= m; b4 += 4)
+        for (int t = 0; t < 4; ++t) {
+            wt4[t] += bw[b4 + t];
+            wv4[t] += bw[b4 + t] * bval[b4 + t];
+        }
+    for (; b4 < m; ++b4) {
+        wt4[0] += bw[b4];
+        wv4[0] += bw[b4] * bval[b4];
     }
+    double wtot = (wt4[0] + wt4[1]) + (wt4[2] + wt4[3]), wv = (wv4[0] + wv4[1]) + (wv4[2] + wv4[3]);
     double mu = wtot > 0.0 ? wv / wtot : 0.0;
     double *p0 = p, *p1 = p + (m + 1), *p2 = p + 2 * (m + 1);
     p0[0] = p1[0] = p2[0] = 0.0;
+    double r0 = 0.0, r1 = 0.0, r2 = 0.0; /* running sums in registers (the rows may alias) */
     for (int64_t b = 0; b < m; ++b) {
         double d = bval[b] - mu, wt = bw[b];
-        p0[b + 1] = p0[b] + wt;
-        p1[b + 1] = p1[b] + wt * d;
-        p2[b + 1] = p2[b] + wt * d * d;
+        r0 += wt;
+        r1 += wt * d;
+        r2 += wt * d * d;
+        p0[b + 1] = r0;
+        p1[b + 1] = r1;
+        p2[b + 1] = r2;
     }
     if (solve_prefix(p0, p1, p2, bkey, m, k, shift, st)) return -1;
     double tot = 0.0, last = 0.0;
@@ -456,10 +503,14 @@ static int cluster_bins(const double *bval, const double *bw, const double *bc,
     for (int64_t c = 0; c < k; ++c) {
         int64_t a = st[c], b = st[c + 1];
         double sc = 0.0, sv = 0.0;
-        for (int64_t t = a; t < b; ++t) {
-            sc += bc[t];
-            sv += bc[t] * bval[t];
-            binlab[t] = (uint8_t)c;
+        if (b > a) memset(binlab + a, (int)c, (size_t)(b - a));
+        if (bc == bw) {
+            sc = p0[b] - p0[a]; /* counts are the weights: no second sum (sv is not read) */
+        } else {
+            for (int64_t t = a; t < b; ++t) {
+                sc += bc[t];
+                sv += bc[t] * bval[t];
+            }
         }
         if (sc <= 0.0) {
             cent[c] = (float)last;
@@ -478,8 +529,6 @@ static int cluster_bins(const double *bval, const double *bw, const double *bc,
     *inertia = tot;
     return 0;
 }
-
-enum { IN_F32 = 0, IN_HALF = 1 };
 
 typedef struct {
     int32_t *cnt;    /* [65536] elements per code */
@@ -605,12 +654,12 @@ static void element_keys(const void *x, int kind, float sf, int64_t n, uint16_t 
     element_keys_scalar(x, kind, sf, n, out);
 }
 
-/* One group of n elements. vtab: value of each ordered key (fp16 or bf16 interpretation).
- * Writes labels[n], cent[k], *inertia, *flag (1: fp32 group too coarsely resolved by its codes,
- * or scale out of float range: the caller re-solves it exactly). Returns -1 on failure. */
+/* One group of n elements (kind: IN_*). Writes labels[n], cent[k], *inertia, *flag (1: fp32
+ * group too coarsely resolved by its codes, or scale out of float range: the caller re-solves
+ * it exactly; 2: x holds NaN or Inf, nothing else written). Returns -1 on failure. */
 static int codes_group(const void *x, int kind, const float *w, int64_t n, int64_t k,
-                       const double *vtab, codes_ws_t *s, uint8_t *labels, float *cent,
-                       double *inertia, uint8_t *flag) {
+                       codes_ws_t *s, uint8_t *labels, float *cent, double *inertia,
+                       uint8_t *flag) {
     double scale = 1.0;
     float sf = 1.0f;
     *flag = 0;
@@ -630,6 +679,10 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         }
         float amax = 0.0f;
         for (int t = 0; t < 8; ++t) amax = mx[t] > amax ? mx[t] : amax;
+        if (isinf(amax)) { /* (NaN does not win a comparison: the codes below catch it) */
+            *flag = 2;
+            return 0;
+        }
         int e2 = 1;
         if (amax > 0.0f) frexp((double)amax, &e2);
         int e = amax > 0.0f ? e2 - 1 : 0;
@@ -674,13 +727,20 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
             bits &= bits - 1;
             int32_t c = cnt[kk];
             bkey[m] = (int32_t)kk;
-            bval[m] = vtab[kk] * inv;
+            bval[m] = key_value(kk, kind) * inv;
             bw[m] = w ? wsum[kk] : (double)c;
-            bc[m] = (double)c;
+            if (w) {
+                bc[m] = (double)c;
+                wsum[kk] = 0.0;
+            }
             cnt[kk] = 0;
-            if (w) wsum[kk] = 0.0;
             ++m;
         }
+    }
+    /* NaN and Inf codes sort past every finite one: only the two ends can hold them */
+    if (!isfinite(bval[0]) || !isfinite(bval[m - 1])) {
+        *flag = 2;
+        return 0;
     }
     int64_t shift = 0;
     if (m > 2048) {
@@ -690,8 +750,9 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
         shift = shift < 0 ? 0 : (shift > 4 ? 4 : shift);
     }
     int coarse = 0;
-    if (cluster_bins(s->bval, s->bw, s->bc, s->bkey, m, k, shift, s->p, s->starts, s->binlab,
-                     cent, inertia, &coarse))
+    /* unweighted: the element counts are the weights (one array for both) */
+    if (cluster_bins(s->bval, s->bw, w ? s->bc : s->bw, s->bkey, m, k, shift, s->p, s->starts,
+                     s->binlab, cent, inertia, &coarse))
         return -1;
     if (kind == IN_F32 && coarse) *flag = 1;
     {
@@ -705,59 +766,57 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
 }
 
 /*
- * codes(x, kind, w, k, vtab, labels, cent, inertia, flag, g0, g1)
- *   x      : float32[G*N] (kind 0) or uint16[G*N] 16-bit float patterns (kind 1)
- *   w      : float32[G*N] importance, or None
- *   vtab   : float64[65536] value of each value-order key (fp16 or bf16 interpretation)
- *   labels : uint8[G*N] out;  cent: float32[G*k] out;  inertia: float64[G] out;  flag: uint8[G] out
- * Groups g0..g1-1 are solved (the GIL is released).
+ * codes(jobs, inertia, flag, g0, g1)
+ *   jobs    : int64[J * 7], one row per LUT group, from any number of tensors: the address of
+ *             its n elements x, their kind (IN_F32, IN_F16, IN_BF16), the address of float32[n]
+ *             importances w (0: none), n, k (1..256), the address of uint8[n] labels (out) and
+ *             of float32[k] centroids (out)
+ *   inertia : float64[J] out;  flag: uint8[J] out (see codes_group)
+ * Jobs g0..g1-1 are solved with the GIL released. The caller keeps every addressed buffer
+ * alive and sized as the row says.
  */
+enum { JOB_X, JOB_KIND, JOB_W, JOB_N, JOB_K, JOB_LABELS, JOB_CENT, JOB_FIELDS };
+
 static PyObject *py_codes(PyObject *self, PyObject *args) {
-    Py_buffer bx, bw, bt, bl, bc, bi, bf;
-    PyObject *wobj;
-    int kind;
-    long long k, g0, g1;
-    if (!PyArg_ParseTuple(args, "y*iOLy*w*w*w*w*LL", &bx, &kind, &wobj, &k, &bt, &bl, &bc, &bi,
-                          &bf, &g0, &g1))
-        return NULL;
+    Py_buffer bj, bi, bf;
+    long long g0, g1;
+    if (!PyArg_ParseTuple(args, "y*w*w*LL", &bj, &bi, &bf, &g0, &g1)) return NULL;
     PyObject *ret = NULL;
-    int have_w = wobj != Py_None;
-    if (have_w && PyObject_GetBuffer(wobj, &bw, PyBUF_SIMPLE) < 0) goto done_nobw;
-    {
-        int64_t g = bi.len / (Py_ssize_t)sizeof(double);
-        int64_t isz = kind == IN_F32 ? 4 : 2;
-        int64_t n = g > 0 ? bx.len / isz / g : 0;
-        if ((kind != IN_F32 && kind != IN_HALF) || k < 1 || k > 256 || g0 < 0 || g1 > g ||
-            g0 > g1 || bx.len != g * n * isz || bl.len != g * n || bc.len != g * k * 4 ||
-            bf.len != g || bt.len != 65536 * 8 || (have_w && bw.len != g * n * 4)) {
-            PyErr_SetString(PyExc_ValueError, "_kmeans1d.codes: inconsistent arguments");
-            goto done;
-        }
-        int failed = 0;
-        Py_BEGIN_ALLOW_THREADS codes_ws_t *ws = codes_ws_get(have_w, n);
-        if (!ws) failed = 1;
-        for (int64_t q = g0; q < g1 && !failed; ++q) {
-            failed = codes_group((const char *)bx.buf + q * n * isz, kind,
-                                 have_w ? (const float *)bw.buf + q * n : NULL, n, k,
-                                 (const double *)bt.buf, ws, (uint8_t *)bl.buf + q * n,
-                                 (float *)bc.buf + q * k, (double *)bi.buf + q,
-                                 (uint8_t *)bf.buf + q) != 0;
-        }
-        codes_ws_trim();
-        Py_END_ALLOW_THREADS if (failed) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        ret = Py_None;
-        Py_INCREF(ret);
+    const int64_t *jobs = (const int64_t *)bj.buf;
+    int64_t nj = bi.len / (Py_ssize_t)sizeof(double), nmax = 0;
+    int bad = bj.len != nj * JOB_FIELDS * (Py_ssize_t)sizeof(int64_t) || bf.len != nj || g0 < 0 ||
+              g1 > nj || g0 > g1;
+    for (int64_t q = g0; q < g1 && !bad; ++q) {
+        const int64_t *job = jobs + q * JOB_FIELDS;
+        bad = job[JOB_KIND] < IN_F32 || job[JOB_KIND] > IN_BF16 || job[JOB_N] < 1 ||
+              job[JOB_K] < 1 || job[JOB_K] > 256 || !job[JOB_X] || !job[JOB_LABELS] ||
+              !job[JOB_CENT];
+        if (job[JOB_N] > nmax) nmax = job[JOB_N];
     }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "_kmeans1d.codes: inconsistent arguments");
+        goto done;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS codes_ws_t *ws = NULL;
+    for (int64_t q = g0; q < g1 && !failed; ++q) {
+        const int64_t *job = jobs + q * JOB_FIELDS;
+        if (!ws || job[JOB_W]) ws = codes_ws_get(job[JOB_W] != 0, nmax);
+        failed = !ws || codes_group((const void *)(uintptr_t)job[JOB_X], (int)job[JOB_KIND],
+                                    (const float *)(uintptr_t)job[JOB_W], job[JOB_N], job[JOB_K],
+                                    ws, (uint8_t *)(uintptr_t)job[JOB_LABELS],
+                                    (float *)(uintptr_t)job[JOB_CENT], (double *)bi.buf + q,
+                                    (uint8_t *)bf.buf + q) != 0;
+    }
+    codes_ws_trim();
+    Py_END_ALLOW_THREADS if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
 done:
-    if (have_w) PyBuffer_Release(&bw);
-done_nobw:
-    PyBuffer_Release(&bx);
-    PyBuffer_Release(&bt);
-    PyBuffer_Release(&bl);
-    PyBuffer_Release(&bc);
+    PyBuffer_Release(&bj);
     PyBuffer_Release(&bi);
     PyBuffer_Release(&bf);
     return ret;
@@ -860,13 +919,13 @@ static int exact_group(const float *x, const float *w, int64_t n, int64_t k, exa
             ++m;
         }
         s->bw[m - 1] += wt;
-        s->bc[m - 1] += 1.0;
+        if (w) s->bc[m - 1] += 1.0;
     }
     s->bstart[m] = (int32_t)n;
     int64_t st[257];
     int coarse;
-    if (cluster_bins(s->bval, s->bw, s->bc, NULL, m, k, 0, s->p, st, s->binlab, cent, inertia,
-                     &coarse))
+    if (cluster_bins(s->bval, s->bw, w ? s->bc : s->bw, NULL, m, k, 0, s->p, st, s->binlab, cent,
+                     inertia, &coarse))
         return -1;
     for (int64_t b = 0; b < m; ++b)
         for (int32_t q = s->bstart[b]; q < s->bstart[b + 1]; ++q) labels[idx[q]] = s->binlab[b];
@@ -923,27 +982,6 @@ done_nobw:
 }
 
 /* binary16 / bfloat16 bit patterns <-> float32 (round to nearest even, as torch) */
-static inline float f16_to_f32(uint32_t h) {
-    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    float v;
-    if (e == 0) {
-        v = (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
-    } else if (e == 31) {
-        v = m ? NAN : INFINITY;
-    } else {
-        uint32_t u = ((e + 112u) << 23) | (m << 13);
-        memcpy(&v, &u, sizeof(v));
-    }
-    return (h & 0x8000u) ? -v : v;
-}
-
-static inline float bf16_to_f32(uint32_t h) {
-    uint32_t u = h << 16;
-    float v;
-    memcpy(&v, &u, sizeof(v));
-    return v;
-}
-
 static inline uint32_t f32_to_bf16_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof(u));

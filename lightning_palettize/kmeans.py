@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ except ImportError as err:  # pragma: no cover - only on a broken install
         "when installing from source)"
     ) from err
 
-__all__ = ["KMeansResult", "kmeans_1d", "kmeans_vectors", "kmeans"]
+__all__ = ["KMeansResult", "kmeans_1d", "kmeans_vectors", "kmeans", "kmeans_many"]
 
 _NCODES = 65536
 # Elements handled per step: bounds the temporaries (~14 bytes per element) to a few MB, so
@@ -80,7 +81,9 @@ def _label_dtype(k: int) -> torch.dtype:
     return torch.uint8 if k <= 256 else torch.int64
 
 
-def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
+def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int, values: bool = True) -> None:
+    """Shapes, k and weights; with ``values`` also that x is finite (the fused CPU kernel
+    checks that itself)."""
     if not isinstance(x, Tensor) or x.dim() != ndim:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a tensor of rank {ndim}, got {shape}")
@@ -92,9 +95,10 @@ def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
         raise ValueError("x: groups are empty (N == 0)")
     # One reduction instead of a weight-sized bool mask: NaN and Inf propagate into the sum
     # (the full check runs only if the sum is not finite, e.g. after an fp32 overflow).
-    total = x.sum(dtype=torch.float32)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
-        raise ValueError("x: contains NaN or Inf values; cannot cluster them")
+    if values:
+        total = x.sum(dtype=torch.float32)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(x).all()):
+            _non_finite()
     if weights is not None:
         if tuple(weights.shape) != tuple(x.shape[:2]):
             raise ValueError(
@@ -103,6 +107,10 @@ def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int) -> None:
             )
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError("weights: must be finite and non-negative")
+
+
+def _non_finite():
+    raise ValueError("x: contains NaN or Inf values; cannot cluster them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,15 +343,15 @@ def kmeans_1d(
         >>> r.centroids
         tensor([[0.0500, 1.0500]])
     """
-    _check_input(x, k, weights, 2)
+    fused = not exact and _fused_ok(x, k)
+    _check_input(x, k, weights, 2, values=not fused)
+    if fused:
+        return _kmeans_1d_codes_cpu([x], [k], [weights])[0]
     g_total, n = x.shape
     device = x.device
-    labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
     if exact or x.dtype == torch.float64:
         return _kmeans_1d_exact(x, k, weights)
-
-    if _fused_ok(x, k):
-        return _kmeans_1d_codes_cpu(x, k, weights, labels)
+    labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
     # Groups are solved a batch at a time so the per-bin arrays stay small.
     gb = max(1, _BATCH // n)
     cent = torch.empty(g_total, k, dtype=torch.float32, device=device)
@@ -431,49 +439,60 @@ def _redo_exact(
 # The CPU runs fast mode in one compiled pass per group (``_kmeans1d.codes``); the torch
 # program above is the same computation for other devices (and what tests compare it with).
 _FUSED_CPU = True
-_value_tables: dict[torch.dtype, np.ndarray] = {}
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kmeans1d.c's IN_*
 
 
 def _fused_ok(x: Tensor, k: int) -> bool:
     return (
         _FUSED_CPU
+        and isinstance(x, Tensor)
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and x.dtype in _KINDS
+        and isinstance(k, int)
         and k <= 256
     )
 
 
-def _value_table(half: torch.dtype) -> np.ndarray:
-    """float64[65536]: the value of each value-order key (:func:`_order_key`) of a 16-bit type."""
-    table = _value_tables.get(half)
-    if table is None:
-        key = torch.arange(_NCODES, dtype=torch.int32)
-        raw = torch.where(key < 0x8000, key ^ 0xFFFF, key ^ 0x8000)
-        table = raw.to(torch.int16).view(half).double().numpy()
-        _value_tables[half] = table
-    return table
-
-
-def _kmeans_1d_codes_cpu(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) -> KMeansResult:
-    """Fast mode on CPU tensors: the same bins, DP and labels as :func:`_kmeans_1d_codes`,
-    fused per group in C (two threads over the groups); writes ``labels`` in place."""
-    g_total, n = x.shape
-    if x.dtype == torch.float32:
-        kind, xin, half = 0, x.contiguous(), torch.float16
-    else:
-        kind, xin, half = 1, x.contiguous().view(torch.int16), x.dtype
-    w = None if weights is None else weights.to(torch.float32).contiguous().numpy()
-    cent = torch.empty(g_total, k, dtype=torch.float32)
-    inertia = torch.empty(g_total, dtype=torch.float64)
-    flag = torch.zeros(g_total, dtype=torch.uint8)
-    args = (xin.numpy(), kind, w, k, _value_table(half), labels.numpy(), cent.numpy())
-    args += (inertia.numpy(), flag.numpy())
-    _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), np.full(g_total, n))
-    result = KMeansResult(cent, labels, inertia)
-    # flagged: too coarsely resolved by the codes (see _kmeans_1d_codes), or fp32 values so
-    # small that their power-of-two scale leaves the float range
-    _redo_exact(result, x, k, weights, flag.bool())
-    return result
+def _kmeans_1d_codes_cpu(
+    xs: list[Tensor], ks: list[int], weights: list[Tensor | None]
+) -> list[KMeansResult]:
+    """Fast mode on CPU tensors ``x[G, N]``: the same bins, DP and labels as
+    :func:`_kmeans_1d_codes`, every LUT group of every tensor in one compiled call (split over
+    two threads by size); NaN and Inf are found by the kernel."""
+    keep, rows, outs = [], [], []
+    for x, k, w in zip(xs, ks, weights):
+        g_total, n = x.shape
+        xin = x.contiguous()
+        win = None if w is None else w.to(torch.float32).contiguous()
+        labels = torch.empty(g_total, n, dtype=torch.uint8)
+        cent = torch.empty(g_total, k, dtype=torch.float32)
+        keep += [xin, win]
+        outs.append((labels, cent))
+        # one job row per LUT group (see py_codes in _kmeans1d.c): addresses into the tensors
+        xp, step, kind = xin.data_ptr(), n * xin.element_size(), _KINDS[x.dtype]
+        wp, lp, cp = 0 if win is None else win.data_ptr(), labels.data_ptr(), cent.data_ptr()
+        rows += [
+            (xp + q * step, kind, wp and wp + q * n * 4, n, k, lp + q * n, cp + q * k * 4)
+            for q in range(g_total)
+        ]
+    jobs = np.array(rows, dtype=np.int64)
+    inertia = torch.empty(len(jobs), dtype=torch.float64)
+    flag = np.zeros(len(jobs), dtype=np.uint8)
+    args = (jobs, inertia.numpy(), flag)
+    _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), jobs[:, 3])
+    if flag.max() == 2:
+        _non_finite()
+    results, g0 = [], 0
+    for x, k, w, (labels, cent) in zip(xs, ks, weights, outs):
+        g1 = g0 + x.shape[0]
+        result = KMeansResult(cent, labels, inertia[g0:g1])
+        if flag[g0:g1].any():
+            # too coarsely resolved by the codes (see _kmeans_1d_codes), or fp32 values so small
+            # that their power-of-two scale leaves the float range: those groups exactly
+            _redo_exact(result, x, k, w, torch.from_numpy(flag[g0:g1] == 1))
+        results.append(result)
+        g0 = g1
+    return results
 
 
 def _kmeans_1d_exact(x: Tensor, k: int, weights: Tensor | None) -> KMeansResult:
@@ -644,9 +663,64 @@ def kmeans(
 
     Returns centroids shaped ``[G, k, d]`` in both cases.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x: expected [G, N, d], got shape {tuple(x.shape)}")
-    if x.shape[2] == 1:
-        r = kmeans_1d(x[..., 0], k, weights, exact=exact)
-        return KMeansResult(r.centroids.unsqueeze(-1), r.labels, r.inertia)
-    return kmeans_vectors(x, k, weights, seed=seed)
+    return kmeans_many([x], [k], [weights], exact=exact, seed=seed)[0]
+
+
+def kmeans_many(
+    xs: Sequence[Tensor],
+    ks: Sequence[int],
+    weights: Sequence[Tensor | None] | None = None,
+    *,
+    exact: bool = False,
+    seed: int = 0,
+) -> list[KMeansResult]:
+    """:func:`kmeans` of several tensors: ``kmeans(xs[i], ks[i], weights[i])`` for each i.
+
+    1-D fast-mode CPU tensors (float32, float16, bfloat16; K <= 256) are clustered together in
+    one compiled call whose LUT groups are split over two threads, so a model with many small
+    layers pays the per-call and thread hand-off costs once, not per layer. The results are the
+    same as one :func:`kmeans` call per tensor.
+
+    Args:
+        xs: tensors ``x[G_i, N_i, d_i]``.
+        ks: number of centroids of each.
+        weights: optional ``[G_i, N_i]`` importances of each (``None`` entries allowed).
+        exact, seed: as for :func:`kmeans`.
+
+    Returns:
+        One :class:`KMeansResult` per tensor, in order.
+
+    Raises:
+        ValueError: on a wrong shape, non-finite values, negative weights or bad arguments.
+
+    Example:
+        >>> a, b = torch.randn(2, 64, 1), torch.randn(1, 32, 1)
+        >>> [r.centroids.shape for r in kmeans_many([a, b], [4, 2])]
+        [torch.Size([2, 4, 1]), torch.Size([1, 2, 1])]
+    """
+    if len(ks) != len(xs) or (weights is not None and len(weights) != len(xs)):
+        raise ValueError(f"xs, ks and weights: expected one per tensor, got {len(xs)}, {len(ks)}")
+    ws = [None] * len(xs) if weights is None else list(weights)
+    for x in xs:
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [G, N, d], got shape {shape}")
+    out: list[KMeansResult | None] = [None] * len(xs)
+    fused = [i for i, x in enumerate(xs) if x.shape[2] == 1 and not exact and _fused_ok(x, ks[i])]
+    for i in fused:
+        _check_input(xs[i][..., 0], ks[i], ws[i], 2, values=False)
+    if fused:
+        res = _kmeans_1d_codes_cpu(
+            [xs[i][..., 0] for i in fused], [ks[i] for i in fused], [ws[i] for i in fused]
+        )
+        for i, r in zip(fused, res):
+            out[i] = KMeansResult(r.centroids.unsqueeze(-1), r.labels, r.inertia)
+    for i, x in enumerate(xs):
+        if out[i] is not None:
+            continue
+        if x.shape[2] == 1:
+            r = kmeans_1d(x[..., 0], ks[i], ws[i], exact=exact)
+            out[i] = KMeansResult(r.centroids.unsqueeze(-1), r.labels, r.inertia)
+        else:
+            out[i] = kmeans_vectors(x, ks[i], ws[i], seed=seed)
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_palettize.kmeans import kmeans, kmeans_1d, kmeans_vectors
+from lightning_palettize.kmeans import kmeans, kmeans_1d, kmeans_many, kmeans_vectors
 
 
 def _brute_force(values, weights, k):
@@ -216,6 +216,46 @@ def test_fused_half_conversion_matches_torch():
     _kmeans1d.half_bits(x.contiguous().numpy(), out)
     ref = x.half().view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -float("nan")])
+def test_non_finite_values_are_rejected_in_every_mode(dtype, bad):
+    # the fused kernel finds them itself (first or last code of a group); the other paths by a sum
+    for pos in (0, 777, 4999):
+        x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(pos)).to(dtype)
+        x[1, pos] = bad
+        for exact in (False, True):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                kmeans_1d(x, 8, exact=exact)
+
+
+def test_kmeans_many_equals_one_call_per_tensor():
+    gen = torch.Generator().manual_seed(21)
+    xs = [
+        torch.randn(4, 3000, 1, generator=gen) * 0.02,
+        (torch.randn(2, 700, 1, generator=gen)).to(torch.bfloat16),
+        (torch.randn(1, 5000, 1, generator=gen) * 0.1).to(torch.float16),
+        torch.randn(3, 64, 2, generator=gen),  # vectors: k-means++ and Lloyd
+        torch.randn(2, 9, 1, generator=gen).double(),  # float64: the exact path
+    ]
+    ks = [16, 4, 256, 8, 3]
+    ws = [None, torch.rand(2, 700, generator=gen), None, None, None]
+    got = kmeans_many(xs, ks, ws)
+    for x, k, w, r in zip(xs, ks, ws, got):
+        want = kmeans(x, k, w)
+        assert torch.equal(r.labels, want.labels)
+        assert torch.equal(r.centroids, want.centroids)
+        assert torch.equal(r.inertia, want.inertia)
+    # all or nothing: one bad tensor fails the call
+    bad = xs[2].clone()
+    bad[0, 10, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kmeans_many([xs[0], bad], [4, 4])
+    with pytest.raises(ValueError, match="one per tensor"):
+        kmeans_many(xs[:2], [4])
+    with pytest.raises(ValueError, match=r"expected \[G, N, d\]"):
+        kmeans_many([torch.zeros(3, 4)], [2])
 
 
 def test_weighted_zero_weights_never_nan():

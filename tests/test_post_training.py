@@ -309,3 +309,86 @@ def test_error_not_worse_than_coremltools(granularity):
         e_ours = ((w - ours[i].weight) ** 2).sum().item()
         e_theirs = ((w - theirs[i].weight) ** 2).sum().item()
         assert e_ours <= e_theirs * 1.001, (i, e_ours, e_theirs)
+
+
+class _Exotic(nn.Module):
+    """Attributes deepcopy must copy, share or re-create: see test_copy_model_equals_deepcopy."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # tied
+        self.shared1, self.shared2 = shared, shared  # one module twice
+        self.register_buffer("steps", torch.tensor(3))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.notes = {"list": [1, 2], "t": torch.ones(2)}
+        self.kernel = (3, 3)
+        self.dtype_attr = torch.float16
+        self.empty = None
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+
+
+class _OwnCopy(nn.Linear):
+    def __deepcopy__(self, memo):
+        new = nn.Linear.__new__(type(self))
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = self.in_features, self.out_features
+        new.weight = nn.Parameter(self.weight.detach().clone())
+        new.bias = None
+        new.copied_by_own_protocol = True
+        return new
+
+
+def test_copy_model_equals_deepcopy():
+    from lightning_palettize.palettizers._common import copy_model
+
+    shared = nn.Linear(4, 2)
+    model = nn.Sequential(_Exotic(shared), _OwnCopy(4, 4), nn.ReLU()).eval()
+    calls = []
+    model[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    model[0].a.weight.grad = torch.ones(4, 4)
+    twin, ref = copy_model(model), copy.deepcopy(model)
+    if True:
+        assert type(twin) is type(ref) and not twin.training
+        a, r = twin[0], ref[0]
+        assert a.b.weight is a.a.weight and a.a.weight is not model[0].a.weight
+        assert a.shared1 is a.shared2 and a.shared1 is not shared
+        assert a.notes is not model[0].notes and a.notes["list"] == [1, 2]
+        assert torch.equal(a.notes["t"], r.notes["t"])
+        assert a.notes["t"] is not model[0].notes["t"]
+        assert a.kernel == (3, 3) and a.dtype_attr is torch.float16 and a.empty is None
+        assert not a.frozen.requires_grad and a.a.weight.requires_grad
+        assert (a.a.weight.grad is None) == (r.a.weight.grad is None)  # (Parameter's own rule)
+        assert "scratch" in a._non_persistent_buffers_set
+        assert a._non_persistent_buffers_set is not model[0]._non_persistent_buffers_set
+        assert twin[1].copied_by_own_protocol  # its own __deepcopy__ ran
+        assert twin.state_dict().keys() == ref.state_dict().keys()
+        for (k, v), w in zip(twin.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(v, w), k
+        # hooks come along; changing the copy leaves the original alone
+        assert len(a._forward_hooks) == 1
+        a.a.weight.data.zero_()
+        a.kernel = (1, 1)
+        assert model[0].a.weight.abs().sum() > 0 and model[0].kernel == (3, 3)
+
+
+def test_batched_planning_equals_one_weight_at_a_time(monkeypatch):
+    from lightning_palettize.palettizers import _common
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.Linear(128, 32).to(torch.bfloat16), nn.Conv2d(8, 16, 3)
+    )
+    cfg = {
+        "global_config": {"n_bits": 3, "granularity": "per_grouped_channel", "group_size": 8},
+        "module_name_configs": {"1": {"n_bits": 2}, "2": {"n_bits": 4, "cluster_dim": 2}},
+    }
+    together = PostTrainingPalettizer(model, cfg)
+    out_together = together.compress(progress=False)
+    monkeypatch.setattr(_common, "PLAN_BATCH_ELEMS", 1)  # one weight per batch
+    alone = PostTrainingPalettizer(model, cfg)
+    out_alone = alone.compress(progress=False)
+    for (name, a), b in zip(out_together.state_dict().items(), out_alone.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert together.report().to_table() == alone.report().to_table()

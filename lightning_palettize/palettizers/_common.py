@@ -4,6 +4,7 @@ metadata, and the all-or-nothing write-back of a whole model."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_palettize._progress import Progress
-from lightning_palettize.kmeans import kmeans
+from lightning_palettize.kmeans import kmeans_many
 from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
 from lightning_palettize.report import PalettizationReport, ReportRow
 from lightning_palettize.selection import WeightSelection, select_weights
@@ -21,8 +22,11 @@ __all__ = [
     "COREML_PREFIX",
     "METADATA_VERSION_KEY",
     "PalettizedWeight",
+    "copy_model",
     "layout_for",
+    "ClusterSpec",
     "palettize_weight",
+    "palettize_many",
     "scaled_groups",
     "build_palette",
     "attach_coreml_metadata",
@@ -63,6 +67,65 @@ class PalettizedWeight:
     outliers: Tensor | None = None  # bool mask of weights kept exact (SKM)
 
 
+# attribute values a copy may share: immutable, and deepcopy returns them as they are
+_SHARED_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether deepcopy would reconstruct ``cls`` generically (no own copy/pickle protocol)."""
+    return (
+        cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and getattr(cls, "__deepcopy__", None) is None
+        and not hasattr(cls, "__slots__")
+    )
+
+
+def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(model)``, the same result about 3x faster on small models.
+
+    Modules whose class keeps the default pickling protocol are rebuilt as deepcopy's generic
+    path rebuilds them (``__getstate__``, each value copied, ``__setstate__``), sharing the
+    immutable values and re-creating empty hook tables without the generic machinery; tensors,
+    parameters and every other value go through ``copy.deepcopy`` with the shared ``memo``
+    (tied weights and shared submodules stay shared), and any other module class is handed to
+    ``copy.deepcopy`` whole.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> twin = copy_model(net)
+        >>> twin[0].weight is net[0].weight, torch.equal(twin[0].weight, net[0].weight)
+        (False, True)
+    """
+    memo = {} if memo is None else memo
+    done = memo.get(id(model))
+    if done is not None:
+        return done
+    cls = type(model)
+    if not _plain_module_class(cls):
+        return copy.deepcopy(model, memo)
+    new = cls.__new__(cls)
+    memo[id(model)] = new
+    state = {}
+    for key, value in model.__getstate__().items():
+        kind = type(value)
+        if kind in _SHARED_TYPES or (
+            kind is tuple and all(type(v) in _SHARED_TYPES for v in value)
+        ):
+            state[key] = value
+        elif key == "_modules" and kind is dict:
+            state[key] = {
+                name: None if child is None else copy_model(child, memo)
+                for name, child in value.items()
+            }
+        elif kind in (dict, OrderedDict) and not value:
+            state[key] = kind()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
+
+
 def layout_for(weight: Tensor, cfg: object, name: str) -> Layout:
     """The LUT layout a module config asks for, validated against the weight's shape.
 
@@ -78,6 +141,19 @@ def layout_for(weight: Tensor, cfg: object, name: str) -> Layout:
     )
     layout.validate(name)
     return layout
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One weight to cluster (see :func:`palettize_weight` for the fields)."""
+
+    weight: Tensor
+    layout: Layout
+    n_bits: int
+    per_channel_scale: str | None = None
+    lut_dtype: str | None = None
+    importance: Tensor | None = None
+    exact: bool = False
 
 
 @torch.no_grad()
@@ -109,12 +185,43 @@ def palettize_weight(
     Returns:
         The palette; ``palette.dequantize()`` is the palettized weight.
     """
-    x, scale = scaled_groups(weight, layout, per_channel_scale)
-    imp = None
-    if importance is not None:
-        imp = layout.to_groups(importance.to(x.device, torch.float32)).sum(dim=-1)
-    result = kmeans(x, 1 << n_bits, imp, exact=exact, seed=seed)
-    return build_palette(weight, layout, n_bits, result.centroids, result.labels, scale, lut_dtype)
+    spec = ClusterSpec(weight, layout, n_bits, per_channel_scale, lut_dtype, importance, exact)
+    return palettize_many([spec], seed=seed)[0]
+
+
+@torch.no_grad()
+def palettize_many(specs: Sequence[ClusterSpec], *, seed: int = 0) -> list[Palette]:
+    """:func:`palettize_weight` of several weights, clustered together by
+    :func:`~lightning_palettize.kmeans.kmeans_many` (one compiled call for the 1-D CPU ones).
+
+    Returns:
+        One palette per spec, in order.
+    """
+    inputs = []
+    for spec in specs:
+        x, scale = scaled_groups(spec.weight, spec.layout, spec.per_channel_scale)
+        imp = None
+        if spec.importance is not None:
+            imp = spec.layout.to_groups(spec.importance.to(x.device, torch.float32)).sum(dim=-1)
+        inputs.append((x, scale, imp))
+    results: list = [None] * len(specs)
+    for exact in (False, True):
+        idx = [i for i, spec in enumerate(specs) if spec.exact == exact]
+        if not idx:
+            continue
+        found = kmeans_many(
+            [inputs[i][0] for i in idx],
+            [1 << specs[i].n_bits for i in idx],
+            [inputs[i][2] for i in idx],
+            exact=exact,
+            seed=seed,
+        )
+        for i, r in zip(idx, found):
+            results[i] = r
+    return [
+        build_palette(s.weight, s.layout, s.n_bits, r.centroids, r.labels, inp[1], s.lut_dtype)
+        for s, r, inp in zip(specs, results, inputs)
+    ]
 
 
 def scaled_groups(
@@ -181,12 +288,19 @@ def strip_coreml_metadata(model: nn.Module) -> nn.Module:
     return model
 
 
+#: (selection, its live weight, its layout): what a plan turns into a PalettizedWeight
+PlanItem = tuple[WeightSelection, Tensor, Layout]
+#: Elements of the weights a ``plan_many`` call gets at most (unless one weight is larger).
+PLAN_BATCH_ELEMS = 1 << 22
+
+
 def compress_model(
     model: nn.Module,
     config: object,
     *,
     inplace: bool,
-    plan: Callable[[WeightSelection, Tensor, Layout], PalettizedWeight],
+    plan: Callable[[WeightSelection, Tensor, Layout], PalettizedWeight] | None = None,
+    plan_many: Callable[[list[PlanItem]], list[PalettizedWeight]] | None = None,
     supported: Mapping[type[nn.Module], Sequence[str]] = KMEANS_SUPPORTED,
     progress: bool = True,
     desc: str = "palettizing",
@@ -202,6 +316,9 @@ def compress_model(
         config: a top-level config resolved per module by :func:`select_weights`.
         inplace: mutate ``model`` instead of a deep copy.
         plan: turns one selected weight into a :class:`PalettizedWeight`.
+        plan_many: instead of ``plan``, turns a list of them into theirs at once (weights go in
+            batches of about ``PLAN_BATCH_ELEMS`` elements, so progress still moves on big
+            models).
         supported: module types and their weights.
         progress: show progress over weights.
         desc: progress label.
@@ -216,11 +333,22 @@ def compress_model(
         layouts.append(layout_for(weight, sel.config, sel.qualified_name))
     results: list[PalettizedWeight] = []
     with Progress(len(selections), desc, "weight", enabled=progress) as bar:
-        for sel, layout in zip(selections, layouts):
-            results.append(plan(sel, getattr(sel.module, sel.param_name), layout))
-            bar.update()
+        batch: list[PlanItem] = []
+        size = 0
+        for i, (sel, layout) in enumerate(zip(selections, layouts)):
+            weight = getattr(sel.module, sel.param_name)
+            if plan_many is None:
+                results.append(plan(sel, weight, layout))
+                bar.update()
+                continue
+            batch.append((sel, weight, layout))
+            size += weight.numel()
+            if size >= PLAN_BATCH_ELEMS or i == len(selections) - 1:
+                results += plan_many(batch)
+                bar.update(len(batch))
+                batch, size = [], 0
 
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     # Map each selection's module to its counterpart in the target.
     modules = dict(target.named_modules(remove_duplicate=False))
     rows = []

@@ -7,14 +7,14 @@ from typing import IO, Any
 from torch import Tensor, nn
 
 from lightning_palettize.config import PostTrainingPalettizerConfig, load_config
-from lightning_palettize.palette import Layout
 from lightning_palettize.palettizers._common import (
+    ClusterSpec,
     PalettizedWeight,
+    PlanItem,
     compress_model,
-    palettize_weight,
+    palettize_many,
 )
 from lightning_palettize.report import PalettizationReport
-from lightning_palettize.selection import WeightSelection
 
 __all__ = ["PostTrainingPalettizer"]
 
@@ -76,17 +76,23 @@ class PostTrainingPalettizer:
         """The validated config."""
         return self._config
 
-    def _plan(self, sel: WeightSelection, weight: Tensor, layout: Layout) -> PalettizedWeight:
-        cfg = sel.config
-        palette = palettize_weight(
-            weight,
-            layout,
-            cfg.n_bits,
-            per_channel_scale="abs" if cfg.enable_per_channel_scale else None,
-            lut_dtype=cfg.lut_dtype,
-            exact=not cfg.enable_fast_kmeans_mode,
-        )
-        return PalettizedWeight(sel, palette, None, lut_dtype_name(cfg.lut_dtype, weight))
+    def _plan_many(self, items: list[PlanItem]) -> list[PalettizedWeight]:
+        # all weights of a batch in one k-means call (one compiled call for the 1-D CPU ones)
+        specs = [
+            ClusterSpec(
+                weight,
+                layout,
+                sel.config.n_bits,
+                per_channel_scale="abs" if sel.config.enable_per_channel_scale else None,
+                lut_dtype=sel.config.lut_dtype,
+                exact=not sel.config.enable_fast_kmeans_mode,
+            )
+            for sel, weight, layout in items
+        ]
+        return [
+            PalettizedWeight(sel, palette, None, lut_dtype_name(sel.config.lut_dtype, weight))
+            for (sel, weight, _), palette in zip(items, palettize_many(specs))
+        ]
 
     def compress(
         self, num_kmeans_workers: int = 1, inplace: bool = False, *, progress: bool = True
@@ -114,7 +120,7 @@ class PostTrainingPalettizer:
             self._model,
             self._config,
             inplace=inplace,
-            plan=self._plan,
+            plan_many=self._plan_many,
             progress=progress,
             desc="k-means palettization",
         )
