@@ -462,12 +462,54 @@ static inline double key_value(uint32_t key, int kind) {
     return kind == IN_BF16 ? (double)bf16_to_f32(raw) : (double)f16_to_f32(raw);
 }
 
-/* m bins in ascending value order (value, weight, element count; keys for the coarse level
- * when shift > 0) -> prefix sums centred on the weighted mean (no cancellation in the DP), the
- * DP, centroids (weighted mean; the plain mean for a cluster without weight; empty slots, only
- * at the end, repeat the last centroid), the summed error and each bin's cluster in binlab.
- * p: scratch of 3 (m + 1) doubles. *coarse is set when a cluster spans fewer than 32 bins that
- * hold more than two elements each on average (the fast mode's sign of too coarse codes). */
+/* The clusters of m bins in ascending value order from their prefix sums p (3 rows of m + 1:
+ * weight, weight * (value - mu), weight * (value - mu)^2): the DP (keys for the coarse level
+ * when shift > 0), centroids (weighted mean; the plain mean, from bval and the element counts
+ * bc, for a cluster without weight; bc NULL: the weights are the counts), empty slots, only at
+ * the end, repeating the last centroid, the summed error and each bin's cluster in binlab.
+ * *coarse is set when a cluster spans fewer than 32 bins that hold more than two elements
+ * each on average (the fast mode's sign of too coarse codes). */
+static int clusters_from_prefix(const double *p, double mu, const double *bval,
+                                const double *bc, const int32_t *bkey, int64_t m, int64_t k,
+                                int64_t shift, int64_t *st, uint8_t *binlab, float *cent,
+                                double *inertia, int *coarse) {
+    const double *p0 = p, *p1 = p + (m + 1), *p2 = p + 2 * (m + 1);
+    if (solve_prefix(p0, p1, p2, bkey, m, k, shift, st)) return -1;
+    double tot = 0.0, last = 0.0;
+    *coarse = 0;
+    for (int64_t c = 0; c < k; ++c) {
+        int64_t a = st[c], b = st[c + 1];
+        double sc = 0.0, sv = 0.0;
+        if (b > a) memset(binlab + a, (int)c, (size_t)(b - a));
+        if (bc == NULL) {
+            sc = p0[b] - p0[a]; /* counts are the weights: no second sum (sv is not read) */
+        } else {
+            for (int64_t t = a; t < b; ++t) {
+                sc += bc[t];
+                sv += bc[t] * bval[t];
+            }
+        }
+        if (sc <= 0.0) {
+            cent[c] = (float)last;
+            continue;
+        }
+        double sw = p0[b] - p0[a], sx = p1[b] - p1[a], sxx = p2[b] - p2[a];
+        double cc = sw > 0.0 ? mu + sx / sw : sv / sc;
+        if (sw > 0.0) {
+            double err = sxx - sx * sx / sw;
+            tot += err > 0.0 ? err : 0.0;
+        }
+        last = cc;
+        cent[c] = (float)cc;
+        if ((b - a) < 32 && sc > 2.0 * (double)(b - a)) *coarse = 1;
+    }
+    *inertia = tot;
+    return 0;
+}
+
+/* clusters_from_prefix of m bins given as arrays (value, weight, element count; bc == bw when
+ * the weights are the counts): the prefix sums, centred on the weighted mean so that the DP's
+ * differences do not cancel, go to p (scratch of 3 (m + 1) doubles). */
 static int cluster_bins(const double *bval, const double *bw, const double *bc,
                         const int32_t *bkey, int64_t m, int64_t k, int64_t shift, double *p,
                         int64_t *st, uint8_t *binlab, float *cent, double *inertia, int *coarse) {
@@ -497,37 +539,8 @@ static int cluster_bins(const double *bval, const double *bw, const double *bc,
         p1[b + 1] = r1;
         p2[b + 1] = r2;
     }
-    if (solve_prefix(p0, p1, p2, bkey, m, k, shift, st)) return -1;
-    double tot = 0.0, last = 0.0;
-    *coarse = 0;
-    for (int64_t c = 0; c < k; ++c) {
-        int64_t a = st[c], b = st[c + 1];
-        double sc = 0.0, sv = 0.0;
-        if (b > a) memset(binlab + a, (int)c, (size_t)(b - a));
-        if (bc == bw) {
-            sc = p0[b] - p0[a]; /* counts are the weights: no second sum (sv is not read) */
-        } else {
-            for (int64_t t = a; t < b; ++t) {
-                sc += bc[t];
-                sv += bc[t] * bval[t];
-            }
-        }
-        if (sc <= 0.0) {
-            cent[c] = (float)last;
-            continue;
-        }
-        double sw = p0[b] - p0[a], sx = p1[b] - p1[a], sxx = p2[b] - p2[a];
-        double cc = sw > 0.0 ? mu + sx / sw : sv / sc;
-        if (sw > 0.0) {
-            double err = sxx - sx * sx / sw;
-            tot += err > 0.0 ? err : 0.0;
-        }
-        last = cc;
-        cent[c] = (float)cc;
-        if ((b - a) < 32 && sc > 2.0 * (double)(b - a)) *coarse = 1;
-    }
-    *inertia = tot;
-    return 0;
+    return clusters_from_prefix(p, mu, bc == bw ? NULL : bval, bc == bw ? NULL : bc, bkey, m, k,
+                                shift, st, binlab, cent, inertia, coarse);
 }
 
 typedef struct {
@@ -538,9 +551,9 @@ typedef struct {
     uint8_t *lab;    /* [65536] label of each present code */
     uint8_t *binlab; /* [65536] label of each bin */
     int32_t *bkey;   /* [65536] code of each bin */
-    double *bval;    /* [65536] */
-    double *bw;      /* [65536] */
-    double *bc;      /* [65536] element count per bin */
+    double *bval;    /* [65536] value of each bin (weighted only) */
+    double *bw;      /* [65536] summed weight per bin (weighted only) */
+    double *bc;      /* [65536] element count per bin (weighted only) */
     double *p;       /* [3 * 65537] prefix sums */
     int64_t starts[257];
 } codes_ws_t;
@@ -654,6 +667,32 @@ static void element_keys(const void *x, int kind, float sf, int64_t n, uint16_t 
     element_keys_scalar(x, kind, sf, n, out);
 }
 
+/* The next present code of the 1024-word bitmap `seen`, in ascending order, into *kk; 0 when
+ * none is left. *word and *bits are the cursor (both 0 to start); clear: zero each word of
+ * the bitmap as it is taken. */
+static inline int next_code(uint64_t *seen, uint32_t *word, uint64_t *bits, int clear,
+                            uint32_t *kk) {
+    while (!*bits) {
+        if (*word >= 1024u) return 0;
+        *bits = seen[*word];
+        if (clear) seen[*word] = 0;
+        ++*word;
+    }
+    *kk = ((*word - 1) << 6) | (uint32_t)__builtin_ctzll(*bits);
+    *bits &= *bits - 1;
+    return 1;
+}
+
+/* Low code bits the coarse level merges for m bins and k clusters (0: the exact DP over every
+ * bin); _coarse_shift in kmeans.py is the same rule for the torch program. */
+static int64_t coarse_shift(int64_t m, int64_t k) {
+    if (m <= 2048) return 0;
+    int64_t bl = 0;
+    for (int64_t q = k / 16; q > 0; q >>= 1) ++bl;
+    int64_t shift = 4 - (bl - 1 > 0 ? bl - 1 : 0);
+    return shift < 0 ? 0 : (shift > 4 ? 4 : shift);
+}
+
 /* One group of n elements (kind: IN_*). Writes labels[n], cent[k], *inertia, *flag (1: fp32
  * group too coarsely resolved by its codes, or scale out of float range: the caller re-solves
  * it exactly; 2: x holds NaN or Inf, nothing else written). Returns -1 on failure. */
@@ -713,47 +752,72 @@ static int codes_group(const void *x, int kind, const float *w, int64_t n, int64
             seen[kk >> 6] |= (uint64_t)1 << (kk & 63u);
         }
     }
-    /* present codes in value order (set bits of the bitmap); clear the tables behind us */
+    /* present codes in value order (set bits of the bitmap); the tables are cleared behind
+     * the last pass over them */
     int64_t m = 0;
     int32_t *bkey = s->bkey;
-    double *bval = s->bval, *bw = s->bw, *bc = s->bc, *wsum = s->wsum;
     const double inv = 1.0 / scale; /* a power of two: exact */
-    for (uint32_t word = 0; word < 1024u; ++word) {
-        uint64_t bits = seen[word];
-        if (!bits) continue;
-        seen[word] = 0;
-        while (bits) {
-            uint32_t kk = (word << 6) | (uint32_t)__builtin_ctzll(bits);
-            bits &= bits - 1;
-            int32_t c = cnt[kk];
+    int64_t shift_m = 0;            /* bins, for the coarse level's shift */
+    int coarse = 0;
+    int failed;
+    if (w == NULL) {
+        /* the counts are the weights: the centre in a first pass, then the prefix sums
+         * straight from the tables (no per-bin value and weight arrays) */
+        double s0 = 0.0, s1 = 0.0;
+        uint32_t word = 0, kk;
+        uint64_t bits = 0;
+        while (next_code(seen, &word, &bits, 0, &kk)) {
+            ++m;
+            s0 += (double)cnt[kk];
+            s1 += (double)cnt[kk] * key_value(kk, kind);
+        }
+        double mu = s1 / s0 * inv;
+        double *p0 = s->p, *p1 = s->p + (m + 1), *p2 = s->p + 2 * (m + 1);
+        double r0 = 0.0, r1 = 0.0, r2 = 0.0;
+        p0[0] = p1[0] = p2[0] = 0.0;
+        int64_t b = 0;
+        word = 0;
+        while (next_code(seen, &word, &bits, 1, &kk)) {
+            double c = (double)cnt[kk], d = key_value(kk, kind) * inv - mu;
+            cnt[kk] = 0;
+            bkey[b++] = (int32_t)kk;
+            r0 += c;
+            r1 += c * d;
+            r2 += c * d * d;
+            p0[b] = r0;
+            p1[b] = r1;
+            p2[b] = r2;
+        }
+        /* NaN and Inf codes sort past every finite one: only the two ends can hold them */
+        if (!isfinite(key_value(bkey[0], kind)) || !isfinite(key_value(bkey[m - 1], kind))) {
+            *flag = 2;
+            return 0;
+        }
+        shift_m = coarse_shift(m, k);
+        failed = clusters_from_prefix(s->p, mu, NULL, NULL, bkey, m, k, shift_m, s->starts,
+                                      s->binlab, cent, inertia, &coarse);
+    } else {
+        double *bval = s->bval, *bw = s->bw, *bc = s->bc, *wsum = s->wsum;
+        uint32_t word = 0, kk;
+        uint64_t bits = 0;
+        while (next_code(seen, &word, &bits, 1, &kk)) {
             bkey[m] = (int32_t)kk;
             bval[m] = key_value(kk, kind) * inv;
-            bw[m] = w ? wsum[kk] : (double)c;
-            if (w) {
-                bc[m] = (double)c;
-                wsum[kk] = 0.0;
-            }
+            bw[m] = wsum[kk];
+            bc[m] = (double)cnt[kk];
+            wsum[kk] = 0.0;
             cnt[kk] = 0;
             ++m;
         }
+        if (!isfinite(bval[0]) || !isfinite(bval[m - 1])) {
+            *flag = 2;
+            return 0;
+        }
+        shift_m = coarse_shift(m, k);
+        failed = cluster_bins(bval, bw, bc, bkey, m, k, shift_m, s->p, s->starts, s->binlab,
+                              cent, inertia, &coarse);
     }
-    /* NaN and Inf codes sort past every finite one: only the two ends can hold them */
-    if (!isfinite(bval[0]) || !isfinite(bval[m - 1])) {
-        *flag = 2;
-        return 0;
-    }
-    int64_t shift = 0;
-    if (m > 2048) {
-        int64_t bl = 0;
-        for (int64_t q = k / 16; q > 0; q >>= 1) ++bl;
-        shift = 4 - (bl - 1 > 0 ? bl - 1 : 0);
-        shift = shift < 0 ? 0 : (shift > 4 ? 4 : shift);
-    }
-    int coarse = 0;
-    /* unweighted: the element counts are the weights (one array for both) */
-    if (cluster_bins(s->bval, s->bw, w ? s->bc : s->bw, s->bkey, m, k, shift, s->p, s->starts,
-                     s->binlab, cent, inertia, &coarse))
-        return -1;
+    if (failed) return -1;
     if (kind == IN_F32 && coarse) *flag = 1;
     {
         uint8_t *lab_w = s->lab;
