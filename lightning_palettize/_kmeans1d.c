@@ -684,7 +684,7 @@ static inline int next_code(uint64_t *seen, uint32_t *word, uint64_t *bits, int 
 }
 
 /* Low code bits the coarse level merges for m bins and k clusters (0: the exact DP over every
- * bin); _coarse_shift in kmeans.py is the same rule for the torch program. */
+ * bin); the torch program in kmeans.py calls it too (py_coarse_shift). */
 static int64_t coarse_shift(int64_t m, int64_t k) {
     if (m <= 2048) return 0;
     int64_t bl = 0;
@@ -1178,7 +1178,16 @@ done:
     return ret;
 }
 
+/* coarse_shift(m, k): the coarse level's shift for m bins and k clusters (kmeans.py's torch
+ * program asks here: one rule) */
+static PyObject *py_coarse_shift(PyObject *self, PyObject *args) {
+    long long m, k;
+    if (!PyArg_ParseTuple(args, "LL", &m, &k)) return NULL;
+    return PyLong_FromLongLong((long long)coarse_shift(m, k));
+}
+
 static PyMethodDef methods[] = {
+    {"coarse_shift", py_coarse_shift, METH_VARARGS, "the coarse level's shift for m bins, k"},
     {"solve", py_solve, METH_VARARGS, "Exact weighted 1-D k-means over sorted bins (see source)."},
     {"codes", py_codes, METH_VARARGS, "Fused fast mode: 16-bit code k-means per group (see source)."},
     {"exact", py_exact, METH_VARARGS, "Exact mode: k-means over every distinct float32 value."},

@@ -11,9 +11,9 @@ O(K m log m) for m distinct values. Two ways to get the distinct values:
 * ``exact=True``: every distinct input value is a bin. The result is the global optimum for the
   values and weights given.
 * ``exact=False`` (default, fast): values are binned by their 16-bit float code. fp16 and bf16
-  weights have at most 65,536 codes, so the bins are their exact values. fp32 weights are first scaled
-  per group by a power of two (exact) so that the group's largest magnitude sits at the top of
-  the fp16 range, which keeps 11 significant bits for every weight down to 2^-29 of the
+  weights have at most 65,536 codes, so the bins are their exact values. fp32 weights are first
+  scaled per group by a power of two (exact) so that the group's largest magnitude sits at the
+  top of the fp16 range, which keeps 11 significant bits for every weight down to 2^-29 of the
   largest: small weights keep full relative precision (coremltools' decimal rounding does
   not). Values sharing a code share a cluster, which costs a second-order amount of error
   (the bench and tests measure it well below 0.1% of the exact optimum). Groups with over
@@ -258,19 +258,6 @@ def _exact_bins(x: Tensor, weights: Tensor | None) -> tuple[_Bins, Tensor]:
     return _Bins(offsets, value, wsum, wx, wxx, count), value
 
 
-def _coarse_shift(k: int, max_bins: int) -> int:
-    """Low code bits merged by the coarse level of fast mode (0 = exact DP over all bins).
-
-    The coarse level keeps 2**(10 - shift) codes per binade in the group's top three binades
-    and half as many per binade further down (at least one block per binade), so its blocks
-    are about as wide in value near zero as at the top: plenty to place k clusters, after
-    which each boundary is refined exactly over the full codes around it (see coarse_id in
-    _kmeans1d.c)."""
-    if max_bins <= 2048:
-        return 0
-    return max(0, min(4, 4 - max(0, (k // 16).bit_length() - 1)))
-
-
 def _solve_bins(
     bins: _Bins, k: int, keys: Tensor | None = None, shift: int = 0
 ) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
@@ -373,7 +360,9 @@ def _kmeans_1d_codes(x: Tensor, k: int, weights: Tensor | None, labels: Tensor) 
     g_total, n = x.shape
     device = x.device
     bins, scale, gkey, inverse = _code_bins(x, weights)
-    shift = _coarse_shift(k, int(np.diff(bins.offsets).max()) if g_total else 0)
+    # the coarse level (see coarse_id in _kmeans1d.c): blocks of 2**shift codes in the top
+    # three binades, coarser further down; one shift for the batch, from its largest group
+    shift = _kmeans1d.coarse_shift(int(np.diff(bins.offsets).max()) if g_total else 0, k)
     starts, cent, inertia, count = _solve_bins(bins, k, _order_key(gkey % _NCODES), shift)
     # Label of each present code = its cluster. Global bin index of every cluster start after
     # the first is sorted across groups, so one searchsorted counts the starts at or before each

@@ -91,8 +91,8 @@ class SKMPalettizer:
     * otherwise the DP over every distinct value while ``elements per LUT * 2**n_bits <= 2**25``
       (``O(distinct values * K)`` memory), and over 16-bit float codes above that (at most
       65,536 bins per LUT whatever the layer size; the bins are the values of fp16/bf16
-      weights, measured within 1e-5 of the optimum for fp32). ``exact_kmeans=True`` / ``False`` forces the first / the
-      second for every weight.
+      weights, measured within 1e-5 of the optimum for fp32). ``exact_kmeans=True`` /
+      ``False`` forces the first / the second for every weight.
 
     ``cluster_dim > 1`` uses weighted vector k-means (importance summed over each vector).
 
