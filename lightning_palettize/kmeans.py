@@ -340,6 +340,12 @@ def kmeans_1d(
         return _kmeans_1d_codes_cpu([x], [k], [weights])[0]
     g_total, n = x.shape
     device = x.device
+    if g_total == 0:  # no LUT group (a layer without output channels)
+        return KMeansResult(
+            torch.empty(0, k, device=device),
+            torch.empty(0, n, dtype=_label_dtype(k), device=device),
+            torch.empty(0, dtype=torch.float64, device=device),
+        )
     if exact or x.dtype == torch.float64:
         return _kmeans_1d_exact(x, k, weights)
     labels = torch.empty((g_total, n), dtype=_label_dtype(k), device=device)
@@ -469,12 +475,12 @@ def _kmeans_1d_codes_cpu(
             (xp + q * step, kind, wp and wp + q * n * 4, n, k, lp + q * n, cp + q * k * 4)
             for q in range(g_total)
         ]
-    jobs = np.array(rows, dtype=np.int64)
+    jobs = np.array(rows, dtype=np.int64).reshape(-1, 7)
     inertia = torch.empty(len(jobs), dtype=torch.float64)
     flag = np.zeros(len(jobs), dtype=np.uint8)
     args = (jobs, inertia.numpy(), flag)
     _on_two_threads(lambda g0, g1: _kmeans1d.codes(*args, g0, g1), jobs[:, 3])
-    if flag.max() == 2:
+    if len(flag) and flag.max() == 2:
         _non_finite()
     results, g0 = [], 0
     for x, k, w, (labels, cent) in zip(xs, ks, weights, outs):

@@ -247,6 +247,10 @@ def test_kmeans_many_equals_one_call_per_tensor():
         assert torch.equal(r.labels, want.labels)
         assert torch.equal(r.centroids, want.centroids)
         assert torch.equal(r.inertia, want.inertia)
+    # no LUT groups at all: empty results, on either path
+    for x in (torch.zeros(0, 5, 1), torch.zeros(0, 5, 1).double()):
+        (r,) = kmeans_many([x], [4])
+        assert r.labels.shape == (0, 5) and r.centroids.shape == (0, 4, 1)
     # all or nothing: one bad tensor fails the call
     bad = xs[2].clone()
     bad[0, 10, 0] = float("nan")
