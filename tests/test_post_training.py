@@ -340,11 +340,20 @@ class _OwnCopy(nn.Linear):
         return new
 
 
+class _TupleState(nn.Linear):
+    def __getstate__(self):
+        return (dict(self.__dict__), "extra")
+
+    def __setstate__(self, state):
+        self.__dict__.update(state[0])
+        self.restored_from = state[1]
+
+
 def test_copy_model_equals_deepcopy():
     from lightning_palettize.palettizers._common import copy_model
 
     shared = nn.Linear(4, 2)
-    model = nn.Sequential(_Exotic(shared), _OwnCopy(4, 4), nn.ReLU()).eval()
+    model = nn.Sequential(_Exotic(shared), _OwnCopy(4, 4), nn.ReLU(), _TupleState(4, 4)).eval()
     calls = []
     model[0].register_forward_hook(lambda m, i, o: calls.append(1))
     model[0].a.weight.grad = torch.ones(4, 4)
@@ -363,6 +372,7 @@ def test_copy_model_equals_deepcopy():
         assert "scratch" in a._non_persistent_buffers_set
         assert a._non_persistent_buffers_set is not model[0]._non_persistent_buffers_set
         assert twin[1].copied_by_own_protocol  # its own __deepcopy__ ran
+        assert twin[3].restored_from == "extra"  # a non-dict state: deepcopy's own path
         assert twin.state_dict().keys() == ref.state_dict().keys()
         for (k, v), w in zip(twin.state_dict().items(), ref.state_dict().values()):
             assert torch.equal(v, w), k

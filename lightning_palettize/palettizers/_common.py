@@ -102,12 +102,13 @@ def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
     if done is not None:
         return done
     cls = type(model)
-    if not _plain_module_class(cls):
+    source = model.__getstate__() if _plain_module_class(cls) else None
+    if type(source) is not dict:  # an own copy/pickle protocol: deepcopy's business
         return copy.deepcopy(model, memo)
     new = cls.__new__(cls)
     memo[id(model)] = new
     state = {}
-    for key, value in model.__getstate__().items():
+    for key, value in source.items():
         kind = type(value)
         if kind in _SHARED_TYPES or (
             kind is tuple and all(type(v) in _SHARED_TYPES for v in value)
