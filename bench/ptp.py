@@ -8,7 +8,9 @@
 
 Per row (workload x n_bits x granularity) both palettizers compress the same fp32 model with the
 same config dict (coremltools' format; see bench/_coremltools.py) and ``inplace=False``; the
-order alternates between repeats and the median time is reported. Then:
+order alternates between repeats, each call runs right after a ``gc.collect()`` (no collection
+inside the timing, but cold caches: a one-shot compress, as users run it) and the median time
+is reported. Then:
 
 - speedup = coremltools median / ours median (target >= 5x per_tensor, >= 10x per_grouped_channel);
 - per-layer relative squared error ||W - W_hat||^2 / ||W||^2 for both, and the worst ratio
