@@ -195,8 +195,15 @@ def palettize_many(specs: Sequence[ClusterSpec], *, seed: int = 0) -> list[Palet
     """:func:`palettize_weight` of several weights, clustered together by
     :func:`~lightning_palettize.kmeans.kmeans_many` (one compiled call for the 1-D CPU ones).
 
+    Args:
+        specs: one :class:`ClusterSpec` per weight (exact and fast-mode specs may be mixed).
+        seed: seed of vector k-means.
+
     Returns:
-        One palette per spec, in order.
+        One palette per spec, in order; each equal to ``palettize_weight`` of that spec.
+
+    Raises:
+        ValueError: from the k-means (e.g. NaN or Inf in a weight); nothing is returned then.
     """
     inputs = []
     for spec in specs:
