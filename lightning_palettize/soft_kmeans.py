@@ -268,17 +268,9 @@ def _iterate(stats: Stats, c0: Tensor, cfg: _Cfg, schedule: list[Tensor | None] 
         ran.append(act)
         if not test:
             continue
-        if prev_inertia is not None:
-            # absolute threshold on a sum over N, like coremltools (it rarely fires for big N)
-            running = (inertia - prev_inertia).abs() > cfg.epsilon
-            active = running if act is None else act & running
-            if not _sync_free(c0.device):
-                n_active = int(active.sum())  # a host read: free on the CPU
-                if n_active == 0:
-                    break
-                if n_active == active.numel():
-                    active = None  # all still running: skip the per-group selects
-            # elsewhere every iteration runs and stopped groups keep their state (no sync)
+        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, _sync_free(c0.device))
+        if done:
+            break
         prev_inertia = inertia
     return prev_c, last_c, ran, extra
 
@@ -1251,6 +1243,38 @@ def _next_active(inertia, prev_inertia, act, epsilon: float, sync_free: bool):
     return active, False
 
 
+def _scalar_iterations(c: Tensor, cfg: _Cfg, sync_free: bool, step):
+    """The scalar engine's iterations from centroids c [G, K], with per-group early stopping.
+
+    ``step(t, c, act, test)`` computes iteration t's sums [G, 2, K] from the (contiguous)
+    centroids c on the groups ``act`` (None: all), the inertia [G] float64 when ``test`` (else
+    None) and what its history entry keeps for backward (or None). Returns (hist, prev_c,
+    last_c, last_it): per iteration (c, raw, mass, act, kept), and per group the centroids
+    before and after its last iteration and that iteration (see _track_last).
+    """
+    hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    prev_c = last_c = c = c.contiguous()
+    last_it: Tensor | None = None  # per group, the last iteration run (None: the last one)
+    active: Tensor | None = None
+    prev_inertia: Tensor | None = None
+    for t in range(cfg.max_iter):
+        act = active
+        test = cfg.epsilon >= 0 and t + 1 < cfg.max_iter
+        sm, inertia, kept = step(t, c, act, test)
+        raw, mass, new = _scalar_update(sm, c, cfg)
+        hist.append((c, raw, mass, act, kept))
+        prev_c, last_c, last_it = _track_last(t, act, c, new, prev_c, last_c, last_it)
+        c = last_c.contiguous()
+        if not test:
+            continue
+        inertia = inertia.float()
+        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, sync_free)
+        if done:
+            break
+        prev_inertia = inertia
+    return hist, prev_c, last_c, last_it
+
+
 def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
     """The iterations on one segment: values v and masses m [G, U], centroids c [G, K].
 
@@ -1268,15 +1292,10 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
     budget = _keep_budget(v.device)
     keep_all = single and cfg.max_iter * g * k * u <= budget
     keep_out = single and g * k * u <= budget
-    hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
-    prev_c = last_c = c
     p_out: Tensor | None = None  # the attention of each group's last iteration (one chunk)
-    last_it: Tensor | None = None  # per group, the last iteration run (None: the last one)
-    active: Tensor | None = None
-    prev_inertia: Tensor | None = None
-    for t in range(cfg.max_iter):
-        act = active
-        test = cfg.epsilon >= 0 and t + 1 < cfg.max_iter
+
+    def step(t: int, c: Tensor, act: Tensor | None, test: bool):
+        nonlocal p_out
         # centered sums: sum_u A_ju m_u (v_u - c_j) and sum_u A_ju m_u, so that the new
         # centroid c_j + sums / mass is accurate to float32 rounding of the *step*, not of the sum
         sm = v.new_zeros(g, 2, k)
@@ -1299,19 +1318,11 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
             mc = m[:, a:b].unsqueeze(2)
             sm[:, 0] += torch.bmm(diff.mul_(att), mc).view(g, k)
             sm[:, 1] += torch.bmm(att, mc).view(g, k)
-        raw, mass, new = _scalar_update(sm, c, cfg)
-        hist.append((c, raw, mass, act, probs if keep_all else None))
-        prev_c, last_c, last_it = _track_last(t, act, c, new, prev_c, last_c, last_it)
         if single:
             p_out = probs if act is None else torch.where(act.view(g, 1, 1), probs, p_out)
-        c = last_c
-        if not test:
-            continue
-        inertia = inertia.float()
-        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, sync_free)
-        if done:
-            break
-        prev_inertia = inertia
+        return sm, inertia, probs if keep_all else None
+
+    hist, prev_c, last_c, last_it = _scalar_iterations(c, cfg, sync_free, step)
     y = v.new_empty(g, u)
     for a, b in chunks:
         probs = p_out
@@ -1541,14 +1552,8 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
     p_keep = None
     if _dkm_cpu.simd(ct) and g * k * 8 * ((u + 7) // 8) <= _keep_budget(v.device):
         p_keep = v.new_empty(g * k * 8 * ((u + 7) // 8))
-    hist: list[tuple[Tensor, Tensor, Tensor, Tensor | None, None]] = []
-    prev_c = last_c = c = c.contiguous()
-    last_it: Tensor | None = None
-    active: Tensor | None = None
-    prev_inertia: Tensor | None = None
-    for t in range(cfg.max_iter):
-        act = active
-        test = cfg.epsilon >= 0 and t + 1 < cfg.max_iter
+
+    def step(t: int, c: Tensor, act: Tensor | None, test: bool):
         sm = v.new_zeros(g, 2, k)
         inertia = v.new_zeros(g, dtype=torch.float64) if test else None
         _dkm_cpu.fwd_stats(
@@ -1562,17 +1567,9 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
             _ptr(inertia),
             _ptr(p_keep),
         )
-        raw, mass, new = _scalar_update(sm, c, cfg)
-        hist.append((c, raw, mass, act, None))
-        prev_c, last_c, last_it = _track_last(t, act, c, new, prev_c, last_c, last_it)
-        c = last_c.contiguous()
-        if not test:
-            continue
-        inertia = inertia.float()
-        active, done = _next_active(inertia, prev_inertia, act, cfg.epsilon, sync_free)
-        if done:
-            break
-        prev_inertia = inertia
+        return sm, inertia, None
+
+    hist, prev_c, last_c, last_it = _scalar_iterations(c, cfg, sync_free, step)
     prev_c, last_c = prev_c.contiguous(), last_c.contiguous()
     if hist[-1][3] is not None:
         p_keep = None  # some groups' output comes from an earlier iteration
