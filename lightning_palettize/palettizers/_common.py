@@ -334,6 +334,8 @@ def compress_model(
     Returns:
         ``(palettized model, report)``.
     """
+    if (plan is None) == (plan_many is None):
+        raise TypeError("compress_model: pass exactly one of plan and plan_many")
     selections = select_weights(model, config, supported)
     layouts = []
     for sel in selections:
