@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +43,11 @@
 #define STRIDE 65537
 #define BLOCK 256 /* elements whose codes are converted at once */
 #define TILE 64   /* codes per tile of the per-code kernels */
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define LP_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LP_CLONES
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* float -> fp16 bits, round to nearest even (portable; F16C does the same in hardware) */
@@ -238,6 +244,175 @@ __attribute__((target("avx2,fma,f16c"))) static void grad_v(const float *x, int6
                 const float *e = tab + 2 * (int64_t)buf[j];
                 o[i + j] = gr[i + j] * e[0] + e[1];
             }
+        }
+    }
+}
+#endif
+
+
+/* ------------------------------------------------------------------------------------------ */
+/* grid kernels (soft_kmeans' "grid" tensors): each LUT group (row) is binned on a uniform grid
+ * of H nodes lo + j h (inv_h = 1 / h; 0 for a constant row); an element at position
+ * p = (x - lo) inv_h lies in cell j = clamp(floor(p), 0, H - 2) with weight t = p - j on node
+ * j + 1 and 1 - t on node j (linear interpolation, in the same float32 steps as the torch code):
+ *     gsplat  acc[row][j] += w (1 - t), acc[row][j + 1] += w t     (w = 1 or g; float64 sums)
+ *     glerp   out = T[j] + t (T[j + 1] - T[j])                     (T: [rows, ld] float)
+ *     ggrad   out = g lerp(h) + lerp(r)                            (hr: [rows, H, 2]; out may be g)
+ */
+
+typedef struct {
+    const float *x;
+    int64_t rows, n, H;
+    const float *lo, *inv_h;
+} grid_t;
+
+static inline int32_t gcell(float x, float lo, float ih, int32_t H, float *t) {
+    float p = (x - lo) * ih;
+    p = p > 0.0f ? p : 0.0f; /* (NaN -> 0) */
+    p = p < (float)(H - 1) ? p : (float)(H - 1);
+    int32_t j = (int32_t)p; /* p >= 0: truncation is floor */
+    j = j < H - 2 ? j : H - 2;
+    *t = p - (float)j;
+    return j;
+}
+
+static void gsplat_k(const grid_t *q, const float *w, double *acc) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
+        double *ac = acc + r * q->H;
+        const float lo = q->lo[r], ih = q->inv_h[r];
+        for (int64_t i = 0; i < q->n; i++) {
+            float t;
+            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
+            float a = wr ? wr[i] : 1.0f;
+            ac[j] += (double)(a * (1.0f - t));
+            ac[j + 1] += (double)(a * t);
+        }
+    }
+}
+
+static void glerp_k(const grid_t *q, const float *table, int64_t ld, float *out) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *tab = table + r * ld;
+        float *o = out + r * q->n;
+        const float lo = q->lo[r], ih = q->inv_h[r];
+        for (int64_t i = 0; i < q->n; i++) {
+            float t;
+            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
+            float a = tab[j];
+            o[i] = a + t * (tab[j + 1] - a);
+        }
+    }
+}
+
+static void ggrad_k(const grid_t *q, const float *g, const float *h, const float *rt, int64_t ld,
+                    float *out) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *gr = g + r * q->n;
+        const float *hh = h + r * ld, *rr = rt + r * ld;
+        float *o = out + r * q->n;
+        const float lo = q->lo[r], ih = q->inv_h[r];
+        for (int64_t i = 0; i < q->n; i++) {
+            float t;
+            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
+            float a = hh[j] + t * (hh[j + 1] - hh[j]), b = rr[j] + t * (rr[j + 1] - rr[j]);
+            o[i] = gr[i] * a + b;
+        }
+    }
+}
+
+#if DKM_X86
+/* AVX2: the cells of 8 elements at once (the same float32 steps as gcell), gathers for the
+ * tables; the splat's scattered adds stay scalar, fed from a block of precomputed cells */
+#define AVX2F __attribute__((target("avx2,fma")))
+AVX2F static inline __m256i gcell8(const float *x, __m256 lo, __m256 ih, __m256 top,
+                                   __m256i jmax, __m256 *t) {
+    __m256 p = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x), lo), ih);
+    p = _mm256_max_ps(p, _mm256_setzero_ps()); /* NaN -> 0, as gcell */
+    p = _mm256_min_ps(p, top);
+    __m256i j = _mm256_min_epi32(_mm256_cvttps_epi32(p), jmax);
+    *t = _mm256_sub_ps(p, _mm256_cvtepi32_ps(j));
+    return j;
+}
+
+#define GRID_SETUP(r)                                                                            \
+    const __m256 vlo = _mm256_set1_ps(q->lo[r]), vih = _mm256_set1_ps(q->inv_h[r]);              \
+    const __m256 top = _mm256_set1_ps((float)(q->H - 1));                                        \
+    const __m256i jmax = _mm256_set1_epi32((int)(q->H - 2));
+
+AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
+    int32_t jb[BLOCK];
+    float tb[BLOCK];
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
+        double *ac = acc + r * q->H;
+        GRID_SETUP(r)
+        for (int64_t a = 0; a < q->n; a += BLOCK) {
+            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK, i = 0;
+            for (; i + 8 <= len; i += 8) {
+                __m256 t;
+                _mm256_storeu_si256((__m256i *)(jb + i), gcell8(xr + a + i, vlo, vih, top, jmax, &t));
+                _mm256_storeu_ps(tb + i, t);
+            }
+            for (; i < len; i++) jb[i] = gcell(xr[a + i], q->lo[r], q->inv_h[r], (int32_t)q->H, tb + i);
+            if (wr) {
+                for (i = 0; i < len; i++) {
+                    float v = wr[a + i];
+                    ac[jb[i]] += (double)(v * (1.0f - tb[i]));
+                    ac[jb[i] + 1] += (double)(v * tb[i]);
+                }
+            } else {
+                for (i = 0; i < len; i++) {
+                    ac[jb[i]] += (double)(1.0f - tb[i]);
+                    ac[jb[i] + 1] += (double)tb[i];
+                }
+            }
+        }
+    }
+}
+
+AVX2F static void glerp_v(const grid_t *q, const float *table, int64_t ld, float *out) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *tab = table + r * ld;
+        float *o = out + r * q->n;
+        GRID_SETUP(r)
+        int64_t i = 0;
+        for (; i + 8 <= q->n; i += 8) {
+            __m256 t;
+            __m256i j = gcell8(xr + i, vlo, vih, top, jmax, &t);
+            __m256 a = _mm256_i32gather_ps(tab, j, 4), b = _mm256_i32gather_ps(tab + 1, j, 4);
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(t, _mm256_sub_ps(b, a), a));
+        }
+        for (; i < q->n; i++) {
+            float t;
+            int32_t j = gcell(xr[i], q->lo[r], q->inv_h[r], (int32_t)q->H, &t);
+            o[i] = tab[j] + t * (tab[j + 1] - tab[j]);
+        }
+    }
+}
+
+AVX2F static void ggrad_v(const grid_t *q, const float *g, const float *h, const float *rt,
+                          int64_t ld, float *out) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *xr = q->x + r * q->n, *gr = g + r * q->n;
+        const float *hh = h + r * ld, *rr = rt + r * ld;
+        float *o = out + r * q->n;
+        GRID_SETUP(r)
+        int64_t i = 0;
+        for (; i + 8 <= q->n; i += 8) {
+            __m256 t;
+            __m256i j = gcell8(xr + i, vlo, vih, top, jmax, &t);
+            __m256 h0 = _mm256_i32gather_ps(hh, j, 4), h1 = _mm256_i32gather_ps(hh + 1, j, 4);
+            __m256 r0 = _mm256_i32gather_ps(rr, j, 4), r1 = _mm256_i32gather_ps(rr + 1, j, 4);
+            __m256 a = _mm256_fmadd_ps(t, _mm256_sub_ps(h1, h0), h0);
+            __m256 b = _mm256_fmadd_ps(t, _mm256_sub_ps(r1, r0), r0);
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(gr + i), a, b));
+        }
+        for (; i < q->n; i++) {
+            float t;
+            int32_t j = gcell(xr[i], q->lo[r], q->inv_h[r], (int32_t)q->H, &t);
+            float a = hh[j] + t * (hh[j + 1] - hh[j]), b = rr[j] + t * (rr[j + 1] - rr[j]);
+            o[i] = gr[i] * a + b;
         }
     }
 }
@@ -1187,7 +1362,41 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyBool_FromLong(use_simd(&cf));
 }
 
+/* grid(op, x, rows, n, lo, inv_h, H, a, b, c, ld, out): the grid kernels, by op
+ *     0  gsplat  a = w (0: unit weights), b = acc
+ *     1  glerp   a = table (row stride ld)
+ *     2  ggrad   a = g, b = h, c = r (row stride ld); out may be a */
+static PyObject *py_grid(PyObject *self, PyObject *args) {
+    int op;
+    unsigned long long x, lo, ih, a, b, c, out;
+    Py_ssize_t rows, n, H, ld;
+    if (!PyArg_ParseTuple(args, "iKnnKKnKKKnK", &op, &x, &rows, &n, &lo, &ih, &H, &a, &b, &c,
+                          &ld, &out))
+        return NULL;
+    if (H < 2 || H > (1 << 30) || op < 0 || op > 2) {
+        PyErr_SetString(PyExc_ValueError, "grid: needs 0 <= op <= 2 and 2 <= H <= 2^30");
+        return NULL;
+    }
+    grid_t q = {P(const float *, x), rows, n, H, P(const float *, lo), P(const float *, ih)};
+    const float *fa = P(const float *, a), *fb = P(const float *, b), *fc = P(const float *, c);
+    float *fo = P(float *, out);
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+#if DKM_X86
+    if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
+    else if (fast && op == 1) glerp_v(&q, fa, ld, fo);
+    else if (fast) ggrad_v(&q, fa, fb, fc, ld, fo);
+    else
+#endif
+    if (op == 0) gsplat_k(&q, fa, P(double *, b));
+    else if (op == 1) glerp_k(&q, fa, ld, fo);
+    else ggrad_k(&q, fa, fb, fc, ld, fo);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
     {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
     {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},
     {"simd", py_simd, METH_VARARGS, "simd(cfg) -> whether the AVX2 per-code kernels run"},

@@ -16,15 +16,26 @@ centroids C [G, K, d]), repeated up to ``max_iter`` times:
 and returns x_hat_i = sum_j A_ij C_j (last attention, last centroids). Gradients flow through
 the whole unrolled computation; nothing is straight-through.
 
-Two methods, neither keeping an N x K tensor alive for backward:
+Three methods, none keeping an N x K tensor alive for backward:
 
 * "table" (d == 1): A depends on x_i only through its value, so all k-means work runs once per
   distinct 16-bit code (fp16 after a power-of-two rescale of the group) and is gathered back.
   Equal to the dense math up to rounding x to 11 significant bits (exact for fp16 / bf16).
+* "grid" (d == 1, mode "dkm" without the exact-zero rule): the same, with the group's values
+  on a uniform grid of H nodes from min to max instead of codes. Each element adds 1 - t of
+  its mass to the node below it and t to the one above (t its position in the cell: the
+  group's mass and mean are kept exactly), the k-means runs on the H nodes, and the soft
+  weight, like the gradient's per-element factors, is the linear interpolation of the nodes'
+  values at x. The output is smooth in x, so the error is second order in the spacing, which
+  is set from the centroids and tau (``_GRID_CELL_LOGIT``, ``_GRID_SOFT_CELLS``): measured
+  within ~1e-3 of the widest centroid gap against the dense math (the table's rounding gives
+  ~2e-3 on generic fp32 weights at tau 1e-4). Costs O(N) per element pass and O(H K) per
+  iteration, with H a few hundred for typical weights: per_grouped_channel LUT groups of a
+  few thousand weights no longer pay per element.
 * "dense" (exact): the same math per element.
 
-For d == 1 (modes "dkm" and "hard") both run on the *scalar engine*: per-code tables (one code
-per element for "dense") laid out [G, K, U], any number of tensors stacked into one autograd
+For d == 1 (modes "dkm" and "hard") all three run on the *scalar engine*: per-code tables (one
+code per element for "dense", one per node for "grid") laid out [G, K, U], any number of tensors stacked into one autograd
 node (:func:`soft_kmeans_batch`), an analytic backward that is O(U K) per iteration and O(N)
 per element (one weighted bincount and two gathers), the attention of the output iteration
 kept from forward when it is small and recomputed otherwise. New centroids are computed as
@@ -69,7 +80,7 @@ from torch import Tensor
 __all__ = ["hard_assign", "soft_kmeans", "soft_kmeans_batch"]
 
 _MODES = ("dkm", "gsm", "hard")
-_METHODS = ("auto", "dense", "table")
+_METHODS = ("auto", "dense", "table", "grid")
 _NCODES = 1 << 16
 # One spare bin per group: the padding slots of the per-code tables read from / write to it.
 _STRIDE = _NCODES + 1
@@ -1067,9 +1078,135 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
     return codes, values, mass, per_group, u
 
 
+# ---------------------------------------------------------------------------------------------
+# grid tensors of the scalar engine: each LUT group's elements on a uniform grid of H nodes
+
+
+# The grid spacing h: the interpolated output's error grows with h^2 times its curvature,
+# which has two regimes. Sharp attention (tau small against the centroid gaps): the logit gap
+# of two neighbouring centroids, 2 h |c_b - c_a| / tau, changes by at most _GRID_CELL_LOGIT
+# across a cell. Soft attention (many centroids share each weight): h is at most
+# sqrt(tau / 2) / _GRID_SOFT_CELLS, the softmax's width over the squared distances. Measured
+# against the dense engine with these values: max output error ~1e-3 x the widest centroid gap
+# (the table engine's is ~2e-3), gradients within ~1e-3 (norm).
+_GRID_CELL_LOGIT = 0.25
+_GRID_SOFT_CELLS = 25.0
+_GRID_MIN_NODES = 32
+_GRID_MAX_NODES = 1 << 16
+# "auto" takes the grid (CPU) for groups of at least _GRID_AUTO_MIN_GROUP elements when it needs
+# at most 1 / _GRID_AUTO_FRACTION of them as nodes (smaller groups cost little either way and
+# keep the exact engine)
+_GRID_AUTO_FRACTION = 4
+_GRID_AUTO_MIN_GROUP = 4096
+
+
+@dataclass
+class _GridSpec:
+    """A tensor's grid: node j of group g is lo[g] + j h[g], j < H; inv_h = 1 / h (0: flat)."""
+
+    lo: Tensor  # [G] float32
+    inv_h: Tensor  # [G] float32
+    h: Tensor  # [G] float32
+    nodes: int
+
+    def values(self) -> Tensor:
+        j = torch.arange(self.nodes, device=self.lo.device, dtype=torch.float32)
+        return torch.addcmul(self.lo.unsqueeze(1), self.h.unsqueeze(1), j.unsqueeze(0))
+
+
+def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec | None:
+    """The grid of a [G, N] tensor with centroids c0 [G, K], or None when none fits.
+
+    Nodes are spaced so that the logit gap of the two most distant neighbouring centroids
+    changes by at most _GRID_CELL_LOGIT across a cell; None when that needs more than
+    ``max_nodes`` nodes or a group holds a non-finite value.
+    """
+    if flat.shape[0] == 1:
+        lo, hi = (t.view(1) for t in torch.aminmax(flat))
+    else:
+        lo, hi = flat.amin(1), flat.amax(1)
+    lo, hi = lo.float(), hi.float()
+    span = hi - lo
+    if c0.shape[1] > 1:
+        sc = c0.sort(1).values
+        gap = (sc[:, 1:] - sc[:, :-1]).amax(1)
+    else:
+        gap = torch.zeros_like(span)
+    per_span = torch.clamp_min(
+        2.0 * gap.double() / (cfg.tau * _GRID_CELL_LOGIT),
+        _GRID_SOFT_CELLS / math.sqrt(cfg.tau / 2.0),
+    )
+    need = (span.double() * per_span).amax()
+    need = float(need)  # the one host read (CPU: free)
+    if not (need == need and need < max_nodes) or not bool(torch.isfinite(span).all()):
+        return None
+    nodes = max(_GRID_MIN_NODES, -(-(math.ceil(need) + 1) // 8) * 8)
+    if nodes > max_nodes:
+        return None
+    h = span / (nodes - 1)
+    inv_h = torch.where(span > 0, (nodes - 1) / span.clamp_min(1e-38), torch.zeros_like(span))
+    return _GridSpec(lo.contiguous(), inv_h.float().contiguous(), h, nodes)
+
+
+def _grid_cells(flat: Tensor, spec: _GridSpec) -> tuple[Tensor, Tensor]:
+    """Per element, its cell j (int64, [G, N]) and its weight t on node j + 1 (float32)."""
+    p = (flat.float() - spec.lo.unsqueeze(1)) * spec.inv_h.unsqueeze(1)
+    p = p.clamp_(0, spec.nodes - 1)
+    j = p.floor().clamp_(max=spec.nodes - 2)
+    return j.long(), p.sub_(j)
+
+
+def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, c=None, ld=0, out=None):
+    """One compiled grid pass (``_dkm_cpu.grid``) over the float32 contiguous [G, N] ``flat``."""
+    g, n = flat.shape
+    lo, inv_h = spec.lo.data_ptr(), spec.inv_h.data_ptr()
+    args = (_ptr(a), _ptr(b), _ptr(c), ld, _ptr(out))
+    _dkm_cpu.grid(op, flat.data_ptr(), g, n, lo, inv_h, spec.nodes, *args)
+
+
+def _grid_splat(flat: Tensor, spec: _GridSpec, w: Tensor | None, use_c: bool) -> Tensor:
+    """[G, H] float32: the sum over elements of w (1 - t) on node j and w t on node j + 1."""
+    g, n = flat.shape
+    acc = torch.zeros(g, spec.nodes, dtype=torch.float64, device=flat.device)
+    if use_c:
+        _grid_kernel(0, flat, spec, w, acc)
+        return acc.float()
+    j, t = _grid_cells(flat, spec)
+    a = 1.0 if w is None else w.view(g, n).float()
+    acc.scatter_add_(1, j, (a * (1.0 - t)).double())
+    acc.scatter_add_(1, j + 1, (a * t).double())
+    return acc.float()
+
+
+def _grid_lerp(flat: Tensor, spec: _GridSpec, table: Tensor, use_c: bool, out=None) -> Tensor:
+    """[G, N] float32: the table [G, >= H] interpolated at each element."""
+    if use_c:
+        table = table if table.stride(1) == 1 else table.contiguous()
+        out = torch.empty(flat.shape, device=flat.device) if out is None else out
+        _grid_kernel(1, flat, spec, table, ld=table.stride(0), out=out)
+        return out
+    j, t = _grid_cells(flat, spec)
+    a = table.gather(1, j)
+    return a.add_(t * (table.gather(1, j + 1) - a))
+
+
+def _grid_grad(flat, spec, g_in: Tensor, h: Tensor, r: Tensor, use_c: bool, out=None) -> Tensor:
+    """g lerp(h) + lerp(r) per element ([G, N]; ``out`` may be ``g_in``'s storage)."""
+    if use_c:
+        if h.stride(1) != 1 or r.stride(1) != 1 or h.stride(0) != r.stride(0):
+            h, r = h.contiguous(), r.contiguous()
+        out = torch.empty(flat.shape, device=flat.device) if out is None else out
+        _grid_kernel(2, flat, spec, g_in, h, r, h.stride(0), out)
+        return out
+    g, n = flat.shape
+    return _grid_lerp(flat, spec, r, False).addcmul_(
+        g_in.view(g, n), _grid_lerp(flat, spec, h, False)
+    )
+
+
 @dataclass
 class _ScalarItem:
-    kind: str  # "table" or "exact"
+    kind: str  # "table", "exact" or "grid"
     g: int
     n: int
     row: int  # first row among all items (centroid order)
@@ -1078,6 +1215,9 @@ class _ScalarItem:
     seg: int = 0  # segment index
     srow: int = 0  # first row in its segment
     u: int = 0  # codes used by this item (<= the segment's width)
+    spec: _GridSpec | None = None  # "grid": its grid
+    flat: Tensor | None = None  # "grid": x as [G, N] (forward only)
+    c_grid: bool = False  # "grid": its element passes run compiled
 
 
 # segment planning: a device segment's rows are padded to its widest table; a new segment
@@ -1703,6 +1843,22 @@ def _gather_grad(h_full: Tensor, r_full: Tensor, bins: Tensor, g: Tensor) -> Ten
     return out
 
 
+def _grad_buffer(ctx, refs, grads, flat_g, i: int, key: tuple) -> Tensor:
+    """Where a compiled pass writes input i's gradient: into the incoming gradient itself when
+    nothing else can observe it (the kernels read each element's g before writing its result
+    in the same place), else a fresh (or the cached) buffer."""
+    if (
+        refs is not None
+        and _overwritable(grads[i], refs[i], ctx.grad_base)
+        and flat_g[i].data_ptr() == grads[i].data_ptr()
+    ):
+        return flat_g[i]
+    grad = _outputs.take(key, (flat_g[i].numel(),), grads[i].device)
+    if _KEEP_GRAD_STORAGE:
+        _outputs.give(key, grad)
+    return grad
+
+
 class _ScalarKMeans(torch.autograd.Function):
     """Soft k-means of many [G, N, 1] tensors (one config) in one node; see the section notes."""
 
@@ -1715,6 +1871,14 @@ class _ScalarKMeans(torch.autograd.Function):
         row = trow = start = 0
         for x, kind in zip(xs, kinds):
             g, n = x.shape[0], x.shape[1]
+            if isinstance(kind, _GridSpec):
+                flat = x.detach().reshape(g, n)
+                c_grid = _c_kernels(device) and flat.dtype == torch.float32
+                c_grid = c_grid and flat.is_contiguous()
+                items.append(_ScalarItem("grid", g, n, row, trow, start, spec=kind, flat=flat))
+                items[-1].c_grid = c_grid
+                row += g
+                continue
             items.append(_ScalarItem(kind, g, n, row, trow, start))
             row += g
             if kind == "table":
@@ -1736,8 +1900,15 @@ class _ScalarKMeans(torch.autograd.Function):
                 flats, cfg, device, c_elems
             )
 
-        for it in items:
-            it.u = max(per_group[it.trow : it.trow + it.g]) if it.kind == "table" else it.n
+        grid_mass = {}
+        for i, it in enumerate(items):
+            if it.kind == "table":
+                it.u = max(per_group[it.trow : it.trow + it.g])
+            elif it.kind == "grid":
+                it.u = it.spec.nodes
+                grid_mass[i] = _grid_splat(it.flat, it.spec, None, it.c_grid)
+            else:
+                it.u = it.n
         segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
             width = max(items[i].u for i in members)
@@ -1753,6 +1924,8 @@ class _ScalarKMeans(torch.autograd.Function):
                 if it.kind == "table":
                     sl = slice(it.trow, it.trow + it.g)
                     v, m = values[sl, : it.u], mass[sl, : it.u]
+                elif it.kind == "grid":
+                    v, m = it.spec.values(), grid_mass[members[0]]
                 else:
                     v = xs[members[0]].detach().reshape(it.g, it.n).float()
                     m = torch.ones_like(v)
@@ -1769,6 +1942,9 @@ class _ScalarKMeans(torch.autograd.Function):
                         sl = slice(it.trow, it.trow + it.g)
                         v[r0 : r0 + it.g, : it.u] = values[sl, : it.u]
                         m[r0 : r0 + it.g, : it.u] = mass[sl, : it.u]
+                    elif it.kind == "grid":
+                        v[r0 : r0 + it.g, : it.u] = it.spec.values()
+                        m[r0 : r0 + it.g, : it.u] = grid_mass[i]
                     else:
                         v[r0 : r0 + it.g, : it.n] = xs[i].detach().reshape(it.g, it.n)
                         m[r0 : r0 + it.g, : it.n] = 1.0
@@ -1824,6 +2000,12 @@ class _ScalarKMeans(torch.autograd.Function):
                 )
             elif it.kind == "table":
                 flat = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
+            elif it.kind == "grid":
+                table = ys[it.seg][it.srow : it.srow + it.g, : it.u]
+                buf = (
+                    _outputs.take(("gy", it.row, it.n), (it.g, it.n), device) if it.c_grid else None
+                )
+                flat = _grid_lerp(it.flat, it.spec, table, it.c_grid, buf)
             else:
                 flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
             outs.append(flat.reshape(x.shape).to(x.dtype))
@@ -1836,8 +2018,14 @@ class _ScalarKMeans(torch.autograd.Function):
         ctx.c_elems = c_elems
         # the baseline for writing each weight's gradient into its incoming one (measured once)
         ctx.grad_base = None
-        if c_elems and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
+        c_any = c_elems or any(it.c_grid for it in items)
+        if c_any and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
             ctx.grad_base = _grad_baseline()
+        ctx.i_grid = {}
+        for i, it in enumerate(items):
+            if it.kind == "grid":
+                ctx.i_grid[i] = saved(it.flat)
+                it.flat = None  # the saved tensor is backward's copy
         if c_elems:
             ctx.i_scale = saved(scale)
             ctx.i_flats = [saved(f) for f in flats]
@@ -1892,6 +2080,13 @@ class _ScalarKMeans(torch.autograd.Function):
                     gsum_tab = acc.view(n_tab, _STRIDE).gather(1, codes).float()
                 else:
                     gsum_tab = _code_grad_sums(items, live, flat_g, bins, codes, n_tab)
+            gflat = {i: tensors[j] for i, j in ctx.i_grid.items()}
+            gsum_grid = {}
+            for i in gflat:
+                if live[i]:
+                    # (reshape keeps an expanded gradient a stride-0 view: the kernels read rows)
+                    flat_g[i] = flat_g[i].contiguous()
+                    gsum_grid[i] = _grid_splat(gflat[i], items[i].spec, flat_g[i], items[i].c_grid)
             hr = []
             for s, (st_idx, hist_idx) in enumerate(ctx.seg_state):
                 seg_items = [(i, it) for i, it in enumerate(items) if it.seg == s]
@@ -1906,6 +2101,8 @@ class _ScalarKMeans(torch.autograd.Function):
                     i, it = seg_items[0]  # the segment is this tensor's rows: no copy
                     if it.kind == "table":
                         gsum = gsum_tab[it.trow : it.trow + it.g, : it.u]
+                    elif it.kind == "grid":
+                        gsum = gsum_grid[i]
                     else:
                         gsum = flat_g[i].view(it.g, it.n)
                 elif ctx.direct:
@@ -1918,6 +2115,8 @@ class _ScalarKMeans(torch.autograd.Function):
                         dst = gsum[it.srow : it.srow + it.g]
                         if it.kind == "table":
                             dst[:, : it.u] = gsum_tab[it.trow : it.trow + it.g, : it.u]
+                        elif it.kind == "grid":
+                            dst[:, : it.u] = gsum_grid[i]
                         else:
                             dst[:, : it.n] = flat_g[i].view(it.g, it.n)
                 hr.append(_scalar_backward(state, gsum, cfg))
@@ -1948,20 +2147,15 @@ class _ScalarKMeans(torch.autograd.Function):
                 if not live[i]:
                     continue
                 shape, dtype = ctx.kinds_dtypes[i]
-                if it.kind == "table" and c_elems:
-                    key = ("grad", t_of[i], it.n)
-                    if (
-                        refs is not None
-                        and _overwritable(grads[i], refs[i], ctx.grad_base)
-                        and flat_g[i].data_ptr() == grads[i].data_ptr()
-                    ):
-                        # nothing else holds the incoming gradient: the kernel reads each
-                        # element's g before writing its gradient in the same place
-                        grad = flat_g[i]
-                    else:
-                        grad = _outputs.take(key, (it.g * it.n,), device)
-                        if _KEEP_GRAD_STORAGE:
-                            _outputs.give(key, grad)
+                if it.kind == "grid":
+                    hs, rs = (t[it.srow : it.srow + it.g, : it.u] for t in hr[it.seg])
+                    grad = None
+                    if it.c_grid:
+                        grad = _grad_buffer(ctx, refs, grads, flat_g, i, ("ggrad", it.row, it.n))
+                        _outputs.give(("gy", it.row, it.n), grads[i])
+                    grad = _grid_grad(gflat[i], it.spec, flat_g[i], hs, rs, it.c_grid, grad)
+                elif it.kind == "table" and c_elems:
+                    grad = _grad_buffer(ctx, refs, grads, flat_g, i, ("grad", t_of[i], it.n))
                     # the soft weight's gradient becomes the next step's soft weight
                     _outputs.give(("y", t_of[i], it.n), grads[i])
                     _dkm_cpu.grad(
@@ -2080,7 +2274,9 @@ def soft_kmeans(
 
     The table engine works on x rounded to 11 significant bits (fp16 after a power-of-two
     rescale per group; exact for fp16 / bf16 weights), the inertia for early stopping
-    included. Gradients are first order: the backward is not itself differentiable.
+    included; the grid engine interpolates between grid nodes (module docstring), its inertia
+    is that of the nodes. Gradients are first order: the backward is not itself
+    differentiable.
 
     Args:
         x: [G, N, d] float weights (already divided by any per-channel scale). Any float
@@ -2102,9 +2298,12 @@ def soft_kmeans(
             each update (e.g. a straight-through LUT quantizer). May be called again in
             backward; must be deterministic.
         generator: torch.Generator on x's device for mode "gsm".
-        method: "table" (d == 1; O(N) memory), "dense" (exact, any d) or "auto": table when
-            d == 1 and a group has at least 65,536 (CPU) / 262,144 (other devices) elements,
-            where it is measured faster; else dense.
+        method: "table" (d == 1; O(N) memory), "grid" (d == 1, mode "dkm" without the
+            exact-zero rule; O(N) memory; up to 65,536 nodes, a tensor with a non-finite
+            value runs "dense"), "dense" (exact, any d) or "auto": on the CPU, grid for
+            groups of at least 4,096 elements when it needs at most a quarter of them as
+            nodes; else table when d == 1 and a group has at least 65,536 (CPU) / 262,144
+            (other devices) elements, where it is measured faster; else dense.
         clamp_attention: clamp the "dkm" attention from below at ``zero_threshold`` as the
             coremltools 9.0 code does (see above).
 
@@ -2198,19 +2397,52 @@ def _make_cfg(
     return cfg, gen, method
 
 
-def _resolve_method(x: Tensor, method: str, fn: str) -> str:
+def _grid_allowed(cfg: _Cfg) -> bool:
+    """The grid needs an output that is smooth in x: softmax attention, no exact-zero rule."""
+    return cfg.mode == "dkm" and not cfg.keep_zeros
+
+
+def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
     g, n, d = x.shape
-    if method == "table" and d != 1:
-        raise ValueError(f"{fn}: method='table' needs d == 1 (scalar clusters), got d={d}")
+    if method in ("table", "grid") and d != 1:
+        raise ValueError(f"{fn}: method={method!r} needs d == 1 (scalar clusters), got d={d}")
+    if method == "grid" and not _grid_allowed(cfg):
+        raise ValueError(
+            f"{fn}: method='grid' needs mode='dkm' without the exact-zero rule (enforce_zero "
+            f"with prune_threshold=0), got mode={cfg.mode!r}, enforce_zero={cfg.enforce_zero}, "
+            f"prune_threshold={cfg.prune_threshold}"
+        )
     if method == "auto":
         use_table = d == 1 and n >= _TABLE_MIN_GROUP.get(x.device.type, _DEFAULT_TABLE_MIN_GROUP)
         return "table" if use_table else "dense"
     return method
 
 
+def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg):
+    """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
+
+    "auto" takes the grid on the CPU when it needs at most 1/4 of a group's elements as nodes;
+    method "grid" takes it up to 65,536 nodes. Otherwise (and for a group holding a non-finite
+    value) the element or code engine runs.
+    """
+    g, n = x.shape[0], x.shape[1]
+    fallback = "table" if resolved == "table" else "exact"
+    auto = asked == "auto" and n >= _GRID_AUTO_MIN_GROUP and _host_layout(x.device)
+    if asked == "grid" or (auto and _grid_allowed(cfg)):
+        cap = _GRID_MAX_NODES if asked == "grid" else n // _GRID_AUTO_FRACTION
+        if cap >= _GRID_MIN_NODES:
+            c0 = centroids.detach().reshape(g, -1).float()
+            spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap)
+            if spec is not None:
+                return spec
+        if asked == "grid":
+            fallback = "exact"
+    return fallback
+
+
 def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
     """The soft k-means of every (x, centroids): the scalar ones of one device in one node."""
-    methods = [_resolve_method(x, method, fn) for x in xs]
+    methods = [_resolve_method(x, method, fn, cfg) for x in xs]
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(xs)
     scalar: dict[torch.device, list[int]] = {}
     for i, x in enumerate(xs):
@@ -2219,7 +2451,7 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
     for device, idx in scalar.items():
         # private copies: callers may write the returned centroids into their state in place
         c0 = torch.cat([centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx]).float()
-        kinds = tuple("table" if methods[i] == "table" else "exact" for i in idx)
+        kinds = tuple(_scalar_kind(xs[i], centroids[i], methods[i], method, cfg) for i in idx)
         with _no_autocast(device):
             *outs, new_c = _ScalarKMeans.apply(cfg, kinds, c0, *(xs[i] for i in idx))
         row = 0

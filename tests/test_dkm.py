@@ -74,6 +74,23 @@ def _reference_dkm(w, cfg, cent, scale=None):
     return out if scale is None else out * scale
 
 
+def _dkm_and_reference(lin, cfg):
+    """(out, d(out . g)/dw) of a prepared lin's first DKM forward and of the dense reference,
+    with the initial centroids and the per-channel scale (or None)."""
+    model = DKMPalettizer(lin, {"global_config": cfg}).prepare()
+    fp = model.weight_dkm
+    cent0 = fp.centroids.clone()
+    scale = fp.scale.clone() if cfg.get("enable_per_channel_scale") else None
+    w = model.weight
+    out = fp(w)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * g).sum(), w)
+    w_ref = w.detach().clone().requires_grad_(True)
+    ref = _reference_dkm(w_ref, cfg, cent0, scale)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), w_ref)
+    return out, grad, ref, grad_ref, cent0, scale
+
+
 CASES = [
     {},
     {"granularity": "per_grouped_channel", "group_size": 8},
@@ -95,19 +112,7 @@ def test_forward_and_gradient_equal_dense_reference(extra):
     lin = _fp16_exact(nn.Linear(48, 32))
     # epsilon 0: no early stop that a last-bit difference in the inertia could flip
     cfg = {"n_bits": 2, "weight_threshold": 0, "palett_epsilon": 0.0, **extra}
-    model = DKMPalettizer(lin, {"global_config": cfg}).prepare()
-    fp = model.weight_dkm
-    cent0 = fp.centroids.clone()
-    scale = fp.scale.clone() if cfg.get("enable_per_channel_scale") else None
-
-    w = model.weight
-    out = fp(w)
-    g = torch.randn_like(out)
-    (grad,) = torch.autograd.grad((out * g).sum(), w)
-
-    w_ref = w.detach().clone().requires_grad_(True)
-    ref = _reference_dkm(w_ref, cfg, cent0, scale)
-    (grad_ref,) = torch.autograd.grad((ref * g).sum(), w_ref)
+    out, grad, ref, grad_ref, _, scale = _dkm_and_reference(lin, cfg)
     if scale is None:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-5)
@@ -117,6 +122,37 @@ def test_forward_and_gradient_equal_dense_reference(extra):
         assert (grad - grad_ref).norm() <= 2e-3 * grad_ref.norm()
     if cfg.get("palett_mode") != "hard":
         assert grad.abs().sum() > 0
+
+
+GRID_CASES = [
+    {},
+    {"granularity": "per_grouped_channel", "group_size": 16},
+    {"n_bits": 2, "granularity": "per_grouped_channel", "group_size": 16},
+    {"palett_tau": 1e-3},
+    # weights / scale reach +-1: at tau 1e-4 the grid would need too many nodes (exact engine)
+    {"enable_per_channel_scale": True, "palett_tau": 1e-2},
+]
+
+
+@pytest.mark.parametrize("extra", GRID_CASES, ids=[str(c) for c in GRID_CASES])
+def test_grid_engine_layers_close_to_dense_reference(extra, monkeypatch):
+    # LUT groups of >= 4096 generic fp32 weights run on the grid engine (interpolated)
+    import lightning_palettize.soft_kmeans as sk
+
+    grids = []
+    spec_fn = sk._grid_spec
+    monkeypatch.setattr(sk, "_grid_spec", lambda *a: grids.append(spec_fn(*a)) or grids[-1])
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    cfg = {"n_bits": 4, "weight_threshold": 0, "palett_epsilon": 0.0, **extra}
+    out, grad, ref, grad_ref, cent0, scale = _dkm_and_reference(lin, cfg)
+    assert grids and grids[-1] is not None  # the grid ran
+    gap = cent0.sort(1).values.diff(dim=1).amax()
+    if scale is not None:
+        gap = gap * scale.abs().max()
+    assert (out - ref).abs().max() <= 2e-3 * gap
+    assert (grad - grad_ref).norm() <= 3e-3 * grad_ref.norm()
+    assert grad.abs().sum() > 0
 
 
 def test_prepare_keeps_parameters_and_adds_no_learnables():

@@ -140,6 +140,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setitem(sk._CHUNK_ELEMS, "cpu", 4096)
 
 
+needs_c_early = pytest.mark.skipif(
+    sk._dkm_cpu is None, reason="compiled _dkm_cpu extension missing"
+)
+
+
 def table_noise(x, gen):
     """Per-element view of the table engine's per-code noise (see soft_kmeans docstring):
     per iteration torch.rand(G, U, K), row u of a group for its u-th smallest distinct value."""
@@ -280,6 +285,136 @@ def test_table_close_to_reference_on_generic_fp32(tau):
     cos = F.cosine_similarity(got[2].view(-1), want[2].view(-1), dim=0)
     assert cos > 0.999, cos
     assert (got[2].norm() / want[2].norm() - 1).abs() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# grid engine == reference, up to its linear interpolation
+
+GRID_VARIANTS = [
+    "plain",
+    "prune",
+    "lut_fn",
+    "clamp_attention",
+    "enforce_zero+prune",
+    "no_early_stop",
+]
+
+
+def grid_errors(got, want, c0):
+    """(max output error, max centroid error) in widest initial centroid gaps, gradient error
+    relative to the gradient's norm."""
+    gap = c0.sort(1).values.diff(dim=1).amax().item()
+    out = (got[0] - want[0]).abs().max().item() / gap
+    cent = (got[1] - want[1]).abs().max().item() / gap
+    grad = ((got[2] - want[2]).norm() / want[2].norm()).item()
+    return out, cent, grad
+
+
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("tau", [1e-4, 1e-3])
+@pytest.mark.parametrize("variant", GRID_VARIANTS)
+def test_grid_close_to_reference(g, tau, variant):
+    # generic fp32 weights, both temperature regimes of the node spacing rule
+    kw = {"tau": tau, "epsilon": -1.0, **({} if variant == "plain" else VARIANTS[variant])}
+    ez = kw.get("enforce_zero", False)
+    x, c0 = make_data(g, 6000, 1, seed=21 + g, enforce_zero=ez)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    want = run(reference, x, c0, w, **kw)
+    got = run(soft_kmeans, x, c0, w, method="grid", **kw)
+    out, cent, grad = grid_errors(got, want, c0)
+    # measured: <= 8e-4 / 1.1e-3 / 1.1e-3 over these cases
+    assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (out, cent, grad)
+    assert_nontrivial(got[2], w)
+    if ez:
+        assert (got[1][:, 0] == 0).all()
+
+
+def test_grid_beats_the_table_on_generic_fp32_at_the_default_tau():
+    # the table engine rounds x to 11 significant bits; the grid interpolates a smooth output
+    x, c0 = make_data(2, 8000, 1, seed=31)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    want = run(reference, x, c0, w, epsilon=-1.0)
+    grid = grid_errors(run(soft_kmeans, x, c0, w, epsilon=-1.0, method="grid"), want, c0)
+    table = grid_errors(run(soft_kmeans, x, c0, w, epsilon=-1.0, method="table"), want, c0)
+    assert grid[0] < table[0] / 2, (grid, table)
+    assert grid[2] < table[2], (grid, table)
+
+
+def test_grid_error_is_second_order_in_the_spacing(monkeypatch):
+    # halving the cells divides the interpolation error by about 4
+    x, c0 = make_data(1, 20000, 1, seed=33)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    want = run(reference, x, c0, w, epsilon=-1.0)
+    errs = []
+    for cell in (1.0, 0.5):
+        monkeypatch.setattr(sk, "_GRID_CELL_LOGIT", cell)
+        monkeypatch.setattr(sk, "_GRID_SOFT_CELLS", 1.0)  # the sharp rule sets the spacing
+        errs.append(grid_errors(run(soft_kmeans, x, c0, w, epsilon=-1.0, method="grid"), want, c0))
+    assert 2.5 < errs[0][0] / errs[1][0] < 6, errs
+    assert 2.5 < errs[0][2] / errs[1][2] < 6, errs
+
+
+def test_grid_spacing_rule():
+    x, c0 = make_data(3, 5000, 1, seed=34)
+    cfg = sk._make_cfg(
+        "t", x.device, 1e-4, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None, "grid", False
+    )[0]
+    spec = sk._grid_spec(x.view(3, -1), c0.view(3, -1), cfg, 1 << 16)
+    gap = c0.view(3, -1).sort(1).values.diff(dim=1).amax(1)
+    h = spec.h
+    assert (2 * h * gap / cfg.tau <= sk._GRID_CELL_LOGIT * (1 + 1e-5)).all()
+    assert (h <= (cfg.tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS * (1 + 1e-5)).all()
+    assert spec.nodes % 8 == 0
+    v = spec.values()
+    assert torch.allclose(v[:, 0], x.view(3, -1).amin(1))
+    assert torch.allclose(v[:, -1], x.view(3, -1).amax(1))
+    # more nodes than allowed, or a non-finite value: no grid
+    assert sk._grid_spec(x.view(3, -1), c0.view(3, -1), cfg, spec.nodes - 8) is None
+    bad = x.view(3, -1).clone()
+    bad[1, 7] = float("inf")
+    assert sk._grid_spec(bad, c0.view(3, -1), cfg, 1 << 16) is None
+
+
+@needs_c_early
+def test_grid_compiled_passes_equal_the_torch_ones(monkeypatch):
+    x, c0 = make_data(3, 9000, 1, seed=35)
+    x[1, :] = 0.01  # a constant group: every element on node 0
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    got = run(soft_kmeans, x, c0, w, method="grid")
+    monkeypatch.setattr(sk, "_USE_C", False)
+    want = run(soft_kmeans, x, c0, w, method="grid")
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-5, 1e-6)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+
+
+def test_grid_constant_group_is_exact():
+    x = torch.full((1, 5000, 1), 0.25)
+    c0 = torch.tensor([[[0.1], [0.3]]])
+    w = torch.ones_like(x)
+    want = run(reference, x, c0, w)
+    got = run(soft_kmeans, x, c0, w, method="grid")
+    assert_close(got[0], want[0], 1e-6, 1e-7)
+    assert_close(got[1], want[1], 1e-6, 1e-7)
+
+
+def test_grid_argument_errors_and_fallback():
+    x, c0 = make_data(1, 5000, 1, seed=36)
+    with pytest.raises(ValueError, match="method='grid' needs mode='dkm'.*mode='hard'"):
+        soft_kmeans(x, c0, method="grid", mode="hard")
+    with pytest.raises(ValueError, match="exact-zero rule.*enforce_zero=True"):
+        soft_kmeans(
+            x, c0.clone().index_fill_(1, torch.tensor([0]), 0.0), method="grid", enforce_zero=True
+        )
+    x2, c2 = make_data(1, 500, 2, seed=36)
+    with pytest.raises(ValueError, match="method='grid' needs d == 1.*d=2"):
+        soft_kmeans(x2, c2, method="grid")
+    # a non-finite value: the group runs on the exact engine instead
+    bad = x.clone()
+    bad[0, 3] = float("nan")
+    a, b = soft_kmeans(bad, c0, method="grid")[0], soft_kmeans(bad, c0, method="dense")[0]
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,12 +649,27 @@ def test_table_saves_o_n_for_backward():
     assert naive > (n // 8) * K * 4, naive
 
 
-def test_auto_uses_the_table_for_large_scalar_groups():
-    small, c0 = make_data(1, 4096, 1, seed=1)
-    large, c1 = make_data(1, sk._TABLE_MIN_GROUP["cpu"], 1, seed=1)
-    for x, c, method in [(small, c0, "dense"), (large, c1, "table")]:
-        auto, forced = soft_kmeans(x, c)[0], soft_kmeans(x, c, method=method)[0]
-        assert torch.equal(auto, forced), method
+def test_auto_engine_choice():
+    small, c0 = make_data(1, sk._GRID_AUTO_MIN_GROUP - 1, 1, seed=1)
+    mid, c1 = make_data(2, sk._GRID_AUTO_MIN_GROUP, 1, seed=1)
+    large, c2 = make_data(1, sk._TABLE_MIN_GROUP["cpu"], 1, seed=1)
+    cases = [
+        (small, c0, {}, "dense"),  # small groups: the exact engine
+        (mid, c1, {}, "grid"),  # the grid where it needs few enough nodes
+        (large, c2, {}, "grid"),
+        (mid, c1, {"tau": 1e-7}, "dense"),  # near-hard attention: too many nodes
+        (large, c2, {"tau": 1e-7}, "table"),
+        (large, c2, {"mode": "hard"}, "table"),  # a step function: never interpolated
+    ]
+    for x, c, kw, method in cases:
+        auto, forced = soft_kmeans(x, c, **kw)[0], soft_kmeans(x, c, method=method, **kw)[0]
+        assert torch.equal(auto, forced), (x.shape, kw, method)
+    zc = c2.clone()
+    zc[:, 0] = 0.0
+    kw = {"enforce_zero": True}  # the exact-zero rule: a jump at 0
+    assert torch.equal(
+        soft_kmeans(large, zc, **kw)[0], soft_kmeans(large, zc, method="table", **kw)[0]
+    )
 
 
 def test_dense_saves_only_the_weights(small_chunks):
@@ -662,7 +812,28 @@ def test_batch_keeps_each_tensors_engine_and_dtype():
         assert out.shape == x.shape and out.dtype == x.dtype and c.dtype == torch.float32
     # exact tensors are not rounded to 11 significant bits like the tables
     assert_close(res[3][0], soft_kmeans(xs[3], cs[3], method="dense")[0], 1e-5, 1e-6)
-    assert_close(res[0][0], soft_kmeans(xs[0], cs[0], method="table")[0], 1e-5, 1e-6)
+    assert_close(res[0][0], soft_kmeans(xs[0], cs[0], method="grid")[0], 1e-5, 1e-6)
+    res_hard = sk.soft_kmeans_batch(xs, cs, method="auto", mode="hard")
+    assert_close(
+        res_hard[0][0], soft_kmeans(xs[0], cs[0], method="table", mode="hard")[0], 1e-5, 1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["auto", "grid"])
+def test_batch_with_grid_tensors_matches_one_by_one(method):
+    # grid, table and exact tensors in one node (auto: the sharp tau keeps the big one on the
+    # table), their segments shared or not
+    xs, cs = batch_inputs()
+    w = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+    for kw in ({}, {"tau": 1e-6}):
+        ws = [x.clone().requires_grad_() for x in xs]
+        res = sk.soft_kmeans_batch(ws, cs, method=method, **kw)
+        sum((o * g).sum() for (o, _), g in zip(res, w)).backward()
+        for x, c, g, wt, (out, cent) in zip(xs, cs, w, ws, res):
+            want = run(soft_kmeans, x, c, g, method=method, **kw)
+            assert_close(out.detach(), want[0], 1e-5, 1e-6)
+            assert_close(cent, want[1], 1e-5, 1e-6)
+            assert_close(wt.grad, want[2], 1e-4, 1e-5)
 
 
 def test_batch_gsm_and_vectors_run_one_by_one():
@@ -783,7 +954,7 @@ def test_device_layout_reads_the_host_a_fixed_number_of_times(device_layout):
 # ---------------------------------------------------------------------------------------------
 # the compiled CPU kernels (lightning_palettize/_dkm_cpu.c) against the torch code
 
-needs_c = pytest.mark.skipif(sk._dkm_cpu is None, reason="compiled _dkm_cpu extension missing")
+needs_c = needs_c_early
 
 
 @pytest.fixture(params=["simd", "portable"])
@@ -875,26 +1046,27 @@ def test_compiled_kernels_keep_the_saturated_centroids_accurate():
 
 
 @needs_c
-def test_reused_output_buffers_never_overwrite_a_kept_tensor(monkeypatch):
+@pytest.mark.parametrize("method", ["table", "grid"])
+def test_reused_output_buffers_never_overwrite_a_kept_tensor(monkeypatch, method):
     # the CPU outputs' storages are recycled only once nothing else holds them
     monkeypatch.setattr(sk._OutputCache, "MIN_ELEMS", 1)
     x, c0 = make_data(1, 70000, 1, seed=3)
     x.requires_grad_()
-    out1, _ = soft_kmeans(x, c0, method="table")
+    out1, _ = soft_kmeans(x, c0, method=method)
     (g1,) = torch.autograd.grad(out1.sum(), x)
     keep_out, keep_g = out1.clone(), g1.clone()
     with torch.no_grad():
         x.mul_(1.5)  # a different weight: different outputs
-    out2, _ = soft_kmeans(x, c0, method="table")
+    out2, _ = soft_kmeans(x, c0, method=method)
     (g2,) = torch.autograd.grad((out2 * 2).sum(), x)
     assert torch.equal(out1, keep_out) and torch.equal(g1, keep_g)
     assert not torch.equal(out2, out1) and not torch.equal(g2, g1)
     del out1, g1, out2, g2
-    out3, _ = soft_kmeans(x, c0, method="table")  # may reuse: still a correct result
+    out3, _ = soft_kmeans(x, c0, method=method)  # may reuse: still a correct result
     with torch.no_grad():
         x.div_(1.5)
     monkeypatch.setattr(sk, "_USE_C", False)
-    out4, _ = soft_kmeans(x.detach() * 1.5, c0, method="table")
+    out4, _ = soft_kmeans(x.detach() * 1.5, c0, method=method)
     assert_close(out3.detach(), out4, 1e-5, 1e-6)
 
 
@@ -902,10 +1074,10 @@ def test_reused_output_buffers_never_overwrite_a_kept_tensor(monkeypatch):
 # the weight's gradient written into the soft weight's incoming gradient (CPU, compiled path)
 
 
-def _soft_weight_grad(x, c0, inp, through, observe=None):
+def _soft_weight_grad(x, c0, inp, through, observe=None, method="table"):
     """(w.grad, whether it shares the incoming gradient's storage, what ``observe`` kept)."""
     w = x.clone().requires_grad_()
-    out, _ = soft_kmeans(w, c0, method="table")
+    out, _ = soft_kmeans(w, c0, method=method)
     ptrs = []
     out.register_hook(lambda g: ptrs.append(g.data_ptr()))  # keeps no reference: no fallback
     kept = observe(out) if observe is not None else None
@@ -918,13 +1090,14 @@ def _soft_weight_grad(x, c0, inp, through, observe=None):
 
 
 @needs_c
+@pytest.mark.parametrize("method", ["table", "grid"])
 @pytest.mark.parametrize("through", ["elementwise", "linear"])
-def test_weight_gradient_in_place_is_bit_identical(monkeypatch, through):
-    x, c0 = make_data(1, 256 * 256, 1, seed=5)
+def test_weight_gradient_in_place_is_bit_identical(monkeypatch, through, method):
+    x, c0 = make_data(4, 256 * 64, 1, seed=5)
     inp = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
-    got, shared, _ = _soft_weight_grad(x, c0, inp, through)
+    got, shared, _ = _soft_weight_grad(x, c0, inp, through, method=method)
     monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
-    want, copied, _ = _soft_weight_grad(x, c0, inp, through)
+    want, copied, _ = _soft_weight_grad(x, c0, inp, through, method=method)
     assert shared and not copied  # the in-place path ran, and the fallback did not share
     assert torch.equal(got, want)
     assert got.abs().sum() > 0
@@ -960,15 +1133,16 @@ def _keep_multi_grad_hook(out):
     [_keep_hook, _keep_view_hook, _keep_post_hook, _keep_multi_grad_hook],
     ids=["tensor_hook", "tensor_hook_view", "node_post_hook", "multi_grad_hook"],
 )
-def test_a_kept_incoming_gradient_is_never_overwritten(monkeypatch, observe):
+@pytest.mark.parametrize("method", ["table", "grid"])
+def test_a_kept_incoming_gradient_is_never_overwritten(monkeypatch, observe, method):
     # whoever keeps the soft weight's gradient sees it unchanged: the backward then allocates
     x, c0 = make_data(1, 256 * 256, 1, seed=7)
     inp = torch.randn(8, 256, generator=torch.Generator().manual_seed(8))
     for through in ("elementwise", "linear"):
-        got, shared, kept = _soft_weight_grad(x, c0, inp, through, observe)
+        got, shared, kept = _soft_weight_grad(x, c0, inp, through, observe, method)
         assert not shared
         w = x.clone().requires_grad_()
-        out, _ = soft_kmeans(w, c0, method="table")
+        out, _ = soft_kmeans(w, c0, method=method)
         soft = out.detach().requires_grad_()
         if through == "linear":
             loss = F.linear(inp, soft.view(256, 256)).square().sum()
@@ -977,7 +1151,7 @@ def test_a_kept_incoming_gradient_is_never_overwritten(monkeypatch, observe):
         (want_soft,) = torch.autograd.grad(loss, soft)
         assert torch.equal(kept[-1].view_as(want_soft), want_soft)
         monkeypatch.setattr(sk, "_GRAD_IN_PLACE", False)
-        want, _, _ = _soft_weight_grad(x, c0, inp, through)
+        want, _, _ = _soft_weight_grad(x, c0, inp, through, method=method)
         monkeypatch.undo()
         assert torch.equal(got, want)
 
@@ -1019,7 +1193,8 @@ def test_a_gradient_shared_with_an_earlier_node_is_not_overwritten(monkeypatch):
 
 
 @needs_c
-def test_soft_weight_used_twice_and_batched_tensors_get_their_gradients(monkeypatch):
+@pytest.mark.parametrize("method", ["table", "grid"])
+def test_soft_weight_used_twice_and_batched_tensors_get_their_gradients(monkeypatch, method):
     # one soft weight feeding two ops (autograd sums its gradients), and several tensors of one
     # batched node, one of which receives the very same gradient tensor as another
     xs = [make_data(1, 256 * 256, 1, seed=s)[0] for s in (13, 14, 15)]
@@ -1028,7 +1203,7 @@ def test_soft_weight_used_twice_and_batched_tensors_get_their_gradients(monkeypa
 
     def run():
         ws = [x.clone().requires_grad_() for x in xs]
-        outs = [o for o, _ in sk.soft_kmeans_batch(ws, cs, method="table")]
+        outs = [o for o, _ in sk.soft_kmeans_batch(ws, cs, method=method)]
         w0 = outs[0].view(256, 256)
         loss = F.linear(inp, w0).square().sum() + F.linear(inp * 2, w0.t()).sum()
         loss = loss + ((outs[1] + outs[2]) * 3.0).sum()  # one gradient tensor for both
