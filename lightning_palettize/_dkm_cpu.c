@@ -43,11 +43,6 @@
 #define STRIDE 65537
 #define BLOCK 256 /* elements whose codes are converted at once */
 #define TILE 64   /* codes per tile of the per-code kernels */
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define LP_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LP_CLONES
-#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* float -> fp16 bits, round to nearest even (portable; F16C does the same in hardware) */
@@ -251,39 +246,61 @@ __attribute__((target("avx2,fma,f16c"))) static void grad_v(const float *x, int6
 
 
 /* ------------------------------------------------------------------------------------------ */
-/* grid kernels (soft_kmeans' "grid" tensors): each LUT group (row) is binned on a uniform grid
- * of H nodes lo + j h (inv_h = 1 / h; 0 for a constant row); an element at position
- * p = (x - lo) inv_h lies in cell j = clamp(floor(p), 0, H - 2) with weight t = p - j on node
- * j + 1 and 1 - t on node j (linear interpolation, in the same float32 steps as the torch code):
+/* grid kernels (soft_kmeans' "grid" tensors): each LUT group (row) is binned on a piecewise
+ * uniform grid: C equal cells from lo (inv_w = C / span; 0 for a constant row), cell c holding
+ * fc[c] nodes lo + (c + i / fc[c]) span / C, i < fc[c], numbered from off[c] (the last node,
+ * at lo + span, is the one after the last cell's). An element at p = (x - lo) inv_w lies in
+ * cell c = min(floor(p), C - 1), at f = (p - c) fc[c], between nodes j = off[c] + i and j + 1,
+ * i = min(floor(f), fc[c] - 1), with weight t = f - i on node j + 1 and 1 - t on node j
+ * (linear interpolation, in the same float32 steps as the torch code):
  *     gsplat  acc[row][j] += w (1 - t), acc[row][j + 1] += w t     (w = 1 or g; float64 sums)
  *     glerp   out = T[j] + t (T[j + 1] - T[j])                     (T: [rows, ld] float)
- *     ggrad   out = g lerp(h) + lerp(r)                            (hr: [rows, H, 2]; out may be g)
+ *     ggrad   out = g lerp(h) + lerp(r)                            (h, r: [rows, ld]; out may be g)
  */
 
 typedef struct {
     const float *x;
-    int64_t rows, n, H;
-    const float *lo, *inv_h;
+    int64_t rows, n, H, C;
+    const float *lo, *inv_w; /* [rows] */
+    const float *fc;         /* [rows, C] nodes per cell (whole numbers >= 1) */
+    const int32_t *off;      /* [rows, C] the first node of each cell */
 } grid_t;
 
-static inline int32_t gcell(float x, float lo, float ih, int32_t H, float *t) {
-    float p = (x - lo) * ih;
+typedef struct { /* one row of a grid_t */
+    float lo, iw, top;
+    int32_t cmax;
+    const float *fc;
+    const int32_t *off;
+} grow_t;
+
+static inline grow_t grid_row(const grid_t *q, int64_t r) {
+    grow_t w = {q->lo[r], q->inv_w[r], (float)q->C, (int32_t)q->C - 1, q->fc + r * q->C,
+                q->off + r * q->C};
+    return w;
+}
+
+static inline int32_t gcell(float x, const grow_t *w, float *t) {
+    float p = (x - w->lo) * w->iw;
     p = p > 0.0f ? p : 0.0f; /* (NaN -> 0) */
-    p = p < (float)(H - 1) ? p : (float)(H - 1);
-    int32_t j = (int32_t)p; /* p >= 0: truncation is floor */
-    j = j < H - 2 ? j : H - 2;
-    *t = p - (float)j;
-    return j;
+    p = p < w->top ? p : w->top;
+    int32_t c = (int32_t)p; /* p >= 0: truncation is floor */
+    c = c < w->cmax ? c : w->cmax;
+    float F = w->fc[c], f = (p - (float)c) * F;
+    int32_t i = (int32_t)f, last = (int32_t)F - 1;
+    i = i < last ? i : last;
+    float u = f - (float)i;
+    *t = u < 1.0f ? u : 1.0f;
+    return w->off[c] + i;
 }
 
 static void gsplat_k(const grid_t *q, const float *w, double *acc) {
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
         double *ac = acc + r * q->H;
-        const float lo = q->lo[r], ih = q->inv_h[r];
+        grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
+            int32_t j = gcell(xr[i], &gr, &t);
             float a = wr ? wr[i] : 1.0f;
             ac[j] += (double)(a * (1.0f - t));
             ac[j + 1] += (double)(a * t);
@@ -291,16 +308,19 @@ static void gsplat_k(const grid_t *q, const float *w, double *acc) {
     }
 }
 
+static inline float lerp_at(const float *tab, int32_t j, float t) {
+    return tab[j] + t * (tab[j + 1] - tab[j]);
+}
+
 static void glerp_k(const grid_t *q, const float *table, int64_t ld, float *out) {
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *tab = table + r * ld;
         float *o = out + r * q->n;
-        const float lo = q->lo[r], ih = q->inv_h[r];
+        grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
-            float a = tab[j];
-            o[i] = a + t * (tab[j + 1] - a);
+            int32_t j = gcell(xr[i], &gr, &t);
+            o[i] = lerp_at(tab, j, t);
         }
     }
 }
@@ -308,37 +328,109 @@ static void glerp_k(const grid_t *q, const float *table, int64_t ld, float *out)
 static void ggrad_k(const grid_t *q, const float *g, const float *h, const float *rt, int64_t ld,
                     float *out) {
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *gr = g + r * q->n;
+        const float *xr = q->x + r * q->n, *g_r = g + r * q->n;
         const float *hh = h + r * ld, *rr = rt + r * ld;
         float *o = out + r * q->n;
-        const float lo = q->lo[r], ih = q->inv_h[r];
+        grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], lo, ih, (int32_t)q->H, &t);
-            float a = hh[j] + t * (hh[j + 1] - hh[j]), b = rr[j] + t * (rr[j + 1] - rr[j]);
-            o[i] = gr[i] * a + b;
+            int32_t j = gcell(xr[i], &gr, &t);
+            o[i] = g_r[i] * lerp_at(hh, j, t) + lerp_at(rr, j, t);
         }
     }
 }
 
-#if DKM_X86
-/* AVX2: the cells of 8 elements at once (the same float32 steps as gcell), gathers for the
- * tables; the splat's scattered adds stay scalar, fed from a block of precomputed cells */
-#define AVX2F __attribute__((target("avx2,fma")))
-AVX2F static inline __m256i gcell8(const float *x, __m256 lo, __m256 ih, __m256 top,
-                                   __m256i jmax, __m256 *t) {
-    __m256 p = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x), lo), ih);
-    p = _mm256_max_ps(p, _mm256_setzero_ps()); /* NaN -> 0, as gcell */
-    p = _mm256_min_ps(p, top);
-    __m256i j = _mm256_min_epi32(_mm256_cvttps_epi32(p), jmax);
-    *t = _mm256_sub_ps(p, _mm256_cvtepi32_ps(j));
-    return j;
+/* Nodes per cell that sorted centroids cs [G, K] need (soft_kmeans._grid_counts has the rule):
+ * per pair of neighbours, spacing h = min(cell_logit tau / (2 gap), soft) on the cells that
+ * the zone mid +- (saturation tau + prune) / (2 gap) meets; out[g][c] = max(out, ceil(W / h)),
+ * W = span / C (out comes in initialised: ones, or counts to combine with). */
+static void grid_counts_k(const float *lo, const float *span, const float *cs, int64_t G,
+                          int64_t K, int64_t C, double tau, double cell_logit, double soft,
+                          double saturation, double prune, double cap, float *out) {
+    for (int64_t g = 0; g < G; g++) {
+        const float *c = cs + g * K;
+        float *o = out + g * C;
+        double w = (double)span[g] / (double)C, l0 = lo[g];
+        if (!(w > 0)) continue; /* a constant group: one node per cell is exact */
+        for (int64_t k = 0; k + 1 < K; k++) {
+            double gap = (double)c[k + 1] - (double)c[k];
+            gap = gap > 1e-30 ? gap : 1e-30;
+            double mid = 0.5 * ((double)c[k + 1] + (double)c[k]);
+            double h = cell_logit * tau / (2.0 * gap);
+            h = h < soft ? h : soft;
+            double half = (saturation * tau + prune) / (2.0 * gap);
+            half = half < (double)span[g] ? half : (double)span[g];
+            double a = floor((mid - half - l0) / w), b = floor((mid + half - l0) / w);
+            if (b < 0 || a > (double)(C - 1)) continue;
+            int64_t ia = a < 0 ? 0 : (int64_t)a, ib = b > (double)(C - 1) ? C - 1 : (int64_t)b;
+            double n = ceil(w / h);
+            float need = (float)(n < cap ? n : cap);
+            for (int64_t i = ia; i <= ib; i++) o[i] = o[i] > need ? o[i] : need;
+        }
+    }
 }
 
-#define GRID_SETUP(r)                                                                            \
-    const __m256 vlo = _mm256_set1_ps(q->lo[r]), vih = _mm256_set1_ps(q->inv_h[r]);              \
-    const __m256 top = _mm256_set1_ps((float)(q->H - 1));                                        \
-    const __m256i jmax = _mm256_set1_epi32((int)(q->H - 2));
+/* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, saturation, prune, cap, out) */
+static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
+    unsigned long long lo, span, cs, out;
+    Py_ssize_t G, K, C;
+    double tau, cl, soft, sat, prune, cap;
+    if (!PyArg_ParseTuple(args, "KKKnnnddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl, &soft,
+                          &sat, &prune, &cap, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    grid_counts_k((const float *)(uintptr_t)lo, (const float *)(uintptr_t)span,
+                  (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, sat, prune, cap,
+                  (float *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+#if DKM_X86
+/* AVX2: the cells of 8 elements at once (the same float32 steps as gcell), gathers for the
+ * tables; the splat's scattered adds stay scalar, fed from a block of precomputed cells. The
+ * scalar tails use gcell / lerp_at. */
+#define AVX2F __attribute__((target("avx2,fma")))
+typedef struct {
+    __m256 lo, iw, top, one;
+    __m256i cmax, ione;
+    const float *fc;
+    const int32_t *off;
+    int uniform;
+} grow8_t;
+
+AVX2F static inline grow8_t grid_row8(const grow_t *w) {
+    grow8_t v = {_mm256_set1_ps(w->lo),    _mm256_set1_ps(w->iw),   _mm256_set1_ps(w->top),
+                 _mm256_set1_ps(1.0f),     _mm256_set1_epi32(w->cmax), _mm256_set1_epi32(1),
+                 w->fc,                    w->off,                  w->cmax == 0};
+    return v;
+}
+
+AVX2F static inline __m256i gcell8(const float *x, const grow8_t *w, __m256 *t) {
+    __m256 p = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x), w->lo), w->iw);
+    p = _mm256_max_ps(p, _mm256_setzero_ps()); /* NaN -> 0, as gcell */
+    p = _mm256_min_ps(p, w->top);
+    __m256i c = _mm256_min_epi32(_mm256_cvttps_epi32(p), w->cmax);
+    __m256 F;
+    __m256i off;
+    if (w->uniform) { /* one cell: no per-cell gathers */
+        F = _mm256_set1_ps(w->fc[0]);
+        off = _mm256_setzero_si256();
+    } else {
+        F = _mm256_i32gather_ps(w->fc, c, 4);
+        off = _mm256_i32gather_epi32(w->off, c, 4);
+    }
+    __m256 f = _mm256_mul_ps(_mm256_sub_ps(p, _mm256_cvtepi32_ps(c)), F);
+    __m256i last = _mm256_sub_epi32(_mm256_cvttps_epi32(F), w->ione);
+    __m256i i = _mm256_min_epi32(_mm256_cvttps_epi32(f), last);
+    *t = _mm256_min_ps(_mm256_sub_ps(f, _mm256_cvtepi32_ps(i)), w->one);
+    return _mm256_add_epi32(off, i);
+}
+
+AVX2F static inline __m256 lerp8(const float *tab, __m256i j, __m256 t) {
+    __m256 a = _mm256_i32gather_ps(tab, j, 4), b = _mm256_i32gather_ps(tab + 1, j, 4);
+    return _mm256_fmadd_ps(t, _mm256_sub_ps(b, a), a);
+}
 
 AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
     int32_t jb[BLOCK];
@@ -346,26 +438,20 @@ AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
         double *ac = acc + r * q->H;
-        GRID_SETUP(r)
+        grow_t gr = grid_row(q, r);
+        grow8_t g8 = grid_row8(&gr);
         for (int64_t a = 0; a < q->n; a += BLOCK) {
             int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK, i = 0;
             for (; i + 8 <= len; i += 8) {
                 __m256 t;
-                _mm256_storeu_si256((__m256i *)(jb + i), gcell8(xr + a + i, vlo, vih, top, jmax, &t));
+                _mm256_storeu_si256((__m256i *)(jb + i), gcell8(xr + a + i, &g8, &t));
                 _mm256_storeu_ps(tb + i, t);
             }
-            for (; i < len; i++) jb[i] = gcell(xr[a + i], q->lo[r], q->inv_h[r], (int32_t)q->H, tb + i);
-            if (wr) {
-                for (i = 0; i < len; i++) {
-                    float v = wr[a + i];
-                    ac[jb[i]] += (double)(v * (1.0f - tb[i]));
-                    ac[jb[i] + 1] += (double)(v * tb[i]);
-                }
-            } else {
-                for (i = 0; i < len; i++) {
-                    ac[jb[i]] += (double)(1.0f - tb[i]);
-                    ac[jb[i] + 1] += (double)tb[i];
-                }
+            for (; i < len; i++) jb[i] = gcell(xr[a + i], &gr, tb + i);
+            for (i = 0; i < len; i++) {
+                float v = wr ? wr[a + i] : 1.0f;
+                ac[jb[i]] += (double)(v * (1.0f - tb[i]));
+                ac[jb[i] + 1] += (double)(v * tb[i]);
             }
         }
     }
@@ -375,18 +461,18 @@ AVX2F static void glerp_v(const grid_t *q, const float *table, int64_t ld, float
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *tab = table + r * ld;
         float *o = out + r * q->n;
-        GRID_SETUP(r)
+        grow_t gr = grid_row(q, r);
+        grow8_t g8 = grid_row8(&gr);
         int64_t i = 0;
         for (; i + 8 <= q->n; i += 8) {
             __m256 t;
-            __m256i j = gcell8(xr + i, vlo, vih, top, jmax, &t);
-            __m256 a = _mm256_i32gather_ps(tab, j, 4), b = _mm256_i32gather_ps(tab + 1, j, 4);
-            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(t, _mm256_sub_ps(b, a), a));
+            __m256i j = gcell8(xr + i, &g8, &t);
+            _mm256_storeu_ps(o + i, lerp8(tab, j, t));
         }
         for (; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], q->lo[r], q->inv_h[r], (int32_t)q->H, &t);
-            o[i] = tab[j] + t * (tab[j + 1] - tab[j]);
+            int32_t j = gcell(xr[i], &gr, &t);
+            o[i] = lerp_at(tab, j, t);
         }
     }
 }
@@ -394,25 +480,22 @@ AVX2F static void glerp_v(const grid_t *q, const float *table, int64_t ld, float
 AVX2F static void ggrad_v(const grid_t *q, const float *g, const float *h, const float *rt,
                           int64_t ld, float *out) {
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *gr = g + r * q->n;
+        const float *xr = q->x + r * q->n, *g_r = g + r * q->n;
         const float *hh = h + r * ld, *rr = rt + r * ld;
         float *o = out + r * q->n;
-        GRID_SETUP(r)
+        grow_t gr = grid_row(q, r);
+        grow8_t g8 = grid_row8(&gr);
         int64_t i = 0;
         for (; i + 8 <= q->n; i += 8) {
             __m256 t;
-            __m256i j = gcell8(xr + i, vlo, vih, top, jmax, &t);
-            __m256 h0 = _mm256_i32gather_ps(hh, j, 4), h1 = _mm256_i32gather_ps(hh + 1, j, 4);
-            __m256 r0 = _mm256_i32gather_ps(rr, j, 4), r1 = _mm256_i32gather_ps(rr + 1, j, 4);
-            __m256 a = _mm256_fmadd_ps(t, _mm256_sub_ps(h1, h0), h0);
-            __m256 b = _mm256_fmadd_ps(t, _mm256_sub_ps(r1, r0), r0);
-            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(gr + i), a, b));
+            __m256i j = gcell8(xr + i, &g8, &t);
+            __m256 a = lerp8(hh, j, t), b = lerp8(rr, j, t);
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(g_r + i), a, b));
         }
         for (; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], q->lo[r], q->inv_h[r], (int32_t)q->H, &t);
-            float a = hh[j] + t * (hh[j + 1] - hh[j]), b = rr[j] + t * (rr[j + 1] - rr[j]);
-            o[i] = gr[i] * a + b;
+            int32_t j = gcell(xr[i], &gr, &t);
+            o[i] = g_r[i] * lerp_at(hh, j, t) + lerp_at(rr, j, t);
         }
     }
 }
@@ -1362,41 +1445,44 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyBool_FromLong(use_simd(&cf));
 }
 
-/* grid(op, x, rows, n, lo, inv_h, H, a, b, c, ld, out): the grid kernels, by op
+/* grid(op, x, rows, n, lo, inv_w, C, fc, off, H, a, b, c, ld, out): the grid kernels, by op
  *     0  gsplat  a = w (0: unit weights), b = acc
  *     1  glerp   a = table (row stride ld)
  *     2  ggrad   a = g, b = h, c = r (row stride ld); out may be a */
 static PyObject *py_grid(PyObject *self, PyObject *args) {
     int op;
-    unsigned long long x, lo, ih, a, b, c, out;
-    Py_ssize_t rows, n, H, ld;
-    if (!PyArg_ParseTuple(args, "iKnnKKnKKKnK", &op, &x, &rows, &n, &lo, &ih, &H, &a, &b, &c,
-                          &ld, &out))
+    unsigned long long x, lo, iw, fc, off, a, b, c, out;
+    Py_ssize_t rows, n, C, H, ld;
+    if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKKnK", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
+                          &H, &a, &b, &c, &ld, &out))
         return NULL;
-    if (H < 2 || H > (1 << 30) || op < 0 || op > 2) {
-        PyErr_SetString(PyExc_ValueError, "grid: needs 0 <= op <= 2 and 2 <= H <= 2^30");
+    if (H < 2 || H > (1 << 30) || C < 1 || C > (1 << 20) || op < 0 || op > 2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "grid: needs 0 <= op <= 2, 1 <= C <= 2^20 and 2 <= H <= 2^30");
         return NULL;
     }
-    grid_t q = {P(const float *, x), rows, n, H, P(const float *, lo), P(const float *, ih)};
-    const float *fa = P(const float *, a), *fb = P(const float *, b), *fc = P(const float *, c);
+    grid_t q = {P(const float *, x),  rows, n, H, C, P(const float *, lo), P(const float *, iw),
+                P(const float *, fc), P(const int32_t *, off)};
+    const float *fa = P(const float *, a), *fb = P(const float *, b), *fcc = P(const float *, c);
     float *fo = P(float *, out);
     int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
 #if DKM_X86
     if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
     else if (fast && op == 1) glerp_v(&q, fa, ld, fo);
-    else if (fast) ggrad_v(&q, fa, fb, fc, ld, fo);
+    else if (fast) ggrad_v(&q, fa, fb, fcc, ld, fo);
     else
 #endif
     if (op == 0) gsplat_k(&q, fa, P(double *, b));
     else if (op == 1) glerp_k(&q, fa, ld, fo);
-    else ggrad_k(&q, fa, fb, fc, ld, fo);
+    else ggrad_k(&q, fa, fb, fcc, ld, fo);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
+    {"grid_counts", py_grid_counts, METH_VARARGS, "nodes per grid cell that centroids need"},
     {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
     {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},
     {"simd", py_simd, METH_VARARGS, "simd(cfg) -> whether the AVX2 per-code kernels run"},

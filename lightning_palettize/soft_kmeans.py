@@ -22,25 +22,32 @@ Three methods, none keeping an N x K tensor alive for backward:
   distinct 16-bit code (fp16 after a power-of-two rescale of the group) and is gathered back.
   Equal to the dense math up to rounding x to 11 significant bits (exact for fp16 / bf16).
 * "grid" (d == 1, mode "dkm" without the exact-zero rule): the same, with the group's values
-  on a uniform grid of H nodes from min to max instead of codes. Each element adds 1 - t of
-  its mass to the node below it and t to the one above (t its position in the cell: the
-  group's mass and mean are kept exactly), the k-means runs on the H nodes, and the soft
-  weight, like the gradient's per-element factors, is the linear interpolation of the nodes'
-  values at x. The output is smooth in x, so the error is second order in the spacing, which
-  is set from the centroids and tau (``_GRID_CELL_LOGIT``, ``_GRID_SOFT_CELLS``): measured
-  within ~1e-3 of the widest centroid gap against the dense math (the table's rounding gives
-  ~2e-3 on generic fp32 weights at tau 1e-4). Costs O(N) per element pass and O(H K) per
-  iteration, with H a few hundred for typical weights: per_grouped_channel LUT groups of a
-  few thousand weights no longer pay per element.
+  on a grid of H nodes from min to max instead of codes. Each element adds 1 - t of its mass
+  to the node below it and t to the one above (t its position between them: the group's mass
+  and mean are kept exactly), the k-means runs on the H nodes, and the soft weight, like the
+  gradient's per-element factors, is the linear interpolation of the nodes' values at x. The
+  output is smooth in x, so the error is second order in the spacing, which is set from the
+  centroids and tau (``_GRID_CELL_LOGIT``, ``_GRID_SOFT_CELLS``): measured within ~1e-3 of
+  the widest centroid gap against the dense math (the table's rounding gives ~2e-3 on generic
+  fp32 weights at tau 1e-4). Where tau is small against the centroid gaps the output is flat
+  away from the midpoints between neighbouring centroids: the range is cut into 128 cells and
+  only the cells that meet such a transition zone get the fine spacing (one node otherwise;
+  one uniform cell when that costs at most 1.5x the nodes). The zones come from the incoming
+  centroids with a margin; forward checks every iteration's centroids against the grid and,
+  when a transition left its zone, runs that tensor again on a grid that covers it (then on
+  the other engines). Costs O(N) per element pass and O(H K) per iteration, H a few hundred
+  to a few thousand: per_grouped_channel LUT groups of thousands of weights no longer pay K
+  exponentials per weight and iteration.
 * "dense" (exact): the same math per element.
 
 For d == 1 (modes "dkm" and "hard") all three run on the *scalar engine*: per-code tables (one
-code per element for "dense", one per node for "grid") laid out [G, K, U], any number of tensors stacked into one autograd
-node (:func:`soft_kmeans_batch`), an analytic backward that is O(U K) per iteration and O(N)
-per element (one weighted bincount and two gathers), the attention of the output iteration
-kept from forward when it is small and recomputed otherwise. New centroids are computed as
-c + sum A m (x - c) / sum A m (centered: nearly correctly rounded, so stacking or chunking
-does not move them), and the inertia is the float32 rounding of its float64 sum.
+code per element for "dense", one per node for "grid") laid out [G, K, U], any number of
+tensors stacked into one autograd node (:func:`soft_kmeans_batch`), an analytic backward that
+is O(U K) per iteration and O(N) per element (one weighted bincount and two gathers), the
+attention of the output iteration kept from forward when it is small and recomputed otherwise.
+New centroids are computed as c + sum A m (x - c) / sum A m (centered: nearly correctly
+rounded, so stacking or chunking does not move them), and the inertia is the float32
+rounding of its float64 sum.
 For d > 1 and for mode "gsm" (its noise layout is documented per tensor) the engines run
 tensor by tensor: "dense" chunked over N with custom autograd Functions that recompute each
 chunk's attention in backward (extra memory O(chunk x K) + O(N x d) + O(iterations x K x d)),
@@ -1079,7 +1086,7 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
-# grid tensors of the scalar engine: each LUT group's elements on a uniform grid of H nodes
+# grid tensors of the scalar engine: each LUT group's elements on a grid of H nodes
 
 
 # The grid spacing h: the interpolated output's error grows with h^2 times its curvature,
@@ -1091,77 +1098,159 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
 # (the table engine's is ~2e-3), gradients within ~1e-3 (norm).
 _GRID_CELL_LOGIT = 0.25
 _GRID_SOFT_CELLS = 25.0
-_GRID_MIN_NODES = 32
+# Where two neighbouring centroids' logit gap exceeds _GRID_SATURATION the attention is one-hot
+# to e^-24 and the output flat: the grid needs its fine spacing only inside these transition
+# zones. A group's range is cut into _GRID_CELLS equal cells, each with the spacing of the
+# finest zone it meets (one node where it meets none). The zones are taken from the incoming
+# centroids with a wider margin (_GRID_SPEC_SATURATION); forward then checks every
+# iteration's centroids against the grid and rebuilds it when one moved out of its zone.
+_GRID_SATURATION = 24.0
+_GRID_SPEC_SATURATION = 32.0
+_GRID_CELLS = 128
+# ... unless one uniform cell needs at most this many times the nodes
+_GRID_UNIFORM_SLACK = 1.5
 _GRID_MAX_NODES = 1 << 16
 # "auto" takes the grid (CPU) for groups of at least _GRID_AUTO_MIN_GROUP elements when it needs
 # at most 1 / _GRID_AUTO_FRACTION of them as nodes (smaller groups cost little either way and
 # keep the exact engine)
-_GRID_AUTO_FRACTION = 4
+_GRID_AUTO_FRACTION = 2
 _GRID_AUTO_MIN_GROUP = 4096
 
 
 @dataclass
 class _GridSpec:
-    """A tensor's grid: node j of group g is lo[g] + j h[g], j < H; inv_h = 1 / h (0: flat)."""
+    """A tensor's grid (see the grid kernels of ``_dkm_cpu``): per group, _GRID_CELLS equal
+    cells from lo, cell c with fc[c] nodes numbered from off[c], then one last node at the
+    group's max; ``nodes`` is the widest group's count (others padded)."""
 
     lo: Tensor  # [G] float32
-    inv_h: Tensor  # [G] float32
-    h: Tensor  # [G] float32
+    inv_w: Tensor  # [G] float32: cells / span (0: a constant group)
+    span: Tensor  # [G] float32
+    fc: Tensor  # [G, C] float32
+    off: Tensor  # [G, C] int32
     nodes: int
+    # set by forward: None when every iteration's centroids were resolved, else the counts
+    # per cell they need (the rebuild takes the larger of both)
+    missing: Tensor | None = None
+    cap: int = _GRID_MAX_NODES  # most nodes a rebuild may use
+    fallback: str = "exact"  # the kind that runs when no grid fits
 
     def values(self) -> Tensor:
-        j = torch.arange(self.nodes, device=self.lo.device, dtype=torch.float32)
-        return torch.addcmul(self.lo.unsqueeze(1), self.h.unsqueeze(1), j.unsqueeze(0))
+        g, cells = self.fc.shape
+        k = torch.arange(self.nodes, device=self.lo.device).expand(g, -1).contiguous()
+        off = self.off.long()
+        cell = (torch.searchsorted(off, k, right=True) - 1).clamp_(0, cells - 1)
+        pos = cell + (k - off.gather(1, cell)) / self.fc.gather(1, cell)
+        total = off[:, -1:] + self.fc[:, -1:].long()
+        pos = torch.where(k >= total, float(cells), pos)
+        return torch.addcmul(self.lo.unsqueeze(1), pos, (self.span / cells).unsqueeze(1)).float()
+
+
+def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, saturation: float, cells: int, out=None):
+    """Nodes per cell [G, C] (float32) that centroids c [G, K] need (module notes), combined
+    by maximum into ``out`` when given (compiled on the CPU; the torch code elsewhere)."""
+    g, k = c.shape
+    soft = math.sqrt(cfg.tau / 2) / _GRID_SOFT_CELLS
+    cs = c.float().sort(1).values.contiguous()
+    if out is None:
+        out = torch.ones(g, cells, device=c.device)
+    if _c_kernels(c.device):
+        lo, span = lo.float().contiguous(), span.float().contiguous()
+        _dkm_cpu.grid_counts(
+            lo.data_ptr(), span.data_ptr(), cs.data_ptr(), g, k, cells, cfg.tau,
+            _GRID_CELL_LOGIT, soft, saturation, cfg.prune_threshold, float(_GRID_MAX_NODES),
+            out.data_ptr(),
+        )  # fmt: skip
+        return out
+    if k < 2:
+        return out
+    lo, span = lo.double().unsqueeze(1), span.double().unsqueeze(1)
+    width = span / cells
+    cs = cs.double()
+    gap = (cs[:, 1:] - cs[:, :-1]).clamp_min(1e-30)
+    mid = (cs[:, 1:] + cs[:, :-1]) / 2
+    h = torch.clamp_max(_GRID_CELL_LOGIT * cfg.tau / (2 * gap), soft)
+    half = torch.minimum((saturation * cfg.tau + cfg.prune_threshold) / (2 * gap), span)
+    first = ((mid - half - lo) / width).floor()
+    last = ((mid + half - lo) / width).floor()
+    idx = torch.arange(cells, device=c.device, dtype=torch.float64).view(1, -1, 1)
+    inside = (idx >= first.unsqueeze(1)) & (idx <= last.unsqueeze(1))
+    finest = torch.where(inside, h.unsqueeze(1), math.inf).amin(2)
+    need = (width / finest).ceil().clamp_(1, _GRID_MAX_NODES)
+    need = torch.where(width > 0, need, 1.0).float()
+    return torch.maximum(out, need, out=out)
+
+
+def _grid_from_counts(lo, span, counts: Tensor, max_nodes: int) -> _GridSpec | None:
+    """The grid with ``counts`` [G, C] nodes per cell, or None beyond ``max_nodes``."""
+    total = counts.sum(1) + 1
+    need = float(total.amax())  # the one host read (CPU: free)
+    if not need <= max_nodes:
+        return None
+    nodes = max(8, -(-int(need) // 8) * 8)
+    if nodes > max_nodes:
+        nodes = int(need)
+    cells = counts.shape[1]
+    inv_w = torch.where(span > 0, cells / span.clamp_min(1e-38), torch.zeros_like(span))
+    off = (counts.cumsum(1) - counts).to(torch.int32).contiguous()
+    fc = counts.float().contiguous()
+    return _GridSpec(lo.contiguous(), inv_w.float().contiguous(), span, fc, off, nodes)
 
 
 def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec | None:
-    """The grid of a [G, N] tensor with centroids c0 [G, K], or None when none fits.
-
-    Nodes are spaced so that the logit gap of the two most distant neighbouring centroids
-    changes by at most _GRID_CELL_LOGIT across a cell; None when that needs more than
-    ``max_nodes`` nodes or a group holds a non-finite value.
-    """
+    """The grid of a [G, N] tensor with centroids c0 [G, K], or None when it needs more than
+    ``max_nodes`` nodes or a group holds a non-finite value."""
     if flat.shape[0] == 1:
         lo, hi = (t.view(1) for t in torch.aminmax(flat))
     else:
         lo, hi = flat.amin(1), flat.amax(1)
     lo, hi = lo.float(), hi.float()
     span = hi - lo
-    if c0.shape[1] > 1:
-        sc = c0.sort(1).values
-        gap = (sc[:, 1:] - sc[:, :-1]).amax(1)
-    else:
-        gap = torch.zeros_like(span)
-    per_span = torch.clamp_min(
-        2.0 * gap.double() / (cfg.tau * _GRID_CELL_LOGIT),
-        _GRID_SOFT_CELLS / math.sqrt(cfg.tau / 2.0),
-    )
-    need = (span.double() * per_span).amax()
-    need = float(need)  # the one host read (CPU: free)
-    if not (need == need and need < max_nodes) or not bool(torch.isfinite(span).all()):
+    if not bool(torch.isfinite(span).all()):
         return None
-    nodes = max(_GRID_MIN_NODES, -(-(math.ceil(need) + 1) // 8) * 8)
-    if nodes > max_nodes:
-        return None
-    h = span / (nodes - 1)
-    inv_h = torch.where(span > 0, (nodes - 1) / span.clamp_min(1e-38), torch.zeros_like(span))
-    return _GridSpec(lo.contiguous(), inv_h.float().contiguous(), h, nodes)
+    counts = _grid_counts(lo, span, c0, cfg, _GRID_SPEC_SATURATION, _GRID_CELLS)
+    # one uniform cell where that costs few more nodes: cheaper element passes
+    finest = counts.amax(1, keepdim=True) * counts.shape[1]
+    if float(finest.amax()) <= _GRID_UNIFORM_SLACK * float(counts.sum(1).amax()):
+        counts = finest
+    return _grid_from_counts(lo, span, counts, max_nodes)
+
+
+def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
+    """Record in ``spec.missing`` what the centroids of the iterations needed beyond it."""
+    need = None
+    for c in centroids:
+        need = _grid_counts(spec.lo, spec.span, c, cfg, _GRID_SATURATION, spec.fc.shape[1], need)
+    if need is not None and bool((need > spec.fc).any()):
+        spec.missing = need
+
+
+def _grid_rebuilt(spec: _GridSpec, max_nodes: int) -> _GridSpec | None:
+    counts = torch.maximum(spec.fc, spec.missing)
+    return _grid_from_counts(spec.lo, spec.span, counts, max_nodes)
 
 
 def _grid_cells(flat: Tensor, spec: _GridSpec) -> tuple[Tensor, Tensor]:
-    """Per element, its cell j (int64, [G, N]) and its weight t on node j + 1 (float32)."""
-    p = (flat.float() - spec.lo.unsqueeze(1)) * spec.inv_h.unsqueeze(1)
-    p = p.clamp_(0, spec.nodes - 1)
-    j = p.floor().clamp_(max=spec.nodes - 2)
-    return j.long(), p.sub_(j)
+    """Per element, its node j (int64, [G, N]) and its weight t on node j + 1 (float32)."""
+    cells = spec.fc.shape[1]
+    p = (flat.float() - spec.lo.unsqueeze(1)) * spec.inv_w.unsqueeze(1)
+    p = p.clamp_(0, cells)
+    c = p.floor().clamp_(max=cells - 1)
+    ci = c.long()
+    f_c = spec.fc.gather(1, ci)
+    f = (p - c).mul_(f_c)
+    i = torch.minimum(f.floor(), f_c - 1)
+    t = (f - i).clamp_(max=1)
+    return spec.off.long().gather(1, ci) + i.long(), t
 
 
 def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, c=None, ld=0, out=None):
     """One compiled grid pass (``_dkm_cpu.grid``) over the float32 contiguous [G, N] ``flat``."""
     g, n = flat.shape
-    lo, inv_h = spec.lo.data_ptr(), spec.inv_h.data_ptr()
+    grid = (spec.lo.data_ptr(), spec.inv_w.data_ptr(), spec.fc.shape[1])
+    grid += (spec.fc.data_ptr(), spec.off.data_ptr(), spec.nodes)
     args = (_ptr(a), _ptr(b), _ptr(c), ld, _ptr(out))
-    _dkm_cpu.grid(op, flat.data_ptr(), g, n, lo, inv_h, spec.nodes, *args)
+    _dkm_cpu.grid(op, flat.data_ptr(), g, n, *grid, *args)
 
 
 def _grid_splat(flat: Tensor, spec: _GridSpec, w: Tensor | None, use_c: bool) -> Tensor:
@@ -1959,6 +2048,7 @@ class _ScalarKMeans(torch.autograd.Function):
         new_c = torch.empty_like(c0)
         ys, seg_state = [], []
         seg_c: list[bool] = []
+        seg_cents: list[list[Tensor]] = []  # per segment, each iteration's centroids
         for rows, v, m, _ in segments:
             if isinstance(rows, slice):
                 y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
@@ -1967,10 +2057,15 @@ class _ScalarKMeans(torch.autograd.Function):
                 y, last, state = _scalar_forward(v, m, c0.index_select(0, rows), cfg, sync_free)
                 new_c.index_copy_(0, rows, last)
             ys.append(y)
+            seg_cents.append([entry[0] for entry in state["hist"]])
             seg_c.append(state.pop("c_path", False))
             hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
             seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
 
+        for it in items:
+            if it.kind == "grid":  # did every iteration's transitions stay on fine cells?
+                cents = [c[it.srow : it.srow + it.g] for c in seg_cents[it.seg]]
+                _grid_check(it.spec, cents, cfg)
         outs = []
         y_full = None
         if n_tab:
@@ -2301,9 +2396,9 @@ def soft_kmeans(
         method: "table" (d == 1; O(N) memory), "grid" (d == 1, mode "dkm" without the
             exact-zero rule; O(N) memory; up to 65,536 nodes, a tensor with a non-finite
             value runs "dense"), "dense" (exact, any d) or "auto": on the CPU, grid for
-            groups of at least 4,096 elements when it needs at most a quarter of them as
-            nodes; else table when d == 1 and a group has at least 65,536 (CPU) / 262,144
-            (other devices) elements, where it is measured faster; else dense.
+            groups of at least 4,096 elements when it needs at most half of them as nodes;
+            else table when d == 1 and a group has at least 65,536 (CPU) / 262,144 (other
+            devices) elements, where it is measured faster; else dense.
         clamp_attention: clamp the "dkm" attention from below at ``zero_threshold`` as the
             coremltools 9.0 code does (see above).
 
@@ -2421,7 +2516,7 @@ def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
 def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg):
     """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
 
-    "auto" takes the grid on the CPU when it needs at most 1/4 of a group's elements as nodes;
+    "auto" takes the grid on the CPU when it needs at most 1/2 of a group's elements as nodes;
     method "grid" takes it up to 65,536 nodes. Otherwise (and for a group holding a non-finite
     value) the element or code engine runs.
     """
@@ -2430,14 +2525,26 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
     auto = asked == "auto" and n >= _GRID_AUTO_MIN_GROUP and _host_layout(x.device)
     if asked == "grid" or (auto and _grid_allowed(cfg)):
         cap = _GRID_MAX_NODES if asked == "grid" else n // _GRID_AUTO_FRACTION
-        if cap >= _GRID_MIN_NODES:
+        if cap >= 8:
             c0 = centroids.detach().reshape(g, -1).float()
             spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap)
+            if asked == "grid":
+                fallback = "exact"
             if spec is not None:
+                spec.cap, spec.fallback = cap, fallback
                 return spec
         if asked == "grid":
             fallback = "exact"
     return fallback
+
+
+def _row_starts(xs, idx) -> list[int]:
+    """The first centroid row of each xs[i], i in idx, in their stacked centroids."""
+    starts, row = [], 0
+    for i in idx:
+        starts.append(row)
+        row += xs[i].shape[0]
+    return starts
 
 
 def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
@@ -2451,14 +2558,31 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
     for device, idx in scalar.items():
         # private copies: callers may write the returned centroids into their state in place
         c0 = torch.cat([centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx]).float()
-        kinds = tuple(_scalar_kind(xs[i], centroids[i], methods[i], method, cfg) for i in idx)
-        with _no_autocast(device):
-            *outs, new_c = _ScalarKMeans.apply(cfg, kinds, c0, *(xs[i] for i in idx))
-        row = 0
-        for i, out in zip(idx, outs):
-            g = xs[i].shape[0]
-            results[i] = (out, new_c[row : row + g].view(centroids[i].shape))
-            row += g
+        c0_rows = {i: c0[r : r + xs[i].shape[0]] for i, r in zip(idx, _row_starts(xs, idx))}
+        kinds = dict((i, _scalar_kind(xs[i], centroids[i], methods[i], method, cfg)) for i in idx)
+        todo, attempt = idx, 0
+        while todo:
+            if len(todo) < len(idx):
+                c0 = torch.cat([c0_rows[i] for i in todo])
+            with _no_autocast(device):
+                *outs, new_c = _ScalarKMeans.apply(
+                    cfg, tuple(kinds[i] for i in todo), c0, *(xs[i] for i in todo)
+                )
+            row, retry = 0, []
+            for i, out in zip(todo, outs):
+                g, kind = xs[i].shape[0], kinds[i]
+                if isinstance(kind, _GridSpec) and kind.missing is not None:
+                    # a transition moved off the grid's fine cells: once more on a grid
+                    # covering it, then on the other engines (this result is discarded)
+                    new = _grid_rebuilt(kind, kind.cap) if attempt == 0 else None
+                    if new is not None:
+                        new.cap, new.fallback = kind.cap, kind.fallback
+                    kinds[i] = new if new is not None else kind.fallback
+                    retry.append(i)
+                else:
+                    results[i] = (out, new_c[row : row + g].view(centroids[i].shape))
+                row += g
+            todo, attempt = retry, attempt + 1
     for i, x in enumerate(xs):
         if results[i] is not None:
             continue

@@ -341,38 +341,111 @@ def test_grid_beats_the_table_on_generic_fp32_at_the_default_tau():
 
 
 def test_grid_error_is_second_order_in_the_spacing(monkeypatch):
-    # halving the cells divides the interpolation error by about 4
+    # on one uniform cell (no transition zones), halving the spacing divides the
+    # interpolation error by about 4
     x, c0 = make_data(1, 20000, 1, seed=33)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     want = run(reference, x, c0, w, epsilon=-1.0)
     errs = []
+    monkeypatch.setattr(sk, "_GRID_CELLS", 1)
+    monkeypatch.setattr(sk, "_GRID_SOFT_CELLS", 1.0)  # the sharp rule sets the spacing
     for cell in (1.0, 0.5):
         monkeypatch.setattr(sk, "_GRID_CELL_LOGIT", cell)
-        monkeypatch.setattr(sk, "_GRID_SOFT_CELLS", 1.0)  # the sharp rule sets the spacing
         errs.append(grid_errors(run(soft_kmeans, x, c0, w, epsilon=-1.0, method="grid"), want, c0))
     assert 2.5 < errs[0][0] / errs[1][0] < 6, errs
     assert 2.5 < errs[0][2] / errs[1][2] < 6, errs
 
 
-def test_grid_spacing_rule():
-    x, c0 = make_data(3, 5000, 1, seed=34)
-    cfg = sk._make_cfg(
-        "t", x.device, 1e-4, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None, "grid", False
+def _grid_cfg(tau=1e-4):
+    return sk._make_cfg(
+        "t", torch.device("cpu"), tau, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None, "grid", False
     )[0]
-    spec = sk._grid_spec(x.view(3, -1), c0.view(3, -1), cfg, 1 << 16)
-    gap = c0.view(3, -1).sort(1).values.diff(dim=1).amax(1)
-    h = spec.h
-    assert (2 * h * gap / cfg.tau <= sk._GRID_CELL_LOGIT * (1 + 1e-5)).all()
-    assert (h <= (cfg.tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS * (1 + 1e-5)).all()
-    assert spec.nodes % 8 == 0
+
+
+@pytest.mark.parametrize("tau", [1e-6, 1e-4, 1e-3])
+def test_grid_layout(tau):
+    x, c0 = make_data(3, 5000, 1, seed=34)
+    flat, c = x.view(3, -1), c0.view(3, -1)
+    cfg = _grid_cfg(tau)
+    spec = sk._grid_spec(flat, c, cfg, 1 << 16)
+    lo, hi = flat.amin(1), flat.amax(1)
+    total = (spec.fc.sum(1) + 1).long()
     v = spec.values()
-    assert torch.allclose(v[:, 0], x.view(3, -1).amin(1))
-    assert torch.allclose(v[:, -1], x.view(3, -1).amax(1))
-    # more nodes than allowed, or a non-finite value: no grid
-    assert sk._grid_spec(x.view(3, -1), c0.view(3, -1), cfg, spec.nodes - 8) is None
-    bad = x.view(3, -1).clone()
+    for g in range(3):
+        real = v[g, : total[g]]
+        assert real[0] == lo[g] and torch.allclose(real[-1], hi[g])
+        assert (real.diff() > 0).all()
+    # every cell that a transition zone of the centroids meets has its zone's spacing
+    cells = spec.fc.shape[1]  # 128, or 1 where one uniform cell costs few more nodes
+    assert cells in (1, sk._GRID_CELLS)
+    width = (hi - lo) / cells
+    cs = c.sort(1).values
+    gap, mid = cs.diff(dim=1), (cs[:, 1:] + cs[:, :-1]) / 2
+    h = torch.clamp_max(
+        sk._GRID_CELL_LOGIT * tau / (2 * gap), (tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS
+    )
+    half = sk._GRID_SATURATION * tau / (2 * gap)
+
+    def cell(v, g):
+        return int(((v - lo[g]) / width[g]).floor().clamp(0, cells - 1))
+
+    for g in range(3):
+        for k in range(gap.shape[1]):
+            a, b = cell(mid[g, k] - half[g, k], g), cell(mid[g, k] + half[g, k], g)
+            assert (width[g] / spec.fc[g, a : b + 1] <= h[g, k] * (1 + 1e-5)).all()
+    # the nodes' own values interpolate to x itself (kernel and node layout agree)
+    for use_c in (False, True) if sk._dkm_cpu is not None else (False,):
+        back = sk._grid_lerp(flat.contiguous(), spec, v, use_c)
+        assert_close(back, flat, 1e-5, 1e-6)
+    if tau == 1e-6:  # sharp: fine cells only around the transitions
+        assert cells == sk._GRID_CELLS
+        uniform = ((hi - lo) * 2 * gap.amax(1) / (tau * sk._GRID_CELL_LOGIT)).amax()
+        assert spec.nodes < uniform / 4, (spec.nodes, uniform)
+
+
+@needs_c_early
+def test_grid_counts_compiled_equal_torch(monkeypatch):
+    gen = torch.Generator().manual_seed(38)
+    lo = torch.tensor([-0.1, 0.0, -1.0, 0.3])
+    span = torch.tensor([0.2, 0.0, 2.0, 0.05])  # (a constant group)
+    c = torch.randn(4, 8, generator=gen) * torch.tensor([[0.05], [0.01], [0.5], [0.01]])
+    c[2, 3] = c[2, 4]  # duplicate centroids
+    for tau, prune, sat in ((1e-4, 0.0, 24.0), (1e-6, 1e-3, 32.0), (1e-2, 0.0, 24.0)):
+        cfg = sk._Cfg(**{**_grid_cfg(tau).__dict__, "prune_threshold": prune})
+        got = sk._grid_counts(lo, span, c, cfg, sat, 64)
+        monkeypatch.setattr(sk, "_USE_C", False)
+        want = sk._grid_counts(lo, span, c, cfg, sat, 64)
+        monkeypatch.undo()
+        assert torch.equal(got, want), (tau, (got - want).abs().max())
+        assert (got[1] == 1).all() and got.max() > 1
+
+
+def test_grid_refuses_too_many_nodes_and_non_finite_values():
+    x, c0 = make_data(3, 5000, 1, seed=34)
+    flat, c = x.view(3, -1), c0.view(3, -1)
+    spec = sk._grid_spec(flat, c, _grid_cfg(), 1 << 16)
+    assert sk._grid_spec(flat, c, _grid_cfg(), spec.nodes - 8) is None
+    bad = flat.clone()
     bad[1, 7] = float("inf")
-    assert sk._grid_spec(bad, c0.view(3, -1), cfg, 1 << 16) is None
+    assert sk._grid_spec(bad, c, _grid_cfg(), 1 << 16) is None
+
+
+def test_grid_rebuilt_when_a_transition_leaves_its_zone(monkeypatch):
+    # centroids that start far from where the iterations take them: the first grid misses
+    # the moved transitions, forward reports it and the call reruns on a grid covering them
+    gen = torch.Generator().manual_seed(37)
+    x = torch.cat([0.01 * torch.randn(1, 4000, 1, generator=gen) + m for m in (-0.3, 0.0, 0.3)], 1)
+    c0 = torch.tensor([[[-0.2], [0.05], [0.2]]])
+    w = torch.randn(x.shape, generator=gen)
+    specs = []
+    rebuilt = sk._grid_rebuilt
+    monkeypatch.setattr(sk, "_grid_rebuilt", lambda *a: specs.append(rebuilt(*a)) or specs[-1])
+    kw = dict(tau=1e-5, epsilon=-1.0)
+    got = run(soft_kmeans, x, c0, w, method="grid", **kw)
+    assert specs and specs[0] is not None and specs[0].missing is None
+    want = run(reference, x, c0, w, **kw)
+    out, cent, grad = grid_errors(got, want, c0)
+    assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (out, cent, grad)
 
 
 @needs_c_early
