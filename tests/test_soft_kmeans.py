@@ -725,23 +725,22 @@ def test_table_saves_o_n_for_backward():
 def test_auto_engine_choice():
     small, c0 = make_data(1, sk._GRID_AUTO_MIN_GROUP - 1, 1, seed=1)
     mid, c1 = make_data(2, sk._GRID_AUTO_MIN_GROUP, 1, seed=1)
-    large, c2 = make_data(1, sk._TABLE_MIN_GROUP["cpu"], 1, seed=1)
+    large, c2 = make_data(1, sk._GRID_AUTO_MAX_GROUP + 1, 1, seed=1)
     cases = [
         (small, c0, {}, "dense"),  # small groups: the exact engine
-        (mid, c1, {}, "grid"),  # the grid where it needs few enough nodes
-        (large, c2, {}, "grid"),
-        (mid, c1, {"tau": 1e-7}, "dense"),  # near-hard attention: too many nodes
-        (large, c2, {"tau": 1e-7}, "table"),
-        (large, c2, {"mode": "hard"}, "table"),  # a step function: never interpolated
+        (mid, c1, {}, "grid"),  # mid-sized ones: the grid where it needs few enough nodes
+        (large, c2, {}, "table"),  # large ones: the table (cheaper element passes)
+        (mid, c1, {"tau": 1e-9}, "dense"),  # near-hard attention: too many nodes
+        (mid, c1, {"mode": "hard"}, "dense"),  # a step function: never interpolated
     ]
     for x, c, kw, method in cases:
         auto, forced = soft_kmeans(x, c, **kw)[0], soft_kmeans(x, c, method=method, **kw)[0]
         assert torch.equal(auto, forced), (x.shape, kw, method)
-    zc = c2.clone()
-    zc[:, 0] = 0.0
     kw = {"enforce_zero": True}  # the exact-zero rule: a jump at 0
+    zc1 = c1.clone()
+    zc1[:, 0] = 0.0
     assert torch.equal(
-        soft_kmeans(large, zc, **kw)[0], soft_kmeans(large, zc, method="table", **kw)[0]
+        soft_kmeans(mid, zc1, **kw)[0], soft_kmeans(mid, zc1, method="dense", **kw)[0]
     )
 
 
@@ -880,16 +879,23 @@ def test_batch_equals_tensor_by_tensor(layout, variant, request):
 def test_batch_keeps_each_tensors_engine_and_dtype():
     xs, cs = batch_inputs()
     xs[2] = xs[2].bfloat16()
+    x_grid, c_grid = make_data(2, 8000, 1, seed=47)
+    xs.append(x_grid)
+    cs.append(c_grid)
     res = sk.soft_kmeans_batch(xs, cs, method="auto")
     for x, (out, c) in zip(xs, res):
         assert out.shape == x.shape and out.dtype == x.dtype and c.dtype == torch.float32
     # exact tensors are not rounded to 11 significant bits like the tables
     assert_close(res[3][0], soft_kmeans(xs[3], cs[3], method="dense")[0], 1e-5, 1e-6)
     assert_close(res[0][0], soft_kmeans(xs[0], cs[0], method="grid")[0], 1e-5, 1e-6)
+    assert_close(res[-1][0], soft_kmeans(x_grid, c_grid, method="grid")[0], 1e-5, 1e-6)
+    assert not torch.equal(res[-1][0], soft_kmeans(x_grid, c_grid, method="dense")[0])
+    # mode "hard": no grid, the 70,000-element tensor on the table, the 8,000 one exact
     res_hard = sk.soft_kmeans_batch(xs, cs, method="auto", mode="hard")
-    assert_close(
-        res_hard[0][0], soft_kmeans(xs[0], cs[0], method="table", mode="hard")[0], 1e-5, 1e-6
-    )
+    hard = [("table", 0, xs[0], cs[0]), ("dense", -1, x_grid, c_grid)]
+    for method, i, x, c in hard:
+        want = soft_kmeans(x, c, method=method, mode="hard")[0]
+        assert_close(res_hard[i][0], want, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("method", ["auto", "grid"])
