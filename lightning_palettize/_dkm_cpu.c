@@ -252,10 +252,12 @@ __attribute__((target("avx2,fma,f16c"))) static void grad_v(const float *x, int6
  * at lo + span, is the one after the last cell's). An element at p = (x - lo) inv_w lies in
  * cell c = min(floor(p), C - 1), at f = (p - c) fc[c], between nodes j = off[c] + i and j + 1,
  * i = min(floor(f), fc[c] - 1), with weight t = f - i on node j + 1 and 1 - t on node j
- * (linear interpolation, in the same float32 steps as the torch code):
+ * (linear interpolation, in the same float32 steps as the torch code). The AVX2 versions
+ * compute the cells of a block of elements in vectors (per-cell lookups scalar) and then read
+ * the tables with scalar loads (cheaper than gathers on the CPUs measured):
  *     gsplat  acc[row][j] += w (1 - t), acc[row][j + 1] += w t     (w = 1 or g; float64 sums)
  *     glerp   out = T[j] + t (T[j + 1] - T[j])                     (T: [rows, ld] float)
- *     ggrad   out = g lerp(h) + lerp(r)                            (h, r: [rows, ld]; out may be g)
+ *     ggrad   out = g lerp(h) + lerp(r)          (hr: (h, r) pairs per node, [rows, ld]; out may be g)
  */
 
 typedef struct {
@@ -325,17 +327,15 @@ static void glerp_k(const grid_t *q, const float *table, int64_t ld, float *out)
     }
 }
 
-static void ggrad_k(const grid_t *q, const float *g, const float *h, const float *rt, int64_t ld,
-                    float *out) {
+static void ggrad_k(const grid_t *q, const float *g, const float *hr, int64_t ld, float *out) {
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g + r * q->n;
-        const float *hh = h + r * ld, *rr = rt + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g + r * q->n, *tab = hr + r * ld;
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
-            int32_t j = gcell(xr[i], &gr, &t);
-            o[i] = g_r[i] * lerp_at(hh, j, t) + lerp_at(rr, j, t);
+            const float *e = tab + 2 * (int64_t)gcell(xr[i], &gr, &t);
+            o[i] = g_r[i] * (e[0] + t * (e[2] - e[0])) + (e[1] + t * (e[3] - e[1]));
         }
     }
 }
@@ -392,113 +392,140 @@ static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
  * scalar tails use gcell / lerp_at. */
 #define AVX2F __attribute__((target("avx2,fma")))
 typedef struct {
-    __m256 lo, iw, top, one;
-    __m256i cmax, ione;
-    const float *fc;
-    const int32_t *off;
+    __m256 lo, iw, top, one, F; /* F: the nodes of cell 0 (uniform rows: all but the last) */
+    __m256i cmax, last;         /* last: F - 1 */
     int uniform;
 } grow8_t;
 
 AVX2F static inline grow8_t grid_row8(const grow_t *w) {
-    grow8_t v = {_mm256_set1_ps(w->lo),    _mm256_set1_ps(w->iw),   _mm256_set1_ps(w->top),
-                 _mm256_set1_ps(1.0f),     _mm256_set1_epi32(w->cmax), _mm256_set1_epi32(1),
-                 w->fc,                    w->off,                  w->cmax == 0};
+    grow8_t v = {_mm256_set1_ps(w->lo),
+                 _mm256_set1_ps(w->iw),
+                 _mm256_set1_ps(w->top),
+                 _mm256_set1_ps(1.0f),
+                 _mm256_set1_ps(w->fc[0]),
+                 _mm256_set1_epi32(w->cmax),
+                 _mm256_set1_epi32((int32_t)w->fc[0] - 1),
+                 w->cmax == 0};
     return v;
 }
 
+/* gcell for 8 elements of a one-cell (uniform) row */
 AVX2F static inline __m256i gcell8(const float *x, const grow8_t *w, __m256 *t) {
     __m256 p = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x), w->lo), w->iw);
     p = _mm256_max_ps(p, _mm256_setzero_ps()); /* NaN -> 0, as gcell */
     p = _mm256_min_ps(p, w->top);
-    __m256i c = _mm256_min_epi32(_mm256_cvttps_epi32(p), w->cmax);
-    __m256 F;
-    __m256i off;
-    if (w->uniform) { /* one cell: no per-cell gathers */
-        F = _mm256_set1_ps(w->fc[0]);
-        off = _mm256_setzero_si256();
-    } else {
-        F = _mm256_i32gather_ps(w->fc, c, 4);
-        off = _mm256_i32gather_epi32(w->off, c, 4);
-    }
-    __m256 f = _mm256_mul_ps(_mm256_sub_ps(p, _mm256_cvtepi32_ps(c)), F);
-    __m256i last = _mm256_sub_epi32(_mm256_cvttps_epi32(F), w->ione);
-    __m256i i = _mm256_min_epi32(_mm256_cvttps_epi32(f), last);
+    __m256 f = _mm256_mul_ps(p, w->F); /* (c = 0) */
+    __m256i i = _mm256_min_epi32(_mm256_cvttps_epi32(f), w->last);
     *t = _mm256_min_ps(_mm256_sub_ps(f, _mm256_cvtepi32_ps(i)), w->one);
-    return _mm256_add_epi32(off, i);
+    return i;
 }
 
-AVX2F static inline __m256 lerp8(const float *tab, __m256i j, __m256 t) {
-    __m256 a = _mm256_i32gather_ps(tab, j, 4), b = _mm256_i32gather_ps(tab + 1, j, 4);
-    return _mm256_fmadd_ps(t, _mm256_sub_ps(b, a), a);
+/* the cells of a block of elements, vectorised (gcell8), then gcell for the tail */
+AVX2F static inline void gcells_block(const float *x, int64_t len, const grow_t *gr,
+                                      const grow8_t *g8, int32_t *jb, float *tb) {
+    int64_t i = 0;
+    if (g8->uniform) {
+        for (; i + 8 <= len; i += 8) {
+            __m256 t;
+            _mm256_storeu_si256((__m256i *)(jb + i), gcell8(x + i, g8, &t));
+            _mm256_storeu_ps(tb + i, t);
+        }
+    } else {
+        /* the positions and cells in vectors, the per-cell lookups scalar (cheaper than two
+         * gathers here); the same float32 steps as gcell */
+        for (; i + 8 <= len; i += 8) {
+            __m256 p = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), g8->lo), g8->iw);
+            p = _mm256_min_ps(_mm256_max_ps(p, _mm256_setzero_ps()), g8->top);
+            _mm256_storeu_si256((__m256i *)(jb + i),
+                                _mm256_min_epi32(_mm256_cvttps_epi32(p), g8->cmax));
+            _mm256_storeu_ps(tb + i, p);
+        }
+        for (int64_t k = 0; k < i; k++) {
+            int32_t c = jb[k];
+            float F = gr->fc[c], f = (tb[k] - (float)c) * F;
+            int32_t u = (int32_t)f, last = (int32_t)F - 1;
+            u = u < last ? u : last;
+            float w = f - (float)u;
+            tb[k] = w < 1.0f ? w : 1.0f;
+            jb[k] = gr->off[c] + u;
+        }
+    }
+    for (; i < len; i++) jb[i] = gcell(x[i], gr, tb + i);
 }
 
+/* One 16-byte add per element: (w, w t) into pair j of a scratch row (the sum of w and of w t
+ * over cell j), then node j's sum is w-sum[j] - wt-sum[j] + wt-sum[j - 1]. */
 AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
     int32_t jb[BLOCK];
     float tb[BLOCK];
+    double *pair = (double *)malloc(sizeof(double) * 2 * (size_t)q->H);
+    if (!pair) { /* (no memory for the scratch row: the plain loop) */
+        gsplat_k(q, w, acc);
+        return;
+    }
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
         double *ac = acc + r * q->H;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
+        memset(pair, 0, sizeof(double) * 2 * (size_t)q->H);
         for (int64_t a = 0; a < q->n; a += BLOCK) {
-            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK, i = 0;
-            for (; i + 8 <= len; i += 8) {
-                __m256 t;
-                _mm256_storeu_si256((__m256i *)(jb + i), gcell8(xr + a + i, &g8, &t));
-                _mm256_storeu_ps(tb + i, t);
-            }
-            for (; i < len; i++) jb[i] = gcell(xr[a + i], &gr, tb + i);
-            for (i = 0; i < len; i++) {
+            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK;
+            gcells_block(xr + a, len, &gr, &g8, jb, tb);
+            for (int64_t i = 0; i < len; i++) {
                 float v = wr ? wr[a + i] : 1.0f;
-                ac[jb[i]] += (double)(v * (1.0f - tb[i]));
-                ac[jb[i] + 1] += (double)(v * tb[i]);
+                __m128d add = _mm_cvtps_pd(_mm_setr_ps(v, v * tb[i], 0.0f, 0.0f));
+                double *e = pair + 2 * (int64_t)jb[i];
+                _mm_storeu_pd(e, _mm_add_pd(_mm_loadu_pd(e), add));
             }
         }
+        double carry = 0.0; /* w t of the cell below */
+        for (int64_t j = 0; j < q->H; j++) {
+            ac[j] += pair[2 * j] - pair[2 * j + 1] + carry;
+            carry = pair[2 * j + 1];
+        }
     }
+    free(pair);
 }
 
 AVX2F static void glerp_v(const grid_t *q, const float *table, int64_t ld, float *out) {
+    int32_t jb[BLOCK];
+    float tb[BLOCK];
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *tab = table + r * ld;
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
-        int64_t i = 0;
-        for (; i + 8 <= q->n; i += 8) {
-            __m256 t;
-            __m256i j = gcell8(xr + i, &g8, &t);
-            _mm256_storeu_ps(o + i, lerp8(tab, j, t));
-        }
-        for (; i < q->n; i++) {
-            float t;
-            int32_t j = gcell(xr[i], &gr, &t);
-            o[i] = lerp_at(tab, j, t);
+        for (int64_t a = 0; a < q->n; a += BLOCK) {
+            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK;
+            gcells_block(xr + a, len, &gr, &g8, jb, tb);
+            for (int64_t i = 0; i < len; i++) o[a + i] = lerp_at(tab, jb[i], tb[i]);
         }
     }
 }
 
-AVX2F static void ggrad_v(const grid_t *q, const float *g, const float *h, const float *rt,
-                          int64_t ld, float *out) {
+/* hr: [rows, ld] with (h, r) of node j at 2 j, 2 j + 1: one 16-byte load per element */
+AVX2F static void ggrad_v(const grid_t *q, const float *g, const float *hr, int64_t ld,
+                          float *out) {
+    int32_t jb[BLOCK];
+    float tb[BLOCK];
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g + r * q->n;
-        const float *hh = h + r * ld, *rr = rt + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g + r * q->n, *tab = hr + r * ld;
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
-        int64_t i = 0;
-        for (; i + 8 <= q->n; i += 8) {
-            __m256 t;
-            __m256i j = gcell8(xr + i, &g8, &t);
-            __m256 a = lerp8(hh, j, t), b = lerp8(rr, j, t);
-            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(g_r + i), a, b));
-        }
-        for (; i < q->n; i++) {
-            float t;
-            int32_t j = gcell(xr[i], &gr, &t);
-            o[i] = g_r[i] * lerp_at(hh, j, t) + lerp_at(rr, j, t);
+        for (int64_t a = 0; a < q->n; a += BLOCK) {
+            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK;
+            gcells_block(xr + a, len, &gr, &g8, jb, tb);
+            for (int64_t i = 0; i < len; i++) {
+                __m128 e = _mm_loadu_ps(tab + 2 * (int64_t)jb[i]); /* h0 r0 h1 r1 */
+                __m128 v = _mm_fmadd_ps(_mm_set1_ps(tb[i]), _mm_sub_ps(_mm_movehl_ps(e, e), e), e);
+                o[a + i] = g_r[a + i] * _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1));
+            }
         }
     }
 }
+
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1445,16 +1472,16 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
     return PyBool_FromLong(use_simd(&cf));
 }
 
-/* grid(op, x, rows, n, lo, inv_w, C, fc, off, H, a, b, c, ld, out): the grid kernels, by op
+/* grid(op, x, rows, n, lo, inv_w, C, fc, off, H, a, b, ld, out): the grid kernels, by op
  *     0  gsplat  a = w (0: unit weights), b = acc
  *     1  glerp   a = table (row stride ld)
- *     2  ggrad   a = g, b = h, c = r (row stride ld); out may be a */
+ *     2  ggrad   a = g, b = hr ((h, r) of node j at 2 j, 2 j + 1; row stride ld); out may be a */
 static PyObject *py_grid(PyObject *self, PyObject *args) {
     int op;
-    unsigned long long x, lo, iw, fc, off, a, b, c, out;
+    unsigned long long x, lo, iw, fc, off, a, b, out;
     Py_ssize_t rows, n, C, H, ld;
-    if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKKnK", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
-                          &H, &a, &b, &c, &ld, &out))
+    if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKnK", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
+                          &H, &a, &b, &ld, &out))
         return NULL;
     if (H < 2 || H > (1 << 30) || C < 1 || C > (1 << 20) || op < 0 || op > 2) {
         PyErr_SetString(PyExc_ValueError,
@@ -1463,19 +1490,19 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     }
     grid_t q = {P(const float *, x),  rows, n, H, C, P(const float *, lo), P(const float *, iw),
                 P(const float *, fc), P(const int32_t *, off)};
-    const float *fa = P(const float *, a), *fb = P(const float *, b), *fcc = P(const float *, c);
+    const float *fa = P(const float *, a), *fb = P(const float *, b);
     float *fo = P(float *, out);
     int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
 #if DKM_X86
     if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
     else if (fast && op == 1) glerp_v(&q, fa, ld, fo);
-    else if (fast) ggrad_v(&q, fa, fb, fcc, ld, fo);
+    else if (fast) ggrad_v(&q, fa, fb, ld, fo);
     else
 #endif
     if (op == 0) gsplat_k(&q, fa, P(double *, b));
     else if (op == 1) glerp_k(&q, fa, ld, fo);
-    else ggrad_k(&q, fa, fb, fcc, ld, fo);
+    else ggrad_k(&q, fa, fb, ld, fo);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

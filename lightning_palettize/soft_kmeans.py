@@ -1097,7 +1097,7 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
 # against the dense engine with these values: max output error ~1e-3 x the widest centroid gap
 # (the table engine's is ~2e-3), gradients within ~1e-3 (norm).
 _GRID_CELL_LOGIT = 0.25
-_GRID_SOFT_CELLS = 25.0
+_GRID_SOFT_CELLS = 20.0
 # Where two neighbouring centroids' logit gap exceeds _GRID_SATURATION the attention is one-hot
 # to e^-24 and the output flat: the grid needs its fine spacing only inside these transition
 # zones. A group's range is cut into _GRID_CELLS equal cells, each with the spacing of the
@@ -1141,6 +1141,10 @@ class _GridSpec:
 
     def values(self) -> Tensor:
         g, cells = self.fc.shape
+        if cells == 1:  # one uniform cell: lo + k span / fc (the padding nodes past the max)
+            k = torch.arange(self.nodes, device=self.lo.device, dtype=torch.float32)
+            pos = torch.minimum(k.unsqueeze(0), self.fc) / self.fc
+            return torch.addcmul(self.lo.unsqueeze(1), pos, self.span.unsqueeze(1))
         k = torch.arange(self.nodes, device=self.lo.device).expand(g, -1).contiguous()
         off = self.off.long()
         cell = (torch.searchsorted(off, k, right=True) - 1).clamp_(0, cells - 1)
@@ -1248,13 +1252,12 @@ def _grid_cells(flat: Tensor, spec: _GridSpec) -> tuple[Tensor, Tensor]:
     return spec.off.long().gather(1, ci) + i.long(), t
 
 
-def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, c=None, ld=0, out=None):
+def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, ld=0, out=None):
     """One compiled grid pass (``_dkm_cpu.grid``) over the float32 contiguous [G, N] ``flat``."""
     g, n = flat.shape
     grid = (spec.lo.data_ptr(), spec.inv_w.data_ptr(), spec.fc.shape[1])
     grid += (spec.fc.data_ptr(), spec.off.data_ptr(), spec.nodes)
-    args = (_ptr(a), _ptr(b), _ptr(c), ld, _ptr(out))
-    _dkm_cpu.grid(op, flat.data_ptr(), g, n, *grid, *args)
+    _dkm_cpu.grid(op, flat.data_ptr(), g, n, *grid, _ptr(a), _ptr(b), ld, _ptr(out))
 
 
 def _grid_splat(flat: Tensor, spec: _GridSpec, w: Tensor | None, use_c: bool) -> Tensor:
@@ -1286,10 +1289,9 @@ def _grid_lerp(flat: Tensor, spec: _GridSpec, table: Tensor, use_c: bool, out=No
 def _grid_grad(flat, spec, g_in: Tensor, h: Tensor, r: Tensor, use_c: bool, out=None) -> Tensor:
     """g lerp(h) + lerp(r) per element ([G, N]; ``out`` may be ``g_in``'s storage)."""
     if use_c:
-        if h.stride(1) != 1 or r.stride(1) != 1 or h.stride(0) != r.stride(0):
-            h, r = h.contiguous(), r.contiguous()
+        hr = torch.stack((h, r), dim=2)  # (h, r) pairs: one load per element
         out = torch.empty(flat.shape, device=flat.device) if out is None else out
-        _grid_kernel(2, flat, spec, g_in, h, r, h.stride(0), out)
+        _grid_kernel(2, flat, spec, g_in, hr, hr.stride(0), out)
         return out
     g, n = flat.shape
     return _grid_lerp(flat, spec, r, False).addcmul_(

@@ -449,13 +449,14 @@ def test_grid_rebuilt_when_a_transition_leaves_its_zone(monkeypatch):
 
 
 @needs_c_early
-def test_grid_compiled_passes_equal_the_torch_ones(monkeypatch):
+@pytest.mark.parametrize("tau", [1e-4, 1e-6])  # one uniform cell; 128 cells
+def test_grid_compiled_passes_equal_the_torch_ones(monkeypatch, c_kernels, tau):
     x, c0 = make_data(3, 9000, 1, seed=35)
     x[1, :] = 0.01  # a constant group: every element on node 0
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    got = run(soft_kmeans, x, c0, w, method="grid")
+    got = run(soft_kmeans, x, c0, w, method="grid", tau=tau)
     monkeypatch.setattr(sk, "_USE_C", False)
-    want = run(soft_kmeans, x, c0, w, method="grid")
+    want = run(soft_kmeans, x, c0, w, method="grid", tau=tau)
     for a, b in zip(got, want):
         assert_close(a, b, 1e-5, 1e-6)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
