@@ -1507,8 +1507,34 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* put(dst, step, lane, codes, ldc, src, lds, G, u): per-code values into the [G, 65537]
+ * tables, dst[(g 65537 + codes[g][i]) step + lane] = src[g][i] for i < u (float32; src 0:
+ * zeros into float64 tables instead) */
+static PyObject *py_put(PyObject *self, PyObject *args) {
+    unsigned long long dst, codes, src;
+    Py_ssize_t step, lane, ldc, lds, G, u;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnn", &dst, &step, &lane, &codes, &ldc, &src, &lds, &G,
+                          &u))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const int64_t *cd = P(const int64_t *, codes) + g * ldc;
+        if (!src) {
+            double *d = P(double *, dst) + g * STRIDE;
+            for (Py_ssize_t i = 0; i < u; i++) d[cd[i]] = 0.0;
+            continue;
+        }
+        const float *sv = P(const float *, src) + g * lds;
+        float *d = P(float *, dst) + g * STRIDE * step + lane;
+        for (Py_ssize_t i = 0; i < u; i++) d[cd[i] * step] = sv[i];
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
+    {"put", py_put, METH_VARARGS, "per-code values into the 65537-bin tables"},
     {"grid_counts", py_grid_counts, METH_VARARGS, "nodes per grid cell that centroids need"},
     {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
     {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},

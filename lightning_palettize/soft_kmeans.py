@@ -1923,6 +1923,20 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     return total.view(n_tab, _STRIDE).gather(1, codes)
 
 
+def _put_codes(table: Tensor, codes: Tensor, values: Tensor, u: int, c_elems: bool) -> None:
+    """table[g, codes[g, i]] = values[g, i] for i < u: the per-code values into a [G, 65537]
+    table (a float32 view with unit or pair stride: the compiled pass on the CPU)."""
+    if not c_elems or values.stride(1) != 1 or codes.stride(1) != 1 or table.stride(1) > 2:
+        table.scatter_(1, codes[:, :u], values[:, :u])
+        return
+    values = values.float()
+    step = table.stride(1)
+    lane = (table.data_ptr() - table.untyped_storage().data_ptr()) // 4 % step
+    base = table.data_ptr() - 4 * lane
+    args = (base, step, lane, codes.data_ptr(), codes.stride(0), values.data_ptr())
+    _dkm_cpu.put(*args, values.stride(0), codes.shape[0], u)
+
+
 def _gather_grad(h_full: Tensor, r_full: Tensor, bins: Tensor, g: Tensor) -> Tensor:
     """g * h[bins] + r[bins] (the per-element gradient), without a full-size temporary."""
     out = r_full.index_select(0, bins)
@@ -2079,13 +2093,13 @@ class _ScalarKMeans(torch.autograd.Function):
             y_full = c0.new_empty(n_tab * _STRIDE) if c_elems else c0.new_zeros(n_tab * _STRIDE)
             table = y_full.view(n_tab, _STRIDE)
             if segments[0][3]:  # one stacked segment of every table
-                table.scatter_(1, codes, ys[0])
+                _put_codes(table, codes, ys[0], codes.shape[1], c_elems)
             else:
                 for it in items:
                     if it.kind == "table":
                         sl = slice(it.trow, it.trow + it.g)
-                        seg_y = ys[it.seg][it.srow : it.srow + it.g, : it.u]
-                        table[sl].scatter_(1, codes[sl, : it.u], seg_y)
+                        seg_y = ys[it.seg][it.srow : it.srow + it.g]
+                        _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
         t_i = 0
         for x, it in zip(xs, items):
             if it.kind == "table" and c_elems:
@@ -2166,7 +2180,17 @@ class _ScalarKMeans(torch.autograd.Function):
                 if c_elems:
                     # only the codes present are accumulated into and read back
                     acc = torch.empty(n_tab * _STRIDE, dtype=torch.float64, device=device)
-                    acc.view(n_tab, _STRIDE).scatter_(1, codes, 0.0)
+                    _dkm_cpu.put(
+                        acc.data_ptr(),
+                        1,
+                        0,
+                        codes.data_ptr(),
+                        codes.shape[1],
+                        0,
+                        0,
+                        n_tab,
+                        codes.shape[1],
+                    )
                     for i, it in enumerate(items):
                         if it.kind == "table" and live[i]:
                             _dkm_cpu.scatter(
@@ -2234,16 +2258,16 @@ class _ScalarKMeans(torch.autograd.Function):
                 h_tab, r_tab = h_full.view(n_tab, _STRIDE), r_full.view(n_tab, _STRIDE)
             if n_tab:
                 if ctx.direct:
-                    h_tab.scatter_(1, codes, hr[0][0])
-                    r_tab.scatter_(1, codes, hr[0][1])
+                    _put_codes(h_tab, codes, hr[0][0], codes.shape[1], c_elems)
+                    _put_codes(r_tab, codes, hr[0][1], codes.shape[1], c_elems)
                 else:
                     for i, it in enumerate(items):
                         if it.kind != "table" or not live[i]:
                             continue
                         sl = slice(it.trow, it.trow + it.g)
-                        hs, rs = (t[it.srow : it.srow + it.g, : it.u] for t in hr[it.seg])
-                        h_tab[sl].scatter_(1, codes[sl, : it.u], hs)
-                        r_tab[sl].scatter_(1, codes[sl, : it.u], rs)
+                        hs, rs = (t[it.srow : it.srow + it.g] for t in hr[it.seg])
+                        _put_codes(h_tab[sl], codes[sl], hs, it.u, c_elems)
+                        _put_codes(r_tab[sl], codes[sl], rs, it.u, c_elems)
             for i, it in enumerate(items):
                 if not live[i]:
                     continue
