@@ -1,6 +1,6 @@
 """Micro-benchmark: one DKM fwd+bwd of a 1M-element weight at K=16, per engine.
 
-Times ``soft_kmeans`` with the table and the dense engine against a naive dense reference
+Times ``soft_kmeans`` with the table, grid and dense engines against a naive dense reference
 (full N x K tensors kept by plain autograd, what coremltools does minus its cdist round trip),
 and a plain Linear(1024, 1024) training step on the same weight for scale.
 
@@ -89,6 +89,7 @@ def bench(n, k, device, reps, naive):
     rows = {"plain Linear step": plain}
     rows["table"] = dkm(soft_kmeans, method="table")
     rows["dense"] = dkm(soft_kmeans, method="dense")
+    rows["grid"] = dkm(soft_kmeans, method="grid")
     if naive:
         rows["naive reference"] = dkm(naive_dkm)
     results = {}
@@ -120,10 +121,10 @@ def _step(weight, c0, up, method):
 
 
 def sweep(k, device, reps):
-    """Table vs dense fwd+bwd over group shapes: where "auto" should switch engines."""
+    """Table vs grid vs dense fwd+bwd over group shapes: where "auto" should switch engines."""
     shapes = [(1, 4096), (1, 16384), (1, 65536), (1, 262144), (4, 65536), (16, 16384)]
     shapes += [(64, 16384), (256, 4096), (1024, 1024)]
-    print(f"{'G':>6} {'N/group':>8} {'table ms':>9} {'dense ms':>9}")
+    print(f"{'G':>6} {'N/group':>8} {'table ms':>9} {'grid ms':>9} {'dense ms':>9}")
     for g, n in shapes:
         gen = torch.Generator().manual_seed(0)
         w0 = 0.02 * torch.randn(g, n, 1, generator=gen)
@@ -131,8 +132,9 @@ def sweep(k, device, reps):
         w0, c0 = w0.to(device), c0.repeat(g, 1, 1).to(device)
         up = torch.randn(g, n, 1, generator=gen).to(device)
         weight = w0.clone().requires_grad_()
-        ms = [time_step(_step(weight, c0, up, m), device, reps) for m in ("table", "dense")]
-        print(f"{g:>6} {n:>8} {ms[0]:9.2f} {ms[1]:9.2f}")
+        methods = ("table", "grid", "dense")
+        ms = [time_step(_step(weight, c0, up, m), device, reps) for m in methods]
+        print(f"{g:>6} {n:>8} {ms[0]:9.2f} {ms[1]:9.2f} {ms[2]:9.2f}")
 
 
 def batch_bench(k, device, reps):
@@ -268,7 +270,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
-    parser.add_argument("--sweep", action="store_true", help="table vs dense over group shapes")
+    parser.add_argument("--sweep", action="store_true", help="engines over group shapes")
     parser.add_argument("--batch", action="store_true", help="soft_kmeans_batch vs one by one")
     parser.add_argument("--ops", action="store_true", help="kernel launches per DKM step")
     args = parser.parse_args()
