@@ -1099,13 +1099,13 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
 _GRID_CELL_LOGIT = 0.25
 _GRID_SOFT_CELLS = 20.0
 # Where two neighbouring centroids' logit gap exceeds _GRID_SATURATION the attention is one-hot
-# to e^-24 and the output flat: the grid needs its fine spacing only inside these transition
-# zones. A group's range is cut into _GRID_CELLS equal cells, each with the spacing of the
-# finest zone it meets (one node where it meets none). The zones are taken from the incoming
-# centroids with a wider margin (_GRID_SPEC_SATURATION); forward then checks every
+# to e^-16 (1e-7) and the output flat: the grid needs its fine spacing only inside these
+# transition zones. A group's range is cut into _GRID_CELLS equal cells, each with the spacing
+# of the finest zone it meets (one node where it meets none). The zones are taken from the
+# incoming centroids with a wider margin (_GRID_SPEC_SATURATION); forward then checks every
 # iteration's centroids against the grid and rebuilds it when one moved out of its zone.
-_GRID_SATURATION = 24.0
-_GRID_SPEC_SATURATION = 32.0
+_GRID_SATURATION = 16.0
+_GRID_SPEC_SATURATION = 22.0
 _GRID_CELLS = 128
 # ... unless one uniform cell needs at most this many times the nodes
 _GRID_UNIFORM_SLACK = 1.5

@@ -457,8 +457,11 @@ def test_grid_compiled_passes_equal_the_torch_ones(monkeypatch, c_kernels, tau):
     got = run(soft_kmeans, x, c0, w, method="grid", tau=tau)
     monkeypatch.setattr(sk, "_USE_C", False)
     want = run(soft_kmeans, x, c0, w, method="grid", tau=tau)
-    for a, b in zip(got, want):
-        assert_close(a, b, 1e-5, 1e-6)
+    assert_close(got[0], want[0], 1e-5, 1e-6)
+    assert_close(got[1], want[1], 1e-5, 1e-6)
+    # at tau 1e-6 the gradient reaches ~100 (2 Var / tau) from float32 differences of
+    # centroids: rounding apart by ~1e-4 relative
+    assert_close(got[2], want[2], 1e-4, 1e-4)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
 
 
