@@ -1926,11 +1926,12 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
 def _put_codes(table: Tensor, codes: Tensor, values: Tensor, u: int, c_elems: bool) -> None:
     """table[g, codes[g, i]] = values[g, i] for i < u: the per-code values into a [G, 65537]
     table (a float32 view with unit or pair stride: the compiled pass on the CPU)."""
-    if not c_elems or values.stride(1) != 1 or codes.stride(1) != 1 or table.stride(1) > 2:
+    step = table.stride(1)
+    plain = table.dtype != torch.float32 or step > 2 or table.stride(0) != _STRIDE * step
+    plain = plain or values.dtype != torch.float32 or values.stride(1) != 1
+    if not c_elems or plain or codes.dtype != torch.int64 or codes.stride(1) != 1:
         table.scatter_(1, codes[:, :u], values[:, :u])
         return
-    values = values.float()
-    step = table.stride(1)
     lane = (table.data_ptr() - table.untyped_storage().data_ptr()) // 4 % step
     base = table.data_ptr() - 4 * lane
     args = (base, step, lane, codes.data_ptr(), codes.stride(0), values.data_ptr())

@@ -465,6 +465,19 @@ def test_grid_compiled_passes_equal_the_torch_ones(monkeypatch, c_kernels, tau):
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
 
 
+def test_grid_on_bf16_weights_runs_the_torch_passes_with_the_same_result():
+    # bf16 weights take the torch element passes; their fp32 copy the compiled ones
+    x, c0 = make_data(2, 8000, 1, seed=39)
+    xb = x.bfloat16()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    got = run(soft_kmeans, xb, c0, w, method="grid")
+    want = run(soft_kmeans, xb.float(), c0, w, method="grid")
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    assert_close(got[0].float(), want[0].bfloat16().float(), 1e-2, 1e-3)
+    assert_close(got[1], want[1], 1e-5, 1e-6)
+    assert_close(got[2].float(), want[2], 1e-2, 1e-2)
+
+
 def test_grid_constant_group_is_exact():
     x = torch.full((1, 5000, 1), 0.25)
     c0 = torch.tensor([[[0.1], [0.3]]])
