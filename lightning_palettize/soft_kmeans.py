@@ -1110,15 +1110,13 @@ _GRID_CELLS = 128
 # ... unless one uniform cell needs at most this many times the nodes
 _GRID_UNIFORM_SLACK = 1.5
 _GRID_MAX_NODES = 1 << 16
-# "auto" takes the grid (CPU) for groups of _GRID_AUTO_MIN_GROUP to _GRID_AUTO_MAX_GROUP
-# elements when it needs at most 1 / _GRID_AUTO_FRACTION of them as nodes. Smaller groups cost
-# little either way and keep the exact engine. Larger ones keep the table: its element passes
-# cost about half the grid's, and its fixed 65,537 bins per group no longer matter (measured
-# equal or faster per tensor on the bench MLP and MiniLM, 147K-1M weights per group; the grid
-# is 2.4-3.5x faster on 4096x4096 with group_size 16, 256 groups of 65,536 weights).
+# "auto" takes the grid (CPU) for float32 groups of at least _GRID_AUTO_MIN_GROUP elements when
+# it needs at most 1 / _GRID_AUTO_FRACTION of them (and _GRID_MAX_NODES) as nodes. Smaller
+# groups cost little either way and keep the exact engine; fp16 / bf16 weights keep the table,
+# which is exact for them. Measured in one process against the table: 5-20% faster per step
+# on the bench MLP, MiniLM and 4096x4096 per tensor, 2.4-3.5x with group_size 16.
 _GRID_AUTO_FRACTION = 2
 _GRID_AUTO_MIN_GROUP = 4096
-_GRID_AUTO_MAX_GROUP = 1 << 17
 
 
 @dataclass
@@ -2427,9 +2425,10 @@ def soft_kmeans(
         method: "table" (d == 1; O(N) memory), "grid" (d == 1, mode "dkm" without the
             exact-zero rule; O(N) memory; up to 65,536 nodes, a tensor with a non-finite
             value runs "dense"), "dense" (exact, any d) or "auto": on the CPU, grid for
-            groups of 4,096 to 131,072 elements when it needs at most half of them as nodes;
-            else table when d == 1 and a group has at least 65,536 (CPU) / 262,144 (other
-            devices) elements, where it is measured faster; else dense.
+            float32 groups of at least 4,096 elements when it needs at most half of them
+            (and 65,536) as nodes; else table when d == 1 and a group has at least 65,536
+            (CPU) / 262,144 (other devices) elements, where it is measured faster; else
+            dense.
         clamp_attention: clamp the "dkm" attention from below at ``zero_threshold`` as the
             coremltools 9.0 code does (see above).
 
@@ -2547,17 +2546,17 @@ def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
 def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg):
     """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
 
-    "auto" takes the grid on the CPU for groups of 4,096 to 131,072 elements when it needs at
-    most 1/2 of them as nodes;
+    "auto" takes the grid on the CPU for float32 groups of at least 4,096 elements when it
+    needs at most half of them (and 65,536) as nodes;
     method "grid" takes it up to 65,536 nodes. Otherwise (and for a group holding a non-finite
     value) the element or code engine runs.
     """
     g, n = x.shape[0], x.shape[1]
     fallback = "table" if resolved == "table" else "exact"
     auto = asked == "auto" and _host_layout(x.device) and n >= _GRID_AUTO_MIN_GROUP
-    auto = auto and n <= _GRID_AUTO_MAX_GROUP
+    auto = auto and x.dtype == torch.float32
     if asked == "grid" or (auto and _grid_allowed(cfg)):
-        cap = _GRID_MAX_NODES if asked == "grid" else n // _GRID_AUTO_FRACTION
+        cap = _GRID_MAX_NODES if asked == "grid" else min(_GRID_MAX_NODES, n // _GRID_AUTO_FRACTION)
         if cap >= 8:
             c0 = centroids.detach().reshape(g, -1).float()
             spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap)

@@ -742,11 +742,13 @@ def test_table_saves_o_n_for_backward():
 def test_auto_engine_choice():
     small, c0 = make_data(1, sk._GRID_AUTO_MIN_GROUP - 1, 1, seed=1)
     mid, c1 = make_data(2, sk._GRID_AUTO_MIN_GROUP, 1, seed=1)
-    large, c2 = make_data(1, sk._GRID_AUTO_MAX_GROUP + 1, 1, seed=1)
+    large, c2 = make_data(1, sk._TABLE_MIN_GROUP["cpu"], 1, seed=1)
     cases = [
         (small, c0, {}, "dense"),  # small groups: the exact engine
         (mid, c1, {}, "grid"),  # mid-sized ones: the grid where it needs few enough nodes
-        (large, c2, {}, "table"),  # large ones: the table (cheaper element passes)
+        (large, c2, {}, "grid"),
+        (large.bfloat16(), c2, {}, "table"),  # fp16 / bf16: the table, exact for them
+        (large, c2, {"tau": 1e-9}, "table"),  # the grid would need too many nodes
         (mid, c1, {"tau": 1e-9}, "dense"),  # near-hard attention: too many nodes
         (mid, c1, {"mode": "hard"}, "dense"),  # a step function: never interpolated
     ]
