@@ -314,27 +314,22 @@ static inline float lerp_at(const float *tab, int32_t j, float t) {
     return tab[j] + t * (tab[j + 1] - tab[j]);
 }
 
-static void glerp_k(const grid_t *q, const float *table, int64_t ld, float *out) {
+/* glerp (g NULL: out = lerp(table)) or ggrad (table: (h, r) pairs per node; out = g lerp(h) +
+ * lerp(r)), portable */
+static void gread_k(const grid_t *q, const float *g, const float *table, int64_t ld,
+                    float *out) {
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *tab = table + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL, *tab = table + r * ld;
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
             int32_t j = gcell(xr[i], &gr, &t);
-            o[i] = lerp_at(tab, j, t);
-        }
-    }
-}
-
-static void ggrad_k(const grid_t *q, const float *g, const float *hr, int64_t ld, float *out) {
-    for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g + r * q->n, *tab = hr + r * ld;
-        float *o = out + r * q->n;
-        grow_t gr = grid_row(q, r);
-        for (int64_t i = 0; i < q->n; i++) {
-            float t;
-            const float *e = tab + 2 * (int64_t)gcell(xr[i], &gr, &t);
+            if (!g_r) {
+                o[i] = lerp_at(tab, j, t);
+                continue;
+            }
+            const float *e = tab + 2 * (int64_t)j;
             o[i] = g_r[i] * (e[0] + t * (e[2] - e[0])) + (e[1] + t * (e[3] - e[1]));
         }
     }
@@ -489,35 +484,24 @@ AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
     free(pair);
 }
 
-AVX2F static void glerp_v(const grid_t *q, const float *table, int64_t ld, float *out) {
-    int32_t jb[BLOCK];
-    float tb[BLOCK];
-    for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *tab = table + r * ld;
-        float *o = out + r * q->n;
-        grow_t gr = grid_row(q, r);
-        grow8_t g8 = grid_row8(&gr);
-        for (int64_t a = 0; a < q->n; a += BLOCK) {
-            int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK;
-            gcells_block(xr + a, len, &gr, &g8, jb, tb);
-            for (int64_t i = 0; i < len; i++) o[a + i] = lerp_at(tab, jb[i], tb[i]);
-        }
-    }
-}
-
-/* hr: [rows, ld] with (h, r) of node j at 2 j, 2 j + 1: one 16-byte load per element */
-AVX2F static void ggrad_v(const grid_t *q, const float *g, const float *hr, int64_t ld,
+/* gread_k with the cells of each block computed in vectors; hr pairs: one 16-byte load per
+ * element */
+AVX2F static void gread_v(const grid_t *q, const float *g, const float *table, int64_t ld,
                           float *out) {
     int32_t jb[BLOCK];
     float tb[BLOCK];
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g + r * q->n, *tab = hr + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL, *tab = table + r * ld;
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
         for (int64_t a = 0; a < q->n; a += BLOCK) {
             int64_t len = q->n - a < BLOCK ? q->n - a : BLOCK;
             gcells_block(xr + a, len, &gr, &g8, jb, tb);
+            if (!g_r) {
+                for (int64_t i = 0; i < len; i++) o[a + i] = lerp_at(tab, jb[i], tb[i]);
+                continue;
+            }
             for (int64_t i = 0; i < len; i++) {
                 __m128 e = _mm_loadu_ps(tab + 2 * (int64_t)jb[i]); /* h0 r0 h1 r1 */
                 __m128 v = _mm_fmadd_ps(_mm_set1_ps(tb[i]), _mm_sub_ps(_mm_movehl_ps(e, e), e), e);
@@ -1497,13 +1481,11 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
 #if DKM_X86
     if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
-    else if (fast && op == 1) glerp_v(&q, fa, ld, fo);
-    else if (fast) ggrad_v(&q, fa, fb, ld, fo);
+    else if (fast) gread_v(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, ld, fo);
     else
 #endif
     if (op == 0) gsplat_k(&q, fa, P(double *, b));
-    else if (op == 1) glerp_k(&q, fa, ld, fo);
-    else ggrad_k(&q, fa, fb, ld, fo);
+    else gread_k(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, ld, fo);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

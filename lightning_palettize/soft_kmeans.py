@@ -2547,9 +2547,9 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
     """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
 
     "auto" takes the grid on the CPU for float32 groups of at least 4,096 elements when it
-    needs at most half of them (and 65,536) as nodes;
-    method "grid" takes it up to 65,536 nodes. Otherwise (and for a group holding a non-finite
-    value) the element or code engine runs.
+    needs at most half of them (and 65,536) as nodes; method "grid" takes it up to 65,536
+    nodes. Otherwise (and for a group holding a non-finite value) the code engine runs where
+    "auto" resolved to it, else the element engine.
     """
     g, n = x.shape[0], x.shape[1]
     fallback = "table" if resolved == "table" else "exact"
@@ -2560,23 +2560,10 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
         if cap >= 8:
             c0 = centroids.detach().reshape(g, -1).float()
             spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap)
-            if asked == "grid":
-                fallback = "exact"
             if spec is not None:
                 spec.cap, spec.fallback = cap, fallback
                 return spec
-        if asked == "grid":
-            fallback = "exact"
     return fallback
-
-
-def _row_starts(xs, idx) -> list[int]:
-    """The first centroid row of each xs[i], i in idx, in their stacked centroids."""
-    starts, row = [], 0
-    for i in idx:
-        starts.append(row)
-        row += xs[i].shape[0]
-    return starts
 
 
 def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
@@ -2589,13 +2576,13 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
             scalar.setdefault(x.device, []).append(i)
     for device, idx in scalar.items():
         # private copies: callers may write the returned centroids into their state in place
-        c0 = torch.cat([centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx]).float()
-        c0_rows = {i: c0[r : r + xs[i].shape[0]] for i, r in zip(idx, _row_starts(xs, idx))}
+        c0_rows = {i: centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx}
+        c0 = torch.cat([c0_rows[i] for i in idx]).float()
         kinds = dict((i, _scalar_kind(xs[i], centroids[i], methods[i], method, cfg)) for i in idx)
         todo, attempt = idx, 0
         while todo:
             if len(todo) < len(idx):
-                c0 = torch.cat([c0_rows[i] for i in todo])
+                c0 = torch.cat([c0_rows[i] for i in todo]).float()
             with _no_autocast(device):
                 *outs, new_c = _ScalarKMeans.apply(
                     cfg, tuple(kinds[i] for i in todo), c0, *(xs[i] for i in todo)
