@@ -2163,9 +2163,14 @@ class _ScalarKMeans(torch.autograd.Function):
         bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
-            flat_g = [grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))]
-            gsum_tab = None
             c_elems = ctx.c_elems
+            flat_g = [grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))]
+            for i, it in enumerate(items):
+                # the compiled element passes read rows (reshape keeps an expanded gradient a
+                # stride-0 view)
+                if live[i] and (it.c_grid or (c_elems and it.kind == "table")):
+                    flat_g[i] = flat_g[i].contiguous()
+            gsum_tab = None
             if c_elems:
                 scale = tensors[ctx.i_scale]
                 xflat = [tensors[j] for j in ctx.i_flats]
@@ -2173,8 +2178,6 @@ class _ScalarKMeans(torch.autograd.Function):
                 for i, it in enumerate(items):
                     if it.kind == "table":
                         t_of[i] = len(t_of)
-                        if live[i]:
-                            flat_g[i] = flat_g[i].contiguous()
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
                 if c_elems:
                     # only the codes present are accumulated into and read back
@@ -2208,8 +2211,6 @@ class _ScalarKMeans(torch.autograd.Function):
             gsum_grid = {}
             for i in gflat:
                 if live[i]:
-                    # (reshape keeps an expanded gradient a stride-0 view: the kernels read rows)
-                    flat_g[i] = flat_g[i].contiguous()
                     gsum_grid[i] = _grid_splat(gflat[i], items[i].spec, flat_g[i], items[i].c_grid)
             hr = []
             for s, (st_idx, hist_idx) in enumerate(ctx.seg_state):
