@@ -295,6 +295,24 @@ static inline int32_t gcell(float x, const grow_t *w, float *t) {
     return w->off[c] + i;
 }
 
+/* gvalues: the nodes' own values out [rows, H], lo + (c + i / fc[c]) span / C for node i of
+ * cell c, and lo + span for the padding nodes after the last (span: [rows]) */
+static void gvalues_k(const grid_t *q, const float *span, float *out) {
+    for (int64_t r = 0; r < q->rows; r++) {
+        const float *fc = q->fc + r * q->C;
+        const int32_t *off = q->off + r * q->C;
+        float lo = q->lo[r], w = span[r] / (float)q->C, *o = out + r * q->H;
+        int64_t end = 0;
+        for (int64_t c = 0; c < q->C; c++) {
+            int32_t F = (int32_t)fc[c];
+            float *oc = o + off[c];
+            for (int32_t i = 0; i < F; i++) oc[i] = lo + ((float)c + (float)i / fc[c]) * w;
+            end = off[c] + F;
+        }
+        for (int64_t k = end; k < q->H; k++) o[k] = lo + (float)q->C * w;
+    }
+}
+
 static void gsplat_k(const grid_t *q, const float *w, double *acc) {
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
@@ -336,12 +354,15 @@ static void gread_k(const grid_t *q, const float *g, const float *table, int64_t
 }
 
 /* Nodes per cell that sorted centroids cs [G, K] need (soft_kmeans._grid_counts has the rule):
- * per pair of neighbours, spacing h = min(cell_logit tau / (2 gap), soft) on the cells that
- * the zone mid +- (saturation tau + prune) / (2 gap) meets; out[g][c] = max(out, ceil(W / h)),
- * W = span / C (out comes in initialised: ones, or counts to combine with). */
+ * per pair of neighbours, base spacing h = min(cell_logit tau / (2 gap), soft); a cell whose
+ * nearest point lies L = max(0, (2 gap dist - prune) / tau - margin) logits from the pair's
+ * midpoint (dist: its distance to mid) takes h e^((L - grade) / 2) where L > grade, and
+ * nothing (one node) beyond L > saturation; out[g][c] = max(out, ceil(W / h)), W = span / C
+ * (out comes in initialised: ones, or counts to combine with). */
 static void grid_counts_k(const float *lo, const float *span, const float *cs, int64_t G,
                           int64_t K, int64_t C, double tau, double cell_logit, double soft,
-                          double saturation, double prune, double cap, float *out) {
+                          double saturation, double margin, double grade, double prune,
+                          double cap, float *out) {
     for (int64_t g = 0; g < G; g++) {
         const float *c = cs + g * K;
         float *o = out + g * C;
@@ -353,30 +374,37 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
             double mid = 0.5 * ((double)c[k + 1] + (double)c[k]);
             double h = cell_logit * tau / (2.0 * gap);
             h = h < soft ? h : soft;
-            double half = (saturation * tau + prune) / (2.0 * gap);
+            double half = ((saturation + margin) * tau + prune) / (2.0 * gap);
             half = half < (double)span[g] ? half : (double)span[g];
             double a = floor((mid - half - l0) / w), b = floor((mid + half - l0) / w);
             if (b < 0 || a > (double)(C - 1)) continue;
             int64_t ia = a < 0 ? 0 : (int64_t)a, ib = b > (double)(C - 1) ? C - 1 : (int64_t)b;
-            double n = ceil(w / h);
-            float need = (float)(n < cap ? n : cap);
-            for (int64_t i = ia; i <= ib; i++) o[i] = o[i] > need ? o[i] : need;
+            for (int64_t i = ia; i <= ib; i++) {
+                double cl = l0 + (double)i * w, ch = cl + w;
+                double dist = mid < cl ? cl - mid : (mid > ch ? mid - ch : 0.0);
+                double L = (2.0 * gap * dist - prune) / tau - margin;
+                double hc = L > grade ? h * exp(0.5 * (L - grade)) : h;
+                double n = ceil(w / hc);
+                float need = (float)(n < cap ? n : cap);
+                o[i] = o[i] > need ? o[i] : need;
+            }
         }
     }
 }
 
-/* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, saturation, prune, cap, out) */
+/* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, saturation, margin, grade, prune,
+ *             cap, out) */
 static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
     unsigned long long lo, span, cs, out;
     Py_ssize_t G, K, C;
-    double tau, cl, soft, sat, prune, cap;
-    if (!PyArg_ParseTuple(args, "KKKnnnddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl, &soft,
-                          &sat, &prune, &cap, &out))
+    double tau, cl, soft, sat, margin, grade, prune, cap;
+    if (!PyArg_ParseTuple(args, "KKKnnnddddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
+                          &soft, &sat, &margin, &grade, &prune, &cap, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     grid_counts_k((const float *)(uintptr_t)lo, (const float *)(uintptr_t)span,
-                  (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, sat, prune, cap,
-                  (float *)(uintptr_t)out);
+                  (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, sat, margin, grade, prune,
+                  cap, (float *)(uintptr_t)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1460,7 +1488,8 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 /* grid(op, x, rows, n, lo, inv_w, C, fc, off, H, a, b, ld, out): the grid kernels, by op
  *     0  gsplat  a = w (0: unit weights), b = acc
  *     1  glerp   a = table (row stride ld)
- *     2  ggrad   a = g, b = hr ((h, r) of node j at 2 j, 2 j + 1; row stride ld); out may be a */
+ *     2  ggrad   a = g, b = hr ((h, r) of node j at 2 j, 2 j + 1; row stride ld); out may be a
+ *     3  gvalues a = span, out = the node values [rows, H] (x unused) */
 static PyObject *py_grid(PyObject *self, PyObject *args) {
     int op;
     unsigned long long x, lo, iw, fc, off, a, b, out;
@@ -1468,9 +1497,9 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKnK", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
                           &H, &a, &b, &ld, &out))
         return NULL;
-    if (H < 2 || H > (1 << 30) || C < 1 || C > (1 << 20) || op < 0 || op > 2) {
+    if (H < 2 || H > (1 << 30) || C < 1 || C > (1 << 20) || op < 0 || op > 3) {
         PyErr_SetString(PyExc_ValueError,
-                        "grid: needs 0 <= op <= 2, 1 <= C <= 2^20 and 2 <= H <= 2^30");
+                        "grid: needs 0 <= op <= 3, 1 <= C <= 2^20 and 2 <= H <= 2^30");
         return NULL;
     }
     grid_t q = {P(const float *, x),  rows, n, H, C, P(const float *, lo), P(const float *, iw),
@@ -1479,6 +1508,8 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     float *fo = P(float *, out);
     int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
+    if (op == 3) gvalues_k(&q, fa, fo);
+    else
 #if DKM_X86
     if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
     else if (fast) gread_v(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, ld, fo);

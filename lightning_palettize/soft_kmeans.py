@@ -1100,12 +1100,21 @@ _GRID_CELL_LOGIT = 0.25
 _GRID_SOFT_CELLS = 20.0
 # Where two neighbouring centroids' logit gap exceeds _GRID_SATURATION the attention is one-hot
 # to e^-16 (1e-7) and the output flat: the grid needs its fine spacing only inside these
-# transition zones. A group's range is cut into _GRID_CELLS equal cells, each with the spacing
-# of the finest zone it meets (one node where it meets none). The zones are taken from the
-# incoming centroids with a wider margin (_GRID_SPEC_SATURATION); forward then checks every
-# iteration's centroids against the grid and rebuilds it when one moved out of its zone.
+# transition zones, and within a zone only near the midpoint: L logits from it every
+# derivative of the attention decays as e^-L, so the same interpolation error allows the
+# spacing h e^((L - _GRID_GRADE_LOGIT) / 2) (the sigmoid's second derivative peaks at 0.096,
+# which e^-L reaches at L = 2.3). A group's range is cut into _GRID_CELLS equal cells, each
+# with the finest spacing that a zone asks at the cell's nearest point (one node where no zone
+# meets it). The grid is built from the incoming centroids with L counted _GRID_SPEC_MARGIN
+# logits closer to the midpoints; forward then checks every iteration's centroids against the
+# grid (no margin) and rebuilds it when a transition moved further or a cell's spacing is more
+# than _GRID_CHECK_SLACK times what they ask (the base spacing follows the centroid gaps,
+# which every iteration changes a little: without slack, 2/3 of the MiniLM group_size 16
+# grids were rebuilt for one node in one cell).
 _GRID_SATURATION = 16.0
-_GRID_SPEC_SATURATION = 22.0
+_GRID_GRADE_LOGIT = 3.0
+_GRID_SPEC_MARGIN = 6.0
+_GRID_CHECK_SLACK = 1.15
 _GRID_CELLS = 128
 # ... unless one uniform cell needs at most this many times the nodes
 _GRID_UNIFORM_SLACK = 1.5
@@ -1137,8 +1146,16 @@ class _GridSpec:
     cap: int = _GRID_MAX_NODES  # most nodes a rebuild may use
     fallback: str = "exact"  # the kind that runs when no grid fits
 
-    def values(self) -> Tensor:
+    def values(self, use_c: bool = False) -> Tensor:
+        """The nodes' values [G, nodes] (float32; compiled with ``use_c``)."""
         g, cells = self.fc.shape
+        if use_c:
+            out = torch.empty(g, self.nodes)
+            grid = (self.lo.data_ptr(), self.inv_w.data_ptr(), cells, self.fc.data_ptr())
+            span = self.span.float().contiguous()
+            _dkm_cpu.grid(3, 0, g, 0, *grid, self.off.data_ptr(), self.nodes, span.data_ptr(),
+                          0, 0, out.data_ptr())  # fmt: skip
+            return out
         if cells == 1:  # one uniform cell: lo + k span / fc (the padding nodes past the max)
             k = torch.arange(self.nodes, device=self.lo.device, dtype=torch.float32)
             pos = torch.minimum(k.unsqueeze(0), self.fc) / self.fc
@@ -1152,9 +1169,10 @@ class _GridSpec:
         return torch.addcmul(self.lo.unsqueeze(1), pos, (self.span / cells).unsqueeze(1)).float()
 
 
-def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, saturation: float, cells: int, out=None):
-    """Nodes per cell [G, C] (float32) that centroids c [G, K] need (module notes), combined
-    by maximum into ``out`` when given (compiled on the CPU; the torch code elsewhere)."""
+def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, margin: float, cells: int, out=None):
+    """Nodes per cell [G, C] (float32) that centroids c [G, K] need (module notes), L counted
+    ``margin`` logits closer to the midpoints, combined by maximum into ``out`` when given
+    (compiled on the CPU; the torch code elsewhere)."""
     g, k = c.shape
     soft = math.sqrt(cfg.tau / 2) / _GRID_SOFT_CELLS
     cs = c.float().sort(1).values.contiguous()
@@ -1164,8 +1182,8 @@ def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, saturation: float, cells: int, 
         lo, span = lo.float().contiguous(), span.float().contiguous()
         _dkm_cpu.grid_counts(
             lo.data_ptr(), span.data_ptr(), cs.data_ptr(), g, k, cells, cfg.tau,
-            _GRID_CELL_LOGIT, soft, saturation, cfg.prune_threshold, float(_GRID_MAX_NODES),
-            out.data_ptr(),
+            _GRID_CELL_LOGIT, soft, _GRID_SATURATION, margin, _GRID_GRADE_LOGIT,
+            cfg.prune_threshold, float(_GRID_MAX_NODES), out.data_ptr(),
         )  # fmt: skip
         return out
     if k < 2:
@@ -1176,13 +1194,19 @@ def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, saturation: float, cells: int, 
     gap = (cs[:, 1:] - cs[:, :-1]).clamp_min(1e-30)
     mid = (cs[:, 1:] + cs[:, :-1]) / 2
     h = torch.clamp_max(_GRID_CELL_LOGIT * cfg.tau / (2 * gap), soft)
-    half = torch.minimum((saturation * cfg.tau + cfg.prune_threshold) / (2 * gap), span)
-    first = ((mid - half - lo) / width).floor()
-    last = ((mid + half - lo) / width).floor()
+    half = ((_GRID_SATURATION + margin) * cfg.tau + cfg.prune_threshold) / (2 * gap)
+    half = torch.minimum(half, span)
+    first = ((mid - half - lo) / width).floor().unsqueeze(1)
+    last = ((mid + half - lo) / width).floor().unsqueeze(1)
     idx = torch.arange(cells, device=c.device, dtype=torch.float64).view(1, -1, 1)
-    inside = (idx >= first.unsqueeze(1)) & (idx <= last.unsqueeze(1))
-    finest = torch.where(inside, h.unsqueeze(1), math.inf).amin(2)
-    need = (width / finest).ceil().clamp_(1, _GRID_MAX_NODES)
+    inside = (idx >= first) & (idx <= last)  # [G, C, K - 1]
+    cell_lo = lo.unsqueeze(1) + idx * width.unsqueeze(1)
+    mid3 = mid.unsqueeze(1)
+    dist = torch.maximum(cell_lo - mid3, mid3 - (cell_lo + width.unsqueeze(1))).clamp_min(0)
+    logit = (2 * gap.unsqueeze(1) * dist - cfg.prune_threshold) / cfg.tau - margin
+    grade = torch.exp(0.5 * (logit - _GRID_GRADE_LOGIT)).clamp_min(1)
+    h_cell = torch.where(inside, h.unsqueeze(1) * grade, math.inf)
+    need = (width.unsqueeze(1) / h_cell).ceil().clamp_(1, _GRID_MAX_NODES).amax(2)
     need = torch.where(width > 0, need, 1.0).float()
     return torch.maximum(out, need, out=out)
 
@@ -1214,7 +1238,7 @@ def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec
     span = hi - lo
     if not bool(torch.isfinite(span).all()):
         return None
-    counts = _grid_counts(lo, span, c0, cfg, _GRID_SPEC_SATURATION, _GRID_CELLS)
+    counts = _grid_counts(lo, span, c0, cfg, _GRID_SPEC_MARGIN, _GRID_CELLS)
     # one uniform cell where that costs few more nodes: cheaper element passes
     finest = counts.amax(1, keepdim=True) * counts.shape[1]
     if float(finest.amax()) <= _GRID_UNIFORM_SLACK * float(counts.sum(1).amax()):
@@ -1226,8 +1250,8 @@ def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
     """Record in ``spec.missing`` what the centroids of the iterations needed beyond it."""
     need = None
     for c in centroids:
-        need = _grid_counts(spec.lo, spec.span, c, cfg, _GRID_SATURATION, spec.fc.shape[1], need)
-    if need is not None and bool((need > spec.fc).any()):
+        need = _grid_counts(spec.lo, spec.span, c, cfg, 0.0, spec.fc.shape[1], need)
+    if need is not None and bool((need > spec.fc * _GRID_CHECK_SLACK).any()):
         spec.missing = need
 
 
@@ -2033,7 +2057,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     sl = slice(it.trow, it.trow + it.g)
                     v, m = values[sl, : it.u], mass[sl, : it.u]
                 elif it.kind == "grid":
-                    v, m = it.spec.values(), grid_mass[members[0]]
+                    v, m = it.spec.values(it.c_grid), grid_mass[members[0]]
                 else:
                     v = xs[members[0]].detach().reshape(it.g, it.n).float()
                     m = torch.ones_like(v)
@@ -2051,7 +2075,7 @@ class _ScalarKMeans(torch.autograd.Function):
                         v[r0 : r0 + it.g, : it.u] = values[sl, : it.u]
                         m[r0 : r0 + it.g, : it.u] = mass[sl, : it.u]
                     elif it.kind == "grid":
-                        v[r0 : r0 + it.g, : it.u] = it.spec.values()
+                        v[r0 : r0 + it.g, : it.u] = it.spec.values(it.c_grid)
                         m[r0 : r0 + it.g, : it.u] = grid_mass[i]
                     else:
                         v[r0 : r0 + it.g, : it.n] = xs[i].detach().reshape(it.g, it.n)

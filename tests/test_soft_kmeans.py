@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -375,7 +377,8 @@ def test_grid_layout(tau):
         real = v[g, : total[g]]
         assert real[0] == lo[g] and torch.allclose(real[-1], hi[g])
         assert (real.diff() > 0).all()
-    # every cell that a transition zone of the centroids meets has its zone's spacing
+    # every cell that a transition zone of the centroids meets has its zone's spacing, graded
+    # by the logits from the cell's nearest point to the midpoint (less the spec's margin)
     cells = spec.fc.shape[1]  # 128, or 1 where one uniform cell costs few more nodes
     assert cells in (1, sk._GRID_CELLS)
     width = (hi - lo) / cells
@@ -384,7 +387,8 @@ def test_grid_layout(tau):
     h = torch.clamp_max(
         sk._GRID_CELL_LOGIT * tau / (2 * gap), (tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS
     )
-    half = sk._GRID_SATURATION * tau / (2 * gap)
+    margin = sk._GRID_SPEC_MARGIN
+    half = (sk._GRID_SATURATION + margin) * tau / (2 * gap)
 
     def cell(v, g):
         return int(((v - lo[g]) / width[g]).floor().clamp(0, cells - 1))
@@ -392,11 +396,20 @@ def test_grid_layout(tau):
     for g in range(3):
         for k in range(gap.shape[1]):
             a, b = cell(mid[g, k] - half[g, k], g), cell(mid[g, k] + half[g, k], g)
-            assert (width[g] / spec.fc[g, a : b + 1] <= h[g, k] * (1 + 1e-5)).all()
+            for i in range(a, b + 1):
+                left = lo[g] + i * width[g]
+                dist = max(0.0, float(left - mid[g, k]), float(mid[g, k] - left - width[g]))
+                logit = 2 * float(gap[g, k]) * dist / tau - margin
+                allowed = h[g, k] * max(1.0, math.exp((logit - sk._GRID_GRADE_LOGIT) / 2))
+                assert width[g] / spec.fc[g, i] <= allowed * (1 + 1e-5), (g, k, i)
+            # the cell holding the midpoint has the base spacing
+            assert width[g] / spec.fc[g, cell(mid[g, k], g)] <= h[g, k] * (1 + 1e-5)
     # the nodes' own values interpolate to x itself (kernel and node layout agree)
     for use_c in (False, True) if sk._dkm_cpu is not None else (False,):
         back = sk._grid_lerp(flat.contiguous(), spec, v, use_c)
         assert_close(back, flat, 1e-5, 1e-6)
+        # the compiled node values are the torch ones (padding nodes: the max)
+        assert_close(spec.values(use_c), v, 1e-6, 1e-7)
     if tau == 1e-6:  # sharp: fine cells only around the transitions
         assert cells == sk._GRID_CELLS
         uniform = ((hi - lo) * 2 * gap.amax(1) / (tau * sk._GRID_CELL_LOGIT)).amax()
@@ -410,11 +423,11 @@ def test_grid_counts_compiled_equal_torch(monkeypatch):
     span = torch.tensor([0.2, 0.0, 2.0, 0.05])  # (a constant group)
     c = torch.randn(4, 8, generator=gen) * torch.tensor([[0.05], [0.01], [0.5], [0.01]])
     c[2, 3] = c[2, 4]  # duplicate centroids
-    for tau, prune, sat in ((1e-4, 0.0, 24.0), (1e-6, 1e-3, 32.0), (1e-2, 0.0, 24.0)):
+    for tau, prune, margin in ((1e-4, 0.0, 8.0), (1e-6, 1e-3, 0.0), (1e-2, 0.0, 6.0)):
         cfg = sk._Cfg(**{**_grid_cfg(tau).__dict__, "prune_threshold": prune})
-        got = sk._grid_counts(lo, span, c, cfg, sat, 64)
+        got = sk._grid_counts(lo, span, c, cfg, margin, 64)
         monkeypatch.setattr(sk, "_USE_C", False)
-        want = sk._grid_counts(lo, span, c, cfg, sat, 64)
+        want = sk._grid_counts(lo, span, c, cfg, margin, 64)
         monkeypatch.undo()
         assert torch.equal(got, want), (tau, (got - want).abs().max())
         assert (got[1] == 1).all() and got.max() > 1
@@ -748,7 +761,7 @@ def test_auto_engine_choice():
         (mid, c1, {}, "grid"),  # mid-sized ones: the grid where it needs few enough nodes
         (large, c2, {}, "grid"),
         (large.bfloat16(), c2, {}, "table"),  # fp16 / bf16: the table, exact for them
-        (large, c2, {"tau": 1e-9}, "table"),  # the grid would need too many nodes
+        (large * 8, c2 * 8, {"tau": 1e-9}, "table"),  # the grid would need too many nodes
         (mid, c1, {"tau": 1e-9}, "dense"),  # near-hard attention: too many nodes
         (mid, c1, {"mode": "hard"}, "dense"),  # a step function: never interpolated
     ]
