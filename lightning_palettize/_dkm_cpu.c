@@ -354,15 +354,16 @@ static void gread_k(const grid_t *q, const float *g, const float *table, int64_t
 }
 
 /* Nodes per cell that sorted centroids cs [G, K] need (soft_kmeans._grid_counts has the rule):
- * per pair of neighbours, base spacing h = min(cell_logit tau / (2 gap), soft); a cell whose
+ * per pair of neighbours, base spacing h = min(cell_logit tau / (2 gap), soft e^max(0, gap^2 /
+ * tau - fade)); a cell whose
  * nearest point lies L = max(0, (2 gap dist - prune) / tau - margin) logits from the pair's
  * midpoint (dist: its distance to mid) takes h e^((L - grade) / 2) where L > grade, and
  * nothing (one node) beyond L > saturation; out[g][c] = max(out, ceil(W / h)), W = span / C
  * (out comes in initialised: ones, or counts to combine with). */
 static void grid_counts_k(const float *lo, const float *span, const float *cs, int64_t G,
                           int64_t K, int64_t C, double tau, double cell_logit, double soft,
-                          double saturation, double margin, double grade, double prune,
-                          double cap, float *out) {
+                          double fade, double saturation, double margin, double grade,
+                          double prune, double cap, float *out) {
     for (int64_t g = 0; g < G; g++) {
         const float *c = cs + g * K;
         float *o = out + g * C;
@@ -373,7 +374,8 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
             gap = gap > 1e-30 ? gap : 1e-30;
             double mid = 0.5 * ((double)c[k + 1] + (double)c[k]);
             double h = cell_logit * tau / (2.0 * gap);
-            h = h < soft ? h : soft;
+            double hs = soft * exp(fmax(gap * gap / tau - fade, 0.0));
+            h = h < hs ? h : hs;
             double half = ((saturation + margin) * tau + prune) / (2.0 * gap);
             half = half < (double)span[g] ? half : (double)span[g];
             double a = floor((mid - half - l0) / w), b = floor((mid + half - l0) / w);
@@ -392,19 +394,19 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
     }
 }
 
-/* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, saturation, margin, grade, prune,
- *             cap, out) */
+/* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, fade, saturation, margin, grade,
+ *             prune, cap, out) */
 static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
     unsigned long long lo, span, cs, out;
     Py_ssize_t G, K, C;
-    double tau, cl, soft, sat, margin, grade, prune, cap;
-    if (!PyArg_ParseTuple(args, "KKKnnnddddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
-                          &soft, &sat, &margin, &grade, &prune, &cap, &out))
+    double tau, cl, soft, fade, sat, margin, grade, prune, cap;
+    if (!PyArg_ParseTuple(args, "KKKnnndddddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
+                          &soft, &fade, &sat, &margin, &grade, &prune, &cap, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     grid_counts_k((const float *)(uintptr_t)lo, (const float *)(uintptr_t)span,
-                  (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, sat, margin, grade, prune,
-                  cap, (float *)(uintptr_t)out);
+                  (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, fade, sat, margin, grade,
+                  prune, cap, (float *)(uintptr_t)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

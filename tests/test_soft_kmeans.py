@@ -331,6 +331,25 @@ def test_grid_close_to_reference(g, tau, variant):
         assert (got[1][:, 0] == 0).all()
 
 
+def test_grid_soft_rule_fades_for_separated_centroids(monkeypatch):
+    # centroid gaps ~2.3 sqrt(tau): two centroids share each weight, the sharp rule alone sets
+    # the spacing (fewer nodes than with the soft rule) and the error stays at its level
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(2, 8000, 1, generator=gen) * 0.05
+    q = torch.linspace(0.02, 0.98, 8)
+    c0 = torch.quantile(x[..., 0], q, dim=1).T.unsqueeze(-1).contiguous()
+    w = torch.randn(x.shape, generator=gen)
+    want = run(reference, x, c0, w, epsilon=-1.0)
+    nodes = []
+    for fade in (math.inf, sk._GRID_SOFT_FADE):
+        monkeypatch.setattr(sk, "_GRID_SOFT_FADE", fade)
+        nodes.append(sk._grid_spec(x.view(2, -1), c0.view(2, -1), _grid_cfg(), 1 << 16).nodes)
+        got = run(soft_kmeans, x, c0, w, epsilon=-1.0, method="grid")
+        out, cent, grad = grid_errors(got, want, c0)
+        assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (fade, out, cent, grad)
+    assert nodes[1] < 0.9 * nodes[0], nodes
+
+
 def test_grid_beats_the_table_on_generic_fp32_at_the_default_tau():
     # the table engine rounds x to 11 significant bits; the grid interpolates a smooth output
     x, c0 = make_data(2, 8000, 1, seed=31)
@@ -384,8 +403,9 @@ def test_grid_layout(tau):
     width = (hi - lo) / cells
     cs = c.sort(1).values
     gap, mid = cs.diff(dim=1), (cs[:, 1:] + cs[:, :-1]) / 2
-    h = torch.clamp_max(
-        sk._GRID_CELL_LOGIT * tau / (2 * gap), (tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS
+    fade = torch.exp((gap**2 / tau - sk._GRID_SOFT_FADE).clamp_min(0))
+    h = torch.minimum(
+        sk._GRID_CELL_LOGIT * tau / (2 * gap), (tau / 2) ** 0.5 / sk._GRID_SOFT_CELLS * fade
     )
     margin = sk._GRID_SPEC_MARGIN
     half = (sk._GRID_SATURATION + margin) * tau / (2 * gap)
