@@ -694,11 +694,21 @@ INLINE void tile_probs(tile_t *restrict tl, const float *restrict c, const cfg_t
     }
 }
 
+/* The per-code kernels' rows may be ragged: row g has lens[g] codes (its masses and weights
+ * are zero past them) and rows are U apart; lens NULL: every row has U. The sums skip the
+ * padding (they would add exact zeros), y and h are zero there, r is left as it was. */
+static inline int64_t ROW_LEN(const int32_t *lens, int64_t g, int64_t U) {
+    if (!lens) return U;
+    int64_t n = lens[g];
+    return n < 0 ? 0 : (n < U ? n : U);
+}
+
 /* the attention from P: clamped from below at zero_threshold when asked */
 INLINE float att_of(float p, int clamp, float zt) { return clamp && p < zt ? zt : p; }
 
 INLINE void fwd_stats_body(const float *v, const float *m, const float *c, int64_t G, int64_t U,
-                           const cfg_t *cf, float *sm, double *inertia, float *restrict p) {
+                           const cfg_t *cf, float *sm, double *inertia, const int32_t *lens,
+                           float *restrict p) {
     const int64_t K = cf->k;
     const int clamp = cf->clamp;
     const float zt = cf->zt;
@@ -708,8 +718,9 @@ INLINE void fwd_stats_body(const float *v, const float *m, const float *c, int64
         double in = 0.0;
         double acc[2 * 256];
         for (int64_t k = 0; k < 2 * K; k++) acc[k] = 0.0;
-        for (int64_t a = 0; a < U; a += TILE) {
-            load_tile(&tl, v + g * U, m + g * U, NULL, a, U);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t a = 0; a < Ug; a += TILE) {
+            load_tile(&tl, v + g * U, m + g * U, NULL, a, Ug);
             tile_probs(&tl, cg, cf, p);
             if (inertia) {
                 double s = 0.0;
@@ -737,15 +748,17 @@ INLINE void fwd_stats_body(const float *v, const float *m, const float *c, int64
 }
 
 INLINE void out_y_body(const float *v, const float *cp, const float *cl, int64_t G, int64_t U,
-                       const cfg_t *cf, float *y, float *restrict p) {
+                       const cfg_t *cf, float *y, const int32_t *lens, float *restrict p) {
     const int64_t K = cf->k;
     const int clamp = cf->clamp;
     const float zt = cf->zt;
     tile_t tl;
     float acc[TILE];
     for (int64_t g = 0; g < G; g++) {
-        for (int64_t a = 0; a < U; a += TILE) {
-            int64_t len = load_tile(&tl, v + g * U, NULL, NULL, a, U);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t j = Ug; j < U; j++) y[g * U + j] = 0.0f;
+        for (int64_t a = 0; a < Ug; a += TILE) {
+            int64_t len = load_tile(&tl, v + g * U, NULL, NULL, a, Ug);
             tile_probs(&tl, cp + g * K, cf, p);
             for (int64_t t = 0; t < TILE; t++) acc[t] = 0.0f;
             for (int64_t k = 0; k < K; k++) {
@@ -759,7 +772,7 @@ INLINE void out_y_body(const float *v, const float *cp, const float *cl, int64_t
 }
 
 INLINE void att_t_body(const float *v, const float *wt, const float *c, int64_t G, int64_t U,
-                       const cfg_t *cf, float *out, float *restrict p) {
+                       const cfg_t *cf, float *out, const int32_t *lens, float *restrict p) {
     const int64_t K = cf->k;
     const int clamp = cf->clamp;
     const float zt = cf->zt;
@@ -767,8 +780,9 @@ INLINE void att_t_body(const float *v, const float *wt, const float *c, int64_t 
     double acc[256];
     for (int64_t g = 0; g < G; g++) {
         for (int64_t k = 0; k < K; k++) acc[k] = 0.0;
-        for (int64_t a = 0; a < U; a += TILE) {
-            load_tile(&tl, v + g * U, wt + g * U, NULL, a, U);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t a = 0; a < Ug; a += TILE) {
+            load_tile(&tl, v + g * U, wt + g * U, NULL, a, Ug);
             tile_probs(&tl, c + g * K, cf, p);
             for (int64_t k = 0; k < K; k++) {
                 const float *restrict pk = p + k * TILE;
@@ -791,7 +805,7 @@ INLINE void att_t_body(const float *v, const float *wt, const float *c, int64_t 
 INLINE void bwd_step_body(const float *v, const float *m, const float *gsum, const float *c,
                           int64_t G, int64_t U, const cfg_t *cf, float two, const float *s_hat,
                           const float *raw, const float *out_c, float *r, float *h, float *dc,
-                          float *dco, float *restrict p) {
+                          float *dco, const int32_t *lens, float *restrict p) {
     const int64_t K = cf->k;
     const int clamp = cf->clamp;
     const float zt = cf->zt;
@@ -804,8 +818,12 @@ INLINE void bwd_step_body(const float *v, const float *m, const float *gsum, con
         const float *sg = s_hat ? s_hat + g * K : NULL, *rg = raw + g * K;
         const float *og = out_c ? out_c + g * K : NULL;
         for (int64_t k = 0; k < 2 * K; k++) acc[k] = 0.0;
-        for (int64_t a = 0; a < U; a += TILE) {
-            int64_t len = load_tile(&tl, v + g * U, m + g * U, gsum ? gsum + g * U : NULL, a, U);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        if (og)
+            for (int64_t j = Ug; j < U; j++) h[g * U + j] = 0.0f;
+        for (int64_t a = 0; a < Ug; a += TILE) {
+            int64_t len =
+                load_tile(&tl, v + g * U, m + g * U, gsum ? gsum + g * U : NULL, a, Ug);
             tile_probs(&tl, cg, cf, p);
             for (int64_t t = 0; t < TILE; t++)
                 keep0[t] = kz && tl.v[t] != 0.0f ? 0.0f : 1.0f;
@@ -886,6 +904,7 @@ typedef struct {
     cfg_t cf;
     float two;                /* bwd_step: 2 / tau */
     unsigned long long pio;   /* per-code kernels: the kept attention (0: none) */
+    unsigned long long lens;  /* per-code kernels: int32 [G], the codes each row has (0: U) */
 } call_t;
 
 /* scratch of the per-code kernels: p (TILE * K floats) for the portable / tiled ones; e, lanes
@@ -903,20 +922,22 @@ typedef struct {
 #define F(i) P(float *, call->a[i]) /* the call's i-th data pointer, as float * */
 #define D(i) P(double *, call->a[i])
 #define I32(i) P(int32_t *, call->a[i])
+#define LENS P(const int32_t *, call->lens)
 
 #define CODE_KERNELS(SUFFIX, ATTR)                                                               \
     ATTR static void fwd_stats_##SUFFIX(const call_t *call, const scratch_t *s) {               \
-        fwd_stats_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->p);     \
+        fwd_stats_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), LENS,     \
+                       s->p);                                                                   \
     }                                                                                            \
     ATTR static void out_y_##SUFFIX(const call_t *call, const scratch_t *s) {                   \
-        out_y_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->p);               \
+        out_y_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), LENS, s->p);         \
     }                                                                                            \
     ATTR static void att_t_##SUFFIX(const call_t *call, const scratch_t *s) {                   \
-        att_t_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->p);               \
+        att_t_body(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), LENS, s->p);         \
     }                                                                                            \
     ATTR static void bwd_step_##SUFFIX(const call_t *call, const scratch_t *s) {                \
         bwd_step_body(F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4),  \
-                      F(5), F(6), F(7), F(8), F(9), F(10), s->p);                                \
+                      F(5), F(6), F(7), F(8), F(9), F(10), LENS, s->p);                          \
     }
 
 CODE_KERNELS(generic, )
@@ -1021,7 +1042,8 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
                                                                 int64_t U, const cfg_t *cf,
                                                                 float *sm, double *inertia,
                                                                 __m256 *e, __m256 *lanes,
-                                                                double *acc, float *pout) {
+                                                                double *acc, float *pout,
+                                                                const int32_t *lens) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1033,8 +1055,9 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
             lanes[k] = _mm256_setzero_ps();
         }
         int64_t blocks = 0;
-        for (int64_t i = 0; i < U; i += 8) {
-            __m256 vv = load8(vg, i, U, 1), mm = load8(mg, i, U, 0);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t i = 0; i < Ug; i += 8) {
+            __m256 vv = load8(vg, i, Ug, 1), mm = load8(mg, i, Ug, 0);
             __m256 dmin = probs8(vv, cg, K, factor, adj0, e);
             if (pout) {
                 float *dst = pout + (g * ((U + 7) / 8) + i / 8) * K * 8;
@@ -1074,18 +1097,21 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
 __attribute__((target("avx2,fma"))) static void out_y_simd(const float *v, const float *cp,
                                                             const float *cl, int64_t G,
                                                             int64_t U, const cfg_t *cf, float *y,
-                                                            __m256 *e, const float *pin) {
+                                                            __m256 *e, const float *pin,
+                                                            const int32_t *lens) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
     for (int64_t g = 0; g < G; g++) {
-        for (int64_t i = 0; i < U; i += 8) {
-            __m256 vv = load8(v + g * U, i, U, 1);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t j = Ug; j < U; j++) y[g * U + j] = 0.0f;
+        for (int64_t i = 0; i < Ug; i += 8) {
+            __m256 vv = load8(v + g * U, i, Ug, 1);
             probs_in(pin, g, i, U, vv, cp + g * K, K, factor, adj0, e);
             __m256 acc = _mm256_setzero_ps();
             for (int64_t k = 0; k < K; k++)
                 acc = _mm256_fmadd_ps(e[k], _mm256_set1_ps(cl[g * K + k]), acc);
-            store8(y + g * U, i, U, acc);
+            store8(y + g * U, i, Ug, acc);
         }
     }
 }
@@ -1095,7 +1121,8 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
                                                             int64_t U, const cfg_t *cf,
                                                             float *out, __m256 *e,
                                                             __m256 *lanes, double *acc,
-                                                            const float *pin) {
+                                                            const float *pin,
+                                                            const int32_t *lens) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1105,8 +1132,9 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
             lanes[k] = _mm256_setzero_ps();
         }
         int64_t blocks = 0;
-        for (int64_t i = 0; i < U; i += 8) {
-            __m256 vv = load8(v + g * U, i, U, 1), ww = load8(wt + g * U, i, U, 0);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        for (int64_t i = 0; i < Ug; i += 8) {
+            __m256 vv = load8(v + g * U, i, Ug, 1), ww = load8(wt + g * U, i, Ug, 0);
             probs_in(pin, g, i, U, vv, c + g * K, K, factor, adj0, e);
             for (int64_t k = 0; k < K; k++) lanes[k] = _mm256_fmadd_ps(e[k], ww, lanes[k]);
             if (++blocks == FLUSH) {
@@ -1125,7 +1153,7 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
     const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U,
     const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,
     float *r, float *h, float *dc, float *dco, __m256 *e, __m256 *lanes, double *acc,
-    const float *pin) {
+    const float *pin, const int32_t *lens) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor), twov = _mm256_set1_ps(two);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1138,11 +1166,14 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
             lanes[k] = _mm256_setzero_ps();
         }
         int64_t blocks = 0;
-        for (int64_t i = 0; i < U; i += 8) {
-            __m256 vv = load8(v + g * U, i, U, 1);
+        const int64_t Ug = ROW_LEN(lens, g, U);
+        if (og)
+            for (int64_t j = Ug; j < U; j++) h[g * U + j] = 0.0f;
+        for (int64_t i = 0; i < Ug; i += 8) {
+            __m256 vv = load8(v + g * U, i, Ug, 1);
             probs_in(pin, g, i, U, vv, cg, K, factor, adj0, e);
             if (sg) {
-                __m256 mm = load8(m + g * U, i, U, 0);
+                __m256 mm = load8(m + g * U, i, Ug, 0);
                 __m256 dir = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
                 for (int64_t k = 0; k < K; k++) {
                     __m256 sk = _mm256_set1_ps(sg[k]);
@@ -1159,12 +1190,12 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
                     tot = _mm256_add_ps(tot, ek);
                     lanes[k] = _mm256_fmadd_ps(ek, mm, lanes[k]);
                 }
-                __m256 rr = load8(r + g * U, i, U, 0);
+                __m256 rr = load8(r + g * U, i, Ug, 0);
                 rr = _mm256_add_ps(rr, _mm256_fnmadd_ps(twov, tot, dir));
-                store8(r + g * U, i, U, rr);
+                store8(r + g * U, i, Ug, rr);
             }
             if (og) {
-                __m256 gg = load8(gsum + g * U, i, U, 0);
+                __m256 gg = load8(gsum + g * U, i, Ug, 0);
                 __m256 dot = _mm256_setzero_ps();
                 for (int64_t k = 0; k < K; k++)
                     dot = _mm256_fmadd_ps(_mm256_set1_ps(og[k]), e[k], dot);
@@ -1175,7 +1206,7 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
                     tot = _mm256_add_ps(tot, ek);
                     lanes[K + k] = _mm256_fmadd_ps(ek, gg, lanes[K + k]);
                 }
-                store8(h + g * U, i, U, _mm256_mul_ps(_mm256_set1_ps(-two), tot));
+                store8(h + g * U, i, Ug, _mm256_mul_ps(_mm256_set1_ps(-two), tot));
             }
             if (++blocks == FLUSH) {
                 blocks = 0;
@@ -1330,23 +1361,23 @@ static void grad_v_call(const call_t *call) {
 /* the AVX2 per-code kernels' entry points (the tiled ones are CODE_KERNELS above) */
 static void fwd_stats_simd_call(const call_t *call, const scratch_t *s) {
     fwd_stats_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->e, s->lanes,
-                   s->acc, P(float *, call->pio));
+                   s->acc, P(float *, call->pio), LENS);
 }
 
 static void out_y_simd_call(const call_t *call, const scratch_t *s) {
     out_y_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e,
-               P(const float *, call->pio));
+               P(const float *, call->pio), LENS);
 }
 
 static void att_t_simd_call(const call_t *call, const scratch_t *s) {
     att_t_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e, s->lanes, s->acc,
-               P(const float *, call->pio));
+               P(const float *, call->pio), LENS);
 }
 
 static void bwd_step_simd_call(const call_t *call, const scratch_t *s) {
     bwd_step_simd(F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4), F(5),
                   F(6), F(7), F(8), F(9), F(10), s->e, s->lanes, s->acc,
-                  P(const float *, call->pio));
+                  P(const float *, call->pio), LENS);
 }
 #endif
 
@@ -1386,23 +1417,23 @@ static PyObject *py_grad(PyObject *self, PyObject *args) {
     return run_elem(&c, grad_generic_call, X86(grad_f16c_call), X86(grad_v_call));
 }
 
-/* fwd_stats(v, m, c, G, U, cfg, sm, inertia[, p_keep]) */
+/* fwd_stats(v, m, c, G, U, cfg, sm, inertia[, p_keep[, lens]]) */
 static PyObject *py_fwd_stats(PyObject *self, PyObject *args) {
     call_t c = {0};
     unsigned long long *a = c.a;
-    if (!PyArg_ParseTuple(args, "KKKnnOKK|K", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
-                          &a[4], &c.pio))
+    if (!PyArg_ParseTuple(args, "KKKnnOKK|KK", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
+                          &a[4], &c.pio, &c.lens))
         return NULL;
     return run_code(&c, fwd_stats_generic, X86(fwd_stats_avx2), X86(fwd_stats_simd_call));
 }
 
-/* out_y(v, c_probs, c_out, G, U, cfg, y[, p_keep]), att_t(v, w, c, G, U, cfg, out[, p_keep]):
- * the same arguments */
+/* out_y(v, c_probs, c_out, G, U, cfg, y[, p_keep[, lens]]), att_t(v, w, c, G, U, cfg, out[,
+ * p_keep[, lens]]): the same arguments (lens: see ROW_LEN) */
 static PyObject *out_y_like(PyObject *args, code_fn generic, code_fn avx2, code_fn simd) {
     call_t c = {0};
     unsigned long long *a = c.a;
-    if (!PyArg_ParseTuple(args, "KKKnnOK|K", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
-                          &c.pio))
+    if (!PyArg_ParseTuple(args, "KKKnnOK|KK", &a[0], &a[1], &a[2], &c.rows, &c.n, &c.ct, &a[3],
+                          &c.pio, &c.lens))
         return NULL;
     return run_code(&c, generic, avx2, simd);
 }
@@ -1415,13 +1446,13 @@ static PyObject *py_att_t(PyObject *self, PyObject *args) {
     return out_y_like(args, att_t_generic, X86(att_t_avx2), X86(att_t_simd_call));
 }
 
-/* bwd_step(v, m, gsum, c, G, U, cfg, two, s_hat, raw, out_c, r, h, dc, dco[, p_keep]) */
+/* bwd_step(v, m, gsum, c, G, U, cfg, two, s_hat, raw, out_c, r, h, dc, dco[, p_keep[, lens]]) */
 static PyObject *py_bwd_step(PyObject *self, PyObject *args) {
     call_t c = {0};
     unsigned long long *a = c.a;
-    if (!PyArg_ParseTuple(args, "KKKKnnOfKKKKKKK|K", &a[0], &a[1], &a[2], &a[3], &c.rows, &c.n,
-                          &c.ct, &c.two, &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10],
-                          &c.pio))
+    if (!PyArg_ParseTuple(args, "KKKKnnOfKKKKKKK|KK", &a[0], &a[1], &a[2], &a[3], &c.rows,
+                          &c.n, &c.ct, &c.two, &a[4], &a[5], &a[6], &a[7], &a[8], &a[9],
+                          &a[10], &c.pio, &c.lens))
         return NULL;
     return run_code(&c, bwd_step_generic, X86(bwd_step_avx2), X86(bwd_step_simd_call));
 }

@@ -1538,8 +1538,19 @@ def _scalar_iterations(c: Tensor, cfg: _Cfg, sync_free: bool, step):
     return hist, prev_c, last_c, last_it
 
 
-def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
-    """The iterations on one segment: values v and masses m [G, U], centroids c [G, K].
+def _row_lens(it: _ScalarItem, per_group: list[int] | None) -> Tensor:
+    """int32 [G]: the codes (table), nodes (grid) or elements (dense) of each of its groups."""
+    if it.kind == "table":
+        return torch.tensor(per_group[it.trow : it.trow + it.g], dtype=torch.int32)
+    if it.kind == "grid":
+        return (it.spec.fc.sum(1) + 1).to(torch.int32)
+    return torch.full((it.g,), it.n, dtype=torch.int32)
+
+
+def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool, lens=None):
+    """The iterations on one segment: values v and masses m [G, U], centroids c [G, K]; lens
+    (int32 [G] or None): the codes of each row, zero mass past them (the compiled kernels skip
+    those; the torch code runs them, adding zeros).
 
     Returns (y [G, U] per-code output, final centroids [G, K], state for backward).
     Early stopping is per group: on the CPU the loop ends once every group has stopped (one
@@ -1547,7 +1558,7 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool)
     that stopped keeps its state through torch.where (the same result, no host sync).
     """
     if _c_codes(cfg, c.shape[1], v.device):
-        return _scalar_forward_c(v, m, c, cfg, sync_free)
+        return _scalar_forward_c(v, m, c, cfg, sync_free, lens)
     g, u = v.shape
     k = c.shape[1]
     chunks = list(_chunks(u, _scalar_rows(g, k, v.device)))
@@ -1804,7 +1815,7 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool):
+def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool, lens=None):
     """_scalar_forward through the compiled kernels (CPU, mode "dkm"); nothing N x K is kept."""
     v, m = v.float().contiguous(), m.float().contiguous()
     g, u = v.shape
@@ -1829,6 +1840,7 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
             sm.data_ptr(),
             _ptr(inertia),
             _ptr(p_keep),
+            _ptr(lens),
         )
         return sm, inertia, None
 
@@ -1838,7 +1850,15 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         p_keep = None  # some groups' output comes from an earlier iteration
     y = v.new_empty(g, u)
     _dkm_cpu.out_y(
-        v.data_ptr(), prev_c.data_ptr(), last_c.data_ptr(), g, u, ct, y.data_ptr(), _ptr(p_keep)
+        v.data_ptr(),
+        prev_c.data_ptr(),
+        last_c.data_ptr(),
+        g,
+        u,
+        ct,
+        y.data_ptr(),
+        _ptr(p_keep),
+        _ptr(lens),
     )
     state = dict(
         v=v,
@@ -1848,6 +1868,7 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         last_c=last_c,
         last_it=last_it,
         p_out=p_keep,
+        lens=lens,
         c_path=True,
     )
     return y, last_c, state
@@ -1858,6 +1879,7 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
     v, m, hist = state["v"], state["m"], state["hist"]
     prev_c, last_c, last_it = state["prev_c"], state["last_c"], state["last_it"]
     p_out = state["p_out"]  # the attention of prev_c, blocked (AVX2 kernels), or None
+    lens = _ptr(state.get("lens"))
     g, u = v.shape
     k = prev_c.shape[1]
     ct = _c_cfg(cfg, k)
@@ -1887,6 +1909,7 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
                 ct,
                 d_last.data_ptr(),
                 _ptr(p_out),
+                lens,
             )
             c = prev_c
         grad_new = _add_at(grad_new, d_last, ends)
@@ -1912,6 +1935,7 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
             dc.data_ptr(),
             _ptr(dco),
             _ptr(p_out) if with_out else 0,
+            lens,
         )
         grad_in = grad_in + dc
         if with_out:
@@ -2055,6 +2079,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 # every tensor is a table one, in order: the code tables as they are
                 v, m, direct = values, mass, True
                 rows: slice | Tensor = slice(0, row)
+                lens = torch.tensor(per_group, dtype=torch.int32)
                 for it in items:
                     it.seg, it.srow = s_i, it.row
             elif len(members) == 1:
@@ -2069,6 +2094,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     m = torch.ones_like(v)
                 rows, direct = slice(it.row, it.row + it.g), False
                 it.seg, it.srow = s_i, 0
+                lens = _row_lens(it, per_group)
             else:
                 g_seg = sum(items[i].g for i in members)
                 v = c0.new_zeros(g_seg, width)
@@ -2091,19 +2117,21 @@ class _ScalarKMeans(torch.autograd.Function):
                     r0 += it.g
                 rows = torch.tensor(idx).to(device, non_blocking=True)
                 direct = False
-            segments.append((rows, v, m, direct))
+                lens = torch.cat([_row_lens(items[i], per_group) for i in members])
+            segments.append((rows, v, m, direct, lens))
 
         saved = _Saved()
         new_c = torch.empty_like(c0)
         ys, seg_state = [], []
         seg_c: list[bool] = []
         seg_cents: list[list[Tensor]] = []  # per segment, each iteration's centroids
-        for rows, v, m, _ in segments:
+        for rows, v, m, _, lens in segments:
             if isinstance(rows, slice):
-                y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free)
+                y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free, lens)
                 new_c[rows] = last
             else:
-                y, last, state = _scalar_forward(v, m, c0.index_select(0, rows), cfg, sync_free)
+                c_seg = c0.index_select(0, rows)
+                y, last, state = _scalar_forward(v, m, c_seg, cfg, sync_free, lens)
                 new_c.index_copy_(0, rows, last)
             ys.append(y)
             seg_cents.append([entry[0] for entry in state["hist"]])

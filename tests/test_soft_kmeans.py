@@ -1387,3 +1387,48 @@ def test_batch_of_a_small_table_and_an_exact_tensor_matches_one_by_one():
         assert_close(out.detach(), o1.detach(), 1e-5, 1e-6)
         assert_close(cent, c1, 1e-5, 1e-6)
         assert_close(w.grad, w1.grad, 1e-4, 1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("clamp", [False, True])  # AVX2 register kernels; tiled ones
+def test_per_code_kernels_skip_ragged_row_padding(c_kernels, clamp):
+    # rows of different lengths padded with zero mass: with lens the kernels stop at each
+    # row's end and give the same sums (bit for bit), zeros in y and h past the end
+    gen = torch.Generator().manual_seed(43)
+    g, u, k = 5, 203, 6
+    lens = torch.tensor([203, 1, 77, 8, 150], dtype=torch.int32)
+    live = torch.arange(u).unsqueeze(0) < lens.unsqueeze(1)
+    v = torch.randn(g, u, generator=gen) * 0.05
+    m = torch.rand(g, u, generator=gen) * live
+    gsum = torch.randn(g, u, generator=gen) * live
+    c = torch.randn(g, k, generator=gen).mul(0.05).sort(1).values.contiguous()
+    c2 = (c + 0.001).contiguous()
+    cfg = sk._make_cfg(
+        "t", torch.device("cpu"), 1e-3, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None, "auto", clamp
+    )[0]
+    ct = sk._c_cfg(cfg, k)
+    s_hat, raw = torch.randn(g, k, generator=gen), c2.clone()
+
+    def run_all(lens_ptr):
+        out = {n: torch.full(shape, 7.0) for n, shape in [("y", (g, u)), ("h", (g, u))]}
+        out.update(sm=torch.zeros(g, 2, k), inertia=torch.zeros(g, dtype=torch.float64))
+        out.update(att=torch.empty(g, k), r=torch.zeros(g, u), dc=torch.empty(g, k))
+        out["dco"] = torch.empty(g, k)
+        p = sk._ptr
+        sk._dkm_cpu.fwd_stats(p(v), p(m), p(c), g, u, ct, p(out["sm"]), p(out["inertia"]), 0,
+                              lens_ptr)  # fmt: skip
+        sk._dkm_cpu.out_y(p(v), p(c), p(c2), g, u, ct, p(out["y"]), 0, lens_ptr)
+        sk._dkm_cpu.att_t(p(v), p(gsum), p(c), g, u, ct, p(out["att"]), 0, lens_ptr)
+        sk._dkm_cpu.bwd_step(p(v), p(m), p(gsum), p(c), g, u, ct, 2e3, p(s_hat), p(raw), p(c2),
+                             p(out["r"]), p(out["h"]), p(out["dc"]), p(out["dco"]), 0,
+                             lens_ptr)  # fmt: skip
+        return out
+
+    full, ragged = run_all(0), run_all(lens.data_ptr())
+    for name in ("sm", "inertia", "att", "dc", "dco"):
+        assert torch.equal(full[name], ragged[name]), name
+    for name in ("y", "h", "r"):
+        assert torch.equal(full[name][live], ragged[name][live]), name
+    assert (ragged["y"][~live] == 0).all() and (ragged["h"][~live] == 0).all()
+    assert (ragged["r"][~live] == 0).all()  # left as it was
+    assert (full["y"][~live] != 0).any()  # (the full rows did compute the padding)
