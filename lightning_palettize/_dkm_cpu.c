@@ -359,11 +359,11 @@ static void gread_k(const grid_t *q, const float *g, const float *table, int64_t
  * nearest point lies L = max(0, (2 gap dist - prune) / tau - margin) logits from the pair's
  * midpoint (dist: its distance to mid) takes h e^((L - grade) / 2) where L > grade, and
  * nothing (one node) beyond L > saturation; out[g][c] = max(out, ceil(W / h)), W = span / C
- * (out comes in initialised: ones, or counts to combine with). */
+ * (out comes in initialised: ones, or counts to combine with); W / h itself unless whole. */
 static void grid_counts_k(const float *lo, const float *span, const float *cs, int64_t G,
                           int64_t K, int64_t C, double tau, double cell_logit, double soft,
                           double fade, double saturation, double margin, double grade,
-                          double prune, double cap, float *out) {
+                          double prune, double cap, int whole, float *out) {
     for (int64_t g = 0; g < G; g++) {
         const float *c = cs + g * K;
         float *o = out + g * C;
@@ -386,7 +386,7 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
                 double dist = mid < cl ? cl - mid : (mid > ch ? mid - ch : 0.0);
                 double L = (2.0 * gap * dist - prune) / tau - margin;
                 double hc = L > grade ? h * exp(0.5 * (L - grade)) : h;
-                double n = ceil(w / hc);
+                double n = whole ? ceil(w / hc) : w / hc;
                 float need = (float)(n < cap ? n : cap);
                 o[i] = o[i] > need ? o[i] : need;
             }
@@ -395,18 +395,19 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
 }
 
 /* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, fade, saturation, margin, grade,
- *             prune, cap, out) */
+ *             prune, cap, whole, out) */
 static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
     unsigned long long lo, span, cs, out;
     Py_ssize_t G, K, C;
     double tau, cl, soft, fade, sat, margin, grade, prune, cap;
-    if (!PyArg_ParseTuple(args, "KKKnnndddddddddK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
-                          &soft, &fade, &sat, &margin, &grade, &prune, &cap, &out))
+    int whole;
+    if (!PyArg_ParseTuple(args, "KKKnnndddddddddpK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
+                          &soft, &fade, &sat, &margin, &grade, &prune, &cap, &whole, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     grid_counts_k((const float *)(uintptr_t)lo, (const float *)(uintptr_t)span,
                   (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, fade, sat, margin, grade,
-                  prune, cap, (float *)(uintptr_t)out);
+                  prune, cap, whole, (float *)(uintptr_t)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -398,8 +398,8 @@ def test_grid_layout(tau):
         assert (real.diff() > 0).all()
     # every cell that a transition zone of the centroids meets has its zone's spacing, graded
     # by the logits from the cell's nearest point to the midpoint (less the spec's margin)
-    cells = spec.fc.shape[1]  # 128, or 1 where one uniform cell costs few more nodes
-    assert cells in (1, sk._GRID_CELLS)
+    cells = spec.fc.shape[1]  # 128 or 512, or 1 where one uniform cell costs few more nodes
+    assert cells in (1, sk._GRID_CELLS, sk._GRID_CELLS * sk._GRID_FINE_SPLIT)
     width = (hi - lo) / cells
     cs = c.sort(1).values
     gap, mid = cs.diff(dim=1), (cs[:, 1:] + cs[:, :-1]) / 2
@@ -431,7 +431,7 @@ def test_grid_layout(tau):
         # the compiled node values are the torch ones (padding nodes: the max)
         assert_close(spec.values(use_c), v, 1e-6, 1e-7)
     if tau == 1e-6:  # sharp: fine cells only around the transitions
-        assert cells == sk._GRID_CELLS
+        assert cells > 1
         uniform = ((hi - lo) * 2 * gap.amax(1) / (tau * sk._GRID_CELL_LOGIT)).amax()
         assert spec.nodes < uniform / 4, (spec.nodes, uniform)
 
@@ -446,11 +446,17 @@ def test_grid_counts_compiled_equal_torch(monkeypatch):
     for tau, prune, margin in ((1e-4, 0.0, 8.0), (1e-6, 1e-3, 0.0), (1e-2, 0.0, 6.0)):
         cfg = sk._Cfg(**{**_grid_cfg(tau).__dict__, "prune_threshold": prune})
         got = sk._grid_counts(lo, span, c, cfg, margin, 64)
+        raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), whole=False)
         monkeypatch.setattr(sk, "_USE_C", False)
         want = sk._grid_counts(lo, span, c, cfg, margin, 64)
+        want_raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), whole=False)
         monkeypatch.undo()
         assert torch.equal(got, want), (tau, (got - want).abs().max())
         assert (got[1] == 1).all() and got.max() > 1
+        # the fractional counts (no floor of one node): the same, and their ceiling where >= 1
+        assert_close(raw, want_raw, 1e-6, 0)
+        assert (raw[1] == 0).all() and (raw == 0).any()
+        assert torch.equal(torch.where(raw > 0, raw.ceil().clamp(min=1), 1.0), got)
 
 
 def test_grid_refuses_too_many_nodes_and_non_finite_values():
