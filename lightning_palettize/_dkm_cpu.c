@@ -355,15 +355,16 @@ static void gread_k(const grid_t *q, const float *g, const float *table, int64_t
 
 /* Nodes per cell that sorted centroids cs [G, K] need (soft_kmeans._grid_counts has the rule):
  * per pair of neighbours, base spacing h = min(cell_logit tau / (2 gap), soft e^max(0, gap^2 /
- * tau - fade)); a cell whose
- * nearest point lies L = max(0, (2 gap dist - prune) / tau - margin) logits from the pair's
- * midpoint (dist: its distance to mid) takes h e^((L - grade) / 2) where L > grade, and
- * nothing (one node) beyond L > saturation; out[g][c] = max(out, ceil(W / h)), W = span / C
- * (out comes in initialised: ones, or counts to combine with); W / h itself unless whole. */
+ * tau - fade)) on the core cells (those meeting mid +- ((grade + margin) tau + prune) /
+ * (2 gap)); a cell further out, its nearest point L = (2 gap dist - prune) / tau - margin
+ * logits from the midpoint, takes h e^((L - grade) / 2), out to L = saturation. The count W / h
+ * (W = span / C; its ceiling when whole) is combined by maximum into out (which comes in
+ * initialised); the walk from the core outwards stops at the first cell whose count is at or
+ * below floor (the counts only fall from there). */
 static void grid_counts_k(const float *lo, const float *span, const float *cs, int64_t G,
                           int64_t K, int64_t C, double tau, double cell_logit, double soft,
                           double fade, double saturation, double margin, double grade,
-                          double prune, double cap, int whole, float *out) {
+                          double prune, double cap, int whole, double floor_, float *out) {
     for (int64_t g = 0; g < G; g++) {
         const float *c = cs + g * K;
         float *o = out + g * C;
@@ -378,36 +379,52 @@ static void grid_counts_k(const float *lo, const float *span, const float *cs, i
             h = h < hs ? h : hs;
             double half = ((saturation + margin) * tau + prune) / (2.0 * gap);
             half = half < (double)span[g] ? half : (double)span[g];
+            double core = ((grade + margin) * tau + prune) / (2.0 * gap);
+            core = core < half ? core : half;
             double a = floor((mid - half - l0) / w), b = floor((mid + half - l0) / w);
             if (b < 0 || a > (double)(C - 1)) continue;
             int64_t ia = a < 0 ? 0 : (int64_t)a, ib = b > (double)(C - 1) ? C - 1 : (int64_t)b;
-            for (int64_t i = ia; i <= ib; i++) {
-                double cl = l0 + (double)i * w, ch = cl + w;
-                double dist = mid < cl ? cl - mid : (mid > ch ? mid - ch : 0.0);
-                double L = (2.0 * gap * dist - prune) / tau - margin;
-                double hc = L > grade ? h * exp(0.5 * (L - grade)) : h;
-                double n = whole ? ceil(w / hc) : w / hc;
+            double ca = floor((mid - core - l0) / w), cb = floor((mid + core - l0) / w);
+            int64_t ja = ca < (double)ia ? ia : (ca > (double)ib ? ib + 1 : (int64_t)ca);
+            int64_t jb = cb > (double)ib ? ib : (cb < (double)ia ? ia - 1 : (int64_t)cb);
+            if (ja <= jb) { /* the core: one count */
+                double n = whole ? ceil(w / h) : w / h;
                 float need = (float)(n < cap ? n : cap);
-                o[i] = o[i] > need ? o[i] : need;
+                for (int64_t i = ja; i <= jb; i++) o[i] = o[i] > need ? o[i] : need;
+            }
+            for (int side = 0; side < 2; side++) { /* right of the core, then left */
+                int64_t i = side == 0 ? (jb + 1 > ia ? jb + 1 : ia) : (ja - 1 < ib ? ja - 1 : ib);
+                for (; side == 0 ? i <= ib : i >= ia; i += side == 0 ? 1 : -1) {
+                    double cl = l0 + (double)i * w, ch = cl + w;
+                    double dist = mid < cl ? cl - mid : (mid > ch ? mid - ch : 0.0);
+                    double L = (2.0 * gap * dist - prune) / tau - margin;
+                    double hc = L > grade ? h * exp(0.5 * (L - grade)) : h;
+                    double n = w / hc;
+                    if (!(n > floor_)) break;
+                    n = whole ? ceil(n) : n;
+                    float need = (float)(n < cap ? n : cap);
+                    o[i] = o[i] > need ? o[i] : need;
+                }
             }
         }
     }
 }
 
 /* grid_counts(lo, span, cs, G, K, C, tau, cell_logit, soft, fade, saturation, margin, grade,
- *             prune, cap, whole, out) */
+ *             prune, cap, whole, floor, out) */
 static PyObject *py_grid_counts(PyObject *self, PyObject *args) {
     unsigned long long lo, span, cs, out;
     Py_ssize_t G, K, C;
-    double tau, cl, soft, fade, sat, margin, grade, prune, cap;
+    double tau, cl, soft, fade, sat, margin, grade, prune, cap, floor_;
     int whole;
-    if (!PyArg_ParseTuple(args, "KKKnnndddddddddpK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
-                          &soft, &fade, &sat, &margin, &grade, &prune, &cap, &whole, &out))
+    if (!PyArg_ParseTuple(args, "KKKnnndddddddddpdK", &lo, &span, &cs, &G, &K, &C, &tau, &cl,
+                          &soft, &fade, &sat, &margin, &grade, &prune, &cap, &whole, &floor_,
+                          &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     grid_counts_k((const float *)(uintptr_t)lo, (const float *)(uintptr_t)span,
                   (const float *)(uintptr_t)cs, G, K, C, tau, cl, soft, fade, sat, margin, grade,
-                  prune, cap, whole, (float *)(uintptr_t)out);
+                  prune, cap, whole, floor_, (float *)(uintptr_t)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -30,18 +30,21 @@ Three methods, none keeping an N x K tensor alive for backward:
   centroids and tau (``_GRID_CELL_LOGIT``, ``_GRID_SOFT_CELLS``): measured within ~1e-3 of
   the widest centroid gap against the dense math (the table's rounding gives ~2e-3 on generic
   fp32 weights at tau 1e-4). Where tau is small against the centroid gaps the output is flat
-  away from the midpoints between neighbouring centroids: the range is cut into 128 cells and
-  only the cells that meet such a transition zone get the fine spacing (one node otherwise;
-  one uniform cell when that costs at most 1.5x the nodes). The zones come from the incoming
-  centroids with a margin; forward checks every iteration's centroids against the grid and,
-  when a transition left its zone, runs that tensor again on a grid that covers it (then on
-  the other engines). Costs O(N) per element pass and O(H K) per iteration, H a few hundred
-  to a few thousand: per_grouped_channel LUT groups of thousands of weights no longer pay K
-  exponentials per weight and iteration.
+  away from the midpoints between neighbouring centroids: the range is cut into equal cells
+  and a cell gets the fine spacing only near a midpoint, coarser by e^(L / 2) at L logits from
+  it (every derivative of the attention decays as e^-L), one node beyond the transition zone.
+  Per tensor the layout with the fewest nodes wins among 512 cells, 128 cells and one uniform
+  cell (the coarser ones when they cost at most 1.1x / 1.5x the nodes). The zones come from
+  the incoming centroids with a margin; forward checks every iteration's centroids against
+  the grid and, when a transition left its zone, runs that tensor again on a grid that covers
+  it (then on the other engines). Costs O(N) per element pass and O(H K) per iteration, H a
+  few hundred to a few thousand: per_grouped_channel LUT groups of thousands of weights no
+  longer pay K exponentials per weight and iteration.
 * "dense" (exact): the same math per element.
 
 For d == 1 (modes "dkm" and "hard") all three run on the *scalar engine*: per-code tables (one
-code per element for "dense", one per node for "grid") laid out [G, K, U], any number of
+code per element for "dense", one per node for "grid") laid out [G, K, U] (rows padded with
+zero mass to the longest; the compiled kernels stop at each row's own length), any number of
 tensors stacked into one autograd node (:func:`soft_kmeans_batch`), an analytic backward that
 is O(U K) per iteration and O(N) per element (one weighted bincount and two gathers), the
 attention of the output iteration kept from forward when it is small and recomputed otherwise.
@@ -1123,11 +1126,13 @@ _GRID_CHECK_SLACK = 1.15
 _GRID_CELLS = 128
 # ... or _GRID_FINE_SPLIT times as many where that needs 1 / _GRID_COARSE_SLACK of the nodes
 # (narrow zones: MiniLM's sharp transitions; measured 10-20% faster steps there), or one
-# uniform cell where that needs at most _GRID_UNIFORM_SLACK times the nodes (cheaper element
-# passes)
+# uniform cell where its extra nodes cost less than its element passes save: measured on this
+# CPU, a uniform cell's element pass takes 0.72 ns per weight against 1.25 ns with cells (4
+# passes per call), and a node ~25 ns per centroid per call (the iterations forward and
+# backward), so one node x centroid is worth _GRID_NODE_COST weights
 _GRID_FINE_SPLIT = 4
 _GRID_COARSE_SLACK = 1.1
-_GRID_UNIFORM_SLACK = 1.5
+_GRID_NODE_COST = 12.0
 _GRID_MAX_NODES = 1 << 16
 # "auto" takes the grid (CPU) for float32 groups of at least _GRID_AUTO_MIN_GROUP elements when
 # it needs at most 1 / _GRID_AUTO_FRACTION of them (and _GRID_MAX_NODES) as nodes. Smaller
@@ -1179,10 +1184,13 @@ class _GridSpec:
         return torch.addcmul(self.lo.unsqueeze(1), pos, (self.span / cells).unsqueeze(1)).float()
 
 
-def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, margin: float, cells: int, out=None, whole=True):
+def _grid_counts(
+    lo, span, c: Tensor, cfg: _Cfg, margin: float, cells: int, out=None, whole=True, floor=1.0
+):
     """Nodes per cell [G, C] (float32) that centroids c [G, K] need (module notes), L counted
-    ``margin`` logits closer to the midpoints, combined by maximum into ``out`` when given
-    (compiled on the CPU; the torch code elsewhere); the fractional count when not ``whole``."""
+    ``margin`` logits closer to the midpoints, combined by maximum into ``out`` (default: ones);
+    outside the zones' cores only where above ``floor``; the fractional count when not ``whole``
+    (compiled on the CPU; the torch code elsewhere)."""
     g, k = c.shape
     soft = math.sqrt(cfg.tau / 2) / _GRID_SOFT_CELLS
     cs = c.float().sort(1).values.contiguous()
@@ -1193,7 +1201,7 @@ def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, margin: float, cells: int, out=
         _dkm_cpu.grid_counts(
             lo.data_ptr(), span.data_ptr(), cs.data_ptr(), g, k, cells, cfg.tau,
             _GRID_CELL_LOGIT, soft, _GRID_SOFT_FADE, _GRID_SATURATION, margin, _GRID_GRADE_LOGIT,
-            cfg.prune_threshold, float(_GRID_MAX_NODES), whole, out.data_ptr(),
+            cfg.prune_threshold, float(_GRID_MAX_NODES), whole, floor, out.data_ptr(),
         )  # fmt: skip
         return out
     if k < 2:
@@ -1207,19 +1215,26 @@ def _grid_counts(lo, span, c: Tensor, cfg: _Cfg, margin: float, cells: int, out=
     h = torch.minimum(_GRID_CELL_LOGIT * cfg.tau / (2 * gap), soft * fade)
     half = ((_GRID_SATURATION + margin) * cfg.tau + cfg.prune_threshold) / (2 * gap)
     half = torch.minimum(half, span)
-    first = ((mid - half - lo) / width).floor().unsqueeze(1)
-    last = ((mid + half - lo) / width).floor().unsqueeze(1)
+    core = ((_GRID_GRADE_LOGIT + margin) * cfg.tau + cfg.prune_threshold) / (2 * gap)
+    core = torch.minimum(core, half)
     idx = torch.arange(cells, device=c.device, dtype=torch.float64).view(1, -1, 1)
-    inside = (idx >= first) & (idx <= last)  # [G, C, K - 1]
+
+    def cells_within(d):  # [G, C, K - 1]: the cells meeting mid +- d
+        first = ((mid - d - lo) / width).floor().unsqueeze(1)
+        return (idx >= first) & (idx <= ((mid + d - lo) / width).floor().unsqueeze(1))
+
     cell_lo = lo.unsqueeze(1) + idx * width.unsqueeze(1)
     mid3 = mid.unsqueeze(1)
     dist = torch.maximum(cell_lo - mid3, mid3 - (cell_lo + width.unsqueeze(1))).clamp_min(0)
     logit = (2 * gap.unsqueeze(1) * dist - cfg.prune_threshold) / cfg.tau - margin
     grade = torch.exp(0.5 * (logit - _GRID_GRADE_LOGIT)).clamp_min(1)
-    h_cell = torch.where(inside, h.unsqueeze(1) * grade, math.inf)
-    need = width.unsqueeze(1) / h_cell
-    need = (need.ceil() if whole else need).clamp_(int(whole), _GRID_MAX_NODES).amax(2)
-    need = torch.where(width > 0, need, float(whole)).float()
+    in_core = cells_within(core)
+    grade = torch.where(in_core, 1.0, grade)
+    inside = cells_within(half)
+    need = width.unsqueeze(1) / torch.where(inside, h.unsqueeze(1) * grade, math.inf)
+    need = torch.where((need > floor) | (in_core & inside), need.ceil() if whole else need, 0.0)
+    need = need.clamp_(max=_GRID_MAX_NODES).amax(2)
+    need = torch.where(width > 0, need, 0.0).float()
     return torch.maximum(out, need, out=out)
 
 
@@ -1252,21 +1267,23 @@ def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec
         return None
     fine = _GRID_CELLS * _GRID_FINE_SPLIT
     raw = lo.new_zeros(lo.shape[0], fine)
-    raw = _grid_counts(lo, span, c0, cfg, _GRID_SPEC_MARGIN, fine, raw, whole=False)
-    # the same spacings on three layouts: fine cells, _GRID_CELLS cells (each as fine as its
-    # finest part), one uniform cell; the first within its slack of the fewest nodes wins
-    layouts = [
-        (raw.amax(1, keepdim=True) * fine, _GRID_UNIFORM_SLACK),
-        (
-            raw.view(-1, _GRID_CELLS, _GRID_FINE_SPLIT).amax(2) * _GRID_FINE_SPLIT,
-            _GRID_COARSE_SLACK,
-        ),
-        (raw, 1.0),
-    ]
-    layouts = [(counts.ceil_().clamp_(1, _GRID_MAX_NODES), slack) for counts, slack in layouts]
-    totals = [float(counts.sum(1).amax()) for counts, _ in layouts]
-    best = min(totals)
-    counts = next(c for (c, slack), t in zip(layouts, totals) if t <= slack * best)
+    # (fractional counts under 1 / _GRID_FINE_SPLIT outside the cores change no layout's
+    # nodes: left out)
+    raw = _grid_counts(
+        lo, span, c0, cfg, _GRID_SPEC_MARGIN, fine, raw, whole=False, floor=1 / _GRID_FINE_SPLIT
+    )
+    # the same spacings on three layouts: _GRID_CELLS cells (each as fine as its finest part),
+    # fine cells, one uniform cell
+    coarse = raw.view(-1, _GRID_CELLS, _GRID_FINE_SPLIT).amax(2) * _GRID_FINE_SPLIT
+    uniform = raw.amax(1, keepdim=True) * fine
+    coarse, raw, uniform = (t.ceil_().clamp_(1, _GRID_MAX_NODES) for t in (coarse, raw, uniform))
+    counts = coarse
+    if float(raw.sum()) * _GRID_COARSE_SLACK < float(coarse.sum()):
+        counts = raw
+    # one uniform cell where its extra nodes cost less than its cheaper element passes save
+    extra = float(uniform.sum()) - float(counts.sum())
+    if extra * c0.shape[1] * _GRID_NODE_COST <= flat.numel():
+        counts = uniform
     return _grid_from_counts(lo, span, counts, max_nodes)
 
 

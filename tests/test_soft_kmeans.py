@@ -350,6 +350,28 @@ def test_grid_soft_rule_fades_for_separated_centroids(monkeypatch):
     assert nodes[1] < 0.9 * nodes[0], nodes
 
 
+def test_grid_takes_fine_cells_for_narrow_zones(monkeypatch):
+    # heavy-tailed groups with sharp attention: the transition zones are narrow against the
+    # range, 4x finer cells need fewer nodes than 128 cells; the result stays as accurate
+    gen = torch.Generator().manual_seed(44)
+    u = torch.rand(2, 6144, 1, generator=gen).clamp_min(0.05)
+    x = torch.randn(2, 6144, 1, generator=gen) * 0.04 / u.sqrt()
+    q = torch.linspace(0.01, 0.99, 16)
+    c0 = torch.quantile(x[..., 0], q, dim=1).T.unsqueeze(-1).contiguous()
+    w = torch.randn(x.shape, generator=gen)
+    kw = dict(tau=3e-5, epsilon=-1.0)
+    spec = sk._grid_spec(x.view(2, -1), c0.view(2, -1), _grid_cfg(3e-5), 1 << 16)
+    assert spec.fc.shape[1] == sk._GRID_CELLS * sk._GRID_FINE_SPLIT
+    monkeypatch.setattr(sk, "_GRID_FINE_SPLIT", 1)
+    coarse = sk._grid_spec(x.view(2, -1), c0.view(2, -1), _grid_cfg(3e-5), 1 << 16)
+    monkeypatch.undo()
+    assert coarse.fc.shape[1] == sk._GRID_CELLS and spec.nodes * 1.1 < coarse.nodes
+    want = run(reference, x, c0, w, **kw)
+    got = run(soft_kmeans, x, c0, w, method="grid", **kw)
+    out, cent, grad = grid_errors(got, want, c0)
+    assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (out, cent, grad)
+
+
 def test_grid_beats_the_table_on_generic_fp32_at_the_default_tau():
     # the table engine rounds x to 11 significant bits; the grid interpolates a smooth output
     x, c0 = make_data(2, 8000, 1, seed=31)
@@ -446,17 +468,19 @@ def test_grid_counts_compiled_equal_torch(monkeypatch):
     for tau, prune, margin in ((1e-4, 0.0, 8.0), (1e-6, 1e-3, 0.0), (1e-2, 0.0, 6.0)):
         cfg = sk._Cfg(**{**_grid_cfg(tau).__dict__, "prune_threshold": prune})
         got = sk._grid_counts(lo, span, c, cfg, margin, 64)
-        raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), whole=False)
+        kw = dict(whole=False, floor=0.25)
+        raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), **kw)
         monkeypatch.setattr(sk, "_USE_C", False)
         want = sk._grid_counts(lo, span, c, cfg, margin, 64)
-        want_raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), whole=False)
+        want_raw = sk._grid_counts(lo, span, c, cfg, margin, 64, torch.zeros(4, 64), **kw)
         monkeypatch.undo()
         assert torch.equal(got, want), (tau, (got - want).abs().max())
         assert (got[1] == 1).all() and got.max() > 1
-        # the fractional counts (no floor of one node): the same, and their ceiling where >= 1
+        # the fractional counts (above the floor outside the zones' cores): the same, and
+        # their ceiling where > 1
         assert_close(raw, want_raw, 1e-6, 0)
         assert (raw[1] == 0).all() and (raw == 0).any()
-        assert torch.equal(torch.where(raw > 0, raw.ceil().clamp(min=1), 1.0), got)
+        assert torch.equal(torch.where(raw > 1, raw.ceil(), 1.0), got)
 
 
 def test_grid_refuses_too_many_nodes_and_non_finite_values():
