@@ -33,8 +33,8 @@ Three methods, none keeping an N x K tensor alive for backward:
   away from the midpoints between neighbouring centroids: the range is cut into equal cells
   and a cell gets the fine spacing only near a midpoint, coarser by e^(L / 2) at L logits from
   it (every derivative of the attention decays as e^-L), one node beyond the transition zone.
-  Per tensor the layout with the fewest nodes wins among 512 cells, 128 cells and one uniform
-  cell (the coarser ones when they cost at most 1.1x / 1.5x the nodes). The zones come from
+  Per tensor: 128 cells, or 512 where they save over 10% of the nodes, or one uniform cell
+  where its extra nodes cost less than its cheaper element passes save. The zones come from
   the incoming centroids with a margin; forward checks every iteration's centroids against
   the grid and, when a transition left its zone, runs that tensor again on a grid that covers
   it (then on the other engines). Costs O(N) per element pass and O(H K) per iteration, H a
