@@ -324,7 +324,8 @@ def test_grid_close_to_reference(g, tau, variant):
     want = run(reference, x, c0, w, **kw)
     got = run(soft_kmeans, x, c0, w, method="grid", **kw)
     out, cent, grad = grid_errors(got, want, c0)
-    # measured: <= 8e-4 / 1.1e-3 / 1.1e-3 over these cases
+    # measured: <= 8.4e-4 / 1.1e-3 / 2.6e-3 over these cases (the gradient's worst: tau 1e-3,
+    # 20 iterations)
     assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (out, cent, grad)
     assert_nontrivial(got[2], w)
     if ez:
