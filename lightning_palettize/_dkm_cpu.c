@@ -597,6 +597,7 @@ typedef struct {
     float zinv;     /* 1 / zero_threshold */
     int clamp;      /* attention clamped from below at zero_threshold */
     float zt;
+    float win;      /* AVX2 kernels: skip centroids whose D - D_min exceeds win (0: none) */
 } cfg_t;
 
 /* One tile of TILE codes, padded (the padding has mass / gradient 0). */
@@ -991,52 +992,6 @@ AVX __m256 exp2_neg_v(__m256 x) {
 
 /* softmax over k of 8 codes: e[k] = P_k (normalised); returns min_k D. adj0 (<= 0) is the
  * prune pull added to D_0; the logit gaps are taken as in tile_probs. */
-AVX __m256 probs8(__m256 v, const float *c, int64_t K, __m256 factor, __m256 adj0, __m256 *e) {
-    __m256 c0 = _mm256_set1_ps(c[0]);
-    __m256 a0 = _mm256_sub_ps(v, c0);
-    __m256 dmin = _mm256_fmadd_ps(a0, a0, adj0), cm = c0, am = adj0;
-    for (int64_t k = 1; k < K; k++) {
-        __m256 ck = _mm256_set1_ps(c[k]);
-        __m256 a = _mm256_sub_ps(v, ck);
-        __m256 d = _mm256_mul_ps(a, a);
-        __m256 lt = _mm256_cmp_ps(d, dmin, _CMP_LT_OQ);
-        dmin = _mm256_blendv_ps(dmin, d, lt);
-        cm = _mm256_blendv_ps(cm, ck, lt);
-        am = _mm256_andnot_ps(lt, am);
-    }
-    __m256 bm = _mm256_sub_ps(v, cm), sum = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m256 ck = _mm256_set1_ps(c[k]);
-        __m256 gap = _mm256_mul_ps(_mm256_sub_ps(cm, ck), _mm256_add_ps(_mm256_sub_ps(v, ck), bm));
-        gap = _mm256_sub_ps(gap, am);
-        if (k == 0) gap = _mm256_add_ps(gap, adj0);
-        __m256 ek = exp2_neg_v(_mm256_mul_ps(gap, factor));
-        e[k] = ek;
-        sum = _mm256_add_ps(sum, ek);
-    }
-    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
-    for (int64_t k = 0; k < K; k++) e[k] = _mm256_mul_ps(e[k], inv);
-    return dmin;
-}
-
-/* the block's P from the stored attention (pin, written by fwd_stats) or computed */
-AVX void probs_in(const float *pin, int64_t g, int64_t i, int64_t U, __m256 v, const float *c,
-                  int64_t K, __m256 factor, __m256 adj0, __m256 *e) {
-    if (pin) {
-        const float *src = pin + (g * ((U + 7) / 8) + i / 8) * K * 8;
-        for (int64_t k = 0; k < K; k++) e[k] = _mm256_loadu_ps(src + 8 * k);
-    } else {
-        probs8(v, c, K, factor, adj0, e);
-    }
-}
-
-AVX double hsum_pd(__m256 x) {
-    __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
-                              _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-}
-
 /* 8 codes from a[i..], padded with a[i] (vals) or 0 past the end */
 AVX __m256 load8(const float *a, int64_t i, int64_t U, int pad_first) {
     if (i + 8 <= U) return _mm256_loadu_ps(a + i);
@@ -1055,6 +1010,150 @@ AVX void store8(float *a, int64_t i, int64_t U, __m256 x) {
     for (int j = 0; i + j < U; j++) a[i + j] = buf[j];
 }
 
+/* Skipping centroids (cfg win = T tau > 0). Over a block of 8 values the distance to the
+ * nearest centroid is at most R (1-Lipschitz from the block's ends), so slot k at distance d
+ * from [min v, max v] has D_k - D_min >= lb_k = d^2 + adj_k - R^2 there. Per group, best_k is
+ * the smallest lb_k over the blocks (a live centroid's is <= 0), and a block skips slot k when
+ * lb_k > max(best_k, 0) + win: its attention there is below e^-T against the block's nearest
+ * centroid and (up to the bound's slack R^2) against its own largest anywhere, so neither the
+ * sums nor a far centroid's weighted mean notice. All in vectors of 8 slots. */
+static int32_t ALL_SLOTS[256];
+
+typedef struct {
+    int on;
+    int64_t nv;                    /* vectors of 8 slots */
+    __m256 c[32], lim[32], adj[32]; /* centroids (+inf padding), limits, adj_k */
+} win_t;
+
+AVX float hmin8(__m256 x) {
+    __m128 a = _mm_min_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_min_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_min_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+AVX float hmax8(__m256 x) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+/* lb of every slot for the block v, into lb[0 .. nv) */
+AVX void block_lb(const win_t *w, __m256 v, __m256 *lb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+    float a = hmin8(v), b = hmax8(v);
+    __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    __m256 mlo = _mm256_set1_ps(INFINITY), mhi = mlo;
+    for (int64_t j = 0; j < w->nv; j++) {
+        mlo = _mm256_min_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(va, w->c[j])), mlo);
+        mhi = _mm256_min_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(vb, w->c[j])), mhi);
+    }
+    float r = fmaxf(hmin8(mlo), hmin8(mhi)) + (b - a);
+    __m256 r2 = _mm256_set1_ps(r * r);
+    for (int64_t j = 0; j < w->nv; j++) {
+        __m256 d = _mm256_max_ps(_mm256_sub_ps(va, w->c[j]), _mm256_sub_ps(w->c[j], vb));
+        d = _mm256_max_ps(d, zero);
+        lb[j] = _mm256_sub_ps(_mm256_fmadd_ps(d, d, w->adj[j]), r2);
+    }
+}
+
+/* one group's window (nothing to do when win is 0): its centroids and per-slot limits */
+AVX void win_setup(win_t *w, const float *vg, int64_t Ug, const float *c, int64_t K,
+                   const cfg_t *cf) {
+    w->on = cf->win > 0.0f && K <= 256;
+    w->nv = 0;
+    if (!w->on) return;
+    w->nv = (K + 7) / 8;
+    float pad[8];
+    for (int64_t j = 0; j < w->nv; j++) {
+        for (int t = 0; t < 8; t++) pad[t] = 8 * j + t < K ? c[8 * j + t] : INFINITY;
+        w->c[j] = _mm256_loadu_ps(pad);
+        w->adj[j] = _mm256_setzero_ps();
+        w->lim[j] = _mm256_set1_ps(INFINITY);
+    }
+    if (cf->prune > 0.0f) w->adj[0] = _mm256_setr_ps(-cf->prune, 0, 0, 0, 0, 0, 0, 0);
+    __m256 lb[32];
+    for (int64_t i = 0; i < Ug; i += 8) {
+        block_lb(w, load8(vg, i, Ug, 1), lb);
+        for (int64_t j = 0; j < w->nv; j++) w->lim[j] = _mm256_min_ps(lb[j], w->lim[j]);
+    }
+    const __m256 win = _mm256_set1_ps(cf->win), zero = _mm256_setzero_ps();
+    for (int64_t j = 0; j < w->nv; j++) {
+        __m256 l = _mm256_add_ps(_mm256_max_ps(w->lim[j], zero), win);
+        for (int t = 0; t < 8; t++) pad[t] = 8 * j + t < K ? INFINITY : -INFINITY;
+        w->lim[j] = _mm256_min_ps(l, _mm256_loadu_ps(pad)); /* padding: never kept */
+    }
+}
+
+/* The slots a block keeps: their count; *ks points at them, ascending (ALL_SLOTS or buf) */
+AVX int window8(const win_t *w, __m256 v, int64_t K, int32_t *buf, const int32_t **ks) {
+    *ks = ALL_SLOTS;
+    if (!w->on) return (int)K;
+    __m256 lb[32];
+    block_lb(w, v, lb);
+    int n = 0;
+    for (int64_t j = 0; j < w->nv; j++) {
+        /* kept unless lb > lim (NaN: kept; the padding's lim is -inf) */
+        unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(lb[j], w->lim[j], _CMP_NGT_UQ));
+        while (bits) {
+            buf[n++] = (int32_t)(8 * j + __builtin_ctz(bits));
+            bits &= bits - 1;
+        }
+    }
+    *ks = buf;
+    return n;
+}
+
+/* P of a block over the slots ks (the softmax of -D / tau, nearest-relative): e[k] for k in
+ * ks; returns D_min */
+AVX __m256 probs8(__m256 v, const float *c, const int32_t *ks, int nk, __m256 factor,
+                  __m256 adj0, __m256 *e) {
+    int64_t k0 = ks[0];
+    __m256 c0 = _mm256_set1_ps(c[k0]), am = k0 == 0 ? adj0 : _mm256_setzero_ps();
+    __m256 a0 = _mm256_sub_ps(v, c0);
+    __m256 dmin = _mm256_fmadd_ps(a0, a0, am), cm = c0;
+    for (int j = 1; j < nk; j++) {
+        __m256 ck = _mm256_set1_ps(c[ks[j]]);
+        __m256 a = _mm256_sub_ps(v, ck);
+        __m256 d = _mm256_mul_ps(a, a);
+        __m256 lt = _mm256_cmp_ps(d, dmin, _CMP_LT_OQ);
+        dmin = _mm256_blendv_ps(dmin, d, lt);
+        cm = _mm256_blendv_ps(cm, ck, lt);
+        am = _mm256_andnot_ps(lt, am);
+    }
+    __m256 bm = _mm256_sub_ps(v, cm), sum = _mm256_setzero_ps();
+    for (int j = 0; j < nk; j++) {
+        int64_t k = ks[j];
+        __m256 ck = _mm256_set1_ps(c[k]);
+        __m256 gap = _mm256_mul_ps(_mm256_sub_ps(cm, ck), _mm256_add_ps(_mm256_sub_ps(v, ck), bm));
+        gap = _mm256_sub_ps(gap, am);
+        if (k == 0) gap = _mm256_add_ps(gap, adj0);
+        __m256 ek = exp2_neg_v(_mm256_mul_ps(gap, factor));
+        e[k] = ek;
+        sum = _mm256_add_ps(sum, ek);
+    }
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+    for (int j = 0; j < nk; j++) e[ks[j]] = _mm256_mul_ps(e[ks[j]], inv);
+    return dmin;
+}
+
+/* the block's P from the stored attention (pin, written by fwd_stats) or computed */
+AVX void probs_in(const float *pin, int64_t g, int64_t i, int64_t U, __m256 v, const float *c,
+                  int64_t K, const int32_t *ks, int nk, __m256 factor, __m256 adj0, __m256 *e) {
+    if (pin) {
+        const float *src = pin + (g * ((U + 7) / 8) + i / 8) * K * 8;
+        for (int j = 0; j < nk; j++) e[ks[j]] = _mm256_loadu_ps(src + 8 * ks[j]);
+    } else {
+        probs8(v, c, ks, nk, factor, adj0, e);
+    }
+}
+
+AVX double hsum_pd(__m256 x) {
+    __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                              _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
 __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, const float *m,
                                                                 const float *c, int64_t G,
                                                                 int64_t U, const cfg_t *cf,
@@ -1065,6 +1164,9 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    int32_t buf[256];
+    const int32_t *ks;
+    win_t w;
     for (int64_t g = 0; g < G; g++) {
         const float *vg = v + g * U, *mg = m + g * U, *cg = c + g * K;
         __m256d in_lo = _mm256_setzero_pd(), in_hi = _mm256_setzero_pd();
@@ -1074,12 +1176,18 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
+        win_setup(&w, vg, Ug, cg, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(vg, i, Ug, 1), mm = load8(mg, i, Ug, 0);
-            __m256 dmin = probs8(vv, cg, K, factor, adj0, e);
-            if (pout) {
+            int nk = window8(&w, vv, K, buf, &ks);
+            __m256 dmin = probs8(vv, cg, ks, nk, factor, adj0, e);
+            if (pout) { /* (zeros for the skipped slots) */
                 float *dst = pout + (g * ((U + 7) / 8) + i / 8) * K * 8;
-                for (int64_t k = 0; k < K; k++) _mm256_storeu_ps(dst + 8 * k, e[k]);
+                for (int64_t k = 0, j = 0; k < K; k++) {
+                    int in = j < nk && ks[j] == k;
+                    _mm256_storeu_ps(dst + 8 * k, in ? e[k] : _mm256_setzero_ps());
+                    j += in;
+                }
             }
             if (inertia) {
                 __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(dmin));
@@ -1089,7 +1197,8 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
                 in_lo = _mm256_fmadd_pd(d0, m0, in_lo);
                 in_hi = _mm256_fmadd_pd(d1, m1, in_hi);
             }
-            for (int64_t k = 0; k < K; k++) {
+            for (int j = 0; j < nk; j++) {
+                int64_t k = ks[j];
                 __m256 w = _mm256_mul_ps(e[k], mm);
                 __m256 diff = _mm256_sub_ps(vv, _mm256_set1_ps(cg[k]));
                 lanes[k] = _mm256_fmadd_ps(w, diff, lanes[k]);
@@ -1120,15 +1229,20 @@ __attribute__((target("avx2,fma"))) static void out_y_simd(const float *v, const
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    int32_t buf[256];
+    const int32_t *ks;
+    win_t w;
     for (int64_t g = 0; g < G; g++) {
         const int64_t Ug = ROW_LEN(lens, g, U);
         for (int64_t j = Ug; j < U; j++) y[g * U + j] = 0.0f;
+        win_setup(&w, v + g * U, Ug, cp + g * K, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            probs_in(pin, g, i, U, vv, cp + g * K, K, factor, adj0, e);
+            int nk = window8(&w, vv, K, buf, &ks);
+            probs_in(pin, g, i, U, vv, cp + g * K, K, ks, nk, factor, adj0, e);
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k++)
-                acc = _mm256_fmadd_ps(e[k], _mm256_set1_ps(cl[g * K + k]), acc);
+            for (int j = 0; j < nk; j++)
+                acc = _mm256_fmadd_ps(e[ks[j]], _mm256_set1_ps(cl[g * K + ks[j]]), acc);
             store8(y + g * U, i, Ug, acc);
         }
     }
@@ -1144,6 +1258,9 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    int32_t buf[256];
+    const int32_t *ks;
+    win_t w;
     for (int64_t g = 0; g < G; g++) {
         for (int64_t k = 0; k < K; k++) {
             acc[k] = 0.0;
@@ -1151,10 +1268,13 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
+        win_setup(&w, v + g * U, Ug, c + g * K, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1), ww = load8(wt + g * U, i, Ug, 0);
-            probs_in(pin, g, i, U, vv, c + g * K, K, factor, adj0, e);
-            for (int64_t k = 0; k < K; k++) lanes[k] = _mm256_fmadd_ps(e[k], ww, lanes[k]);
+            int nk = window8(&w, vv, K, buf, &ks);
+            probs_in(pin, g, i, U, vv, c + g * K, K, ks, nk, factor, adj0, e);
+            for (int j = 0; j < nk; j++)
+                lanes[ks[j]] = _mm256_fmadd_ps(e[ks[j]], ww, lanes[ks[j]]);
             if (++blocks == FLUSH) {
                 blocks = 0;
                 for (int64_t k = 0; k < K; k++) {
@@ -1175,6 +1295,9 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor), twov = _mm256_set1_ps(two);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
+    int32_t buf[256];
+    const int32_t *ks;
+    win_t w;
     for (int64_t g = 0; g < G; g++) {
         const float *cg = c + g * K;
         const float *sg = s_hat ? s_hat + g * K : NULL, *rg = raw + g * K;
@@ -1185,22 +1308,26 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
+        win_setup(&w, v + g * U, Ug, cg, K, cf);
         if (og)
             for (int64_t j = Ug; j < U; j++) h[g * U + j] = 0.0f;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            probs_in(pin, g, i, U, vv, cg, K, factor, adj0, e);
+            int nk = window8(&w, vv, K, buf, &ks);
+            probs_in(pin, g, i, U, vv, cg, K, ks, nk, factor, adj0, e);
             if (sg) {
                 __m256 mm = load8(m + g * U, i, Ug, 0);
                 __m256 dir = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
-                for (int64_t k = 0; k < K; k++) {
+                for (int j = 0; j < nk; j++) {
+                    int64_t k = ks[j];
                     __m256 sk = _mm256_set1_ps(sg[k]);
                     __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
                     dir = _mm256_fmadd_ps(sk, e[k], dir);
                     dot = _mm256_fmadd_ps(gr, e[k], dot);
                 }
                 __m256 tot = _mm256_setzero_ps();
-                for (int64_t k = 0; k < K; k++) {
+                for (int j = 0; j < nk; j++) {
+                    int64_t k = ks[j];
                     __m256 sk = _mm256_set1_ps(sg[k]);
                     __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
                     __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(gr, dot));
@@ -1215,10 +1342,11 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
             if (og) {
                 __m256 gg = load8(gsum + g * U, i, Ug, 0);
                 __m256 dot = _mm256_setzero_ps();
-                for (int64_t k = 0; k < K; k++)
-                    dot = _mm256_fmadd_ps(_mm256_set1_ps(og[k]), e[k], dot);
+                for (int j = 0; j < nk; j++)
+                    dot = _mm256_fmadd_ps(_mm256_set1_ps(og[ks[j]]), e[ks[j]], dot);
                 __m256 tot = _mm256_setzero_ps();
-                for (int64_t k = 0; k < K; k++) {
+                for (int j = 0; j < nk; j++) {
+                    int64_t k = ks[j];
                     __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(_mm256_set1_ps(og[k]), dot));
                     ek = _mm256_mul_ps(ek, _mm256_sub_ps(vv, _mm256_set1_ps(cg[k])));
                     tot = _mm256_add_ps(tot, ek);
@@ -1324,8 +1452,9 @@ static PyObject *run_elem(const call_t *call, elem_fn generic, elem_fn f16c, ele
 /* cfg tuple: (k, factor, prune, keep_zeros, zinv, clamp, zt) */
 static int parse_cfg(PyObject *t, cfg_t *cf) {
     long long k;
-    if (!PyArg_ParseTuple(t, "Lffifif", &k, &cf->factor, &cf->prune, &cf->keep_zeros, &cf->zinv,
-                          &cf->clamp, &cf->zt))
+    cf->win = 0.0f;
+    if (!PyArg_ParseTuple(t, "Lffifif|f", &k, &cf->factor, &cf->prune, &cf->keep_zeros,
+                          &cf->zinv, &cf->clamp, &cf->zt, &cf->win))
         return 0;
     cf->k = k;
     return 1;
@@ -1617,4 +1746,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_dkm_cpu", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__dkm_cpu(void) { return PyModule_Create(&moddef); }
+PyMODINIT_FUNC PyInit__dkm_cpu(void) {
+#if DKM_X86
+    for (int k = 0; k < 256; k++) ALL_SLOTS[k] = k;
+#endif
+    return PyModule_Create(&moddef);
+}

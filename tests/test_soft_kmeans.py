@@ -1463,3 +1463,28 @@ def test_per_code_kernels_skip_ragged_row_padding(c_kernels, clamp):
     assert (ragged["y"][~live] == 0).all() and (ragged["h"][~live] == 0).all()
     assert (ragged["r"][~live] == 0).all()  # left as it was
     assert (full["y"][~live] != 0).any()  # (the full rows did compute the padding)
+
+
+@needs_c
+@pytest.mark.parametrize("method", ["grid", "table", "dense"])
+@pytest.mark.parametrize("prune", [0.0, 1e-4])
+def test_centroid_window_changes_nothing_visible(monkeypatch, method, prune):
+    # sharp attention: the AVX2 kernels skip, per block, the centroids far from it; the result
+    # equals the unskipped one, including a far centroid that is nearest to no weight (its
+    # attention ~e^-36 everywhere: its weighted mean still moves it to the data)
+    gen = torch.Generator().manual_seed(45)
+    x = (torch.rand(2, 6000, 1, generator=gen) - 0.5) * 0.1
+    c0 = torch.tensor([-0.03, 0.0, 0.03, 0.113]).view(1, 4, 1).repeat(2, 1, 1)
+    w = torch.randn(x.shape, generator=gen)
+    kw = dict(tau=1e-4, epsilon=-1.0, method=method, prune_threshold=prune)
+    cfg = _grid_cfg()
+    assert sk._c_cfg(cfg, 4, c0.view(2, 4))[-1] > 0  # the window is on here
+    got = run(soft_kmeans, x, c0, w, **kw)
+    monkeypatch.setattr(sk, "_WINDOW_LOGIT", 0.0)
+    assert sk._c_cfg(cfg, 4, c0.view(2, 4))[-1] == 0
+    want = run(soft_kmeans, x, c0, w, **kw)
+    assert_close(got[0], want[0], 1e-6, 1e-7)
+    assert_close(got[1], want[1], 1e-5, 1e-7)
+    assert_close(got[2], want[2], 1e-5, 1e-6)
+    assert (got[1][:, 3] < 0.06).all()  # the far centroid moved to the data's edge
+    assert_nontrivial(got[2], w)
