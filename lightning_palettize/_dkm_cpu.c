@@ -1018,6 +1018,8 @@ AVX void store8(float *a, int64_t i, int64_t U, __m256 x) {
  * centroid and (up to the bound's slack R^2) against its own largest anywhere, so neither the
  * sums nor a far centroid's weighted mean notice. All in vectors of 8 slots. */
 static int32_t ALL_SLOTS[256];
+/* the j-th slot a block keeps; the kernels are compiled once with and once without windows */
+#define KS(j) (win_on ? (int64_t)ks[j] : (int64_t)(j))
 
 typedef struct {
     int on;
@@ -1106,13 +1108,13 @@ AVX int window8(const win_t *w, __m256 v, int64_t K, int32_t *buf, const int32_t
 /* P of a block over the slots ks (the softmax of -D / tau, nearest-relative): e[k] for k in
  * ks; returns D_min */
 AVX __m256 probs8(__m256 v, const float *c, const int32_t *ks, int nk, __m256 factor,
-                  __m256 adj0, __m256 *e) {
-    int64_t k0 = ks[0];
+                  __m256 adj0, __m256 *e, const int win_on) {
+    int64_t k0 = KS(0);
     __m256 c0 = _mm256_set1_ps(c[k0]), am = k0 == 0 ? adj0 : _mm256_setzero_ps();
     __m256 a0 = _mm256_sub_ps(v, c0);
     __m256 dmin = _mm256_fmadd_ps(a0, a0, am), cm = c0;
     for (int j = 1; j < nk; j++) {
-        __m256 ck = _mm256_set1_ps(c[ks[j]]);
+        __m256 ck = _mm256_set1_ps(c[KS(j)]);
         __m256 a = _mm256_sub_ps(v, ck);
         __m256 d = _mm256_mul_ps(a, a);
         __m256 lt = _mm256_cmp_ps(d, dmin, _CMP_LT_OQ);
@@ -1122,7 +1124,7 @@ AVX __m256 probs8(__m256 v, const float *c, const int32_t *ks, int nk, __m256 fa
     }
     __m256 bm = _mm256_sub_ps(v, cm), sum = _mm256_setzero_ps();
     for (int j = 0; j < nk; j++) {
-        int64_t k = ks[j];
+        int64_t k = KS(j);
         __m256 ck = _mm256_set1_ps(c[k]);
         __m256 gap = _mm256_mul_ps(_mm256_sub_ps(cm, ck), _mm256_add_ps(_mm256_sub_ps(v, ck), bm));
         gap = _mm256_sub_ps(gap, am);
@@ -1132,18 +1134,19 @@ AVX __m256 probs8(__m256 v, const float *c, const int32_t *ks, int nk, __m256 fa
         sum = _mm256_add_ps(sum, ek);
     }
     __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
-    for (int j = 0; j < nk; j++) e[ks[j]] = _mm256_mul_ps(e[ks[j]], inv);
+    for (int j = 0; j < nk; j++) e[KS(j)] = _mm256_mul_ps(e[KS(j)], inv);
     return dmin;
 }
 
 /* the block's P from the stored attention (pin, written by fwd_stats) or computed */
 AVX void probs_in(const float *pin, int64_t g, int64_t i, int64_t U, __m256 v, const float *c,
-                  int64_t K, const int32_t *ks, int nk, __m256 factor, __m256 adj0, __m256 *e) {
+                  int64_t K, const int32_t *ks, int nk, __m256 factor, __m256 adj0, __m256 *e,
+                  const int win_on) {
     if (pin) {
         const float *src = pin + (g * ((U + 7) / 8) + i / 8) * K * 8;
-        for (int j = 0; j < nk; j++) e[ks[j]] = _mm256_loadu_ps(src + 8 * ks[j]);
+        for (int j = 0; j < nk; j++) e[KS(j)] = _mm256_loadu_ps(src + 8 * KS(j));
     } else {
-        probs8(v, c, ks, nk, factor, adj0, e);
+        probs8(v, c, ks, nk, factor, adj0, e, win_on);
     }
 }
 
@@ -1154,13 +1157,13 @@ AVX double hsum_pd(__m256 x) {
     return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 
-__attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, const float *m,
+__attribute__((target("avx2,fma"), always_inline)) static inline void fwd_stats_simd(const float *v, const float *m,
                                                                 const float *c, int64_t G,
                                                                 int64_t U, const cfg_t *cf,
                                                                 float *sm, double *inertia,
                                                                 __m256 *e, __m256 *lanes,
                                                                 double *acc, float *pout,
-                                                                const int32_t *lens) {
+                                                                const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1176,15 +1179,15 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
-        win_setup(&w, vg, Ug, cg, K, cf);
+        if (win_on) win_setup(&w, vg, Ug, cg, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(vg, i, Ug, 1), mm = load8(mg, i, Ug, 0);
-            int nk = window8(&w, vv, K, buf, &ks);
-            __m256 dmin = probs8(vv, cg, ks, nk, factor, adj0, e);
+            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            __m256 dmin = probs8(vv, cg, ks, nk, factor, adj0, e, win_on);
             if (pout) { /* (zeros for the skipped slots) */
                 float *dst = pout + (g * ((U + 7) / 8) + i / 8) * K * 8;
                 for (int64_t k = 0, j = 0; k < K; k++) {
-                    int in = j < nk && ks[j] == k;
+                    int in = j < nk && KS(j) == k;
                     _mm256_storeu_ps(dst + 8 * k, in ? e[k] : _mm256_setzero_ps());
                     j += in;
                 }
@@ -1198,7 +1201,7 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
                 in_hi = _mm256_fmadd_pd(d1, m1, in_hi);
             }
             for (int j = 0; j < nk; j++) {
-                int64_t k = ks[j];
+                int64_t k = KS(j);
                 __m256 w = _mm256_mul_ps(e[k], mm);
                 __m256 diff = _mm256_sub_ps(vv, _mm256_set1_ps(cg[k]));
                 lanes[k] = _mm256_fmadd_ps(w, diff, lanes[k]);
@@ -1221,11 +1224,11 @@ __attribute__((target("avx2,fma"))) static void fwd_stats_simd(const float *v, c
     }
 }
 
-__attribute__((target("avx2,fma"))) static void out_y_simd(const float *v, const float *cp,
+__attribute__((target("avx2,fma"), always_inline)) static inline void out_y_simd(const float *v, const float *cp,
                                                             const float *cl, int64_t G,
                                                             int64_t U, const cfg_t *cf, float *y,
                                                             __m256 *e, const float *pin,
-                                                            const int32_t *lens) {
+                                                            const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1235,26 +1238,26 @@ __attribute__((target("avx2,fma"))) static void out_y_simd(const float *v, const
     for (int64_t g = 0; g < G; g++) {
         const int64_t Ug = ROW_LEN(lens, g, U);
         for (int64_t j = Ug; j < U; j++) y[g * U + j] = 0.0f;
-        win_setup(&w, v + g * U, Ug, cp + g * K, K, cf);
+        if (win_on) win_setup(&w, v + g * U, Ug, cp + g * K, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            int nk = window8(&w, vv, K, buf, &ks);
-            probs_in(pin, g, i, U, vv, cp + g * K, K, ks, nk, factor, adj0, e);
+            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            probs_in(pin, g, i, U, vv, cp + g * K, K, ks, nk, factor, adj0, e, win_on);
             __m256 acc = _mm256_setzero_ps();
             for (int j = 0; j < nk; j++)
-                acc = _mm256_fmadd_ps(e[ks[j]], _mm256_set1_ps(cl[g * K + ks[j]]), acc);
+                acc = _mm256_fmadd_ps(e[KS(j)], _mm256_set1_ps(cl[g * K + KS(j)]), acc);
             store8(y + g * U, i, Ug, acc);
         }
     }
 }
 
-__attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const float *wt,
+__attribute__((target("avx2,fma"), always_inline)) static inline void att_t_simd(const float *v, const float *wt,
                                                             const float *c, int64_t G,
                                                             int64_t U, const cfg_t *cf,
                                                             float *out, __m256 *e,
                                                             __m256 *lanes, double *acc,
                                                             const float *pin,
-                                                            const int32_t *lens) {
+                                                            const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1268,13 +1271,13 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
-        win_setup(&w, v + g * U, Ug, c + g * K, K, cf);
+        if (win_on) win_setup(&w, v + g * U, Ug, c + g * K, K, cf);
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1), ww = load8(wt + g * U, i, Ug, 0);
-            int nk = window8(&w, vv, K, buf, &ks);
-            probs_in(pin, g, i, U, vv, c + g * K, K, ks, nk, factor, adj0, e);
+            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            probs_in(pin, g, i, U, vv, c + g * K, K, ks, nk, factor, adj0, e, win_on);
             for (int j = 0; j < nk; j++)
-                lanes[ks[j]] = _mm256_fmadd_ps(e[ks[j]], ww, lanes[ks[j]]);
+                lanes[KS(j)] = _mm256_fmadd_ps(e[KS(j)], ww, lanes[KS(j)]);
             if (++blocks == FLUSH) {
                 blocks = 0;
                 for (int64_t k = 0; k < K; k++) {
@@ -1287,11 +1290,11 @@ __attribute__((target("avx2,fma"))) static void att_t_simd(const float *v, const
     }
 }
 
-__attribute__((target("avx2,fma"))) static void bwd_step_simd(
+__attribute__((target("avx2,fma"), always_inline)) static inline void bwd_step_simd(
     const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U,
     const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,
     float *r, float *h, float *dc, float *dco, __m256 *e, __m256 *lanes, double *acc,
-    const float *pin, const int32_t *lens) {
+    const float *pin, const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor), twov = _mm256_set1_ps(two);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
@@ -1308,18 +1311,18 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
         }
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
-        win_setup(&w, v + g * U, Ug, cg, K, cf);
+        if (win_on) win_setup(&w, v + g * U, Ug, cg, K, cf);
         if (og)
             for (int64_t j = Ug; j < U; j++) h[g * U + j] = 0.0f;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            int nk = window8(&w, vv, K, buf, &ks);
-            probs_in(pin, g, i, U, vv, cg, K, ks, nk, factor, adj0, e);
+            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            probs_in(pin, g, i, U, vv, cg, K, ks, nk, factor, adj0, e, win_on);
             if (sg) {
                 __m256 mm = load8(m + g * U, i, Ug, 0);
                 __m256 dir = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
                 for (int j = 0; j < nk; j++) {
-                    int64_t k = ks[j];
+                    int64_t k = KS(j);
                     __m256 sk = _mm256_set1_ps(sg[k]);
                     __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
                     dir = _mm256_fmadd_ps(sk, e[k], dir);
@@ -1327,7 +1330,7 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
                 }
                 __m256 tot = _mm256_setzero_ps();
                 for (int j = 0; j < nk; j++) {
-                    int64_t k = ks[j];
+                    int64_t k = KS(j);
                     __m256 sk = _mm256_set1_ps(sg[k]);
                     __m256 gr = _mm256_fmsub_ps(vv, sk, _mm256_set1_ps(sg[k] * rg[k]));
                     __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(gr, dot));
@@ -1343,10 +1346,10 @@ __attribute__((target("avx2,fma"))) static void bwd_step_simd(
                 __m256 gg = load8(gsum + g * U, i, Ug, 0);
                 __m256 dot = _mm256_setzero_ps();
                 for (int j = 0; j < nk; j++)
-                    dot = _mm256_fmadd_ps(_mm256_set1_ps(og[ks[j]]), e[ks[j]], dot);
+                    dot = _mm256_fmadd_ps(_mm256_set1_ps(og[KS(j)]), e[KS(j)], dot);
                 __m256 tot = _mm256_setzero_ps();
                 for (int j = 0; j < nk; j++) {
-                    int64_t k = ks[j];
+                    int64_t k = KS(j);
                     __m256 ek = _mm256_mul_ps(e[k], _mm256_sub_ps(_mm256_set1_ps(og[k]), dot));
                     ek = _mm256_mul_ps(ek, _mm256_sub_ps(vv, _mm256_set1_ps(cg[k])));
                     tot = _mm256_add_ps(tot, ek);
@@ -1506,25 +1509,37 @@ static void grad_v_call(const call_t *call) {
 }
 
 /* the AVX2 per-code kernels' entry points (the tiled ones are CODE_KERNELS above) */
-static void fwd_stats_simd_call(const call_t *call, const scratch_t *s) {
-    fwd_stats_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->e, s->lanes,
-                   s->acc, P(float *, call->pio), LENS);
+/* each compiled twice: with the centroid window (cfg win > 0) and without (see KS) */
+#define WIN_TWICE(call_expr_on, call_expr_off)                                                 \
+    if (call->cf.win > 0.0f) call_expr_on;                                                       \
+    else call_expr_off;
+
+AVX2F static void fwd_stats_simd_call(const call_t *call, const scratch_t *s) {
+#define ARGS F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), D(4), s->e, s->lanes, \
+             s->acc, P(float *, call->pio), LENS
+    WIN_TWICE(fwd_stats_simd(ARGS, 1), fwd_stats_simd(ARGS, 0))
+#undef ARGS
 }
 
-static void out_y_simd_call(const call_t *call, const scratch_t *s) {
-    out_y_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e,
-               P(const float *, call->pio), LENS);
+AVX2F static void out_y_simd_call(const call_t *call, const scratch_t *s) {
+#define ARGS F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e, \
+             P(const float *, call->pio), LENS
+    WIN_TWICE(out_y_simd(ARGS, 1), out_y_simd(ARGS, 0))
+#undef ARGS
 }
 
-static void att_t_simd_call(const call_t *call, const scratch_t *s) {
-    att_t_simd(F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e, s->lanes, s->acc,
-               P(const float *, call->pio), LENS);
+AVX2F static void att_t_simd_call(const call_t *call, const scratch_t *s) {
+#define ARGS F(0), F(1), F(2), call->rows, call->n, &call->cf, F(3), s->e, s->lanes, s->acc, \
+             P(const float *, call->pio), LENS
+    WIN_TWICE(att_t_simd(ARGS, 1), att_t_simd(ARGS, 0))
+#undef ARGS
 }
 
-static void bwd_step_simd_call(const call_t *call, const scratch_t *s) {
-    bwd_step_simd(F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4), F(5),
-                  F(6), F(7), F(8), F(9), F(10), s->e, s->lanes, s->acc,
-                  P(const float *, call->pio), LENS);
+AVX2F static void bwd_step_simd_call(const call_t *call, const scratch_t *s) {
+#define ARGS F(0), F(1), F(2), F(3), call->rows, call->n, &call->cf, call->two, F(4), F(5), F(6), \
+             F(7), F(8), F(9), F(10), s->e, s->lanes, s->acc, P(const float *, call->pio), LENS
+    WIN_TWICE(bwd_step_simd(ARGS, 1), bwd_step_simd(ARGS, 0))
+#undef ARGS
 }
 #endif
 
