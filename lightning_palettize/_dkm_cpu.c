@@ -1508,8 +1508,8 @@ static void grad_v_call(const call_t *call) {
     grad_v(F(0), call->rows, call->n, F(1), F(2), F(3), F(4));
 }
 
-/* the AVX2 per-code kernels' entry points (the tiled ones are CODE_KERNELS above) */
-/* each compiled twice: with the centroid window (cfg win > 0) and without (see KS) */
+/* the AVX2 per-code kernels' entry points (the tiled ones are CODE_KERNELS above), each
+ * kernel compiled twice: with the centroid window (cfg win > 0) and without (see KS) */
 #define WIN_TWICE(call_expr_on, call_expr_off)                                                 \
     if (call->cf.win > 0.0f) call_expr_on;                                                       \
     else call_expr_off;
