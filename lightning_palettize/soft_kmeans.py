@@ -64,11 +64,11 @@ or the attention clamp, on AVX2/FMA CPUs) one fused loop per iteration computes 
 softmax and sums in registers, the logit gaps taken as (c_m - c_k)((v - c_k) + (v - c_m))
 against the nearest centroid m (accurate where two centroids compete, even when the logits
 reach 1e4) and the sums accumulated in float64; with sharp attention a block of 8 codes skips
-the centroids whose attention there is below e^-24 (``_WINDOW_LOGIT``). The weight's gradient is written into the
-storage of the soft weight's incoming gradient when nothing else can observe that one
-(_overwritable; else it is allocated), and a soft weight reuses the storage of the previous
-step's incoming gradient once nothing else holds it (_OutputCache): the backward then adds no
-weight-sized tensor to what plain training holds at its peak.
+the centroids whose attention there is below e^-24 (``_WINDOW_LOGIT``). The weight's
+gradient is written into the storage of the soft weight's incoming gradient when nothing else
+can observe that one (_overwritable; else it is allocated), and a soft weight reuses the
+storage of the previous step's incoming gradient once nothing else holds it (_OutputCache):
+the backward then adds no weight-sized tensor to what plain training holds at its peak.
 
 Host syncs: on the CPU, early stopping reads back one flag per iteration (free there) and
 stops when every group has; on other devices every iteration runs and a group that stopped
