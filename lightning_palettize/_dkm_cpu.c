@@ -1040,9 +1040,22 @@ AVX float hmax8(__m256 x) {
 }
 
 /* lb of every slot for the block v, into lb[0 .. nv) */
-AVX void block_lb(const win_t *w, __m256 v, __m256 *lb) {
+/* the smallest and largest of the codes [i, i + 8 WSPAN) of a row (the window's span) */
+#define WSPAN 4
+AVX void span_range(const float *vg, int64_t i, int64_t Ug, float *a, float *b) {
+    __m256 lo = load8(vg, i, Ug, 1), hi = lo;
+    for (int64_t t = 1; t < WSPAN && i + 8 * t < Ug; t++) {
+        __m256 x = load8(vg, i + 8 * t, Ug, 1);
+        lo = _mm256_min_ps(lo, x);
+        hi = _mm256_max_ps(hi, x);
+    }
+    *a = hmin8(lo);
+    *b = hmax8(hi);
+}
+
+/* lb of every slot for the codes in [a, b], into lb[0 .. nv) */
+AVX void block_lb(const win_t *w, float a, float b, __m256 *lb) {
     const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-    float a = hmin8(v), b = hmax8(v);
     __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
     __m256 mlo = _mm256_set1_ps(INFINITY), mhi = mlo;
     for (int64_t j = 0; j < w->nv; j++) {
@@ -1074,8 +1087,10 @@ AVX void win_setup(win_t *w, const float *vg, int64_t Ug, const float *c, int64_
     }
     if (cf->prune > 0.0f) w->adj[0] = _mm256_setr_ps(-cf->prune, 0, 0, 0, 0, 0, 0, 0);
     __m256 lb[32];
-    for (int64_t i = 0; i < Ug; i += 8) {
-        block_lb(w, load8(vg, i, Ug, 1), lb);
+    float a, b;
+    for (int64_t i = 0; i < Ug; i += 8 * WSPAN) {
+        span_range(vg, i, Ug, &a, &b);
+        block_lb(w, a, b, lb);
         for (int64_t j = 0; j < w->nv; j++) w->lim[j] = _mm256_min_ps(lb[j], w->lim[j]);
     }
     const __m256 win = _mm256_set1_ps(cf->win), zero = _mm256_setzero_ps();
@@ -1086,12 +1101,16 @@ AVX void win_setup(win_t *w, const float *vg, int64_t Ug, const float *c, int64_
     }
 }
 
-/* The slots a block keeps: their count; *ks points at them, ascending (ALL_SLOTS or buf) */
-AVX int window8(const win_t *w, __m256 v, int64_t K, int32_t *buf, const int32_t **ks) {
+/* The slots the span of codes from i keeps (one window per WSPAN blocks of 8): their count;
+ * *ks points at them, ascending (ALL_SLOTS or buf) */
+AVX int window_at(const win_t *w, const float *vg, int64_t i, int64_t Ug, int64_t K,
+                  int32_t *buf, const int32_t **ks) {
     *ks = ALL_SLOTS;
     if (!w->on) return (int)K;
     __m256 lb[32];
-    block_lb(w, v, lb);
+    float a, b;
+    span_range(vg, i, Ug, &a, &b);
+    block_lb(w, a, b, lb);
     int n = 0;
     for (int64_t j = 0; j < w->nv; j++) {
         /* kept unless lb > lim (NaN: kept; the padding's lim is -inf) */
@@ -1104,6 +1123,8 @@ AVX int window8(const win_t *w, __m256 v, int64_t K, int32_t *buf, const int32_t
     *ks = buf;
     return n;
 }
+
+#define AVXI __attribute__((target("avx2,fma"), always_inline)) static inline
 
 /* P of a block over the slots ks (the softmax of -D / tau, nearest-relative): e[k] for k in
  * ks; returns D_min */
@@ -1157,18 +1178,14 @@ AVX double hsum_pd(__m256 x) {
     return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 
-__attribute__((target("avx2,fma"), always_inline)) static inline void fwd_stats_simd(const float *v, const float *m,
-                                                                const float *c, int64_t G,
-                                                                int64_t U, const cfg_t *cf,
-                                                                float *sm, double *inertia,
-                                                                __m256 *e, __m256 *lanes,
-                                                                double *acc, float *pout,
-                                                                const int32_t *lens, const int win_on) {
+AVXI void fwd_stats_simd(const float *v, const float *m, const float *c, int64_t G, int64_t U,
+    const cfg_t *cf, float *sm, double *inertia, __m256 *e, __m256 *lanes, double *acc, float *pout,
+    const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
     int32_t buf[256];
-    const int32_t *ks;
+    const int32_t *ks = ALL_SLOTS;
     win_t w;
     for (int64_t g = 0; g < G; g++) {
         const float *vg = v + g * U, *mg = m + g * U, *cg = c + g * K;
@@ -1180,9 +1197,10 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void fwd_stats_
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
         if (win_on) win_setup(&w, vg, Ug, cg, K, cf);
+        int nk = (int)K;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(vg, i, Ug, 1), mm = load8(mg, i, Ug, 0);
-            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            if (win_on && i % (8 * WSPAN) == 0) nk = window_at(&w, vg, i, Ug, K, buf, &ks);
             __m256 dmin = probs8(vv, cg, ks, nk, factor, adj0, e, win_on);
             if (pout) { /* (zeros for the skipped slots) */
                 float *dst = pout + (g * ((U + 7) / 8) + i / 8) * K * 8;
@@ -1224,24 +1242,23 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void fwd_stats_
     }
 }
 
-__attribute__((target("avx2,fma"), always_inline)) static inline void out_y_simd(const float *v, const float *cp,
-                                                            const float *cl, int64_t G,
-                                                            int64_t U, const cfg_t *cf, float *y,
-                                                            __m256 *e, const float *pin,
-                                                            const int32_t *lens, const int win_on) {
+AVXI void out_y_simd(const float *v, const float *cp, const float *cl, int64_t G, int64_t U,
+    const cfg_t *cf, float *y, __m256 *e, const float *pin, const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
     int32_t buf[256];
-    const int32_t *ks;
+    const int32_t *ks = ALL_SLOTS;
     win_t w;
     for (int64_t g = 0; g < G; g++) {
         const int64_t Ug = ROW_LEN(lens, g, U);
         for (int64_t j = Ug; j < U; j++) y[g * U + j] = 0.0f;
         if (win_on) win_setup(&w, v + g * U, Ug, cp + g * K, K, cf);
+        int nk = (int)K;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            if (win_on && i % (8 * WSPAN) == 0)
+                nk = window_at(&w, v + g * U, i, Ug, K, buf, &ks);
             probs_in(pin, g, i, U, vv, cp + g * K, K, ks, nk, factor, adj0, e, win_on);
             __m256 acc = _mm256_setzero_ps();
             for (int j = 0; j < nk; j++)
@@ -1251,18 +1268,14 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void out_y_simd
     }
 }
 
-__attribute__((target("avx2,fma"), always_inline)) static inline void att_t_simd(const float *v, const float *wt,
-                                                            const float *c, int64_t G,
-                                                            int64_t U, const cfg_t *cf,
-                                                            float *out, __m256 *e,
-                                                            __m256 *lanes, double *acc,
-                                                            const float *pin,
-                                                            const int32_t *lens, const int win_on) {
+AVXI void att_t_simd(const float *v, const float *wt, const float *c, int64_t G, int64_t U,
+    const cfg_t *cf, float *out, __m256 *e, __m256 *lanes, double *acc, const float *pin,
+    const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
     int32_t buf[256];
-    const int32_t *ks;
+    const int32_t *ks = ALL_SLOTS;
     win_t w;
     for (int64_t g = 0; g < G; g++) {
         for (int64_t k = 0; k < K; k++) {
@@ -1272,9 +1285,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void att_t_simd
         int64_t blocks = 0;
         const int64_t Ug = ROW_LEN(lens, g, U);
         if (win_on) win_setup(&w, v + g * U, Ug, c + g * K, K, cf);
+        int nk = (int)K;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1), ww = load8(wt + g * U, i, Ug, 0);
-            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            if (win_on && i % (8 * WSPAN) == 0)
+                nk = window_at(&w, v + g * U, i, Ug, K, buf, &ks);
             probs_in(pin, g, i, U, vv, c + g * K, K, ks, nk, factor, adj0, e, win_on);
             for (int j = 0; j < nk; j++)
                 lanes[KS(j)] = _mm256_fmadd_ps(e[KS(j)], ww, lanes[KS(j)]);
@@ -1290,16 +1305,15 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void att_t_simd
     }
 }
 
-__attribute__((target("avx2,fma"), always_inline)) static inline void bwd_step_simd(
-    const float *v, const float *m, const float *gsum, const float *c, int64_t G, int64_t U,
-    const cfg_t *cf, float two, const float *s_hat, const float *raw, const float *out_c,
-    float *r, float *h, float *dc, float *dco, __m256 *e, __m256 *lanes, double *acc,
-    const float *pin, const int32_t *lens, const int win_on) {
+AVXI void bwd_step_simd(const float *v, const float *m, const float *gsum, const float *c,
+    int64_t G, int64_t U, const cfg_t *cf, float two, const float *s_hat, const float *raw,
+    const float *out_c, float *r, float *h, float *dc, float *dco, __m256 *e, __m256 *lanes,
+    double *acc, const float *pin, const int32_t *lens, const int win_on) {
     const int64_t K = cf->k;
     const __m256 factor = _mm256_set1_ps(cf->factor), twov = _mm256_set1_ps(two);
     const __m256 adj0 = _mm256_set1_ps(cf->prune > 0.0f ? -cf->prune : 0.0f);
     int32_t buf[256];
-    const int32_t *ks;
+    const int32_t *ks = ALL_SLOTS;
     win_t w;
     for (int64_t g = 0; g < G; g++) {
         const float *cg = c + g * K;
@@ -1314,9 +1328,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void bwd_step_s
         if (win_on) win_setup(&w, v + g * U, Ug, cg, K, cf);
         if (og)
             for (int64_t j = Ug; j < U; j++) h[g * U + j] = 0.0f;
+        int nk = (int)K;
         for (int64_t i = 0; i < Ug; i += 8) {
             __m256 vv = load8(v + g * U, i, Ug, 1);
-            int nk = win_on ? window8(&w, vv, K, buf, &ks) : (int)K;
+            if (win_on && i % (8 * WSPAN) == 0)
+                nk = window_at(&w, v + g * U, i, Ug, K, buf, &ks);
             probs_in(pin, g, i, U, vv, cg, K, ks, nk, factor, adj0, e, win_on);
             if (sg) {
                 __m256 mm = load8(m + g * U, i, Ug, 0);
