@@ -1010,15 +1010,16 @@ AVX void store8(float *a, int64_t i, int64_t U, __m256 x) {
     for (int j = 0; i + j < U; j++) a[i + j] = buf[j];
 }
 
-/* Skipping centroids (cfg win = T tau > 0). Over a block of 8 values the distance to the
- * nearest centroid is at most R (1-Lipschitz from the block's ends), so slot k at distance d
- * from [min v, max v] has D_k - D_min >= lb_k = d^2 + adj_k - R^2 there. Per group, best_k is
- * the smallest lb_k over the blocks (a live centroid's is <= 0), and a block skips slot k when
- * lb_k > max(best_k, 0) + win: its attention there is below e^-T against the block's nearest
- * centroid and (up to the bound's slack R^2) against its own largest anywhere, so neither the
- * sums nor a far centroid's weighted mean notice. All in vectors of 8 slots. */
+/* Skipping centroids (cfg win = T tau > 0), one window per span of WSPAN blocks of 8 codes.
+ * Over a span the distance to the nearest centroid is at most R (1-Lipschitz from the span's
+ * ends), so slot k at distance d from [min v, max v] has D_k - D_min >= lb_k = d^2 + adj_k -
+ * R^2 there. Per group, best_k is the smallest lb_k over the spans (a live centroid's is
+ * <= 0), and a span skips slot k when lb_k > max(best_k, 0) + win: its attention there is
+ * below e^-T against the span's nearest centroid and (up to the bound's slack R^2) against
+ * its own largest anywhere, so neither the sums nor a far centroid's weighted mean notice.
+ * All in vectors of 8 slots. */
 static int32_t ALL_SLOTS[256];
-/* the j-th slot a block keeps; the kernels are compiled once with and once without windows */
+/* the j-th slot a span keeps; the kernels are compiled once with and once without windows */
 #define KS(j) (win_on ? (int64_t)ks[j] : (int64_t)(j))
 
 typedef struct {
@@ -1039,7 +1040,6 @@ AVX float hmax8(__m256 x) {
     return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
 }
 
-/* lb of every slot for the block v, into lb[0 .. nv) */
 /* the smallest and largest of the codes [i, i + 8 WSPAN) of a row (the window's span) */
 #define WSPAN 4
 AVX void span_range(const float *vg, int64_t i, int64_t Ug, float *a, float *b) {

@@ -63,7 +63,7 @@ bincount and gather) instead of being stored; per code (mode "dkm" without the e
 or the attention clamp, on AVX2/FMA CPUs) one fused loop per iteration computes distances,
 softmax and sums in registers, the logit gaps taken as (c_m - c_k)((v - c_k) + (v - c_m))
 against the nearest centroid m (accurate where two centroids compete, even when the logits
-reach 1e4) and the sums accumulated in float64; with sharp attention a block of 8 codes skips
+reach 1e4) and the sums accumulated in float64; with sharp attention a span of 32 codes skips
 the centroids whose attention there is below e^-24 (``_WINDOW_LOGIT``). The weight's
 gradient is written into the storage of the soft weight's incoming gradient when nothing else
 can observe that one (_overwritable; else it is allocated), and a soft weight reuses the
@@ -1148,15 +1148,17 @@ _GRID_AUTO_MIN_GROUP = 4096
 
 @dataclass
 class _GridSpec:
-    """A tensor's grid (see the grid kernels of ``_dkm_cpu``): per group, _GRID_CELLS equal
-    cells from lo, cell c with fc[c] nodes numbered from off[c], then one last node at the
-    group's max; ``nodes`` is the widest group's count (others padded)."""
+    """A tensor's grid (see the grid kernels of ``_dkm_cpu``): per group, C equal cells from
+    lo (C = fc.shape[1]: 1, _GRID_CELLS or _GRID_CELLS * _GRID_FINE_SPLIT), cell c with fc[c]
+    nodes numbered from off[c], then one last node at the group's max: lens nodes in all;
+    ``nodes`` is the widest group's count (others padded)."""
 
     lo: Tensor  # [G] float32
     inv_w: Tensor  # [G] float32: cells / span (0: a constant group)
     span: Tensor  # [G] float32
     fc: Tensor  # [G, C] float32
     off: Tensor  # [G, C] int32
+    lens: Tensor  # [G] int32: each group's nodes
     nodes: int
     # set by forward: None when every iteration's centroids were resolved, else the counts
     # per cell they need (the rebuild takes the larger of both)
@@ -1254,7 +1256,8 @@ def _grid_from_counts(lo, span, counts: Tensor, max_nodes: int) -> _GridSpec | N
     inv_w = torch.where(span > 0, cells / span.clamp_min(1e-38), torch.zeros_like(span))
     off = (counts.cumsum(1) - counts).to(torch.int32).contiguous()
     fc = counts.float().contiguous()
-    return _GridSpec(lo.contiguous(), inv_w.float().contiguous(), span, fc, off, nodes)
+    lens = total.to(torch.int32)
+    return _GridSpec(lo.contiguous(), inv_w.float().contiguous(), span, fc, off, lens, nodes)
 
 
 def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec | None:
@@ -1581,7 +1584,7 @@ def _row_lens(it: _ScalarItem, per_group: list[int] | None) -> Tensor:
     if it.kind == "table":
         return torch.tensor(per_group[it.trow : it.trow + it.g], dtype=torch.int32)
     if it.kind == "grid":
-        return (it.spec.fc.sum(1) + 1).to(torch.int32)
+        return it.spec.lens
     return torch.full((it.g,), it.n, dtype=torch.int32)
 
 
@@ -1829,14 +1832,14 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
 # being stored (an exp2 per entry is cheaper than writing and reading it back).
 
 
-# The AVX2 per-code kernels skip, per block of 8 codes, the centroids whose attention there is
-# below e^-_WINDOW_LOGIT (4e-11) against both the block's nearest centroid and the centroid's
-# own largest anywhere in its group (see window8 in _dkm_cpu.c): with sharp attention a code
+# The AVX2 per-code kernels skip, per span of 32 codes, the centroids whose attention there is
+# below e^-_WINDOW_LOGIT (4e-11) against both the span's nearest centroid and the centroid's
+# own largest anywhere in its group (see window_at in _dkm_cpu.c): with sharp attention a code
 # sees its few nearest centroids, and the others' terms would not change the float32 sums they
 # enter (measured: equal to ~1e-8 relative). Switched on when some group's centroids spread
-# over more than 2 sqrt(_WINDOW_LOGIT tau), i.e. when a block can skip any: MiniLM with
-# group_size 16 at 4 bits, per-node kernels 10-20% faster (a window costs ~40 vector
-# operations per block; 0 switches it off).
+# over more than 2 sqrt(_WINDOW_LOGIT tau), i.e. when a span can skip any: MiniLM with
+# group_size 16 at 4 bits, per-node kernels 29% faster in its step (2.7-2.9x in isolation;
+# 0 switches it off).
 _WINDOW_LOGIT = 24.0
 
 
@@ -2126,6 +2129,7 @@ class _ScalarKMeans(torch.autograd.Function):
             else:
                 it.u = it.n
         segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
+        c_rows = _c_kernels(device)  # each row's length, for the compiled per-code kernels only
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
             width = max(items[i].u for i in members)
             every_table = all(items[i].kind == "table" for i in members)
@@ -2133,7 +2137,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 # every tensor is a table one, in order: the code tables as they are
                 v, m, direct = values, mass, True
                 rows: slice | Tensor = slice(0, row)
-                lens = torch.tensor(per_group, dtype=torch.int32)
+                lens = torch.tensor(per_group, dtype=torch.int32) if c_rows else None
                 for it in items:
                     it.seg, it.srow = s_i, it.row
             elif len(members) == 1:
@@ -2148,7 +2152,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     m = torch.ones_like(v)
                 rows, direct = slice(it.row, it.row + it.g), False
                 it.seg, it.srow = s_i, 0
-                lens = _row_lens(it, per_group)
+                lens = _row_lens(it, per_group) if c_rows else None
             else:
                 g_seg = sum(items[i].g for i in members)
                 v = c0.new_zeros(g_seg, width)
@@ -2171,7 +2175,9 @@ class _ScalarKMeans(torch.autograd.Function):
                     r0 += it.g
                 rows = torch.tensor(idx).to(device, non_blocking=True)
                 direct = False
-                lens = torch.cat([_row_lens(items[i], per_group) for i in members])
+                lens = None
+                if c_rows:
+                    lens = torch.cat([_row_lens(items[i], per_group) for i in members])
             segments.append((rows, v, m, direct, lens))
 
         saved = _Saved()
