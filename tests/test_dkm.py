@@ -460,10 +460,11 @@ def test_finalized_model_converts_to_lut_ops():
 
 
 def _unbatched(monkeypatch):
-    """Every weight computes its own soft k-means when its module runs (the reference)."""
+    """Every weight computes its own soft k-means when its module runs (the reference); a
+    weight version's soft weight is still served again to its module's later calls."""
     from lightning_palettize.palettizers import dkm
 
-    monkeypatch.setattr(dkm._DKMGroup, "soft_weight", lambda self, fp, module, w: fp(w))
+    monkeypatch.setattr(dkm._DKMGroup, "_compute", lambda self, fp, module, w: fp(w))
 
 
 class _Reuse(nn.Module):
@@ -477,7 +478,7 @@ class _Reuse(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.a(x))
-        h = torch.relu(self.a(h))  # a again: its second call starts from updated centroids
+        h = torch.relu(self.a(h))  # a again: served the soft weight of its first call
         return self.head(torch.relu(self.b(h)))
 
 
@@ -538,8 +539,8 @@ def _device_layout(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["host", "device"])
 def test_batched_rounds_train_like_weight_by_weight(monkeypatch, layout):
-    # one soft_kmeans_batch call per configuration and forward; a module called twice and
-    # one run on its own between steps recompute from their current state, as unbatched
+    # one soft_kmeans_batch call per configuration and forward; a module called twice reuses
+    # its soft weight, one run on its own between steps recomputes from its current state
     if layout == "device":
         _device_layout(monkeypatch)
     a = _train(monkeypatch, batched=True, alone=True)
@@ -570,12 +571,18 @@ def test_rounds_batch_every_weight_in_one_call(monkeypatch):
     calls.clear()
     copied = copy.deepcopy(prepared)  # a copy gets its own, empty group: it learns its members
     for _ in range(2):
-        torch.testing.assert_close(copied(x), prepared(x), rtol=1e-6, atol=1e-7)
+        a, b = copied(x), prepared(x)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        (a.sum() + b.sum()).backward()  # frees the graphs: the next forward recomputes
     assert calls == [5, 5, 5]  # the copy: weight by weight in its first forward, then batched
+    first = prepared(x)  # a new round (the last backward freed the graph)
+    assert calls == [5, 5, 5, 5]
+    assert torch.equal(prepared(x), first)  # same weight versions: served again, no round
+    assert calls == [5, 5, 5, 5]
     with torch.no_grad():
         prepared.eval()
         prepared(x)  # eval: hard assignment per module, no round
-    assert calls == [5, 5, 5]
+    assert calls == [5, 5, 5, 5]
 
 
 def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
@@ -595,6 +602,72 @@ def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
             assert pal.steps == 1
         reads.append(mode.count)
     assert reads == [2, 2], reads
+
+
+class _Looped(nn.Module):
+    """One Linear applied twice per forward, as a loop or a siamese pair would."""
+
+    def __init__(self, width=48):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.a(torch.tanh(self.a(x)))
+
+
+def _looped(mode="dkm"):
+    torch.manual_seed(21)
+    model = _Looped()
+    cfg = {"n_bits": 2, "weight_threshold": 0, "palett_tau": 1e-3, "palett_mode": mode}
+    pal = DKMPalettizer(model, {"global_config": cfg})
+    return pal.prepare(inplace=True), torch.randn(8, 48, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_weight_version_gets_one_soft_weight_for_all_its_calls():
+    model, x = _looped()
+    ref = copy.deepcopy(model)
+    seen = []
+    model.a.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
+    loss = model(x).square().sum()
+    assert seen[0] is seen[1]  # both calls of the step use one soft weight
+    loss.backward()
+    # the reference: one soft k-means of the weight (weight by weight), used twice
+    lin = ref.a
+    soft = lin.weight_dkm(lin.weight)
+    want = nn.functional.linear(torch.tanh(nn.functional.linear(x, soft, lin.bias)), soft, lin.bias)
+    want.square().sum().backward()
+    torch.testing.assert_close(loss, want.square().sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.a.weight.grad, lin.weight.grad, rtol=1e-5, atol=1e-7)
+    # the centroids moved once, as the reference's single call moved them
+    assert torch.equal(model.a.weight_dkm.centroids, lin.weight_dkm.centroids)
+    # the backward freed the graph: the next forward (gradient accumulation, same weight)
+    # computes anew, from the centroids the first one left
+    cent = model.a.weight_dkm.centroids.clone()
+    model(x).square().sum().backward()
+    assert seen[2] is seen[3] and seen[2] is not seen[0]
+    assert not torch.equal(model.a.weight_dkm.centroids, cent)
+
+
+def test_losses_of_a_served_soft_weight_backward_separately_with_retain_graph():
+    model, x = _looped()
+    summed = copy.deepcopy(model)
+    (summed(x).sum() + summed(2 * x).sum()).backward()
+    l1, l2 = model(x).sum(), model(2 * x).sum()  # one graph through the soft k-means
+    l1.backward(retain_graph=True)
+    l2.backward()
+    torch.testing.assert_close(model.a.weight.grad, summed.a.weight.grad, rtol=1e-5, atol=1e-7)
+    l1, l2 = model(x).sum(), model(2 * x).sum()
+    l1.backward()  # frees the shared graph: as for any graph, a second backward needs it kept
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        l2.backward()
+
+
+def test_gumbel_weights_draw_new_noise_at_every_call():
+    model, x = _looped("gsm")
+    seen = []
+    model.a.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
+    model(x)
+    assert not torch.equal(seen[0], seen[1])
 
 
 def test_host_flags_follow_their_buffers():

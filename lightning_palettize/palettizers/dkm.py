@@ -139,11 +139,20 @@ class _DKMGroup:
     A pending result is used at most once and only for the exact state it was computed from:
     the same weight tensor at the same version counter and storage, the same centroids and
     scale (version and storage), the same grad mode. Anything else (the optimizer stepped, a
-    module called twice in one forward, a module run on its own, a state_dict load) starts a
-    new round, so every call computes what the unbatched soft k-means of the current weight
-    and centroids would. Pending results are dropped when a backward pass through a round
-    ends. Gumbel (gsm) weights keep computing one by one, in call order, so their noise stays
-    as documented.
+    module run on its own, a state_dict load) starts a new round, so every call computes what
+    the unbatched soft k-means of the current weight and centroids would.
+
+    *One soft weight per weight version*: a result served with gradients on is kept (it is
+    alive in the autograd graph anyway) and served again, the same tensor, to every later call
+    of its module while the weight, centroids and scale are unchanged since it was served: a
+    module called twice in one forward, the two towers of a contrastive / siamese step, a layer
+    applied at every step of a loop. They all use one palettized weight, as they share one
+    weight, the centroids move once per weight version instead of once per call, and autograd
+    sums the uses' gradients into one backward through the soft k-means (half the DKM work of
+    a two-forward step). Kept and pending results are dropped when a backward pass through a
+    round ends (the graph is freed then), so gradient accumulation recomputes each micro-batch
+    from the centroids the previous one left. Gumbel (gsm) weights keep computing one by one,
+    in call order, so their noise stays as documented.
 
     Deep copies and unpickled copies get a fresh, empty group (shared by the copied members).
     """
@@ -151,6 +160,7 @@ class _DKMGroup:
     def __init__(self) -> None:
         self._members: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._pending: dict[int, _Pending] = {}
+        self._served: dict[int, _Pending] = {}  # the soft weight each member last returned
 
     def __deepcopy__(self, memo: dict) -> _DKMGroup:
         return _DKMGroup()
@@ -172,9 +182,11 @@ class _DKMGroup:
     def leave(self, fp: FakePalettize) -> None:
         self._members.pop(id(fp), None)
         self._pending.pop(id(fp), None)
+        self._served.pop(id(fp), None)
 
     def clear(self) -> None:
         self._pending.clear()
+        self._served.clear()
 
     @staticmethod
     def _key(fp: FakePalettize, weight: Tensor) -> tuple:
@@ -189,18 +201,28 @@ class _DKMGroup:
             torch.is_grad_enabled(),
         )
 
+    def _valid(self, entry: _Pending | None, fp: FakePalettize, weight: Tensor) -> bool:
+        return entry is not None and entry.weight is weight and entry.key == self._key(fp, weight)
+
     def soft_weight(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         """The soft-palettized ``weight`` of ``fp`` (training mode, enabled)."""
+        served = self._served.get(id(fp))
+        if self._valid(served, fp, weight):
+            return served.soft  # this weight version's soft weight, already in the graph
+        soft = self._compute(fp, module, weight)
+        if fp.cfg.palett_mode != "gsm" and soft.requires_grad:
+            # kept until a backward pass through it ends (its graph is freed then)
+            soft.register_hook(self._drop_after_backward)
+            self._served[id(fp)] = _Pending(weight, self._key(fp, weight), soft, fp.centroids)
+        return soft
+
+    def _compute(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         if self.join(fp, module):
             # joining lazily (a copied model): the members are still being discovered, so a
             # round now would miss the rest; the first forward computes weight by weight
             return fp(weight)
         pending = self._pending.pop(id(fp), None)
-        if (
-            pending is not None
-            and pending.weight is weight
-            and pending.key == self._key(fp, weight)
-        ):
+        if self._valid(pending, fp, weight):
             with torch.no_grad():
                 fp.centroids.copy_(pending.centroids)
             return pending.soft
@@ -222,9 +244,10 @@ class _DKMGroup:
             if other.cfg.palett_mode == "gsm" or not attached:
                 continue
             w = other.live_weight(mod)[1]
-            p = self._pending.get(key)
-            if p is not None and p.weight is w and p.key == self._key(other, w):
+            if self._valid(self._pending.get(key), other, w):
                 continue  # still valid: computed from this very state
+            if self._valid(self._served.get(key), other, w):
+                continue  # its next call reuses the soft weight it was served
             todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
         mine = None
         for members in todo.values():
@@ -243,9 +266,7 @@ class _DKMGroup:
                     mine = soft
                 else:
                     self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent)
-        if mine is not None and mine.requires_grad and self._pending:
-            mine.register_hook(self._drop_after_backward)
-        return mine
+        return mine  # (soft_weight drops the pending results with the kept ones)
 
     def _drop_after_backward(self, grad: Tensor) -> None:
         # runs inside the backward pass: drop what is left once it has finished
@@ -499,6 +520,16 @@ class DKMPalettizer:
     after the milestone is as accurate as post-training palettization, and training moves on
     from there. The soft k-means costs O(N) memory and time per step (see
     :mod:`lightning_palettize.soft_kmeans`), not coremltools' several N x K tensors.
+
+    A weight is soft-palettized once per version: every call of its module until the weight
+    (or its centroids) changes gets the same soft weight, as the weight itself is shared (a
+    layer called twice in one forward, the two towers of a contrastive step, a loop). The
+    centroids then move once per optimizer step rather than once per call, and autograd sums
+    the uses into one backward through the soft k-means. (coremltools runs the k-means again
+    at every call, from the centroids the previous call left.) A backward pass frees that
+    shared graph: to backward two losses built from one soft weight separately, pass
+    ``retain_graph=True`` to the first, as with any shared graph; the next forward after a
+    backward computes anew (gradient accumulation).
 
     Args:
         model: the model to palettize.
