@@ -11,6 +11,7 @@ Sections (each can be selected with --sections):
             and 4 bits: our DKM vs coremltools' DKM vs our PostTrainingPalettizer.
 
 Run:  python bench/dkm.py [--quick] [--sections speed,ct,memory,accuracy] [--threads 1]
+      [--steps 8] [--workloads mlp,minilm]
 Writes bench/results/<out>.json and prints markdown tables.
 """
 
@@ -271,11 +272,16 @@ def main() -> None:
     add_common_args(parser, "dkm")
     parser.add_argument("--sections", default="speed,ct,memory,accuracy")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--workloads", default=None, help="speed section: comma-separated subset of the workloads"
+    )
     parser.add_argument("--budget", type=int, default=150, help="DKM steps for the accuracy run")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     sections = args.sections.split(",")
     names = ["mlp", "conv"] if args.quick else ["mlp", "conv", "minilm", "linear4096"]
+    if args.workloads:
+        names = args.workloads.split(",")
     bits = [4] if args.quick else [2, 4]
     grans = ["tensor"] if args.quick else ["tensor", "g16"]
     out: dict = {"threads": threads}

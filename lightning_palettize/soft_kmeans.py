@@ -1138,7 +1138,8 @@ _GRID_COARSE_SLACK = 1.1
 _GRID_NODE_COST = 12.0
 _GRID_MAX_NODES = 1 << 16
 # "auto" takes the grid (CPU) for float32 groups of at least _GRID_AUTO_MIN_GROUP elements when
-# it needs at most 1 / _GRID_AUTO_FRACTION of them (and _GRID_MAX_NODES) as nodes. Smaller
+# the tensor's groups need at most 1 / _GRID_AUTO_FRACTION of its elements as nodes in all
+# (each group at most its own elements and _GRID_MAX_NODES; see _scalar_kind). Smaller
 # groups cost little either way and keep the exact engine; fp16 / bf16 weights keep the table,
 # which is exact for them. Measured in one process against the table: 5-20% faster per step
 # on the bench MLP, MiniLM and 4096x4096 per tensor, 2.4-3.5x with group_size 16.
@@ -1163,7 +1164,8 @@ class _GridSpec:
     # set by forward: None when every iteration's centroids were resolved, else the counts
     # per cell they need (the rebuild takes the larger of both)
     missing: Tensor | None = None
-    cap: int = _GRID_MAX_NODES  # most nodes a rebuild may use
+    cap: int = _GRID_MAX_NODES  # most nodes a rebuild may use per group
+    total_cap: int | None = None  # most nodes a rebuild may use over all groups (None: any)
     fallback: str = "exact"  # the kind that runs when no grid fits
 
     def values(self, use_c: bool = False) -> Tensor:
@@ -1243,11 +1245,14 @@ def _grid_counts(
     return torch.maximum(out, need, out=out)
 
 
-def _grid_from_counts(lo, span, counts: Tensor, max_nodes: int) -> _GridSpec | None:
-    """The grid with ``counts`` [G, C] nodes per cell, or None beyond ``max_nodes``."""
+def _grid_from_counts(
+    lo, span, counts: Tensor, max_nodes: int, max_total: int | None = None
+) -> _GridSpec | None:
+    """The grid with ``counts`` [G, C] nodes per cell, or None beyond ``max_nodes`` in a group
+    or ``max_total`` over all groups."""
     total = counts.sum(1) + 1
-    need = float(total.amax())  # the one host read (CPU: free)
-    if not need <= max_nodes:
+    need, whole = (float(t) for t in torch.stack((total.amax(), total.sum())))  # one host read
+    if not need <= max_nodes or (max_total is not None and not whole <= max_total):
         return None
     nodes = max(8, -(-int(need) // 8) * 8)
     if nodes > max_nodes:
@@ -1260,9 +1265,12 @@ def _grid_from_counts(lo, span, counts: Tensor, max_nodes: int) -> _GridSpec | N
     return _GridSpec(lo.contiguous(), inv_w.float().contiguous(), span, fc, off, lens, nodes)
 
 
-def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec | None:
-    """The grid of a [G, N] tensor with centroids c0 [G, K], or None when it needs more than
-    ``max_nodes`` nodes or a group holds a non-finite value."""
+def _grid_spec(
+    flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int, max_total: int | None = None
+) -> _GridSpec | None:
+    """The grid of a [G, N] tensor with centroids c0 [G, K], or None when a group needs more
+    than ``max_nodes`` nodes, all groups more than ``max_total``, or a group holds a
+    non-finite value."""
     if flat.shape[0] == 1:
         lo, hi = (t.view(1) for t in torch.aminmax(flat))
     else:
@@ -1290,7 +1298,10 @@ def _grid_spec(flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int) -> _GridSpec
     extra = float(uniform.sum()) - float(counts.sum())
     if extra * c0.shape[1] * _GRID_NODE_COST <= flat.numel():
         counts = uniform
-    return _grid_from_counts(lo, span, counts, max_nodes)
+    spec = _grid_from_counts(lo, span, counts, max_nodes, max_total)
+    if spec is not None:
+        spec.cap, spec.total_cap = max_nodes, max_total
+    return spec
 
 
 def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
@@ -1302,9 +1313,13 @@ def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
         spec.missing = need.ceil_()
 
 
-def _grid_rebuilt(spec: _GridSpec, max_nodes: int) -> _GridSpec | None:
+def _grid_rebuilt(spec: _GridSpec) -> _GridSpec | None:
+    """The grid with the nodes ``spec.missing`` asked for, within the spec's caps (or None)."""
     counts = torch.maximum(spec.fc, spec.missing)
-    return _grid_from_counts(spec.lo, spec.span, counts, max_nodes)
+    new = _grid_from_counts(spec.lo, spec.span, counts, spec.cap, spec.total_cap)
+    if new is not None:
+        new.cap, new.total_cap, new.fallback = spec.cap, spec.total_cap, spec.fallback
+    return new
 
 
 def _grid_cells(flat: Tensor, spec: _GridSpec) -> tuple[Tensor, Tensor]:
@@ -1878,8 +1893,9 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
     g, u = v.shape
     k = c.shape[1]
     ct = _c_cfg(cfg, k, c)
-    # the AVX2 kernels keep each iteration's attention in blocks of 8 codes; the last one is
-    # the output's (and backward's last step's) when every group ran it
+    # the AVX2 kernels keep the last iteration's attention in blocks of 8 codes (written by
+    # the iteration that can only be the last, max_iter - 1): the output's and backward's last
+    # step's, when every group ran that iteration
     p_keep = None
     if _dkm_cpu.simd(ct) and g * k * 8 * ((u + 7) // 8) <= _keep_budget(v.device):
         p_keep = v.new_empty(g * k * 8 * ((u + 7) // 8))
@@ -1896,15 +1912,15 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
             ct,
             sm.data_ptr(),
             _ptr(inertia),
-            _ptr(p_keep),
+            _ptr(p_keep) if t == cfg.max_iter - 1 else 0,
             _ptr(lens),
         )
         return sm, inertia, None
 
     hist, prev_c, last_c, last_it = _scalar_iterations(c, cfg, sync_free, step)
     prev_c, last_c = prev_c.contiguous(), last_c.contiguous()
-    if hist[-1][3] is not None:
-        p_keep = None  # some groups' output comes from an earlier iteration
+    if len(hist) < cfg.max_iter or hist[-1][3] is not None:
+        p_keep = None  # the loop stopped early, or some groups' output is an earlier iteration's
     y = v.new_empty(g, u)
     _dkm_cpu.out_y(
         v.data_ptr(),
@@ -2665,23 +2681,28 @@ def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
 def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg):
     """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
 
-    "auto" takes the grid on the CPU for float32 groups of at least 4,096 elements when it
-    needs at most half of them (and 65,536) as nodes; method "grid" takes it up to 65,536
-    nodes. Otherwise (and for a group holding a non-finite value) the code engine runs where
-    "auto" resolved to it, else the element engine.
+    "auto" takes the grid on the CPU for float32 groups of at least 4,096 elements when the
+    groups need at most half of their elements as nodes in all, each group at most its own
+    element count (and 65,536): the per-node kernels skip each group's padding, so a few
+    heavy-tailed groups (a far outlier's narrow transition inside a wide cell) cost their own
+    nodes, not the whole tensor's move to the per-element engine; the padded node tables are
+    never larger than the elements. Method "grid" takes it up to 65,536 nodes per group.
+    Otherwise (and for a group holding a non-finite value) the code engine runs where "auto"
+    resolved to it, else the element engine.
     """
     g, n = x.shape[0], x.shape[1]
     fallback = "table" if resolved == "table" else "exact"
     auto = asked == "auto" and _host_layout(x.device) and n >= _GRID_AUTO_MIN_GROUP
     auto = auto and x.dtype == torch.float32
     if asked == "grid" or (auto and _grid_allowed(cfg)):
-        cap = _GRID_MAX_NODES if asked == "grid" else min(_GRID_MAX_NODES, n // _GRID_AUTO_FRACTION)
-        if cap >= 8:
-            c0 = centroids.detach().reshape(g, -1).float()
-            spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap)
-            if spec is not None:
-                spec.cap, spec.fallback = cap, fallback
-                return spec
+        cap, total = _GRID_MAX_NODES, None
+        if asked != "grid":
+            cap, total = min(_GRID_MAX_NODES, n), g * n // _GRID_AUTO_FRACTION
+        c0 = centroids.detach().reshape(g, -1).float()
+        spec = _grid_spec(x.detach().reshape(g, n), c0, cfg, cap, total)
+        if spec is not None:
+            spec.fallback = fallback
+            return spec
     return fallback
 
 
@@ -2712,9 +2733,7 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
                 if isinstance(kind, _GridSpec) and kind.missing is not None:
                     # a transition moved off the grid's fine cells: once more on a grid
                     # covering it, then on the other engines (this result is discarded)
-                    new = _grid_rebuilt(kind, kind.cap) if attempt == 0 else None
-                    if new is not None:
-                        new.cap, new.fallback = kind.cap, kind.fallback
+                    new = _grid_rebuilt(kind) if attempt == 0 else None
                     kinds[i] = new if new is not None else kind.fallback
                     retry.append(i)
                 else:

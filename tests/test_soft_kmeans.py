@@ -494,6 +494,41 @@ def test_grid_refuses_too_many_nodes_and_non_finite_values():
     assert sk._grid_spec(bad, c, _grid_cfg(), 1 << 16) is None
 
 
+def _heavy_groups(heavy: list[int], outlier=2.0, g=8, n=4096, k=16):
+    """[G, N, 1] weights ~ N(0, 0.05) and quantile centroids; each group in ``heavy`` holds one
+    far weight with its own centroid: a sharp transition inside a wide cell, which needs most
+    of the group's elements as nodes (the MiniLM feed-forward case)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(g, n, generator=gen) * 0.05
+    c = torch.quantile(x, torch.linspace(0.02, 0.98, k - 1), dim=1).T
+    c = torch.cat([c, torch.full((g, 1), 0.5)], 1)
+    x[heavy, 0] = outlier
+    c[heavy, -1] = outlier
+    return x.unsqueeze(2), c.contiguous().unsqueeze(2)
+
+
+def test_auto_grid_caps_the_tensors_nodes_not_its_widest_group():
+    cfg = _grid_cfg()
+    x, c0 = _heavy_groups([0])
+    g, n = x.shape[0], x.shape[1]
+    kind = sk._scalar_kind(x, c0, "dense", "auto", cfg)
+    assert isinstance(kind, sk._GridSpec)
+    # group 0 needs more than half its elements (the per-group rule used to send the whole
+    # tensor to the per-element engine), the tensor far less than half of all of them
+    assert kind.lens[0] > n // 2 and int(kind.lens.sum()) <= g * n // 2, kind.lens
+    assert kind.nodes <= n  # padded node tables no larger than the elements
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    got = run(soft_kmeans, x, c0, w, tau=1e-4)
+    want = run(soft_kmeans, x, c0, w, tau=1e-4, method="dense")
+    out, cent, grad = grid_errors(got, want, c0)
+    assert out < 2e-3 and cent < 3e-3 and grad < 3e-3, (out, cent, grad)
+    # every group heavy: more nodes than half the elements in all, the element engine
+    x, c0 = _heavy_groups(list(range(8)), outlier=4.0)
+    assert sk._scalar_kind(x, c0, "dense", "auto", cfg) == "exact"
+    # method="grid" takes it anyway (up to 65,536 nodes per group)
+    assert isinstance(sk._scalar_kind(x, c0, "grid", "grid", cfg), sk._GridSpec)
+
+
 def test_grid_rebuilt_when_a_transition_leaves_its_zone(monkeypatch):
     # centroids that start far from where the iterations take them: the first grid misses
     # the moved transitions, forward reports it and the call reruns on a grid covering them
