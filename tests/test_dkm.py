@@ -3,6 +3,7 @@
 import copy
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -575,14 +576,19 @@ def test_rounds_batch_every_weight_in_one_call(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         (a.sum() + b.sum()).backward()  # frees the graphs: the next forward recomputes
     assert calls == [5, 5, 5]  # the copy: weight by weight in its first forward, then batched
-    first = prepared(x)  # a new round (the last backward freed the graph)
+    prepared(x)  # a new round (the last backward freed the graph)
     assert calls == [5, 5, 5, 5]
-    assert torch.equal(prepared(x), first)  # same weight versions: served again, no round
-    assert calls == [5, 5, 5, 5]
+    # called again at the same weight versions: the soft weights were only weakly held (no
+    # module had been seen called twice), so this first repeat computes anew; the members are
+    # then held and served again
+    second = prepared(x)
+    assert calls == [5, 5, 5, 5, 5]
+    assert torch.equal(prepared(x), second)
+    assert calls == [5, 5, 5, 5, 5]
     with torch.no_grad():
         prepared.eval()
         prepared(x)  # eval: hard assignment per module, no round
-    assert calls == [5, 5, 5, 5]
+    assert calls == [5, 5, 5, 5, 5]
 
 
 def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
@@ -623,8 +629,19 @@ def _looped(mode="dkm"):
     return pal.prepare(inplace=True), torch.randn(8, 48, generator=torch.Generator().manual_seed(3))
 
 
+def _called_twice_once(model, x):
+    """One step without update: the group learns that ``model.a`` is called twice per forward
+    (that first repeat computes anew, from the centroids the first call left)."""
+    fp = model.a.weight_dkm
+    assert id(fp) not in fp._group._again
+    model(x).sum().backward()
+    assert id(fp) in fp._group._again
+    model.zero_grad()
+
+
 def test_a_weight_version_gets_one_soft_weight_for_all_its_calls():
     model, x = _looped()
+    _called_twice_once(model, x)
     ref = copy.deepcopy(model)
     seen = []
     model.a.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
@@ -650,7 +667,9 @@ def test_a_weight_version_gets_one_soft_weight_for_all_its_calls():
 
 def test_losses_of_a_served_soft_weight_backward_separately_with_retain_graph():
     model, x = _looped()
-    summed = copy.deepcopy(model)
+    summed = copy.deepcopy(model)  # (a copy learns its members' calls anew)
+    _called_twice_once(model, x)
+    _called_twice_once(summed, x)
     (summed(x).sum() + summed(2 * x).sum()).backward()
     l1, l2 = model(x).sum(), model(2 * x).sum()  # one graph through the soft k-means
     l1.backward(retain_graph=True)
@@ -660,6 +679,18 @@ def test_losses_of_a_served_soft_weight_backward_separately_with_retain_graph():
     l1.backward()  # frees the shared graph: as for any graph, a second backward needs it kept
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         l2.backward()
+
+
+def test_a_weight_called_once_is_not_held_through_the_step():
+    # a layer whose consumer does not keep its weight (the input needs no gradient) frees its
+    # soft weight after the forward: nothing keeps a weight-sized tensor until backward
+    model, x = _looped()
+    lin = model.a
+    soft = lin.weight_dkm._group.soft_weight(lin.weight_dkm, lin, lin.weight)
+    ref = weakref.ref(soft)
+    nn.functional.linear(x, soft).sum().backward()
+    del soft
+    assert ref() is None
 
 
 def test_gumbel_weights_draw_new_noise_at_every_call():

@@ -16,6 +16,7 @@ same Core ML metadata as
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import IO, Any
 
@@ -126,6 +127,20 @@ class _Pending:
         self.weight, self.key, self.soft, self.centroids = weight, key, soft, centroids
 
 
+class _Served:
+    """The soft weight a member was last served, for the state it came from (see _DKMGroup):
+    held strongly for members seen called again at one weight version, else weakly."""
+
+    __slots__ = ("weight", "key", "ref", "serial")
+
+    def __init__(self, weight: Tensor, key: tuple, soft: Tensor, serial: int, strong: bool):
+        self.weight, self.key, self.serial = weight, key, serial
+        self.ref = (lambda: soft) if strong else weakref.ref(soft)
+
+    def soft(self) -> Tensor | None:
+        return self.ref()
+
+
 class _DKMGroup:
     """Batches the soft k-means of the FakePalettize children of one model.
 
@@ -142,17 +157,22 @@ class _DKMGroup:
     module run on its own, a state_dict load) starts a new round, so every call computes what
     the unbatched soft k-means of the current weight and centroids would.
 
-    *One soft weight per weight version*: a result served with gradients on is kept (it is
-    alive in the autograd graph anyway) and served again, the same tensor, to every later call
-    of its module while the weight, centroids and scale are unchanged since it was served: a
-    module called twice in one forward, the two towers of a contrastive / siamese step, a layer
-    applied at every step of a loop. They all use one palettized weight, as they share one
-    weight, the centroids move once per weight version instead of once per call, and autograd
-    sums the uses' gradients into one backward through the soft k-means (half the DKM work of
-    a two-forward step). Kept and pending results are dropped when a backward pass through a
-    round ends (the graph is freed then), so gradient accumulation recomputes each micro-batch
-    from the centroids the previous one left. Gumbel (gsm) weights keep computing one by one,
-    in call order, so their noise stays as documented.
+    *One soft weight per weight version*: a result served with gradients on is remembered and
+    served again, the same tensor, to every later call of its module while the weight,
+    centroids and scale are unchanged since it was served: a module called twice in one
+    forward, the two towers of a contrastive / siamese step, a layer applied at every step of
+    a loop. They all use one palettized weight, as they share one weight, the centroids move
+    once per weight version instead of once per call, and autograd sums the uses' gradients
+    into one backward through the soft k-means (half the DKM work of a two-forward step). The
+    reference is weak until the member is seen called again at one weight version, so a layer
+    called once whose consumer does not keep its weight (an input without gradient) does not
+    hold a weight-sized tensor through the step; such a first repeat (a view's weak
+    reference dies with its Python object) computes anew, from the centroids the first call
+    left, and from then on the member's soft weights are held. A served weight is forgotten
+    once backward reaches it, pending results when a backward pass through a round ends (the
+    graph is freed then), so gradient accumulation recomputes each micro-batch from the
+    centroids the previous one left. Gumbel (gsm) weights keep computing one by one, in call
+    order, so their noise stays as documented.
 
     Deep copies and unpickled copies get a fresh, empty group (shared by the copied members).
     """
@@ -160,7 +180,9 @@ class _DKMGroup:
     def __init__(self) -> None:
         self._members: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._pending: dict[int, _Pending] = {}
-        self._served: dict[int, _Pending] = {}  # the soft weight each member last returned
+        self._served: dict[int, _Served] = {}  # the soft weight each member last returned
+        self._serial = 0
+        self._again: set[int] = set()  # members seen called again at one weight version
 
     def __deepcopy__(self, memo: dict) -> _DKMGroup:
         return _DKMGroup()
@@ -183,6 +205,7 @@ class _DKMGroup:
         self._members.pop(id(fp), None)
         self._pending.pop(id(fp), None)
         self._served.pop(id(fp), None)
+        self._again.discard(id(fp))
 
     def clear(self) -> None:
         self._pending.clear()
@@ -201,20 +224,35 @@ class _DKMGroup:
             torch.is_grad_enabled(),
         )
 
-    def _valid(self, entry: _Pending | None, fp: FakePalettize, weight: Tensor) -> bool:
+    def _valid(self, entry: _Pending | _Served | None, fp: FakePalettize, weight: Tensor) -> bool:
         return entry is not None and entry.weight is weight and entry.key == self._key(fp, weight)
 
     def soft_weight(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         """The soft-palettized ``weight`` of ``fp`` (training mode, enabled)."""
         served = self._served.get(id(fp))
         if self._valid(served, fp, weight):
-            return served.soft  # this weight version's soft weight, already in the graph
+            soft = served.soft()
+            if soft is not None:
+                return soft  # this weight version's soft weight, alive in the graph
+            self._again.add(id(fp))  # called again: hold its soft weights from now on
         soft = self._compute(fp, module, weight)
         if fp.cfg.palett_mode != "gsm" and soft.requires_grad:
-            # kept until a backward pass through it ends (its graph is freed then)
-            soft.register_hook(self._drop_after_backward)
-            self._served[id(fp)] = _Pending(weight, self._key(fp, weight), soft, fp.centroids)
+            # kept until a backward pass reaches it (its graph is being freed then)
+            self._serial += 1
+            strong = id(fp) in self._again
+            entry = _Served(weight, self._key(fp, weight), soft, self._serial, strong)
+            self._served[id(fp)] = entry
+            soft.register_hook(functools.partial(self._reached, id(fp), self._serial))
         return soft
+
+    def _reached(self, key: int, serial: int, grad: Tensor) -> None:
+        # backward reached a served soft weight: no later call may reuse it, and it is dropped
+        # now rather than at the end of the pass (a weight-sized tensor kept alive through
+        # the rest of backward would add one weight's size to the peak memory)
+        entry = self._served.get(key)
+        if entry is not None and entry.serial == serial:
+            del self._served[key]
+        self._drop_after_backward(grad)
 
     def _compute(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         if self.join(fp, module):
@@ -246,7 +284,8 @@ class _DKMGroup:
             w = other.live_weight(mod)[1]
             if self._valid(self._pending.get(key), other, w):
                 continue  # still valid: computed from this very state
-            if self._valid(self._served.get(key), other, w):
+            served = self._served.get(key)
+            if self._valid(served, other, w) and served.soft() is not None:
                 continue  # its next call reuses the soft weight it was served
             todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
         mine = None
@@ -526,10 +565,12 @@ class DKMPalettizer:
     layer called twice in one forward, the two towers of a contrastive step, a loop). The
     centroids then move once per optimizer step rather than once per call, and autograd sums
     the uses into one backward through the soft k-means. (coremltools runs the k-means again
-    at every call, from the centroids the previous call left.) A backward pass frees that
-    shared graph: to backward two losses built from one soft weight separately, pass
-    ``retain_graph=True`` to the first, as with any shared graph; the next forward after a
-    backward computes anew (gradient accumulation).
+    at every call, from the centroids the previous call left.) A module is held to this once
+    it has been seen called again at one weight version (that first repeat computes anew), so
+    a layer called once keeps no weight-sized tensor beyond what its consumer keeps. A
+    backward pass frees that shared graph: to backward two losses built from one soft weight
+    separately, pass ``retain_graph=True`` to the first, as with any shared graph; the next
+    forward after a backward computes anew (gradient accumulation).
 
     Args:
         model: the model to palettize.
