@@ -18,6 +18,7 @@ Writes bench/results/<out>.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -40,6 +41,47 @@ from bench._harness import (  # noqa: E402
     write_json,
 )
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
+from lightning_palettize import soft_kmeans as sk  # noqa: E402
+
+
+@contextlib.contextmanager
+def recorded_paths(out: dict):
+    """Records in ``out["paths"]`` which code paths our DKM took inside the block: compiled
+    kernels (and their AVX2 variant) or the torch code, the engine of each soft k-means call
+    (grid / 16-bit code table / per element), and how many weight gradients were written in
+    place, so that an outlier figure says what ran differently."""
+    kinds: dict[str, int] = {}
+    verdicts = [0, 0]
+    real_kind, real_over = sk._scalar_kind, sk._overwritable
+
+    def kind(*args):
+        k = real_kind(*args)
+        name = "grid" if isinstance(k, sk._GridSpec) else str(k)
+        kinds[name] = kinds.get(name, 0) + 1
+        return k
+
+    def over(*args):
+        ok = real_over(*args)
+        verdicts[bool(ok)] += 1
+        return ok
+
+    sk._scalar_kind, sk._overwritable = kind, over
+    try:
+        yield
+    finally:
+        sk._scalar_kind, sk._overwritable = real_kind, real_over
+        compiled = sk._dkm_cpu is not None and sk._USE_C
+        cfg = sk._make_cfg(
+            "bench", torch.device("cpu"), 1e-4, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None,
+            "auto", False,
+        )[0]  # fmt: skip
+        simd = compiled and bool(sk._dkm_cpu.simd(sk._c_cfg(cfg, 16)))
+        engine = "compiled AVX2" if simd else ("compiled portable" if compiled else "torch")
+        calls = " ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        out["paths"] = (
+            f"{engine}; {calls or 'no scalar calls'}; in place {verdicts[1]}/{sum(verdicts)}"
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # workloads: (model, batches, loss_fn, optimizer factory)
@@ -252,7 +294,8 @@ def bench_accuracy(bits, budget, with_ct):
         pal = DKMPalettizer(model, cfg)
         prepared = pal.prepare(inplace=True)
         t0 = time.perf_counter()
-        train_steps(prepared, batches, make_opt, budget, _ce, pal.step)
+        with recorded_paths(row):
+            train_steps(prepared, batches, make_opt, budget, _ce, pal.step)
         row["ours_dkm_s"] = time.perf_counter() - t0
         row["ours_dkm_acc"] = W.accuracy(pal.finalize(), data.x_test, data.y_test)
         if with_ct:
@@ -298,7 +341,9 @@ def main() -> None:
         out["accuracy"] = bench_accuracy(
             [4] if args.quick else [2, 3, 4], 40 if args.quick else args.budget, True
         )
-        print_table(out["accuracy"])
+        print_table(out["accuracy"], [k for k in out["accuracy"][0] if k != "paths"])
+        for row in out["accuracy"]:
+            print(f"  {row['n_bits']} bits, our DKM: {row['paths']}")
     print("wrote", write_json(args.out, out))
 
 
