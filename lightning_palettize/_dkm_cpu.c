@@ -1132,42 +1132,10 @@ AVX int window_at(const win_t *w, const float *vg, int64_t i, int64_t Ug, int64_
 
 #define AVXI __attribute__((target("avx2,fma"), always_inline)) static inline
 
-/* P of a block over the slots ks (the softmax of -D / tau, nearest-relative): e[k] for k in
- * ks; returns D_min */
-AVX __m256 probs8(__m256 v, const float *c, const int32_t *ks, int nk, __m256 factor,
-                  __m256 adj0, __m256 *e, const int win_on) {
-    int64_t k0 = KS(0);
-    __m256 c0 = _mm256_set1_ps(c[k0]), am = k0 == 0 ? adj0 : _mm256_setzero_ps();
-    __m256 a0 = _mm256_sub_ps(v, c0);
-    __m256 dmin = _mm256_fmadd_ps(a0, a0, am), cm = c0;
-    for (int j = 1; j < nk; j++) {
-        __m256 ck = _mm256_set1_ps(c[KS(j)]);
-        __m256 a = _mm256_sub_ps(v, ck);
-        __m256 d = _mm256_mul_ps(a, a);
-        __m256 lt = _mm256_cmp_ps(d, dmin, _CMP_LT_OQ);
-        dmin = _mm256_blendv_ps(dmin, d, lt);
-        cm = _mm256_blendv_ps(cm, ck, lt);
-        am = _mm256_andnot_ps(lt, am);
-    }
-    __m256 bm = _mm256_sub_ps(v, cm), sum = _mm256_setzero_ps();
-    for (int j = 0; j < nk; j++) {
-        int64_t k = KS(j);
-        __m256 ck = _mm256_set1_ps(c[k]);
-        __m256 gap = _mm256_mul_ps(_mm256_sub_ps(cm, ck), _mm256_add_ps(_mm256_sub_ps(v, ck), bm));
-        gap = _mm256_sub_ps(gap, am);
-        if (k == 0) gap = _mm256_add_ps(gap, adj0);
-        __m256 ek = exp2_neg_v(_mm256_mul_ps(gap, factor));
-        e[k] = ek;
-        sum = _mm256_add_ps(sum, ek);
-    }
-    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
-    for (int j = 0; j < nk; j++) e[KS(j)] = _mm256_mul_ps(e[KS(j)], inv);
-    return dmin;
-}
-
-/* probs8 for two blocks a and b over the same slots, in lockstep: the same arithmetic per
- * block (bit-identical results), twice the independent work in flight (one block's chain of
- * minimum, exponentials and sum is mostly latency) */
+/* P of two blocks of 8 codes a and b over the slots ks (the softmax of -D / tau, relative to
+ * each code's nearest centroid), in lockstep: ea[k] / eb[k] for k in ks, and D_min of each.
+ * One block's chain of minimum, exponentials and sum is mostly latency: two in flight cost
+ * little more than one (a lone block passes itself as b). */
 AVXI void probs8x2(__m256 va, __m256 vb, const float *c, const int32_t *ks, int nk,
                    __m256 factor, __m256 adj0, __m256 *ea, __m256 *eb, __m256 *dmina,
                    __m256 *dminb, const int win_on) {
@@ -1235,7 +1203,7 @@ AVXI __m256 *pair_block(const float *vg, int64_t i, int64_t Ug, const float *cg,
         *vnext = load8(vg, i + 8, Ug, 1);
         probs8x2(*vv, *vnext, cg, ks, nk, factor, adj0, e, e2, dmin, dnext, win_on);
     } else {
-        *dmin = probs8(*vv, cg, ks, nk, factor, adj0, e, win_on);
+        probs8x2(*vv, *vv, cg, ks, nk, factor, adj0, e, e2, dmin, dnext, win_on);
     }
     return e;
 }
