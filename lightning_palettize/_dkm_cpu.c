@@ -1813,6 +1813,83 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* row_range(x, rows, n, lo, hi): each row's min and max of the float32 [rows, n] x into lo /
+ * hi (float32 [rows]); returns whether every element is finite (else lo / hi are unspecified).
+ * One pass instead of torch's amin, amax and isfinite. */
+static int row_range_generic(const float *x, int64_t rows, int64_t n, float *lo, float *hi) {
+    float bad = 0.0f; /* x - x: 0 for a finite x, NaN for an infinite or NaN one */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float a = xr[0], b = xr[0];
+        for (int64_t i = 0; i < n; i++) {
+            a = xr[i] < a ? xr[i] : a;
+            b = xr[i] > b ? xr[i] : b;
+            bad += xr[i] - xr[i];
+        }
+        lo[r] = a;
+        hi[r] = b;
+    }
+    return bad == 0.0f;
+}
+
+#if DKM_X86
+AVX2F static int row_range_v(const float *x, int64_t rows, int64_t n, float *lo, float *hi) {
+    __m256 bad = _mm256_setzero_ps();
+    float tail_bad = 0.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        __m256 a = _mm256_set1_ps(xr[0]), b = a;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            a = _mm256_min_ps(a, v);
+            b = _mm256_max_ps(b, v);
+            bad = _mm256_add_ps(bad, _mm256_sub_ps(v, v));
+        }
+        float la[8], lb[8];
+        _mm256_storeu_ps(la, a);
+        _mm256_storeu_ps(lb, b);
+        float mn = la[0], mx = lb[0];
+        for (int t = 1; t < 8; t++) {
+            mn = la[t] < mn ? la[t] : mn;
+            mx = lb[t] > mx ? lb[t] : mx;
+        }
+        for (; i < n; i++) {
+            mn = xr[i] < mn ? xr[i] : mn;
+            mx = xr[i] > mx ? xr[i] : mx;
+            tail_bad += xr[i] - xr[i];
+        }
+        lo[r] = mn;
+        hi[r] = mx;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, bad);
+    for (int t = 0; t < 8; t++) tail_bad += lanes[t];
+    return tail_bad == 0.0f;
+}
+#endif
+
+static PyObject *py_row_range(PyObject *self, PyObject *args) {
+    unsigned long long x, lo, hi;
+    Py_ssize_t rows, n;
+    if (!PyArg_ParseTuple(args, "KnnKK", &x, &rows, &n, &lo, &hi)) return NULL;
+    if (rows < 0 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "row_range: needs rows >= 0 and n >= 1");
+        return NULL;
+    }
+    int ok;
+    int fast = fast_cpu();
+    Py_BEGIN_ALLOW_THREADS
+#if DKM_X86
+    if (fast) ok = row_range_v(P(const float *, x), rows, n, P(float *, lo), P(float *, hi));
+    else
+#endif
+    ok = row_range_generic(P(const float *, x), rows, n, P(float *, lo), P(float *, hi));
+    Py_END_ALLOW_THREADS
+    (void)fast;
+    return PyBool_FromLong(ok);
+}
+
 /* put(dst, step, lane, codes, ldc, src, lds, G, u): per-code values into the [G, 65537]
  * tables, dst[(g 65537 + codes[g][i]) step + lane] = src[g][i] for i < u (float32; src 0:
  * zeros into float64 tables instead) */
@@ -1842,6 +1919,7 @@ static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
     {"put", py_put, METH_VARARGS, "per-code values into the 65537-bin tables"},
     {"grid_counts", py_grid_counts, METH_VARARGS, "nodes per grid cell that centroids need"},
+    {"row_range", py_row_range, METH_VARARGS, "each row's min and max, and whether all finite"},
     {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
     {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},
     {"simd", py_simd, METH_VARARGS, "simd(cfg) -> whether the AVX2 per-code kernels run"},

@@ -1258,7 +1258,7 @@ def _grid_from_counts(
     if nodes > max_nodes:
         nodes = int(need)
     cells = counts.shape[1]
-    inv_w = torch.where(span > 0, cells / span.clamp_min(1e-38), torch.zeros_like(span))
+    inv_w = torch.where(span > 0, cells / span.clamp_min(1e-38), 0.0)
     off = (counts.cumsum(1) - counts).to(torch.int32).contiguous()
     fc = counts.float().contiguous()
     lens = total.to(torch.int32)
@@ -1271,14 +1271,22 @@ def _grid_spec(
     """The grid of a [G, N] tensor with centroids c0 [G, K], or None when a group needs more
     than ``max_nodes`` nodes, all groups more than ``max_total``, or a group holds a
     non-finite value."""
-    if flat.shape[0] == 1:
-        lo, hi = (t.view(1) for t in torch.aminmax(flat))
+    if _c_kernels(flat.device) and flat.dtype == torch.float32 and flat.is_contiguous():
+        # one compiled pass: each group's min and max and whether all are finite
+        lo, hi = torch.empty(flat.shape[0]), torch.empty(flat.shape[0])
+        finite = _dkm_cpu.row_range(flat.data_ptr(), *flat.shape, lo.data_ptr(), hi.data_ptr())
+        span = hi - lo
+        if not finite or not math.isfinite(float(span.amax())):  # (a span may overflow)
+            return None
     else:
-        lo, hi = flat.amin(1), flat.amax(1)
-    lo, hi = lo.float(), hi.float()
-    span = hi - lo
-    if not bool(torch.isfinite(span).all()):
-        return None
+        if flat.shape[0] == 1:
+            lo, hi = (t.view(1) for t in torch.aminmax(flat))
+        else:
+            lo, hi = flat.amin(1), flat.amax(1)
+        lo, hi = lo.float(), hi.float()
+        span = hi - lo
+        if not bool(torch.isfinite(span).all()):
+            return None
     fine = _GRID_CELLS * _GRID_FINE_SPLIT
     raw = lo.new_zeros(lo.shape[0], fine)
     # (fractional counts under 1 / _GRID_FINE_SPLIT outside the cores change no layout's

@@ -492,6 +492,30 @@ def test_grid_refuses_too_many_nodes_and_non_finite_values():
     bad = flat.clone()
     bad[1, 7] = float("inf")
     assert sk._grid_spec(bad, c, _grid_cfg(), 1 << 16) is None
+    bad[1, 7] = float("nan")
+    assert sk._grid_spec(bad, c, _grid_cfg(), 1 << 16) is None
+    huge = flat.clone()
+    huge[2, :2] = torch.tensor([-3e38, 3e38])  # finite values whose span overflows
+    assert sk._grid_spec(huge, c, _grid_cfg(), 1 << 16) is None
+
+
+@needs_c_early
+@pytest.mark.parametrize("portable", [False, True])
+def test_compiled_row_range_equals_torch(portable):
+    gen = torch.Generator().manual_seed(40)
+    try:
+        sk._dkm_cpu.portable(portable)
+        for g, n in ((64, 8192), (3, 13), (1, 7), (5, 1)):
+            x = torch.randn(g, n, generator=gen)
+            lo, hi = torch.empty(g), torch.empty(g)
+            assert sk._dkm_cpu.row_range(x.data_ptr(), g, n, lo.data_ptr(), hi.data_ptr())
+            assert torch.equal(lo, x.amin(1)) and torch.equal(hi, x.amax(1))
+            for bad in (float("inf"), float("-inf"), float("nan")):
+                y = x.clone()
+                y[-1, -1] = bad  # (the scalar tail when n % 8, a vector lane otherwise)
+                assert not sk._dkm_cpu.row_range(y.data_ptr(), g, n, lo.data_ptr(), hi.data_ptr())
+    finally:
+        sk._dkm_cpu.portable(False)
 
 
 def _heavy_groups(heavy: list[int], outlier=2.0, g=8, n=4096, k=16):
