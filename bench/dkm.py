@@ -40,6 +40,7 @@ from bench._harness import (  # noqa: E402
     train_steps,
     write_json,
 )
+from bench.dkm_window import _cfg as dkm_window_cfg  # noqa: E402
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
 from lightning_palettize import soft_kmeans as sk  # noqa: E402
 
@@ -71,11 +72,7 @@ def recorded_paths(out: dict):
     finally:
         sk._scalar_kind, sk._overwritable = real_kind, real_over
         compiled = sk._dkm_cpu is not None and sk._USE_C
-        cfg = sk._make_cfg(
-            "bench", torch.device("cpu"), 1e-4, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None,
-            "auto", False,
-        )[0]  # fmt: skip
-        simd = compiled and bool(sk._dkm_cpu.simd(sk._c_cfg(cfg, 16)))
+        simd = compiled and bool(sk._dkm_cpu.simd(sk._c_cfg(dkm_window_cfg(1e-4), 16)))
         engine = "compiled AVX2" if simd else ("compiled portable" if compiled else "torch")
         calls = " ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
         out["paths"] = (

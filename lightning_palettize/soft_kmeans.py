@@ -1249,7 +1249,7 @@ def _grid_from_counts(
     lo, span, counts: Tensor, max_nodes: int, max_total: int | None = None
 ) -> _GridSpec | None:
     """The grid with ``counts`` [G, C] nodes per cell, or None beyond ``max_nodes`` in a group
-    or ``max_total`` over all groups."""
+    or ``max_total`` over all groups (the caps its rebuilds keep)."""
     total = counts.sum(1) + 1
     need, whole = (float(t) for t in torch.stack((total.amax(), total.sum())))  # one host read
     if not need <= max_nodes or (max_total is not None and not whole <= max_total):
@@ -1262,7 +1262,8 @@ def _grid_from_counts(
     off = (counts.cumsum(1) - counts).to(torch.int32).contiguous()
     fc = counts.float().contiguous()
     lens = total.to(torch.int32)
-    return _GridSpec(lo.contiguous(), inv_w.float().contiguous(), span, fc, off, lens, nodes)
+    inv_w = inv_w.float().contiguous()
+    return _GridSpec(lo.contiguous(), inv_w, span, fc, off, lens, nodes, None, max_nodes, max_total)
 
 
 def _grid_spec(
@@ -1306,10 +1307,7 @@ def _grid_spec(
     extra = float(uniform.sum()) - float(counts.sum())
     if extra * c0.shape[1] * _GRID_NODE_COST <= flat.numel():
         counts = uniform
-    spec = _grid_from_counts(lo, span, counts, max_nodes, max_total)
-    if spec is not None:
-        spec.cap, spec.total_cap = max_nodes, max_total
-    return spec
+    return _grid_from_counts(lo, span, counts, max_nodes, max_total)
 
 
 def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
@@ -1326,7 +1324,7 @@ def _grid_rebuilt(spec: _GridSpec) -> _GridSpec | None:
     counts = torch.maximum(spec.fc, spec.missing)
     new = _grid_from_counts(spec.lo, spec.span, counts, spec.cap, spec.total_cap)
     if new is not None:
-        new.cap, new.total_cap, new.fallback = spec.cap, spec.total_cap, spec.fallback
+        new.fallback = spec.fallback
     return new
 
 
