@@ -1869,6 +1869,207 @@ AVX2F static int row_range_v(const float *x, int64_t rows, int64_t n, float *lo,
 }
 #endif
 
+static int row_range_any(const float *x, int64_t rows, int64_t n, float *lo, float *hi) {
+#if DKM_X86
+    if (fast_cpu()) return row_range_v(x, rows, n, lo, hi);
+#endif
+    return row_range_generic(x, rows, n, lo, hi);
+}
+
+/* rows of c [G, K] sorted ascending into s (insertion sort for the usual K <= 32, else qsort) */
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static void sort_rows(const float *c, int64_t G, int64_t K, float *s) {
+    for (int64_t g = 0; g < G; g++) {
+        const float *cr = c + g * K;
+        float *sr = s + g * K;
+        if (K > 32) {
+            memcpy(sr, cr, sizeof(float) * (size_t)K);
+            qsort(sr, (size_t)K, sizeof(float), cmp_float);
+            continue;
+        }
+        for (int64_t i = 0; i < K; i++) {
+            float v = cr[i];
+            int64_t j = i;
+            for (; j > 0 && sr[j - 1] > v; j--) sr[j] = sr[j - 1];
+            sr[j] = v;
+        }
+    }
+}
+
+typedef struct { /* grid_counts_k's rule constants */
+    double tau, cell_logit, soft, fade, sat, margin, grade, prune, cap;
+} gcount_t;
+
+static void counts_of(const float *lo, const float *span, const float *sorted, int64_t G,
+                      int64_t K, int64_t C, const gcount_t *r, int whole, double floor_,
+                      float *out) {
+    grid_counts_k(lo, span, sorted, G, K, C, r->tau, r->cell_logit, r->soft, r->fade, r->sat,
+                  r->margin, r->grade, r->prune, r->cap, whole, floor_, out);
+}
+
+static int parse_gcount(PyObject *t, gcount_t *r) {
+    return PyArg_ParseTuple(t, "ddddddddd", &r->tau, &r->cell_logit, &r->soft, &r->fade,
+                            &r->sat, &r->margin, &r->grade, &r->prune, &r->cap);
+}
+
+static inline float clamp_count(float v, float cap) { /* ceil, then into [1, cap] (whole) */
+    if (!(v > 1.0f)) return 1.0f;
+    if (!(v < cap)) return cap;
+    float f = (float)(int32_t)v; /* (no libm call: ceilf is one without SSE4.1) */
+    return f < v ? f + 1.0f : f;
+}
+
+/* A tensor's grid (soft_kmeans._grid_spec has the rule, in torch): each row's range, the
+ * fractional counts on cells * split fine cells, then the layout (cells, fine cells or one
+ * uniform cell) and its tables. Returns the layout's cells, 0 for a row holding a non-finite
+ * value or a span that overflows, -1 beyond the caps (max_total < 0: none). */
+static int64_t grid_spec_k(const float *x, int64_t G, int64_t N, const float *c, int64_t K,
+                           const gcount_t *r, int64_t cells, int64_t split, double coarse_slack,
+                           double node_cost, int64_t max_nodes, int64_t max_total, float *lo,
+                           float *span, float *inv_w, float *fc, int32_t *off, int32_t *lens,
+                           float *raw, float *sorted, int64_t *nodes) {
+    if (!row_range_any(x, G, N, lo, span)) return 0;
+    for (int64_t g = 0; g < G; g++) {
+        span[g] = span[g] - lo[g];
+        if (!isfinite(span[g])) return 0;
+    }
+    int64_t fine = cells * split;
+    float cap = (float)r->cap;
+    sort_rows(c, G, K, sorted);
+    memset(raw, 0, sizeof(float) * (size_t)(G * fine));
+    counts_of(lo, span, sorted, G, K, fine, r, 0, 1.0 / (double)split, raw);
+    double s_raw = 0, s_coarse = 0, s_uni = 0; /* each layout's nodes in all */
+    for (int64_t g = 0; g < G; g++) {
+        const float *rg = raw + g * fine;
+        float top = 0.0f;
+        for (int64_t a = 0; a < cells; a++) {
+            float m = 0.0f;
+            for (int64_t b = 0; b < split; b++) {
+                float v = rg[a * split + b];
+                m = v > m ? v : m;
+                s_raw += clamp_count(v, cap);
+            }
+            s_coarse += clamp_count(m * (float)split, cap);
+            top = m > top ? m : top;
+        }
+        s_uni += clamp_count(top * (float)fine, cap);
+    }
+    int64_t C = cells; /* coarse unless the fine cells save more than coarse_slack */
+    double s_pick = s_coarse;
+    if (s_raw * coarse_slack < s_coarse) C = fine, s_pick = s_raw;
+    if ((s_uni - s_pick) * (double)K * node_cost <= (double)(G * N)) C = 1;
+    int64_t need = 0, whole = 0;
+    for (int64_t g = 0; g < G; g++) {
+        const float *rg = raw + g * fine;
+        float *f = fc + g * C;
+        int32_t *o = off + g * C;
+        int64_t at = 0;
+        float top = 0.0f;
+        for (int64_t a = 0; a < C; a++) {
+            float v;
+            if (C == fine) v = clamp_count(rg[a], cap);
+            else if (C == cells) {
+                float m = 0.0f;
+                for (int64_t b = 0; b < split; b++) m = rg[a * split + b] > m ? rg[a * split + b] : m;
+                v = clamp_count(m * (float)split, cap);
+            } else {
+                for (int64_t b = 0; b < fine; b++) top = rg[b] > top ? rg[b] : top;
+                v = clamp_count(top * (float)fine, cap);
+            }
+            f[a] = v;
+            o[a] = (int32_t)at;
+            at += (int64_t)v;
+        }
+        at += 1; /* the node at the max */
+        lens[g] = (int32_t)at;
+        need = at > need ? at : need;
+        whole += at;
+        inv_w[g] = span[g] > 0.0f ? (float)C / (span[g] > 1e-38f ? span[g] : 1e-38f) : 0.0f;
+    }
+    if (need > max_nodes || (max_total >= 0 && whole > max_total)) return -1;
+    int64_t h = (need + 7) / 8 * 8;
+    h = h > 8 ? h : 8;
+    *nodes = h > max_nodes ? need : h;
+    return C;
+}
+
+/* grid_spec(x, G, N, c, K, rule, cells, split, coarse_slack, node_cost, max_nodes, max_total,
+ *           lo, span, inv_w, fc, off, lens, raw, sorted) -> (cells, nodes) or None (see
+ * grid_spec_k: 0 -> None; -1 -> False); fc / off [G, cells * split] room, raw the same, sorted
+ * [G, K] */
+static PyObject *py_grid_spec(PyObject *self, PyObject *args) {
+    unsigned long long x, c, lo, span, iw, fc, off, lens, raw, sorted;
+    Py_ssize_t G, N, K, cells, split, max_nodes, max_total;
+    double slack, cost;
+    PyObject *rule;
+    gcount_t r;
+    if (!PyArg_ParseTuple(args, "KnnKnO!nnddnnKKKKKKKK", &x, &G, &N, &c, &K, &PyTuple_Type,
+                          &rule, &cells, &split, &slack, &cost, &max_nodes, &max_total, &lo,
+                          &span, &iw, &fc, &off, &lens, &raw, &sorted))
+        return NULL;
+    if (!parse_gcount(rule, &r)) return NULL;
+    if (G < 1 || N < 1 || K < 1 || cells < 1 || split < 1) {
+        PyErr_SetString(PyExc_ValueError, "grid_spec: needs G, N, K, cells, split >= 1");
+        return NULL;
+    }
+    int64_t C, nodes = 0;
+    Py_BEGIN_ALLOW_THREADS
+    C = grid_spec_k(P(const float *, x), G, N, P(const float *, c), K, &r, cells, split, slack,
+                    cost, max_nodes, max_total, P(float *, lo), P(float *, span), P(float *, iw),
+                    P(float *, fc), P(int32_t *, off), P(int32_t *, lens), P(float *, raw),
+                    P(float *, sorted), &nodes);
+    Py_END_ALLOW_THREADS
+    if (C == 0) Py_RETURN_NONE;
+    if (C < 0) Py_RETURN_FALSE;
+    return Py_BuildValue("nn", (Py_ssize_t)C, (Py_ssize_t)nodes);
+}
+
+/* grid_check(lo, span, fc, G, C, cents, K, rule, slack, need, sorted) -> whether some cell's
+ * count for the centroids of any iteration (cents: a tuple of [G, K] float32 pointers; counts
+ * fractional, floor 1, combined by maximum into need, which starts at ones) is above slack
+ * times its nodes; need is then rounded up (soft_kmeans._grid_check) */
+static PyObject *py_grid_check(PyObject *self, PyObject *args) {
+    unsigned long long lo, span, fc, need, sorted;
+    Py_ssize_t G, C, K;
+    double slack;
+    PyObject *cents, *rule;
+    gcount_t r;
+    if (!PyArg_ParseTuple(args, "KKKnnO!nO!dKK", &lo, &span, &fc, &G, &C, &PyTuple_Type, &cents,
+                          &K, &PyTuple_Type, &rule, &slack, &need, &sorted))
+        return NULL;
+    if (!parse_gcount(rule, &r)) return NULL;
+    Py_ssize_t n_c = PyTuple_GET_SIZE(cents);
+    unsigned long long ptrs[64];
+    if (n_c > 64) {
+        PyErr_SetString(PyExc_ValueError, "grid_check: at most 64 centroid tensors");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n_c; i++) {
+        ptrs[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(cents, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    float *nd = P(float *, need);
+    const float *f = P(const float *, fc);
+    int over = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < G * C; i++) nd[i] = 1.0f;
+    for (Py_ssize_t i = 0; i < n_c; i++) {
+        sort_rows(P(const float *, ptrs[i]), G, K, P(float *, sorted));
+        counts_of(P(const float *, lo), P(const float *, span), P(const float *, sorted), G, K, C,
+                  &r, 0, 1.0, nd);
+    }
+    float s = (float)slack;
+    for (int64_t i = 0; i < G * C; i++) over |= nd[i] > f[i] * s;
+    if (over)
+        for (int64_t i = 0; i < G * C; i++) nd[i] = clamp_count(nd[i], (float)r.cap);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(over);
+}
+
 static PyObject *py_row_range(PyObject *self, PyObject *args) {
     unsigned long long x, lo, hi;
     Py_ssize_t rows, n;
@@ -1878,16 +2079,32 @@ static PyObject *py_row_range(PyObject *self, PyObject *args) {
         return NULL;
     }
     int ok;
-    int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
-#if DKM_X86
-    if (fast) ok = row_range_v(P(const float *, x), rows, n, P(float *, lo), P(float *, hi));
-    else
-#endif
-    ok = row_range_generic(P(const float *, x), rows, n, P(float *, lo), P(float *, hi));
+    ok = row_range_any(P(const float *, x), rows, n, P(float *, lo), P(float *, hi));
     Py_END_ALLOW_THREADS
-    (void)fast;
     return PyBool_FromLong(ok);
+}
+
+/* max_spread(x, rows, n): the largest max - min over the rows of the float32 [rows, n] x, NaN
+ * when an element is not finite (torch's (x.amax(1) - x.amin(1)).amax() in one call) */
+static PyObject *py_max_spread(PyObject *self, PyObject *args) {
+    unsigned long long x;
+    Py_ssize_t rows, n;
+    if (!PyArg_ParseTuple(args, "Knn", &x, &rows, &n)) return NULL;
+    if (rows < 1 || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_spread: needs rows >= 1 and n >= 1");
+        return NULL;
+    }
+    float *lh = (float *)malloc(sizeof(float) * 2 * (size_t)rows);
+    if (!lh) return PyErr_NoMemory();
+    double out = 0.0;
+    int ok = row_range_any(P(const float *, x), rows, n, lh, lh + rows);
+    for (Py_ssize_t r = 0; ok && r < rows; r++) {
+        double d = (double)(lh[rows + r] - lh[r]); /* (float32, as torch) */
+        out = d > out ? d : out;
+    }
+    free(lh);
+    return PyFloat_FromDouble(ok ? out : NAN);
 }
 
 /* put(dst, step, lane, codes, ldc, src, lds, G, u): per-code values into the [G, 65537]
@@ -1919,6 +2136,9 @@ static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
     {"put", py_put, METH_VARARGS, "per-code values into the 65537-bin tables"},
     {"grid_counts", py_grid_counts, METH_VARARGS, "nodes per grid cell that centroids need"},
+    {"grid_spec", py_grid_spec, METH_VARARGS, "a tensor's grid: ranges, counts and layout"},
+    {"grid_check", py_grid_check, METH_VARARGS, "whether iterations' centroids need more nodes"},
+    {"max_spread", py_max_spread, METH_VARARGS, "the largest max - min over the rows"},
     {"row_range", py_row_range, METH_VARARGS, "each row's min and max, and whether all finite"},
     {"present", py_present, METH_VARARGS, "codes present per group of a histogram"},
     {"compact", py_compact, METH_VARARGS, "the present codes and their counts"},

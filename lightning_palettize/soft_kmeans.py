@@ -1250,7 +1250,7 @@ def _grid_from_counts(
 ) -> _GridSpec | None:
     """The grid with ``counts`` [G, C] nodes per cell, or None beyond ``max_nodes`` in a group
     or ``max_total`` over all groups (the caps its rebuilds keep)."""
-    total = counts.sum(1) + 1
+    total = counts.sum(1, dtype=torch.float64) + 1
     need, whole = (float(t) for t in torch.stack((total.amax(), total.sum())))  # one host read
     if not need <= max_nodes or (max_total is not None and not whole <= max_total):
         return None
@@ -1266,28 +1266,47 @@ def _grid_from_counts(
     return _GridSpec(lo.contiguous(), inv_w, span, fc, off, lens, nodes, None, max_nodes, max_total)
 
 
+def _grid_rule(cfg: _Cfg, margin: float) -> tuple:
+    """The compiled counts' rule constants (``_dkm_cpu.grid_spec`` / ``grid_check``)."""
+    soft = math.sqrt(cfg.tau / 2) / _GRID_SOFT_CELLS
+    return (cfg.tau, _GRID_CELL_LOGIT, soft, _GRID_SOFT_FADE, _GRID_SATURATION, margin,
+            _GRID_GRADE_LOGIT, cfg.prune_threshold, float(_GRID_MAX_NODES))  # fmt: skip
+
+
 def _grid_spec(
     flat: Tensor, c0: Tensor, cfg: _Cfg, max_nodes: int, max_total: int | None = None
 ) -> _GridSpec | None:
     """The grid of a [G, N] tensor with centroids c0 [G, K], or None when a group needs more
     than ``max_nodes`` nodes, all groups more than ``max_total``, or a group holds a
-    non-finite value."""
+    non-finite value (one compiled call on the CPU for float32 contiguous weights)."""
+    g, k = c0.shape
     if _c_kernels(flat.device) and flat.dtype == torch.float32 and flat.is_contiguous():
-        # one compiled pass: each group's min and max and whether all are finite
-        lo, hi = torch.empty(flat.shape[0]), torch.empty(flat.shape[0])
-        finite = _dkm_cpu.row_range(flat.data_ptr(), *flat.shape, lo.data_ptr(), hi.data_ptr())
-        span = hi - lo
-        if not finite or not math.isfinite(float(span.amax())):  # (a span may overflow)
+        fine = _GRID_CELLS * _GRID_FINE_SPLIT
+        lo, span, inv_w = (torch.empty(g) for _ in range(3))
+        fc, off = torch.empty(g * fine), torch.empty(g * fine, dtype=torch.int32)
+        lens = torch.empty(g, dtype=torch.int32)
+        c = c0.float().contiguous()
+        raw, srt = _tmp("grid_raw", (g * fine,), flat.device), _tmp("grid_c", (g * k,), flat.device)
+        got = _dkm_cpu.grid_spec(
+            flat.data_ptr(), g, flat.shape[1], c.data_ptr(), k, _grid_rule(cfg, _GRID_SPEC_MARGIN),
+            _GRID_CELLS, _GRID_FINE_SPLIT, _GRID_COARSE_SLACK, _GRID_NODE_COST, max_nodes,
+            -1 if max_total is None else max_total, lo.data_ptr(), span.data_ptr(),
+            inv_w.data_ptr(), fc.data_ptr(), off.data_ptr(), lens.data_ptr(), raw.data_ptr(),
+            srt.data_ptr(),
+        )  # fmt: skip
+        if not got:  # None: a non-finite value; False: beyond the caps
             return None
+        cells, nodes = got
+        fc, off = fc[: g * cells].view(g, cells), off[: g * cells].view(g, cells)
+        return _GridSpec(lo, inv_w, span, fc, off, lens, nodes, None, max_nodes, max_total)
+    if flat.shape[0] == 1:
+        lo, hi = (t.view(1) for t in torch.aminmax(flat))
     else:
-        if flat.shape[0] == 1:
-            lo, hi = (t.view(1) for t in torch.aminmax(flat))
-        else:
-            lo, hi = flat.amin(1), flat.amax(1)
-        lo, hi = lo.float(), hi.float()
-        span = hi - lo
-        if not bool(torch.isfinite(span).all()):
-            return None
+        lo, hi = flat.amin(1), flat.amax(1)
+    lo, hi = lo.float(), hi.float()
+    span = hi - lo
+    if not bool(torch.isfinite(span).all()):
+        return None
     fine = _GRID_CELLS * _GRID_FINE_SPLIT
     raw = lo.new_zeros(lo.shape[0], fine)
     # (fractional counts under 1 / _GRID_FINE_SPLIT outside the cores change no layout's
@@ -1300,22 +1319,37 @@ def _grid_spec(
     coarse = raw.view(-1, _GRID_CELLS, _GRID_FINE_SPLIT).amax(2) * _GRID_FINE_SPLIT
     uniform = raw.amax(1, keepdim=True) * fine
     coarse, raw, uniform = (t.ceil_().clamp_(1, _GRID_MAX_NODES) for t in (coarse, raw, uniform))
-    counts = coarse
-    if float(raw.sum()) * _GRID_COARSE_SLACK < float(coarse.sum()):
-        counts = raw
+    n_raw, n_coarse, n_uniform = (float(t.sum(dtype=torch.float64)) for t in (raw, coarse, uniform))
+    counts, n_counts = coarse, n_coarse
+    if n_raw * _GRID_COARSE_SLACK < n_coarse:
+        counts, n_counts = raw, n_raw
     # one uniform cell where its extra nodes cost less than its cheaper element passes save
-    extra = float(uniform.sum()) - float(counts.sum())
-    if extra * c0.shape[1] * _GRID_NODE_COST <= flat.numel():
+    if (n_uniform - n_counts) * k * _GRID_NODE_COST <= flat.numel():
         counts = uniform
     return _grid_from_counts(lo, span, counts, max_nodes, max_total)
 
 
 def _grid_check(spec: _GridSpec, centroids: list[Tensor], cfg: _Cfg) -> None:
     """Record in ``spec.missing`` what the centroids of the iterations needed beyond it."""
+    if not centroids:
+        return
+    g, cells = spec.fc.shape
+    if _c_kernels(spec.lo.device) and len(centroids) <= 64:
+        k = centroids[0].shape[1]
+        cents = [c.float().contiguous() for c in centroids]
+        need = torch.empty(g, cells)
+        over = _dkm_cpu.grid_check(
+            spec.lo.data_ptr(), spec.span.data_ptr(), spec.fc.data_ptr(), g, cells,
+            tuple(c.data_ptr() for c in cents), k, _grid_rule(cfg, 0.0), _GRID_CHECK_SLACK,
+            need.data_ptr(), _tmp("grid_c", (g * k,), spec.lo.device).data_ptr(),
+        )  # fmt: skip
+        if over:
+            spec.missing = need
+        return
     need = None
     for c in centroids:
-        need = _grid_counts(spec.lo, spec.span, c, cfg, 0.0, spec.fc.shape[1], need, False)
-    if need is not None and bool((need > spec.fc * _GRID_CHECK_SLACK).any()):
+        need = _grid_counts(spec.lo, spec.span, c, cfg, 0.0, cells, need, False)
+    if bool((need > spec.fc * _GRID_CHECK_SLACK).any()):
         spec.missing = need.ceil_()
 
 
@@ -1864,11 +1898,19 @@ def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tens
 _WINDOW_LOGIT = 24.0
 
 
+def _max_spread(c: Tensor) -> float:
+    """The largest max - min over the rows of c [G, K] (NaN for a non-finite entry)."""
+    if _c_kernels(c.device):
+        c = c.float().contiguous()
+        return _dkm_cpu.max_spread(c.data_ptr(), *c.shape)
+    return float((c.amax(1) - c.amin(1)).amax())
+
+
 def _c_cfg(cfg: _Cfg, k: int, c: Tensor | None = None) -> tuple:
     """The kernels' cfg tuple; with centroids c [G, K], the window where it can skip (above)."""
     clamp = cfg.clamp_attention and cfg.mode == "dkm"
     win = _WINDOW_LOGIT * cfg.tau
-    if c is None or k < 2 or win <= 0 or not float((c.amax(1) - c.amin(1)).amax()) ** 2 > 4 * win:
+    if c is None or k < 2 or win <= 0 or not _max_spread(c) ** 2 > 4 * win:
         win = 0.0
     return (
         k,

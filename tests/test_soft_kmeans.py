@@ -514,6 +514,10 @@ def test_compiled_row_range_equals_torch(portable):
                 y = x.clone()
                 y[-1, -1] = bad  # (the scalar tail when n % 8, a vector lane otherwise)
                 assert not sk._dkm_cpu.row_range(y.data_ptr(), g, n, lo.data_ptr(), hi.data_ptr())
+                assert math.isnan(sk._max_spread(y))
+            # the window's switch: the widest row's spread, as torch computes it
+            assert sk._max_spread(x) == float((x.amax(1) - x.amin(1)).amax())
+            assert sk._max_spread(x.t()) == float((x.t().amax(1) - x.t().amin(1)).amax())
     finally:
         sk._dkm_cpu.portable(False)
 
@@ -551,6 +555,59 @@ def test_auto_grid_caps_the_tensors_nodes_not_its_widest_group():
     assert sk._scalar_kind(x, c0, "dense", "auto", cfg) == "exact"
     # method="grid" takes it anyway (up to 65,536 nodes per group)
     assert isinstance(sk._scalar_kind(x, c0, "grid", "grid", cfg), sk._GridSpec)
+
+
+def _spec_fields(spec):
+    if spec is None:
+        return None
+    names = ("lo", "inv_w", "span", "fc", "off", "lens")
+    return {n: getattr(spec, n) for n in names} | {"nodes": spec.nodes, "cells": spec.fc.shape[1]}
+
+
+@needs_c_early
+def test_grid_spec_and_check_compiled_equal_torch(monkeypatch):
+    # the one compiled call (ranges, counts, layout choice, tables) against the torch steps
+    x, c0 = make_data(3, 5000, 1, seed=34)
+    flat, c = x.view(3, -1), c0.view(3, -1)
+    flat[2] = 0.25  # a constant group
+    hx, hc = _heavy_groups([0, 3], outlier=4.0)
+    cases = [(flat, c, tau, (1 << 16, None)) for tau in (1e-6, 1e-5, 1e-4, 1e-3)]
+    cases += [(flat[:1], c[:1], 1e-4, (1 << 16, None))]  # one group
+    cases += [(hx.view(8, -1), hc.view(8, -1), 1e-4, caps) for caps in ((1 << 16, None),
+              (4096, 8 * 4096 // 2), (1 << 16, 100), (20, None))]  # fmt: skip
+    bad = flat.clone()
+    bad[1, 3] = float("nan")
+    cases += [(bad, c, 1e-4, (1 << 16, None))]
+    cells_seen = set()
+    for f, cc, tau, caps in cases:
+        cfg = _grid_cfg(tau)
+        got = sk._grid_spec(f, cc, cfg, *caps)
+        monkeypatch.setattr(sk, "_USE_C", False)
+        want = sk._grid_spec(f, cc, cfg, *caps)
+        monkeypatch.undo()
+        g_f, w_f = _spec_fields(got), _spec_fields(want)
+        assert (g_f is None) == (w_f is None), (tau, caps)
+        if g_f is None:
+            continue
+        cells_seen.add(g_f["cells"])
+        for name, value in w_f.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(g_f[name], value.to(g_f[name].dtype)), (tau, caps, name)
+            else:
+                assert g_f[name] == value, (tau, caps, name)
+        # the iterations' centroids: moved away from the spec's, so that some cells need more
+        for shift in (0.0, 0.02):
+            cents = [cc + shift * (i + 1) for i in range(3)]
+            got.missing = want.missing = None
+            sk._grid_check(got, cents, cfg)
+            monkeypatch.setattr(sk, "_USE_C", False)
+            sk._grid_check(want, cents, cfg)
+            monkeypatch.undo()
+            assert (got.missing is None) == (want.missing is None), (tau, shift)
+            if got.missing is not None:
+                assert torch.equal(got.missing, want.missing), (tau, shift)
+    # every layout came up: one uniform cell, the coarse cells and the fine ones
+    assert cells_seen == {1, sk._GRID_CELLS, sk._GRID_CELLS * sk._GRID_FINE_SPLIT}, cells_seen
 
 
 def test_grid_rebuilt_when_a_transition_leaves_its_zone(monkeypatch):
