@@ -18,6 +18,8 @@
  *     out_y      y_u = sum_k A_uk c'_k
  *     att_t      sum_u w_u A_uk (the output's gradient to its centroids)
  *     bwd_step   one iteration's analytic backward (see soft_kmeans._scalar_backward_step)
+ *     fwd_loop / bwd_loop  all iterations (fwd_stats, the update, the early-stopping test)
+ *                and their backward in one call each, without lut_fn
  * in tiles of codes, the attention recomputed rather than stored (an exp2 per entry), except
  * that the AVX2 kernels may keep the last iteration's attention (an optional trailing pointer:
  * fwd_stats writes it, out_y / att_t / bwd_step read it; the portable kernels ignore it and
@@ -1716,6 +1718,212 @@ static PyObject *py_bwd_step(PyObject *self, PyObject *args) {
     return run_code(&c, bwd_step_generic, X86(bwd_step_avx2), X86(bwd_step_simd_call));
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* The scalar engine's iteration loops (soft_kmeans._scalar_iterations / _scalar_backward_c,
+ * mode "dkm" without lut_fn), the kernels called from C: the same float32 steps as the torch
+ * code between them (the update, the early-stopping test, the per-group bookkeeping), so that
+ * both give equal results; flush-to-zero only around the kernels, as for a call from Python. */
+
+static code_fn pick_code(const cfg_t *cf, code_fn generic, code_fn avx2, code_fn simd) {
+    if (use_simd(cf)) return simd;
+    if (fast_cpu()) return avx2;
+    return generic;
+}
+
+static void run_kernel(code_fn fn, const call_t *call, const scratch_t *s) {
+    FTZ_ON
+    fn(call, s);
+    FTZ_OFF
+}
+
+/* fwd_loop(v, m, c_hist, G, U, cfg, T, eps, enforce_zero, sm_hist, raw_hist, act_hist, last_it,
+ *          prev_c, last_c, p_keep, lens) -> (iterations run, first partial iteration or -1)
+ * c_hist [T, G, K] (c_hist[0]: the starting centroids; iteration t starts from c_hist[t]),
+ * sm_hist [T, G, 2, K] (each iteration's centred sums and masses), raw_hist [T, G, K] (its
+ * c + sums / mass), act_hist [T, G] uint8 (the groups it ran on), last_it int64 [G] (each
+ * group's last iteration; set once some iteration ran on part of the groups), prev_c / last_c
+ * [G, K] (each group's centroids before and after its last iteration); p_keep: the kept
+ * attention, written by iteration T - 1 (0: none) */
+static PyObject *py_fwd_loop(PyObject *self, PyObject *args) {
+    call_t c = {0};
+    unsigned long long v, m, ch, smh, rawh, acth, lit, pc, lc;
+    Py_ssize_t G, U, T;
+    double eps;
+    int ez;
+    if (!PyArg_ParseTuple(args, "KKKnnOndpKKKKKKKK", &v, &m, &ch, &G, &U, &c.ct, &T, &eps, &ez,
+                          &smh, &rawh, &acth, &lit, &pc, &lc, &c.pio, &c.lens))
+        return NULL;
+    if (!parse_cfg(c.ct, &c.cf)) return NULL;
+    if (G < 1 || U < 1 || T < 1) {
+        PyErr_SetString(PyExc_ValueError, "fwd_loop: needs G, U, T >= 1");
+        return NULL;
+    }
+    int64_t K = c.cf.k, GK = G * K;
+    code_fn fn = pick_code(&c.cf, fwd_stats_generic, X86(fwd_stats_avx2),
+                           X86(fwd_stats_simd_call));
+    scratch_t s = {0};
+    double *inertia = (double *)malloc(sizeof(double) * (size_t)G);
+    float *prev_in = (float *)malloc(sizeof(float) * (size_t)G);
+    float *nw = (float *)malloc(sizeof(float) * (size_t)GK);
+    if (!inertia || !prev_in || !nw || !scratch_alloc(&s, K, use_simd(&c.cf))) {
+        free(inertia), free(prev_in), free(nw), free(s.buf);
+        return PyErr_NoMemory();
+    }
+    float *c_hist = P(float *, ch), *sm_hist = P(float *, smh), *raw_hist = P(float *, rawh);
+    float *prev_c = P(float *, pc), *last_c = P(float *, lc);
+    uint8_t *act_hist = P(uint8_t *, acth);
+    int64_t *last_it = P(int64_t *, lit);
+    int64_t n_run = T, partial = -1; /* partial: the first iteration on part of the groups */
+    int have_prev = 0;
+    float eps_f = (float)eps;
+    Py_BEGIN_ALLOW_THREADS
+    c.rows = G, c.n = U, c.a[0] = v, c.a[1] = m;
+    memcpy(prev_c, c_hist, sizeof(float) * (size_t)GK);
+    memcpy(last_c, c_hist, sizeof(float) * (size_t)GK);
+    memset(act_hist, 1, (size_t)(T * G));
+    for (int64_t t = 0; t < T; t++) {
+        float *cc = c_hist + t * GK, *sm = sm_hist + t * 2 * GK, *raw = raw_hist + t * GK;
+        uint8_t *act = act_hist + t * G;
+        int test = eps >= 0 && t + 1 < T;
+        memset(sm, 0, sizeof(float) * 2 * (size_t)GK);
+        if (test) memset(inertia, 0, sizeof(double) * (size_t)G);
+        c.a[2] = (uintptr_t)cc, c.a[3] = (uintptr_t)sm, c.a[4] = test ? (uintptr_t)inertia : 0;
+        call_t ct = c;
+        ct.pio = t == T - 1 ? c.pio : 0;
+        run_kernel(fn, &ct, &s);
+        for (int64_t g = 0; g < G; g++) { /* raw = c + sums / mass (mass 0: c); new: slot 0 */
+            for (int64_t k = 0; k < K; k++) {
+                float sum = sm[g * 2 * K + k], mass = sm[g * 2 * K + K + k], cv = cc[g * K + k];
+                float r = mass > 0.0f ? cv + sum / mass : cv;
+                raw[g * K + k] = r;
+                nw[g * K + k] = ez && k == 0 ? 0.0f : r;
+            }
+            if (partial < 0 || act[g]) { /* the groups that ran: their last iteration */
+                memcpy(prev_c + g * K, cc + g * K, sizeof(float) * (size_t)K);
+                memcpy(last_c + g * K, nw + g * K, sizeof(float) * (size_t)K);
+                if (partial >= 0) last_it[g] = t;
+            }
+        }
+        if (t + 1 < T) memcpy(c_hist + (t + 1) * GK, last_c, sizeof(float) * (size_t)GK);
+        if (!test) continue;
+        if (!have_prev) { /* (the next iteration runs on the same groups) */
+            for (int64_t g = 0; g < G; g++) prev_in[g] = (float)inertia[g];
+            memcpy(act_hist + (t + 1) * G, act, (size_t)G);
+            have_prev = 1;
+            continue;
+        }
+        int64_t n_active = 0;
+        uint8_t *next = act_hist + (t + 1) * G; /* (t + 1 < T: test) */
+        for (int64_t g = 0; g < G; g++) {
+            float in = (float)inertia[g];
+            next[g] = act[g] && fabsf(in - prev_in[g]) > eps_f;
+            n_active += next[g];
+            prev_in[g] = in;
+        }
+        if (n_active == 0) { /* every group stopped */
+            n_run = t + 1;
+            break;
+        }
+        if (n_active < G && partial < 0) {
+            partial = t + 1;
+            for (int64_t g = 0; g < G; g++) last_it[g] = t; /* (all ran until now) */
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(inertia), free(prev_in), free(nw), free(s.buf);
+    return Py_BuildValue("nn", (Py_ssize_t)n_run, (Py_ssize_t)partial);
+}
+
+/* bwd_loop(v, m, gsum, G, U, cfg, two, n_run, partial, enforce_zero, c_hist, raw_hist, sm_hist,
+ *          act_hist, last_it, prev_c, last_c, p_keep, lens, h, r): backward through the
+ * iterations fwd_loop ran (its arrays; partial and last_it as it returned them): h and r
+ * (zeroed [G, U]) receive each code's sums (soft_kmeans._scalar_backward_c) */
+static PyObject *py_bwd_loop(PyObject *self, PyObject *args) {
+    call_t c = {0};
+    unsigned long long v, m, gs, ch, rawh, smh, acth, lit, pc, lc, ph, pr;
+    Py_ssize_t G, U, n_run, partial;
+    int ez;
+    if (!PyArg_ParseTuple(args, "KKKnnOfnnpKKKKKKKKKKK", &v, &m, &gs, &G, &U, &c.ct, &c.two,
+                          &n_run, &partial, &ez, &ch, &rawh, &smh, &acth, &lit, &pc, &lc, &c.pio,
+                          &c.lens, &ph, &pr))
+        return NULL;
+    if (!parse_cfg(c.ct, &c.cf)) return NULL;
+    if (G < 1 || U < 1 || n_run < 1) {
+        PyErr_SetString(PyExc_ValueError, "bwd_loop: needs G, U, n_run >= 1");
+        return NULL;
+    }
+    int64_t K = c.cf.k, GK = G * K;
+    int simd = use_simd(&c.cf);
+    code_fn f_att = pick_code(&c.cf, att_t_generic, X86(att_t_avx2), X86(att_t_simd_call));
+    code_fn f_bwd = pick_code(&c.cf, bwd_step_generic, X86(bwd_step_avx2),
+                              X86(bwd_step_simd_call));
+    scratch_t s = {0};
+    /* grad_c, d_last, d_prev, s_hat, grad_in, dc: [G, K] each */
+    float *buf = (float *)malloc(sizeof(float) * 6 * (size_t)GK);
+    if (!buf || !scratch_alloc(&s, K, simd)) {
+        free(buf), free(s.buf);
+        return PyErr_NoMemory();
+    }
+    float *grad_c = buf, *d_last = buf + GK, *d_prev = buf + 2 * GK;
+    float *s_hat = buf + 3 * GK, *g_in = buf + 4 * GK, *dc = buf + 5 * GK;
+    const float *c_hist = P(const float *, ch), *raw_hist = P(const float *, rawh);
+    const float *sm_hist = P(const float *, smh);
+    const uint8_t *act_hist = P(const uint8_t *, acth);
+    const int64_t *last_it = partial >= 0 ? P(const int64_t *, lit) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    memset(grad_c, 0, sizeof(float) * (size_t)GK);
+    for (int64_t t = n_run - 1; t >= 0; t--) {
+        const uint8_t *act = partial >= 0 && t >= partial ? act_hist + t * G : NULL;
+        const float *raw = raw_hist + t * GK, *cc = c_hist + t * GK;
+        int with_out = t == n_run - 1;
+        if (with_out) { /* d loss / d (the output's centroids), from prev_c's attention */
+            call_t ca = c;
+            ca.a[0] = v, ca.a[1] = gs, ca.a[2] = pc, ca.a[3] = (uintptr_t)d_last;
+            ca.rows = G, ca.n = U;
+            run_kernel(f_att, &ca, &s);
+            cc = P(const float *, pc);
+        }
+        for (int64_t g = 0; g < G; g++) {
+            /* ends: the groups whose output comes from iteration t (all / none / by last_it) */
+            int ends = last_it ? last_it[g] == t : with_out;
+            float am = act ? (float)act[g] : 1.0f;
+            const float *mass = sm_hist + t * 2 * GK + g * 2 * K + K;
+            for (int64_t k = 0; k < K; k++) {
+                int64_t i = g * K + k;
+                float gn = act ? grad_c[i] * am : grad_c[i];
+                if (last_it) gn = gn + d_last[i] * (float)ends;
+                else if (ends) gn = gn + d_last[i];
+                if (ez && k == 0) gn = 0.0f;
+                int filled = mass[k] > 0.0f;
+                float sh = filled ? gn / mass[k] : 0.0f;
+                s_hat[i] = act ? sh * am : sh;
+                g_in[i] = filled ? 0.0f : gn;
+            }
+        }
+        call_t cb = c;
+        cb.a[0] = v, cb.a[1] = m, cb.a[2] = with_out ? gs : 0, cb.a[3] = (uintptr_t)cc;
+        cb.a[4] = (uintptr_t)s_hat, cb.a[5] = (uintptr_t)raw, cb.a[6] = with_out ? lc : 0;
+        cb.a[7] = pr, cb.a[8] = ph, cb.a[9] = (uintptr_t)dc;
+        cb.a[10] = with_out ? (uintptr_t)d_prev : 0;
+        cb.rows = G, cb.n = U;
+        cb.pio = with_out ? c.pio : 0;
+        run_kernel(f_bwd, &cb, &s);
+        for (int64_t g = 0; g < G; g++) {
+            int ends = last_it ? last_it[g] == t : with_out;
+            for (int64_t k = 0; k < K; k++) {
+                int64_t i = g * K + k;
+                float gi = g_in[i] + dc[i];
+                if (last_it) gi = gi + d_prev[i] * (float)ends;
+                else if (ends) gi = gi + d_prev[i];
+                if (!act || act[g]) grad_c[i] = gi;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(buf), free(s.buf);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_portable(PyObject *self, PyObject *args) {
     /* portable(flag): run the portable kernels (1) or the CPU's best (0); returns whether the
      * AVX2/F16C kernels run now */
@@ -2150,6 +2358,8 @@ static PyMethodDef methods[] = {
     {"fwd_stats", py_fwd_stats, METH_VARARGS, "one soft k-means iteration's sums"},
     {"out_y", py_out_y, METH_VARARGS, "per-code soft output"},
     {"att_t", py_att_t, METH_VARARGS, "out[g, k] = sum_u w_u A_uk"},
+    {"fwd_loop", py_fwd_loop, METH_VARARGS, "the forward iterations, kernels and updates"},
+    {"bwd_loop", py_bwd_loop, METH_VARARGS, "backward through the iterations fwd_loop ran"},
     {"bwd_step", py_bwd_step, METH_VARARGS, "one iteration's backward"},
     {"portable", py_portable, METH_VARARGS, "portable(flag) -> whether AVX2/F16C kernels run"},
     {NULL, NULL, 0, NULL}};

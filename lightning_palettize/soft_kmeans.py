@@ -133,6 +133,10 @@ _USE_C = True
 # mode "dkm" without prune pull, exact-zero rule or attention clamp, on an AVX2/FMA CPU; the
 # portable C kernels are slower than torch's vectorised ops there), "always" (tests), "never".
 _C_CODES = "auto"
+# Without lut_fn the compiled per-code path runs its whole iteration loop (and its backward)
+# in one call each (_dkm_cpu.fwd_loop / bwd_loop: the same float32 steps as the Python loop,
+# tested equal); False: the Python loop around the single-iteration kernels (tests).
+_C_LOOP = True
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -1935,6 +1939,29 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _c_iterations(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, ct: tuple, p_keep, lens):
+    """_scalar_iterations in one compiled call (``_dkm_cpu.fwd_loop``; no lut_fn): the same
+    (hist, prev_c, last_c, last_it), hist's tensors views of per-iteration arrays (the loop
+    fields ``c_loop`` kept for ``_dkm_cpu.bwd_loop``)."""
+    g, u = v.shape
+    k, n_it = c.shape[1], cfg.max_iter
+    c_hist = v.new_empty(n_it, g, k)
+    c_hist[0] = c
+    sm_hist, raw_hist = v.new_empty(n_it, g, 2, k), v.new_empty(n_it, g, k)
+    act_hist = torch.empty(n_it, g, dtype=torch.uint8)
+    last_it = torch.empty(g, dtype=torch.int64)
+    prev_c, last_c = v.new_empty(g, k), v.new_empty(g, k)
+    n_run, partial = _dkm_cpu.fwd_loop(
+        v.data_ptr(), m.data_ptr(), c_hist.data_ptr(), g, u, ct, n_it, cfg.epsilon,
+        cfg.enforce_zero, sm_hist.data_ptr(), raw_hist.data_ptr(), act_hist.data_ptr(),
+        last_it.data_ptr(), prev_c.data_ptr(), last_c.data_ptr(), _ptr(p_keep), _ptr(lens),
+    )  # fmt: skip
+    acts = [None if partial < 0 or t < partial else act_hist[t].bool() for t in range(n_run)]
+    hist = [(c_hist[t], raw_hist[t], sm_hist[t, :, 1], acts[t], None) for t in range(n_run)]
+    loop = dict(c_hist=c_hist, raw_hist=raw_hist, sm_hist=sm_hist, act_hist=act_hist)
+    return hist, prev_c, last_c, (last_it if partial >= 0 else None), loop
+
+
 def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool, lens=None):
     """_scalar_forward through the compiled kernels (CPU, mode "dkm"); nothing N x K is kept."""
     v, m = v.float().contiguous(), m.float().contiguous()
@@ -1965,7 +1992,11 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         )
         return sm, inertia, None
 
-    hist, prev_c, last_c, last_it = _scalar_iterations(c, cfg, sync_free, step)
+    loop = {}
+    if _C_LOOP and cfg.lut_fn is None and not sync_free:
+        hist, prev_c, last_c, last_it, loop = _c_iterations(v, m, c, cfg, ct, p_keep, lens)
+    else:
+        hist, prev_c, last_c, last_it = _scalar_iterations(c, cfg, sync_free, step)
     prev_c, last_c = prev_c.contiguous(), last_c.contiguous()
     if len(hist) < cfg.max_iter or hist[-1][3] is not None:
         p_keep = None  # the loop stopped early, or some groups' output is an earlier iteration's
@@ -1991,6 +2022,7 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         p_out=p_keep,
         lens=lens,
         c_path=True,
+        **loop,
     )
     return y, last_c, state
 
@@ -2009,6 +2041,15 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
     n_run = len(hist)
     h = v.new_zeros(g, u)
     r = v.new_zeros(g, u)
+    if state.get("c_hist") is not None:  # the forward ran fwd_loop: its backward in one call
+        partial = next((t for t, entry in enumerate(hist) if entry[3] is not None), -1)
+        _dkm_cpu.bwd_loop(
+            v.data_ptr(), m.data_ptr(), gsum.data_ptr(), g, u, ct, two, n_run, partial,
+            cfg.enforce_zero, state["c_hist"].data_ptr(), state["raw_hist"].data_ptr(),
+            state["sm_hist"].data_ptr(), state["act_hist"].data_ptr(), _ptr(last_it),
+            prev_c.data_ptr(), last_c.data_ptr(), _ptr(p_out), lens, h.data_ptr(), r.data_ptr(),
+        )  # fmt: skip
+        return h, r
     zeros_k = v.new_zeros(g, k)
 
     d_last = d_prev = None

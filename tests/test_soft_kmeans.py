@@ -1275,6 +1275,46 @@ def test_compiled_kernels_equal_the_torch_code(monkeypatch, c_kernels, codes, va
 
 
 @needs_c
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="table"),
+        dict(method="grid"),
+        dict(method="table", enforce_zero=True),
+        dict(method="table", epsilon=1e-3, max_iter=8),  # groups stop at different iterations
+        dict(method="grid", epsilon=-1.0, max_iter=5),  # no early-stopping test
+    ],
+)
+def test_compiled_iteration_loop_equals_the_python_loop(monkeypatch, c_kernels, kw):
+    # fwd_loop / bwd_loop (all iterations and their updates in one call each) against the
+    # Python loop around the single-iteration kernels: equal, not just close
+    monkeypatch.setattr(sk, "_C_CODES", "always")
+    x, c0 = make_data(8, 9000 if kw["method"] == "grid" else 3000, 1, seed=9)
+    x[:4] *= 0.1  # (groups whose inertia settles first)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    runs = []
+    module = sk._dkm_cpu
+
+    class Spy:  # the compiled module, with fwd_loop's answers recorded
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def fwd_loop(self, *args):
+            runs.append(module.fwd_loop(*args))
+            return runs[-1]
+
+    monkeypatch.setattr(sk, "_dkm_cpu", Spy())
+    got = run(soft_kmeans, x, c0, w, **kw)
+    assert runs, "the compiled loop did not run"
+    monkeypatch.setattr(sk, "_C_LOOP", False)
+    want = run(soft_kmeans, x, c0, w, **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+    if "epsilon" in kw and kw["epsilon"] > 0:  # some groups ran fewer iterations than others
+        assert any(partial >= 0 for _, partial in runs), runs
+
+
+@needs_c
 def test_compiled_codes_equal_the_torch_codes(c_kernels):
     # fp16 bit patterns with round-to-nearest-even, subnormals, the exact-zero rule's tiny
     # codes, in both the F16C and the portable conversion
