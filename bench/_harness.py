@@ -435,6 +435,23 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name and family / model numbers (Linux), else None."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    if not fields:
+        return None
+    name, family, model = (fields.get(k, "?") for k in ("model name", "cpu family", "model"))
+    return f"{name} (family {family}, model {model})"
+
+
 def environment() -> dict[str, Any]:
     """Machine / library facts recorded next to every result."""
     import torch
@@ -448,6 +465,10 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # the vector ISA torch's own kernels (conv, matmul reductions) run with: a different
+        # one rounds differently, so training figures may move with it
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _cpu_model(),
     }
     with contextlib.suppress(OSError):
         info["loadavg"] = os.getloadavg()
