@@ -257,7 +257,8 @@ __attribute__((target("avx2,fma,f16c"))) static void grad_v(const float *x, int6
  * (linear interpolation, in the same float32 steps as the torch code). The AVX2 versions
  * locate a block of elements in vectors (the per-cell node count and first node gathered)
  * and then read the node tables with scalar loads (cheaper than gathers there, as measured):
- *     gsplat  acc[row][j] += w (1 - t), acc[row][j + 1] += w t   (w = 1 or g; float64 sums)
+ *     gsplat  out[row][j] = sum of w (1 - t) and of w t (over j - 1)   (w = 1 or g; float64
+ *             sums, rounded once)
  *     glerp   out = T[j] + t (T[j + 1] - T[j])                   (T: [rows, ld] float)
  *     ggrad   out = g lerp(h) + lerp(r)   (hr: (h, r) per node, [rows, ld]; out may be g)
  */
@@ -315,11 +316,17 @@ static void gvalues_k(const grid_t *q, const float *span, float *out) {
     }
 }
 
-static void gsplat_k(const grid_t *q, const float *w, double *acc) {
-    for (int64_t r = 0; r < q->rows; r++) {
+/* one row of sums (float64, acc) rounded into out (float32) */
+static inline void round_row(const double *acc, int64_t H, float *out) {
+    for (int64_t j = 0; j < H; j++) out[j] = (float)acc[j];
+}
+
+static void gsplat_k(const grid_t *q, const float *w, float *out) {
+    double *ac = (double *)malloc(sizeof(double) * (size_t)q->H);
+    for (int64_t r = 0; ac && r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
-        double *ac = acc + r * q->H;
         grow_t gr = grid_row(q, r);
+        memset(ac, 0, sizeof(double) * (size_t)q->H);
         for (int64_t i = 0; i < q->n; i++) {
             float t;
             int32_t j = gcell(xr[i], &gr, &t);
@@ -327,19 +334,37 @@ static void gsplat_k(const grid_t *q, const float *w, double *acc) {
             ac[j] += (double)(a * (1.0f - t));
             ac[j + 1] += (double)(a * t);
         }
+        round_row(ac, q->H, out + r * q->H);
     }
+    if (!ac) /* (no memory for the row's sums: NaN, never a silently wrong mass) */
+        for (int64_t i = 0; i < q->rows * q->H; i++) out[i] = NAN;
+    free(ac);
 }
 
 static inline float lerp_at(const float *tab, int32_t j, float t) {
     return tab[j] + t * (tab[j + 1] - tab[j]);
 }
 
+/* row r's table: T + r ld as it is, or, with R (the gradient pass's r), the (h, r) pairs of the
+ * rows T + r ld and R + r ld interleaved into buf [2 H] (one load per element afterwards) */
+static inline const float *row_table(const grid_t *q, const float *T, const float *R, int64_t ld,
+                                     int64_t r, float *buf) {
+    if (!R) return T + r * ld;
+    const float *h = T + r * ld, *rr = R + r * ld;
+    for (int64_t j = 0; j < q->H; j++) {
+        buf[2 * j] = h[j];
+        buf[2 * j + 1] = rr[j];
+    }
+    return buf;
+}
+
 /* glerp (g NULL: out = lerp(table)) or ggrad (table: (h, r) pairs per node; out = g lerp(h) +
  * lerp(r)), portable */
-static void gread_k(const grid_t *q, const float *g, const float *table, int64_t ld,
-                    float *out) {
+static void gread_k(const grid_t *q, const float *g, const float *table, const float *rtab,
+                    int64_t ld, float *out, float *buf) {
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL, *tab = table + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL;
+        const float *tab = row_table(q, table, rtab, ld, r, buf);
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         for (int64_t i = 0; i < q->n; i++) {
@@ -501,17 +526,17 @@ AVX2F static inline void gcells_block(const float *x, int64_t len, const grow_t 
 
 /* One 16-byte add per element: (w, w t) into pair j of a scratch row (the sum of w and of w t
  * over cell j), then node j's sum is w-sum[j] - wt-sum[j] + wt-sum[j - 1]. */
-AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
+AVX2F static void gsplat_v(const grid_t *q, const float *w, float *out) {
     int32_t jb[BLOCK];
     float tb[BLOCK];
     double *pair = (double *)malloc(sizeof(double) * 2 * (size_t)q->H);
     if (!pair) { /* (no memory for the scratch row: the plain loop) */
-        gsplat_k(q, w, acc);
+        gsplat_k(q, w, out);
         return;
     }
     for (int64_t r = 0; r < q->rows; r++) {
         const float *xr = q->x + r * q->n, *wr = w ? w + r * q->n : NULL;
-        double *ac = acc + r * q->H;
+        float *ac = out + r * q->H;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
         memset(pair, 0, sizeof(double) * 2 * (size_t)q->H);
@@ -527,7 +552,7 @@ AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
         }
         double carry = 0.0; /* w t of the cell below */
         for (int64_t j = 0; j < q->H; j++) {
-            ac[j] += pair[2 * j] - pair[2 * j + 1] + carry;
+            ac[j] = (float)(pair[2 * j] - pair[2 * j + 1] + carry);
             carry = pair[2 * j + 1];
         }
     }
@@ -536,12 +561,13 @@ AVX2F static void gsplat_v(const grid_t *q, const float *w, double *acc) {
 
 /* gread_k with the cells of each block computed in vectors; hr pairs: one 16-byte load per
  * element */
-AVX2F static void gread_v(const grid_t *q, const float *g, const float *table, int64_t ld,
-                          float *out) {
+AVX2F static void gread_v(const grid_t *q, const float *g, const float *table,
+                          const float *rtab, int64_t ld, float *out, float *buf) {
     int32_t jb[BLOCK];
     float tb[BLOCK];
     for (int64_t r = 0; r < q->rows; r++) {
-        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL, *tab = table + r * ld;
+        const float *xr = q->x + r * q->n, *g_r = g ? g + r * q->n : NULL;
+        const float *tab = row_table(q, table, rtab, ld, r, buf);
         float *o = out + r * q->n;
         grow_t gr = grid_row(q, r);
         grow8_t g8 = grid_row8(&gr);
@@ -1986,16 +2012,17 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 }
 
 /* grid(op, x, rows, n, lo, inv_w, C, fc, off, H, a, b, ld, out): the grid kernels, by op
- *     0  gsplat  a = w (0: unit weights), b = acc
+ *     0  gsplat  a = w (0: unit weights), out = the node sums [rows, H] (float32, all written)
  *     1  glerp   a = table (row stride ld)
- *     2  ggrad   a = g, b = hr ((h, r) of node j at 2 j, 2 j + 1; row stride ld); out may be a
+ *     2  ggrad   a = g, b = hr ((h, r) of node j at 2 j, 2 j + 1; row stride ld), or b = h and
+ *                the trailing c = r (rows of stride ld each, interleaved per row); out may be a
  *     3  gvalues a = span, out = the node values [rows, H] (x unused) */
 static PyObject *py_grid(PyObject *self, PyObject *args) {
     int op;
-    unsigned long long x, lo, iw, fc, off, a, b, out;
+    unsigned long long x, lo, iw, fc, off, a, b, out, c = 0;
     Py_ssize_t rows, n, C, H, ld;
-    if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKnK", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
-                          &H, &a, &b, &ld, &out))
+    if (!PyArg_ParseTuple(args, "iKnnKKnKKnKKnK|K", &op, &x, &rows, &n, &lo, &iw, &C, &fc, &off,
+                          &H, &a, &b, &ld, &out, &c))
         return NULL;
     if (H < 2 || H > (1 << 30) || C < 1 || C > (1 << 20) || op < 0 || op > 3) {
         PyErr_SetString(PyExc_ValueError,
@@ -2005,19 +2032,22 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     grid_t q = {P(const float *, x),  rows, n, H, C, P(const float *, lo), P(const float *, iw),
                 P(const float *, fc), P(const int32_t *, off)};
     const float *fa = P(const float *, a), *fb = P(const float *, b);
-    float *fo = P(float *, out);
+    const float *fr = op == 2 ? P(const float *, c) : NULL; /* r apart from h: interleaved here */
+    float *fo = P(float *, out), *buf = NULL;
+    if (fr && !(buf = (float *)malloc(sizeof(float) * 2 * (size_t)H))) return PyErr_NoMemory();
     int fast = fast_cpu();
     Py_BEGIN_ALLOW_THREADS
     if (op == 3) gvalues_k(&q, fa, fo);
     else
 #if DKM_X86
-    if (fast && op == 0) gsplat_v(&q, fa, P(double *, b));
-    else if (fast) gread_v(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, ld, fo);
+    if (fast && op == 0) gsplat_v(&q, fa, fo);
+    else if (fast) gread_v(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, fr, ld, fo, buf);
     else
 #endif
-    if (op == 0) gsplat_k(&q, fa, P(double *, b));
-    else gread_k(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, ld, fo);
+    if (op == 0) gsplat_k(&q, fa, fo);
+    else gread_k(&q, op == 2 ? fa : NULL, op == 2 ? fb : fa, fr, ld, fo, buf);
     Py_END_ALLOW_THREADS
+    free(buf);
     Py_RETURN_NONE;
 }
 

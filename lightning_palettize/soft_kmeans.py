@@ -1380,21 +1380,22 @@ def _grid_cells(flat: Tensor, spec: _GridSpec) -> tuple[Tensor, Tensor]:
     return spec.off.long().gather(1, ci) + i.long(), t
 
 
-def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, ld=0, out=None):
+def _grid_kernel(op: int, flat: Tensor, spec: _GridSpec, a=None, b=None, ld=0, out=None, c=None):
     """One compiled grid pass (``_dkm_cpu.grid``) over the float32 contiguous [G, N] ``flat``."""
     g, n = flat.shape
     grid = (spec.lo.data_ptr(), spec.inv_w.data_ptr(), spec.fc.shape[1])
     grid += (spec.fc.data_ptr(), spec.off.data_ptr(), spec.nodes)
-    _dkm_cpu.grid(op, flat.data_ptr(), g, n, *grid, _ptr(a), _ptr(b), ld, _ptr(out))
+    _dkm_cpu.grid(op, flat.data_ptr(), g, n, *grid, _ptr(a), _ptr(b), ld, _ptr(out), _ptr(c))
 
 
 def _grid_splat(flat: Tensor, spec: _GridSpec, w: Tensor | None, use_c: bool) -> Tensor:
     """[G, H] float32: the sum over elements of w (1 - t) on node j and w t on node j + 1."""
     g, n = flat.shape
+    if use_c:  # (the node sums in float64, rounded once into the float32 rows)
+        out = torch.empty(g, spec.nodes, device=flat.device)
+        _grid_kernel(0, flat, spec, w, out=out)
+        return out
     acc = torch.zeros(g, spec.nodes, dtype=torch.float64, device=flat.device)
-    if use_c:
-        _grid_kernel(0, flat, spec, w, acc)
-        return acc.float()
     j, t = _grid_cells(flat, spec)
     a = 1.0 if w is None else w.view(g, n).float()
     acc.scatter_add_(1, j, (a * (1.0 - t)).double())
@@ -1416,10 +1417,11 @@ def _grid_lerp(flat: Tensor, spec: _GridSpec, table: Tensor, use_c: bool, out=No
 
 def _grid_grad(flat, spec, g_in: Tensor, h: Tensor, r: Tensor, use_c: bool, out=None) -> Tensor:
     """g lerp(h) + lerp(r) per element ([G, N]; ``out`` may be ``g_in``'s storage)."""
-    if use_c:
-        hr = torch.stack((h, r), dim=2)  # (h, r) pairs: one load per element
+    if use_c:  # (the kernel pairs h and r per row: one load per element)
+        if h.stride(1) != 1 or r.stride() != h.stride():
+            h, r = h.contiguous(), r.contiguous()
         out = torch.empty(flat.shape, device=flat.device) if out is None else out
-        _grid_kernel(2, flat, spec, g_in, hr, hr.stride(0), out)
+        _grid_kernel(2, flat, spec, g_in, h, h.stride(0), out, r)
         return out
     g, n = flat.shape
     return _grid_lerp(flat, spec, r, False).addcmul_(
