@@ -2308,7 +2308,9 @@ class _ScalarKMeans(torch.autograd.Function):
 
         for it in items:
             if it.kind == "grid":  # did every iteration's transitions stay on fine cells?
-                cents = [c[it.srow : it.srow + it.g] for c in seg_cents[it.seg]]
+                # (not the first's: it starts from the centroids the grid was built for, with
+                # _GRID_SPEC_MARGIN logits to spare, or a rebuild's larger counts)
+                cents = [c[it.srow : it.srow + it.g] for c in seg_cents[it.seg][1:]]
                 _grid_check(it.spec, cents, cfg)
         outs = []
         y_full = None

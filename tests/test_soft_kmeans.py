@@ -595,6 +595,15 @@ def test_grid_spec_and_check_compiled_equal_torch(monkeypatch):
                 assert torch.equal(g_f[name], value.to(g_f[name].dtype)), (tau, caps, name)
             else:
                 assert g_f[name] == value, (tau, caps, name)
+        # the centroids the grid was built for never need more than it has (forward skips
+        # checking the first iteration, which starts from them)
+        for use_c in (True, False):
+            monkeypatch.setattr(sk, "_USE_C", use_c)
+            for spec in (got, want):
+                spec.missing = None
+                sk._grid_check(spec, [cc], cfg)
+                assert spec.missing is None, (tau, caps, use_c)
+            monkeypatch.undo()
         # the iterations' centroids: moved away from the spec's, so that some cells need more
         for shift in (0.0, 0.02):
             cents = [cc + shift * (i + 1) for i in range(3)]
