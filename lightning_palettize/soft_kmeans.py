@@ -1942,9 +1942,12 @@ def _ptr(t: Tensor | None) -> int:
 
 
 def _c_iterations(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, ct: tuple, p_keep, lens):
-    """_scalar_iterations in one compiled call (``_dkm_cpu.fwd_loop``; no lut_fn): the same
-    (hist, prev_c, last_c, last_it), hist's tensors views of per-iteration arrays (the loop
-    fields ``c_loop`` kept for ``_dkm_cpu.bwd_loop``)."""
+    """_scalar_iterations in one compiled call (``_dkm_cpu.fwd_loop``; no lut_fn).
+
+    Returns (hist, prev_c, last_c, last_it, loop): the first four as _scalar_iterations returns
+    them (hist's tensors are views of per-iteration arrays), and ``loop``, those arrays by name
+    (c_hist, raw_hist, sm_hist, act_hist), which ``_dkm_cpu.bwd_loop`` reads in backward.
+    """
     g, u = v.shape
     k, n_it = c.shape[1], cfg.max_iter
     c_hist = v.new_empty(n_it, g, k)
