@@ -1605,17 +1605,26 @@ static int parse_cfg(PyObject *t, cfg_t *cf) {
 
 /* per-code kernels: simd (the AVX2 register kernels) where use_simd allows, else the tiled
  * kernels compiled for AVX2 + FMA (avx2) or portable (generic) */
+static code_fn pick_code(const cfg_t *cf, code_fn generic, code_fn avx2, code_fn simd) {
+    if (use_simd(cf)) return simd;
+    if (fast_cpu()) return avx2;
+    return generic;
+}
+
+/* one per-code kernel call, with flush-to-zero (the GIL released by the caller) */
+static void run_kernel(code_fn fn, const call_t *call, const scratch_t *s) {
+    FTZ_ON
+    fn(call, s);
+    FTZ_OFF
+}
+
 static PyObject *run_code(call_t *call, code_fn generic, code_fn avx2, code_fn simd) {
     if (!parse_cfg(call->ct, &call->cf)) return NULL;
-    int fast = fast_cpu(), vec = use_simd(&call->cf);
+    code_fn fn = pick_code(&call->cf, generic, avx2, simd);
     scratch_t s = {0};
-    if (!scratch_alloc(&s, call->cf.k, vec)) return PyErr_NoMemory();
+    if (!scratch_alloc(&s, call->cf.k, use_simd(&call->cf))) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    FTZ_ON
-    if (vec) simd(call, &s);
-    else if (fast) avx2(call, &s);
-    else generic(call, &s);
-    FTZ_OFF
+    run_kernel(fn, call, &s);
     Py_END_ALLOW_THREADS
     free(s.buf);
     Py_RETURN_NONE;
@@ -1764,18 +1773,6 @@ static PyObject *py_bwd_step(PyObject *self, PyObject *args) {
  * mode "dkm" without lut_fn), the kernels called from C: the same float32 steps as the torch
  * code between them (the update, the early-stopping test, the per-group bookkeeping), so that
  * both give equal results; flush-to-zero only around the kernels, as for a call from Python. */
-
-static code_fn pick_code(const cfg_t *cf, code_fn generic, code_fn avx2, code_fn simd) {
-    if (use_simd(cf)) return simd;
-    if (fast_cpu()) return avx2;
-    return generic;
-}
-
-static void run_kernel(code_fn fn, const call_t *call, const scratch_t *s) {
-    FTZ_ON
-    fn(call, s);
-    FTZ_OFF
-}
 
 /* fwd_loop(v, m, c_hist, G, U, cfg, T, eps, enforce_zero, sm_hist, raw_hist, act_hist, last_it,
  *          prev_c, last_c, p_keep, lens) -> (iterations run, first partial iteration or -1)
@@ -2191,6 +2188,16 @@ static inline float clamp_count(float v, float cap) { /* ceil, then into [1, cap
     return f < v ? f + 1.0f : f;
 }
 
+/* cell a's nodes in a layout of C cells over a row of `fine` fractional fine-cell counts (C
+ * divides fine): the cell's finest part, (fine / C) times its largest fine count, rounded up
+ * into [1, cap] (C = fine: the count itself; C = 1: one uniform cell) */
+static inline float layout_count(const float *rg, int64_t fine, int64_t C, int64_t a, float cap) {
+    int64_t w = fine / C;
+    float m = 0.0f;
+    for (int64_t b = 0; b < w; b++) m = rg[a * w + b] > m ? rg[a * w + b] : m;
+    return clamp_count(m * (float)w, cap);
+}
+
 /* A tensor's grid (soft_kmeans._grid_spec has the rule, in torch): each row's range, the
  * fractional counts on cells * split fine cells, then the layout (cells, fine cells or one
  * uniform cell) and its tables. Returns the layout's cells, 0 for a row holding a non-finite
@@ -2210,7 +2217,9 @@ static int64_t grid_spec_k(const float *x, int64_t G, int64_t N, const float *c,
     sort_rows(c, G, K, sorted);
     memset(raw, 0, sizeof(float) * (size_t)(G * fine));
     counts_of(lo, span, sorted, G, K, fine, r, 0, 1.0 / (double)split, raw);
-    double s_raw = 0, s_coarse = 0, s_uni = 0; /* each layout's nodes in all */
+    /* each layout's nodes in all (layout_count summed over the fine cells, the coarse cells
+     * and one uniform cell, in one pass over raw) */
+    double s_raw = 0, s_coarse = 0, s_uni = 0;
     for (int64_t g = 0; g < G; g++) {
         const float *rg = raw + g * fine;
         float top = 0.0f;
@@ -2232,28 +2241,13 @@ static int64_t grid_spec_k(const float *x, int64_t G, int64_t N, const float *c,
     if ((s_uni - s_pick) * (double)K * node_cost <= (double)(G * N)) C = 1;
     int64_t need = 0, whole = 0;
     for (int64_t g = 0; g < G; g++) {
-        const float *rg = raw + g * fine;
         float *f = fc + g * C;
         int32_t *o = off + g * C;
         int64_t at = 0;
-        float top = 0.0f;
         for (int64_t a = 0; a < C; a++) {
-            float v;
-            if (C == fine) v = clamp_count(rg[a], cap);
-            else if (C == cells) {
-                float m = 0.0f;
-                for (int64_t b = 0; b < split; b++) {
-                    float u = rg[a * split + b];
-                    m = u > m ? u : m;
-                }
-                v = clamp_count(m * (float)split, cap);
-            } else {
-                for (int64_t b = 0; b < fine; b++) top = rg[b] > top ? rg[b] : top;
-                v = clamp_count(top * (float)fine, cap);
-            }
-            f[a] = v;
+            f[a] = layout_count(raw + g * fine, fine, C, a, cap);
             o[a] = (int32_t)at;
-            at += (int64_t)v;
+            at += (int64_t)f[a];
         }
         at += 1; /* the node at the max */
         lens[g] = (int32_t)at;
