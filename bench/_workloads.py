@@ -154,23 +154,24 @@ def digits_batches(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in eval mode, without autograd (the model's mode restored)."""
     was_training = model.training
     model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
+    with torch.no_grad():
+        out = model(x)
     model.train(was_training)
-    return acc
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (_eval_logits(model, x).argmax(-1) == y).float().mean().item()
 
 
 def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cross-entropy on (x, y) in eval mode: finer than the accuracy of a small test set
     (one digits test image is 0.0028 of accuracy)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(model(x), y).item()
-    model.train(was_training)
-    return loss
+    return torch.nn.functional.cross_entropy(_eval_logits(model, x), y).item()
 
 
 def train_digits_cnn(epochs: int = 20, lr: float = 1e-3, seed: int = SEED) -> DigitsCNN:
