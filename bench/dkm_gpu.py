@@ -7,12 +7,19 @@
    AdamW; every nn.Linear, LM head included, at 4 bits): step time and peak CUDA memory vs plain
    training, in one process, plain first.
 
-Run:  python bench/dkm_gpu.py [--out results.json] [--steps 10]
+3. With --variants: the same LLaMA DKM run per engine variant ("auto": the engines "auto"
+   picks on CUDA; "grid": "auto" with the grid allowed on CUDA as on the CPU); with --micro
+   the soft k-means of the LLaMA's Linear weights alone (forward + backward, no model); with
+   --profile a torch.profiler table of one step per variant (top kernels, launches, syncs).
+
+Run:  python bench/dkm_gpu.py [--out results.json] [--steps 12] [--variants auto,grid]
+          [--micro] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -21,13 +28,43 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
+from lightning_palettize import soft_kmeans as sk  # noqa: E402
 from lightning_palettize.kmeans import kmeans_1d, kmeans_vectors  # noqa: E402
-from lightning_palettize.soft_kmeans import soft_kmeans  # noqa: E402
+from lightning_palettize.soft_kmeans import soft_kmeans, soft_kmeans_batch  # noqa: E402
+
+# engine variants: the soft_kmeans module settings each one runs under
+VARIANTS = {
+    "auto": {},  # the engines "auto" picks on CUDA: the table from 2^18 elements per group
+    "grid": {"_GRID_AUTO_DEVICES": frozenset({"cuda"})},  # "auto" as on the CPU: the grid
+    "dense": {"_TABLE_MIN_GROUP": {"cpu": 1 << 16, "cuda": 1 << 62}},  # the element engine
+}
+
+
+@contextlib.contextmanager
+def patched(**settings):
+    """Run the soft k-means with these module settings."""
+    saved = {k: getattr(sk, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(sk, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(sk, k, v)
+
+
+def variant(name: str):
+    """Run the soft k-means under the settings of engine variant ``name``."""
+    return patched(**VARIANTS[name])
+
+
+DEV = "cuda"  # the LLaMA and micro sections' device (a CPU dry run of this script sets "cpu")
+TINY = False  # a small LLaMA config, for that dry run
 
 
 def check(name: str, ok: bool, detail: str = "") -> dict:
@@ -50,7 +87,7 @@ def correctness() -> list[dict]:
     )
     v = kmeans_vectors(torch.randn(2, 4000, 2, generator=g).to(dev), 8)
     out.append(check("kmeans_vectors on cuda", bool(torch.isfinite(v.centroids).all())))
-    for method in ("table", "dense"):
+    for method in ("table", "dense", "grid"):
         w = (torch.randn(2, 30000, 1, generator=g) * 0.05).half().float()
         c0 = kmeans_1d(w[..., 0], 16).centroids.unsqueeze(-1)
         res = []
@@ -90,38 +127,90 @@ def correctness() -> list[dict]:
         pal = DKMPalettizer(m, cfg)
         prepared = pal.prepare(inplace=True)
         opt = torch.optim.SGD(prepared.parameters(), lr=0.01)
-        for _ in range(3):
-            opt.zero_grad()
-            prepared(xb.to(d)).square().mean().backward()
-            opt.step()
-            pal.step()
+        # the same engines on both devices ("auto" takes the grid on the CPU only)
+        with patched(_GRID_AUTO_MIN_GROUP=1 << 62):
+            for _ in range(3):
+                opt.zero_grad()
+                prepared(xb.to(d)).square().mean().backward()
+                opt.step()
+                pal.step()
         results.append(pal.finalize()[0].weight.detach().cpu())
     diff = (results[0] - results[1]).abs().max().item()
     out.append(check("DKM 3 steps + finalize cuda ~= cpu", diff < 1e-4, f"max diff {diff:.2e}"))
     return out
 
 
-def llama(steps: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config():
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        intermediate_size=2048,
-        vocab_size=32000,
-        num_attention_heads=12,
-        num_key_value_heads=12,
+    return LlamaConfig(
+        hidden_size=64 if TINY else 768,
+        num_hidden_layers=2 if TINY else 12,
+        intermediate_size=128 if TINY else 2048,
+        vocab_size=1000 if TINY else 32000,
+        num_attention_heads=4 if TINY else 12,
+        num_key_value_heads=4 if TINY else 12,
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    dev = torch.device("cuda")
+
+
+def _profile_table(prof, rows: int = 25) -> tuple[str, dict]:
+    """The profiler's top kernels by device time, and launch / sync counts."""
+    events = prof.key_averages()
+    table = ""
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = events.table(sort_by=key, row_limit=rows)
+            break
+        except Exception:  # the key's name moved between torch versions
+            continue
+    counts = {"launches": 0, "syncs": 0, "memcpy": 0}
+    for e in events:
+        name = e.key
+        if name.startswith("cudaLaunchKernel") or name.startswith("cuLaunchKernel"):
+            counts["launches"] += e.count
+        elif "Synchronize" in name:
+            counts["syncs"] += e.count
+        elif name.startswith("cudaMemcpy"):
+            counts["memcpy"] += e.count
+    return table, counts
+
+
+def _profiled(step, out_dir: Path | None, name: str) -> dict:
+    if out_dir is None:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table, counts = _profile_table(prof)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"prof_{name}.txt").write_text(table)
+    print(f"--- profile {name}: {counts}\n{table}", flush=True)
+    return counts
+
+
+def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
+    from transformers import LlamaForCausalLM
+
+    cfg = _llama_config()
+    dev = torch.device(DEV)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in base.parameters())
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    tokens = torch.randint(0, 32000, (8, 512), generator=torch.Generator().manual_seed(1)).to(dev)
+    tokens = torch.randint(
+        0, cfg.vocab_size, (2, 64) if TINY else (8, 512), generator=torch.Generator().manual_seed(1)
+    ).to(dev)
 
-    def run(dkm: bool) -> dict:
+    def run(name: str | None) -> dict:
+        with variant(name or "auto"):
+            return _run(name)
+
+    def _run(name: str | None) -> dict:
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         model.load_state_dict(state)
@@ -131,7 +220,7 @@ def llama(steps: int) -> dict:
         base_mem = torch.cuda.memory_allocated()
         pal = None
         t0 = time.perf_counter()
-        if dkm:
+        if name is not None:
             pal = DKMPalettizer(
                 model,
                 {"module_type_configs": {"Linear": {"n_bits": 4, "weight_threshold": 0}}},
@@ -141,16 +230,21 @@ def llama(steps: int) -> dict:
         prepare_s = time.perf_counter() - t0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         times, losses = [], []
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def one() -> Tensor:
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
                 loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             opt.step()
             if pal is not None:
                 pal.step()
+            return loss
+
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = one()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
@@ -165,43 +259,101 @@ def llama(steps: int) -> dict:
         if pal is not None:
             n_pal = sum(1 for n, _ in model.named_modules() if n.endswith("_dkm"))
             res["palettized_weights"] = n_pal
-        del model, opt
+        res["profile"] = _profiled(one, prof_dir, name or "plain")
+        model = opt = pal = None  # frees them (the closure holds the names)
         torch.cuda.empty_cache()
         return res
 
-    plain = run(False)
-    ours = run(True)
-    return {
-        "params": n_params,
-        "plain": plain,
-        "dkm": ours,
-        "step_ratio": ours["steady_step_s"] / plain["steady_step_s"],
-        "mem_ratio": ours["peak_mem_GiB"] / plain["peak_mem_GiB"],
-    }
+    plain = run(None)
+    out = {"params": n_params, "plain": plain}
+    for v in variants:
+        ours = run(v)
+        out[f"dkm_{v}"] = ours
+        out[f"step_ratio_{v}"] = ours["steady_step_s"] / plain["steady_step_s"]
+        out[f"mem_ratio_{v}"] = ours["peak_mem_GiB"] / plain["peak_mem_GiB"]
+        print(
+            f"{v}: step {ours['steady_step_s'] * 1e3:.1f} ms vs plain "
+            f"{plain['steady_step_s'] * 1e3:.1f} ms ({out[f'step_ratio_{v}']:.2f}x), "
+            f"peak {ours['peak_mem_GiB']:.2f} GiB ({out[f'mem_ratio_{v}']:.2f}x), "
+            f"prepare + first step {ours['prepare_s'] + ours['first_step_s']:.2f} s",
+            flush=True,
+        )
+    return out
+
+
+def micro(variants: list[str], prof_dir: Path | None, reps: int = 5) -> dict:
+    """Forward + backward of the soft k-means of the LLaMA's Linear weights alone (4 bits, per
+    tensor, centroids from k-means), per variant: the DKM work of one step without the model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config())
+    ws = [
+        m.weight.detach().to(DEV).reshape(1, -1, 1)
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    del model
+    cs = [kmeans_1d(w[..., 0], 16).centroids.unsqueeze(-1) for w in ws]
+    out = {"tensors": len(ws), "weights": sum(w.numel() for w in ws)}
+    for v in variants:
+        leaves = [w.clone().requires_grad_() for w in ws]
+        grads = [torch.randn_like(w) for w in ws]
+
+        def one(leaves=leaves, grads=grads) -> None:
+            res = soft_kmeans_batch(leaves, cs)
+            torch.autograd.backward([o for o, _ in res], grads)
+
+        with variant(v):
+            for _ in range(2):
+                one()
+            times = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                one()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            profile = _profiled(one, prof_dir, f"micro_{v}")
+        out[v] = {
+            "ms": statistics.median(times) * 1e3,
+            "profile": profile,
+        }
+        print(f"micro {v}: {out[v]['ms']:.1f} ms fwd+bwd over {out['tensors']} tensors", flush=True)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results/dkm_gpu.json")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--variants", default="auto", help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--micro", default="", help="comma list of variants for the micro section")
+    p.add_argument("--profile", type=Path, default=None, help="folder for profiler tables")
+    p.add_argument("--skip-checks", action="store_true")
     args = p.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    sections = [] if args.skip_checks else [("correctness", correctness)]
+    micro_variants = [v for v in args.micro.split(",") if v]
+    for v in variants + micro_variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; expected some of {sorted(VARIANTS)}")
     out: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
+        "variants": variants,
     }
-    try:
-        out["correctness"] = correctness()
-    except Exception:
-        out["correctness_error"] = traceback.format_exc()
-        print(out["correctness_error"], flush=True)
-    try:
-        out["llama"] = llama(args.steps)
-        print(json.dumps({k: v for k, v in out["llama"].items()}, indent=1), flush=True)
-    except Exception:
-        out["llama_error"] = traceback.format_exc()
-        print(out["llama_error"], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    if micro_variants:
+        sections.append(("micro", lambda: micro(micro_variants, args.profile)))
+    sections.append(("llama", lambda: llama(args.steps, variants, args.profile)))
+    for name, fn in sections:
+        try:
+            out[name] = fn()
+        except Exception:
+            out[f"{name}_error"] = traceback.format_exc()
+            print(out[f"{name}_error"], flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
     print("wrote", args.out)
 
 

@@ -216,6 +216,10 @@ class Layout:
         Raises:
             ValueError: if ``w.shape != shape`` or the layout does not divide it.
         """
+        if self.channel_axis == 0 and self.cluster_dim == 1 and tuple(w.shape) == self.shape:
+            # the groups are runs of whole channels in C order: one reshape (a hot path of DKM)
+            self.validate("Layout")
+            return w.reshape(self.num_groups, -1, 1)
         self._check_shape(w.shape, self.shape, "to_groups")
         return self._block_view(w).reshape(self.num_groups, self.vectors_per_group, -1)
 
@@ -228,6 +232,9 @@ class Layout:
             ValueError: if ``x.shape != (G, N, d)``.
         """
         g, n, d = self.num_groups, self.vectors_per_group, self.cluster_dim
+        if self.channel_axis == 0 and d == 1 and tuple(x.shape) == (g, n, 1):
+            self.validate("Layout")
+            return x.reshape(self.shape)  # runs of whole channels in C order
         self._check_shape(x.shape, (g, n, d), "from_groups")
         y = x.reshape(self._num_blocks, *self._rest_shape, d).movedim(-1, 1)
         y = y.reshape(self.shape[self.channel_axis], *self._rest_shape)

@@ -964,6 +964,50 @@ def _keep_tiny(half: Tensor, f: Tensor) -> Tensor:
     return torch.where(half.eq(0) & f.ne(0), tiny, half)
 
 
+# The device layout's element passes run over runs of consecutive table tensors at once (one
+# concatenated pass instead of a few launches per tensor), each run at most this many elements
+# (the run's temporaries: ~14 bytes per element while its codes are written).
+_STACK_ELEMS = 1 << 26
+
+
+def _stacks(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Consecutive runs [a, b) of [G, N] tensors of one LUT group each and at most
+    _STACK_ELEMS elements together; any other tensor is a run of its own."""
+    runs: list[tuple[int, int]] = []
+    a, total = 0, 0
+    for i, (g, n) in enumerate(shapes):
+        if i > a and (g > 1 or shapes[a][0] > 1 or total + n > _STACK_ELEMS):
+            runs.append((a, i))
+            a, total = i, 0
+        total += g * n
+    if shapes:
+        runs.append((a, len(shapes)))
+    return runs
+
+
+def _write_codes_stacked(
+    dst: Tensor, flats: list[Tensor], scale: Tensor, offset: Tensor, cfg: _Cfg
+) -> None:
+    """:func:`_write_codes` of several [1, n_l] tensors at once: their elements, scales and
+    offsets concatenated (the per-element scale and offset as broadcast views: one copy
+    kernel each)."""
+    device, n = dst.device, dst.numel()
+    x = torch.cat([f.reshape(-1) for f in flats])
+    if x.dtype != torch.float32:
+        x = x.float()
+    scale, offset = scale.float().view(-1), offset.view(-1)
+    sizes = [f.shape[1] for f in flats]
+    per = torch.cat([scale[i : i + 1].expand(m) for i, m in enumerate(sizes)])
+    half = torch.empty(n, dtype=torch.float16, device=device)
+    torch.mul(x, per, out=half)
+    del per
+    if cfg.keep_zeros:
+        half = _keep_tiny(half, x)
+    del x
+    off = torch.cat([offset[i : i + 1].expand(m) for i, m in enumerate(sizes)])
+    torch.add(half.view(torch.int16), off, out=dst)
+
+
 def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cfg: _Cfg) -> None:
     """dst[i] (int32) = fp16 bit pattern of f[i] * scale + offset, for one [s, n] tensor."""
     s, n = f.shape
@@ -1049,8 +1093,13 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
     bins = torch.empty(sum(f.numel() for f in flats), dtype=torch.int32, device=device)
     start = row = 0
     offsets = None
-    for f, s in zip(flats, sizes):
-        n = f.numel()
+    if _host_layout(device):
+        runs = [(i, i + 1) for i in range(len(flats))]
+    else:  # runs of tensors coded together, in a few launches per run
+        runs = _stacks([tuple(f.shape) for f in flats])
+    for a, b in runs:
+        s = sum(sizes[a:b])
+        n = sum(f.numel() for f in flats[a:b])
         if s == 1 and _host_layout(device):
             offset: Tensor | int = row * _STRIDE + (1 << 15)
         else:  # a [s, 1] int32 tensor: int16 codes + offset promote to int32 in one kernel
@@ -1058,11 +1107,20 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
                 offsets = torch.arange(g, dtype=torch.int32, device=device)
                 offsets = offsets.mul_(_STRIDE).add_(1 << 15).unsqueeze(1)
             offset = offsets[row : row + s]
-        _write_codes(bins[start : start + n], f, scale[row : row + s], offset, cfg)
+        if b - a == 1:
+            _write_codes(bins[start : start + n], flats[a], scale[row : row + s], offset, cfg)
+        else:
+            _write_codes_stacked(
+                bins[start : start + n], flats[a:b], scale[row : row + s], offset, cfg
+            )
         start += n
         row += s
-    counts = torch.bincount(bins, minlength=g * _STRIDE).view(g, _STRIDE)
-    return (bins, scale, *_code_tables(counts, scale, device))
+    if _host_layout(device) or torch.are_deterministic_algorithms_enabled():
+        counts = torch.bincount(bins, minlength=g * _STRIDE)
+    else:  # CUDA's bincount reads the max back (a sync); an index_add_ of ones does not
+        counts = torch.zeros(g * _STRIDE, dtype=torch.int64, device=device)
+        counts.index_add_(0, bins, counts.new_ones(1).expand(bins.numel()))
+    return (bins, scale, *_code_tables(counts.view(g, _STRIDE), scale, device))
 
 
 def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
@@ -1082,12 +1140,17 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
             for i in range(g):
                 row = present[i].nonzero().view(-1)
                 codes[i, : row.numel()] = row
-        else:
+        elif torch.are_deterministic_algorithms_enabled():
             gi, ci = present.nonzero(as_tuple=True)
             first = torch.cumsum(n_present, 0) - n_present
             slot = torch.arange(gi.numel(), device=device) - first[gi]
             codes = torch.full((g, u), _NCODES, dtype=torch.long, device=device)
             codes[gi, slot] = ci
+        else:  # each present code to its rank in its row; no host read for nonzero's size
+            slot = torch.cumsum(present, 1).sub_(1).masked_fill_(~present, u)
+            codes = torch.full((g, u + 1), _NCODES, dtype=torch.long, device=device)
+            every = torch.arange(_NCODES, device=device).expand(g, -1)
+            codes = codes.scatter_(1, slot, every)[:, :u].contiguous()
     mass = counts.gather(1, codes).float()
     values = _code_values(device)[codes] / scale.unsqueeze(1)
     return codes, values, mass, per_group, u
@@ -1149,6 +1212,8 @@ _GRID_MAX_NODES = 1 << 16
 # on the bench MLP, MiniLM and 4096x4096 per tensor, 2.4-3.5x with group_size 16.
 _GRID_AUTO_FRACTION = 2
 _GRID_AUTO_MIN_GROUP = 4096
+# Other device types (than the CPU's host layout) on which "auto" takes the grid too.
+_GRID_AUTO_DEVICES: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -2112,6 +2177,18 @@ def _scalar_backward_c(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Te
     return h, r
 
 
+def _table_runs(items) -> list[tuple[list[int], int, int]]:
+    """The table items (indices into ``items``) in the runs of :func:`_stacks`, each with its
+    range of the stacked element codes (``bins``)."""
+    tab = [i for i, it in enumerate(items) if it.kind == "table"]
+    runs = []
+    for a, b in _stacks([(items[i].g, items[i].n) for i in tab]):
+        members = tab[a:b]
+        last = items[members[-1]]
+        runs.append((members, items[members[0]].start, last.start + last.g * last.n))
+    return runs
+
+
 def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
     device = bins.device
@@ -2129,17 +2206,29 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
                 parts.append(codes.new_zeros(hi - lo, dtype=torch.float32))
         total = parts[0] if len(parts) == 1 else torch.cat(parts)
     else:
-        # index_add_ into one table: no host read (CUDA's bincount reads its max back)
+        # index_add_ into one table: no host read (CUDA's bincount reads its max back), one
+        # call per run of tensors (their gradients concatenated)
         total = torch.zeros(n_tab * _STRIDE, device=device)
         deterministic = torch.are_deterministic_algorithms_enabled()
-        for i, it in enumerate(items):
-            if it.kind == "table" and live[i]:
-                sl = bins[it.start : it.start + it.g * it.n]
+        for members, lo, hi in _table_runs(items):
+            if all(live[i] for i in members):
+                parts = [(bins[lo:hi], _cat([flat_g[i] for i in members]))]
+            else:
+                parts = [
+                    (bins[items[i].start : items[i].start + items[i].g * items[i].n], flat_g[i])
+                    for i in members
+                    if live[i]
+                ]
+            for sl, gr in parts:
                 if deterministic:
-                    total.index_put_((sl.long(),), flat_g[i], accumulate=True)
+                    total.index_put_((sl.long(),), gr, accumulate=True)
                 else:
-                    total.index_add_(0, sl, flat_g[i])
+                    total.index_add_(0, sl, gr)
     return total.view(n_tab, _STRIDE).gather(1, codes)
+
+
+def _cat(ts: list[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 def _put_codes(table: Tensor, codes: Tensor, values: Tensor, u: int, c_elems: bool) -> None:
@@ -2155,6 +2244,20 @@ def _put_codes(table: Tensor, codes: Tensor, values: Tensor, u: int, c_elems: bo
     base = table.data_ptr() - 4 * lane
     args = (base, step, lane, codes.data_ptr(), codes.stride(0), values.data_ptr())
     _dkm_cpu.put(*args, values.stride(0), codes.shape[0], u)
+
+
+def _put_segment_codes(
+    table: Tensor, codes: Tensor, ys: list, seg_trows: list[Tensor | None]
+) -> None:
+    """table[trows[r], codes[trows[r], j]] = y[r, j] for each segment of table tensors only
+    (``seg_trows[s]`` its table rows, ``ys[s]`` its per-code values; padding columns write
+    the spare bin, which no element reads)."""
+    for y, trows in zip(ys, seg_trows):
+        if trows is None or y is None:
+            continue
+        width = y.shape[1]
+        idx = codes[:, :width].index_select(0, trows).add_(trows.unsqueeze(1) * table.shape[1])
+        table.view(-1).index_put_((idx.view(-1),), y.reshape(-1))
 
 
 def _gather_grad(h_full: Tensor, r_full: Tensor, bins: Tensor, g: Tensor) -> Tensor:
@@ -2239,6 +2342,7 @@ class _ScalarKMeans(torch.autograd.Function):
             else:
                 it.u = it.n
         segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
+        seg_trows: list[Tensor | None] = []  # a segment of table tensors only: their table rows
         c_rows = _c_kernels(device)  # each row's length, for the compiled per-code kernels only
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
             width = max(items[i].u for i in members)
@@ -2263,6 +2367,27 @@ class _ScalarKMeans(torch.autograd.Function):
                 rows, direct = slice(it.row, it.row + it.g), False
                 it.seg, it.srow = s_i, 0
                 lens = _row_lens(it, per_group) if c_rows else None
+            elif every_table:
+                # the members' rows of the stacked code tables (each row padded with the spare
+                # code up to the table width): one gather each
+                idx, tidx, r0 = [], [], 0
+                for i in members:
+                    it = items[i]
+                    it.seg, it.srow = s_i, r0
+                    idx.extend(range(it.row, it.row + it.g))
+                    tidx.extend(range(it.trow, it.trow + it.g))
+                    r0 += it.g
+                rows = torch.tensor(idx).to(device, non_blocking=True)
+                trows = torch.tensor(tidx).to(device, non_blocking=True)
+                v = values[:, :width].index_select(0, trows)
+                m = mass[:, :width].index_select(0, trows)
+                direct = False
+                lens = None
+                if c_rows:
+                    lens = torch.cat([_row_lens(items[i], per_group) for i in members])
+                segments.append((rows, v, m, direct, lens))
+                seg_trows.append(trows)
+                continue
             else:
                 g_seg = sum(items[i].g for i in members)
                 v = c0.new_zeros(g_seg, width)
@@ -2289,6 +2414,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 if c_rows:
                     lens = torch.cat([_row_lens(items[i], per_group) for i in members])
             segments.append((rows, v, m, direct, lens))
+            seg_trows.append(None)
 
         saved = _Saved()
         new_c = torch.empty_like(c0)
@@ -2324,14 +2450,24 @@ class _ScalarKMeans(torch.autograd.Function):
             if segments[0][3]:  # one stacked segment of every table
                 _put_codes(table, codes, ys[0], codes.shape[1], c_elems)
             else:
+                _put_segment_codes(table, codes, ys, seg_trows)
                 for it in items:
-                    if it.kind == "table":
+                    if it.kind == "table" and seg_trows[it.seg] is None:
                         sl = slice(it.trow, it.trow + it.g)
                         seg_y = ys[it.seg][it.srow : it.srow + it.g]
                         _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
+        stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
+        if n_tab and not c_elems and not _host_layout(device):
+            for members, lo, hi in _table_runs(items):
+                if len(members) > 1:
+                    y = y_full.index_select(0, bins[lo:hi])
+                    sizes = [items[i].g * items[i].n for i in members]
+                    stacked.update(zip(members, y.split(sizes)))
         t_i = 0
-        for x, it in zip(xs, items):
-            if it.kind == "table" and c_elems:
+        for i_x, (x, it) in enumerate(zip(xs, items)):
+            if i_x in stacked:
+                flat = stacked.pop(i_x)
+            elif it.kind == "table" and c_elems:
                 flat = _outputs.take(("y", t_i, it.n), (it.g, it.n), device)
                 _dkm_cpu.gather(
                     flats[t_i].data_ptr(),
@@ -2360,6 +2496,7 @@ class _ScalarKMeans(torch.autograd.Function):
             t_i += it.kind == "table"
         ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
         ctx.seg_c = seg_c
+        ctx.seg_trows = seg_trows
         ctx.direct = segments[0][3]
         ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
         ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
@@ -2466,6 +2603,8 @@ class _ScalarKMeans(torch.autograd.Function):
                         gsum = flat_g[i].view(it.g, it.n)
                 elif ctx.direct:
                     gsum = gsum_tab  # every tensor's tables, stacked in order
+                elif ctx.seg_trows[s] is not None:  # table tensors only: their rows
+                    gsum = gsum_tab[:, : v.shape[1]].index_select(0, ctx.seg_trows[s])
                 else:
                     gsum = v.new_zeros(v.shape)
                     for i, it in seg_items:
@@ -2495,13 +2634,24 @@ class _ScalarKMeans(torch.autograd.Function):
                     _put_codes(h_tab, codes, hr[0][0], codes.shape[1], c_elems)
                     _put_codes(r_tab, codes, hr[0][1], codes.shape[1], c_elems)
                 else:
+                    _put_segment_codes(h_tab, codes, [t and t[0] for t in hr], ctx.seg_trows)
+                    _put_segment_codes(r_tab, codes, [t and t[1] for t in hr], ctx.seg_trows)
                     for i, it in enumerate(items):
-                        if it.kind != "table" or not live[i]:
+                        if it.kind != "table" or not live[i] or ctx.seg_trows[it.seg] is not None:
                             continue
                         sl = slice(it.trow, it.trow + it.g)
                         hs, rs = (t[it.srow : it.srow + it.g] for t in hr[it.seg])
                         _put_codes(h_tab[sl], codes[sl], hs, it.u, c_elems)
                         _put_codes(r_tab[sl], codes[sl], rs, it.u, c_elems)
+            stacked = {}  # item index -> its gradient, gathered with its run's (device layout)
+            if n_tab and not c_elems and not _host_layout(device):
+                for members, lo, hi in _table_runs(items):
+                    if len(members) > 1 and all(live[i] for i in members):
+                        g_run = _cat([flat_g[i] for i in members])
+                        grad = _gather_grad(h_full, r_full, bins[lo:hi], g_run)
+                        del g_run
+                        sizes = [items[i].g * items[i].n for i in members]
+                        stacked.update(zip(members, grad.split(sizes)))
             for i, it in enumerate(items):
                 if not live[i]:
                     continue
@@ -2527,6 +2677,8 @@ class _ScalarKMeans(torch.autograd.Function):
                         hr_full[it.trow :].data_ptr(),
                         grad.data_ptr(),
                     )
+                elif i in stacked:
+                    grad = stacked.pop(i)
                 elif it.kind == "table":
                     sl = bins[it.start : it.start + it.g * it.n]
                     grad = _gather_grad(h_full, r_full, sl, flat_g[i])
@@ -2792,7 +2944,8 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
     """
     g, n = x.shape[0], x.shape[1]
     fallback = "table" if resolved == "table" else "exact"
-    auto = asked == "auto" and _host_layout(x.device) and n >= _GRID_AUTO_MIN_GROUP
+    here = _host_layout(x.device) or x.device.type in _GRID_AUTO_DEVICES
+    auto = asked == "auto" and here and n >= _GRID_AUTO_MIN_GROUP
     auto = auto and x.dtype == torch.float32
     if asked == "grid" or (auto and _grid_allowed(cfg)):
         cap, total = _GRID_MAX_NODES, None

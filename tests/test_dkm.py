@@ -536,6 +536,9 @@ def _device_layout(monkeypatch):
 
     monkeypatch.setattr(sk, "_sync_free", lambda device: True)
     monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    # (torch's deterministic mode, which a Trainer(deterministic=True) leaves on, takes the
+    # device layout's deterministic kernels)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
 
 
 @pytest.mark.parametrize("layout", ["host", "device"])
@@ -607,7 +610,7 @@ def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
             pal.step()
             assert pal.steps == 1
         reads.append(mode.count)
-    assert reads == [2, 2], reads
+    assert reads == [1, 1], reads
 
 
 class _Looped(nn.Module):

@@ -666,8 +666,8 @@ class DKMPalettizer:
     @torch.no_grad()
     def step(self) -> None:
         """Count one optimizer step; modules reaching their milestone start palettizing."""
-        self._require_prepared()
-        self.set_step(self.steps + 1)
+        members = list(_fake_palettizers(self._require_prepared()))
+        self._set_step(members, max((fp.step_count for *_, fp in members), default=0) + 1)
 
     @torch.no_grad()
     def set_step(self, step: int) -> None:
@@ -682,8 +682,10 @@ class DKMPalettizer:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"set_step: step must be an int >= 0, got {step!r}")
-        model = self._require_prepared()
-        members = list(_fake_palettizers(model))
+        self._set_step(list(_fake_palettizers(self._require_prepared())), step)
+
+    @staticmethod
+    def _set_step(members: list, step: int) -> None:
         _set_step_counts([fp for *_, fp in members], step)
         for _, module, _pname, fp in members:
             if not fp.is_enabled and step >= fp.cfg.milestone:
