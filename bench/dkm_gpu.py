@@ -156,7 +156,7 @@ def _llama_config():
 
 
 def _profile_table(prof, rows: int = 25) -> tuple[str, dict]:
-    """The profiler's top kernels by device time, and launch / sync counts."""
+    """The profiler's top ops by device time and by host time, and launch / sync counts."""
     events = prof.key_averages()
     table = ""
     for key in ("self_device_time_total", "self_cuda_time_total"):
@@ -165,6 +165,7 @@ def _profile_table(prof, rows: int = 25) -> tuple[str, dict]:
             break
         except Exception:  # the key's name moved between torch versions
             continue
+    table += "\n\nby host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=rows)
     counts = {"launches": 0, "syncs": 0, "memcpy": 0}
     for e in events:
         name = e.key
@@ -180,7 +181,27 @@ def _profile_table(prof, rows: int = 25) -> tuple[str, dict]:
 def _profiled(step, out_dir: Path | None, name: str) -> dict:
     if out_dir is None:
         return {}
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
+
+    if name != "plain" and not name.startswith("micro"):
+        # where the host's time goes in Python (the GPU step is host-bound when it is)
+        torch.cuda.synchronize()
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        py.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(py, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(60)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"cprof_{name}.txt").write_text(text.getvalue())
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
