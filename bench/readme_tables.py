@@ -120,38 +120,75 @@ def dkm() -> str:
             "Digits CNN test accuracy after finalize (fine-tuned from the fp32 checkpoint, Adam "
             "1e-3, same batches):\n\n" + _table(header, rows)
         )
-    g = _load("dkm_gpu_h200")
-    if g and g.get("llama"):
-        ll = g["llama"]
-        rows = [
-            [
-                "plain",
-                f"{1e3 * ll['plain']['steady_step_s']:.1f}",
-                f"{ll['plain']['peak_mem_GiB']:.2f}",
-                "-",
-            ],
-            [
-                "ours, DKM 4 bits (85 Linear)",
-                f"{1e3 * ll['dkm']['steady_step_s']:.1f}",
-                f"{ll['dkm']['peak_mem_GiB']:.2f}",
-                f"{ll['dkm']['prepare_s'] + ll['dkm']['first_step_s']:.2f}",
-            ],
-        ]
-        parts.append(
-            f"{g['device']} (torch {g['torch']}), {ll['params'] / 1e6:.0f}M-parameter LLaMA-shaped "
-            "LM, batch 8 x 512, bf16 autocast, AdamW: step ratio "
-            f"{ll['step_ratio']:.1f}x, memory ratio {ll['mem_ratio']:.2f}x\n\n"
-            + _table(["run", "ms/step", "peak GiB", "prepare + first step s"], rows)
-        )
-        checks = g.get("correctness") or []
-        if checks:
-            ok = sum(c["ok"] for c in checks)
-            parts.append(
-                f"CUDA correctness on the same card: {ok}/{len(checks)} checks passed ("
-                + "; ".join(c["check"] for c in checks)
-                + ")."
-            )
+    parts.append(gpu())
     return "\n\n".join(parts) if parts else "(no DKM results)"
+
+
+def _gpu_runs(g: dict) -> list[tuple[str, dict, dict]]:
+    """(variant, DKM run, plain run) of a bench/dkm_gpu.py result (both of its formats)."""
+    ll = g["llama"]
+    if "dkm" in ll:  # one DKM run per file (before --variants)
+        return [("auto", ll["dkm"], ll["plain"])]
+    return [(v, ll[f"dkm_{v}"], ll["plain"]) for v in g.get("variants", []) if f"dkm_{v}" in ll]
+
+
+GPU_RUNS = [  # (result file, what it measured)
+    ("gpu_h100/dkm_gpu_h100", "this session's code, run 1"),
+    ("gpu_h100/dkm_gpu_h100_rep", "this session's code, run 2"),
+    ("gpu_h100/dkm_gpu_session_start", "at the start of this session"),
+    ("dkm_gpu_h200", "an earlier session"),
+]
+
+
+def gpu() -> str:
+    """The GPU LLaMA DKM runs: step time and peak memory against plain training."""
+    rows, checks = [], None
+    for name, what in GPU_RUNS:
+        g = _load(name)
+        if not g or not g.get("llama"):
+            continue
+        for v, dkm_run, plain in _gpu_runs(g):
+            rows.append(
+                [
+                    g["device"].replace("NVIDIA ", ""),
+                    what + ("" if v == "auto" else f" (engine variant {v})"),
+                    f"{1e3 * plain['steady_step_s']:.1f}",
+                    f"{1e3 * dkm_run['steady_step_s']:.1f}",
+                    f"{dkm_run['steady_step_s'] / plain['steady_step_s']:.2f}x",
+                    f"{plain['peak_mem_GiB']:.2f}",
+                    f"{dkm_run['peak_mem_GiB']:.2f}",
+                    f"{dkm_run['peak_mem_GiB'] / plain['peak_mem_GiB']:.2f}x",
+                    f"{dkm_run['prepare_s'] + dkm_run['first_step_s']:.2f}",
+                ]
+            )
+        if checks is None and g.get("correctness"):
+            checks = (g["device"], g["correctness"])
+    if not rows:
+        return "(no GPU DKM results)"
+    header = [
+        "card",
+        "code",
+        "plain ms/step",
+        "DKM ms/step",
+        "step ratio",
+        "plain GiB",
+        "DKM GiB",
+        "memory ratio",
+        "prepare + first step s",
+    ]
+    out = (
+        "134M-parameter LLaMA-shaped LM, batch 8 x 512, bf16 autocast, AdamW, every Linear at "
+        "4 bits (85 weights); plain and DKM in one process, each row one run:\n\n"
+        + _table(header, rows)
+    )
+    if checks:
+        ok = sum(c["ok"] for c in checks[1])
+        out += (
+            f"\n\nCUDA correctness on the {checks[0]}: {ok}/{len(checks[1])} checks passed ("
+            + "; ".join(c["check"] for c in checks[1])
+            + ")."
+        )
+    return out
 
 
 def skm() -> str:
@@ -198,4 +235,4 @@ def skm() -> str:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "ptp"
-    print({"ptp": ptp, "dkm": dkm, "skm": skm}[what]())
+    print({"ptp": ptp, "dkm": dkm, "skm": skm, "gpu": gpu}[what]())

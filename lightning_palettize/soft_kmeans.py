@@ -1140,7 +1140,7 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
             for i in range(g):
                 row = present[i].nonzero().view(-1)
                 codes[i, : row.numel()] = row
-        elif torch.are_deterministic_algorithms_enabled():
+        elif _host_layout(device) or torch.are_deterministic_algorithms_enabled():
             gi, ci = present.nonzero(as_tuple=True)
             first = torch.cumsum(n_present, 0) - n_present
             slot = torch.arange(gi.numel(), device=device) - first[gi]
