@@ -2347,6 +2347,7 @@ class _ScalarKMeans(torch.autograd.Function):
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
             width = max(items[i].u for i in members)
             every_table = all(items[i].kind == "table" for i in members)
+            trows: Tensor | None = None
             if len(members) == len(items) and every_table and width == u_tab:
                 # every tensor is a table one, in order: the code tables as they are
                 v, m, direct = values, mass, True
@@ -2367,9 +2368,8 @@ class _ScalarKMeans(torch.autograd.Function):
                 rows, direct = slice(it.row, it.row + it.g), False
                 it.seg, it.srow = s_i, 0
                 lens = _row_lens(it, per_group) if c_rows else None
-            elif every_table:
-                # the members' rows of the stacked code tables (each row padded with the spare
-                # code up to the table width): one gather each
+            else:
+                # several tensors, each at its row offset in the segment
                 idx, tidx, r0 = [], [], 0
                 for i in members:
                     it = items[i]
@@ -2378,43 +2378,34 @@ class _ScalarKMeans(torch.autograd.Function):
                     tidx.extend(range(it.trow, it.trow + it.g))
                     r0 += it.g
                 rows = torch.tensor(idx).to(device, non_blocking=True)
-                trows = torch.tensor(tidx).to(device, non_blocking=True)
-                v = values[:, :width].index_select(0, trows)
-                m = mass[:, :width].index_select(0, trows)
-                direct = False
-                lens = None
-                if c_rows:
-                    lens = torch.cat([_row_lens(items[i], per_group) for i in members])
-                segments.append((rows, v, m, direct, lens))
-                seg_trows.append(trows)
-                continue
-            else:
-                g_seg = sum(items[i].g for i in members)
-                v = c0.new_zeros(g_seg, width)
-                m = c0.new_zeros(g_seg, width)
-                r0, idx = 0, []
-                for i in members:
-                    it = items[i]
-                    if it.kind == "table":
-                        sl = slice(it.trow, it.trow + it.g)
-                        v[r0 : r0 + it.g, : it.u] = values[sl, : it.u]
-                        m[r0 : r0 + it.g, : it.u] = mass[sl, : it.u]
-                    elif it.kind == "grid":
-                        v[r0 : r0 + it.g, : it.u] = it.spec.values(it.c_grid)
-                        m[r0 : r0 + it.g, : it.u] = grid_mass[i]
-                    else:
-                        v[r0 : r0 + it.g, : it.n] = xs[i].detach().reshape(it.g, it.n)
-                        m[r0 : r0 + it.g, : it.n] = 1.0
-                    it.seg, it.srow = s_i, r0
-                    idx.extend(range(it.row, it.row + it.g))
-                    r0 += it.g
-                rows = torch.tensor(idx).to(device, non_blocking=True)
+                if every_table:
+                    # their rows of the stacked code tables (each row padded with the spare
+                    # code up to the table width): one gather each
+                    trows = torch.tensor(tidx).to(device, non_blocking=True)
+                    v = values[:, :width].index_select(0, trows)
+                    m = mass[:, :width].index_select(0, trows)
+                else:
+                    v = c0.new_zeros(r0, width)
+                    m = c0.new_zeros(r0, width)
+                    for i in members:
+                        it = items[i]
+                        dst = slice(it.srow, it.srow + it.g)
+                        if it.kind == "table":
+                            sl = slice(it.trow, it.trow + it.g)
+                            v[dst, : it.u] = values[sl, : it.u]
+                            m[dst, : it.u] = mass[sl, : it.u]
+                        elif it.kind == "grid":
+                            v[dst, : it.u] = it.spec.values(it.c_grid)
+                            m[dst, : it.u] = grid_mass[i]
+                        else:
+                            v[dst, : it.n] = xs[i].detach().reshape(it.g, it.n)
+                            m[dst, : it.n] = 1.0
                 direct = False
                 lens = None
                 if c_rows:
                     lens = torch.cat([_row_lens(items[i], per_group) for i in members])
             segments.append((rows, v, m, direct, lens))
-            seg_trows.append(None)
+            seg_trows.append(trows)
 
         saved = _Saved()
         new_c = torch.empty_like(c0)
