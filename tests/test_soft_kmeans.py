@@ -1287,6 +1287,21 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_auto_takes_the_grid_on_devices_listed_in_grid_auto_devices(device_layout, monkeypatch):
+    # off the CPU's host layout "auto" keeps the table / dense engines unless the device type
+    # is listed (bench/dkm_gpu.py's "grid" variant); listed, it gives what method="grid" gives
+    mid, c1 = make_data(2, sk._GRID_AUTO_MIN_GROUP, 1, seed=1)
+    w = torch.randn(mid.shape, generator=torch.Generator().manual_seed(3))
+    dense = run(soft_kmeans, mid, c1, w, method="dense")
+    assert all(torch.equal(a, b) for a, b in zip(run(soft_kmeans, mid, c1, w), dense))
+    monkeypatch.setattr(sk, "_GRID_AUTO_DEVICES", frozenset({"cpu"}))
+    auto = run(soft_kmeans, mid, c1, w)
+    grid = run(soft_kmeans, mid, c1, w, method="grid")
+    assert all(torch.equal(a, b) for a, b in zip(auto, grid))
+    assert not torch.equal(auto[0], dense[0])
+    assert_close(auto[0], dense[0], 1e-4, 2e-3)
+
+
 def test_device_layout_reads_the_host_a_fixed_number_of_times(device_layout):
     xs, cs = batch_inputs()
     reads = []
