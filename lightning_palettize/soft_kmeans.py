@@ -323,7 +323,9 @@ def _sync_free(device: torch.device) -> bool:
 def _host_layout(device: torch.device) -> bool:
     """The CPU's way of running the scalar engine: one segment per tensor (no padding),
     cache-sized chunks through reused scratch buffers (no page faults on fresh blocks).
-    Elsewhere: one stacked segment and whole-tensor ops (fewest kernel launches)."""
+    Elsewhere: segments of tensors of similar table widths, the element passes of consecutive
+    one-group table tensors run over their concatenation (_stacks), and whole-tensor ops
+    (fewest kernel launches)."""
     return device.type == "cpu"
 
 
