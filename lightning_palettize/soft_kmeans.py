@@ -2247,6 +2247,12 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     return total.view(n_tab, _STRIDE).gather(1, codes)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without a dispatcher call when it is already that dtype (the scalar
+    engine does this per tensor and direction: host time on a GPU)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cat(ts: list[Tensor]) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -2503,7 +2509,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 flat = _grid_lerp(it.flat, it.spec, table, it.c_grid, buf)
             else:
                 flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
-            outs.append(flat.reshape(x.shape).to(x.dtype))
+            outs.append(_as(flat.reshape(x.shape), x.dtype))
             t_i += it.kind == "table"
         ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
         ctx.seg_c = seg_c
@@ -2546,7 +2552,10 @@ class _ScalarKMeans(torch.autograd.Function):
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
             c_elems = ctx.c_elems
-            flat_g = [grads[i].reshape(-1).float() if live[i] else None for i in range(len(items))]
+            flat_g = [
+                _as(grads[i].reshape(-1), torch.float32) if live[i] else None
+                for i in range(len(items))
+            ]
             for i, it in enumerate(items):
                 # the compiled element passes read rows (reshape keeps an expanded gradient a
                 # stride-0 view)
@@ -2696,7 +2705,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 else:
                     hs, rs = (t[it.srow : it.srow + it.g, : it.n] for t in hr[it.seg])
                     grad = torch.addcmul(rs, flat_g[i].view(it.g, it.n), hs)
-                result[i] = grad.reshape(shape).to(dtype)
+                result[i] = _as(grad.reshape(shape), dtype)
         return (None, None, None, *result)
 
 

@@ -426,7 +426,7 @@ class FakePalettize(nn.Module):
         w = self.layout.from_groups(xg)
         if self.cfg.enable_per_channel_scale:
             w = w * self.scale
-        return w.to(dtype)
+        return w if w.dtype == dtype else w.to(dtype)
 
     def hard_labels(self, weight: Tensor) -> Tensor:
         cfg = self.cfg
