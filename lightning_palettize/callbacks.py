@@ -638,9 +638,10 @@ class PalettizationCallback(Callback):
             return
         else:
             step = trainer.global_step - self._epoch_start_step + 1
-        before = {name for name, fp in _fake_palettizers(pl_module) if fp.is_enabled}
+        members = _fake_palettizers(pl_module)
+        before = {name for name, fp in members if fp.is_enabled}
         self._palettizer.set_step(step)
-        started = [n for n, fp in _fake_palettizers(pl_module) if fp.is_enabled and n not in before]
+        started = [n for n, fp in members if fp.is_enabled and n not in before]
         if started:
             self._sync_dkm_state(trainer, pl_module)
             log.debug("DKM started on %s at global step %d", started, trainer.global_step)

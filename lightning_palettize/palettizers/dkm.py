@@ -545,7 +545,7 @@ def _set_step_counts(fps: list[FakePalettize], step: int) -> None:
 def _fake_palettizers(model: nn.Module):
     """(module name, module, param name, FakePalettize) for every prepared weight."""
     for name, module in model.named_modules():
-        for child in module.children():
+        for child in module._modules.values():  # (no per-module generator: runs every step)
             if isinstance(child, FakePalettize):
                 yield name, module, child.param_name, child
 
