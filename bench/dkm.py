@@ -271,11 +271,25 @@ def bench_memory(names):
 # accuracy on digits
 
 
-def bench_accuracy(bits, budget, with_ct, ct_seeds=1):
+def bench_accuracy(bits, budget, with_ct, ct_seeds=1, order_seeds=1):
+    """Digits CNN accuracy after DKM fine-tuning, ours and coremltools', on the same batches.
+
+    ``ct_seeds`` > 1: coremltools once per global seed 0..N-1 (its centroid init draws from
+    the global RNGs; ours has none), its median recorded. ``order_seeds`` > 1: both sides once
+    per training batch order (seeds SEED..SEED+N-1, coremltools with global seed i on order i),
+    each side's median recorded with every run and the per-order comparison: at one test image
+    (1/360) of resolution, one run per side is not enough to rank them.
+    """
+    if ct_seeds > 1 and order_seeds > 1:
+        raise ValueError("bench_accuracy: use either ct_seeds or order_seeds, not both")
     data = W.digits()
     base = W.train_digits_cnn()
     fp32 = W.accuracy(base, data.x_test, data.y_test)
-    batches = W.digits_batches(data.x_train, data.y_train, 64, epochs=50)[:budget]
+    orders = [W.SEED + i for i in range(order_seeds)]
+    batch_sets = {
+        o: W.digits_batches(data.x_train, data.y_train, 64, seed=o, epochs=50)[:budget]
+        for o in orders
+    }
 
     def make_opt(m):
         return torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -289,36 +303,53 @@ def bench_accuracy(bits, budget, with_ct, ct_seeds=1):
             ptp_cfg = {"global_config": {"n_bits": n_bits}}
             ptp = PostTrainingPalettizer(base, ptp_cfg).compress(progress=False)
         row["ours_ptp_acc"] = W.accuracy(ptp, data.x_test, data.y_test)
-        model = copy.deepcopy(base)
-        pal = DKMPalettizer(model, cfg)
-        prepared = pal.prepare(inplace=True)
-        t0 = time.perf_counter()
-        with recorded_paths(row):
-            train_steps(prepared, batches, make_opt, budget, _ce, pal.step)
-        row["ours_dkm_s"] = time.perf_counter() - t0
-        final = pal.finalize()
-        row["ours_dkm_acc"] = W.accuracy(final, data.x_test, data.y_test)
-        row["ours_dkm_loss"] = W.eval_loss(final, data.x_test, data.y_test)
-        if with_ct:
+        ours: dict[str, list] = {"accs": [], "losses": [], "secs": []}
+        theirs: dict[str, list] = {"accs": [], "losses": [], "secs": []}
+        for i, order in enumerate(orders):
+            batches = batch_sets[order]
+            model = copy.deepcopy(base)
+            pal = DKMPalettizer(model, cfg)
+            prepared = pal.prepare(inplace=True)
+            t0 = time.perf_counter()
+            with recorded_paths(row):
+                train_steps(prepared, batches, make_opt, budget, _ce, pal.step)
+            ours["secs"].append(time.perf_counter() - t0)
+            final = pal.finalize()
+            ours["accs"].append(W.accuracy(final, data.x_test, data.y_test))
+            ours["losses"].append(W.eval_loss(final, data.x_test, data.y_test))
+            if not with_ct:
+                continue
             from bench._coremltools import ct_dkm_steps
 
-            accs, losses, secs = [], [], []
-            for seed in range(ct_seeds) if ct_seeds > 1 else [None]:
+            seeds = range(ct_seeds) if ct_seeds > 1 else [i] if order_seeds > 1 else [None]
+            for seed in seeds:
                 if seed is not None:  # its centroid init draws from the global RNGs
                     random.seed(seed)
                     np.random.seed(seed)
                     torch.manual_seed(seed)
                 t0 = time.perf_counter()
                 res = ct_dkm_steps(copy.deepcopy(base), cfg, batches, make_opt, budget, _ce, True)
-                secs.append(time.perf_counter() - t0)
-                accs.append(W.accuracy(res["model"], data.x_test, data.y_test))
-                losses.append(W.eval_loss(res["model"], data.x_test, data.y_test))
-            row["ct_dkm_s"] = statistics.mean(secs)
-            # (the one run's figures without --ct-seeds)
-            row["ct_dkm_acc"] = statistics.median(accs)
-            row["ct_dkm_loss"] = statistics.median(losses)
-            if ct_seeds > 1:
-                row["ct_dkm_accs"], row["ct_dkm_losses"] = accs, losses
+                theirs["secs"].append(time.perf_counter() - t0)
+                theirs["accs"].append(W.accuracy(res["model"], data.x_test, data.y_test))
+                theirs["losses"].append(W.eval_loss(res["model"], data.x_test, data.y_test))
+        for side, runs in (("ours", ours), ("ct", theirs)):
+            if not runs["accs"]:
+                continue
+            # (the one run's figures with neither option)
+            row[f"{side}_dkm_s"] = statistics.mean(runs["secs"])
+            row[f"{side}_dkm_acc"] = statistics.median(runs["accs"])
+            row[f"{side}_dkm_loss"] = statistics.median(runs["losses"])
+            if len(runs["accs"]) > 1:
+                row[f"{side}_dkm_accs"], row[f"{side}_dkm_losses"] = runs["accs"], runs["losses"]
+        if order_seeds > 1 and theirs["accs"]:
+            pairs = list(zip(ours["accs"], theirs["accs"]))
+            row["orders"] = orders
+            row["ours_vs_ct"] = {
+                "ahead": sum(a > b for a, b in pairs),
+                "level": sum(a == b for a, b in pairs),
+                "behind": sum(a < b for a, b in pairs),
+                "lower_loss": sum(a < b for a, b in zip(ours["losses"], theirs["losses"])),
+            }
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -341,6 +372,14 @@ def main() -> None:
         "centroid init draws from the global RNGs; ours has no randomness); ct_dkm_acc is then "
         "their median",
     )
+    parser.add_argument(
+        "--order-seeds",
+        type=int,
+        default=1,
+        help="accuracy: run both sides once per training batch order (N orders; coremltools "
+        "with global seed i on order i) and record each run, the medians and the per-order "
+        "comparison",
+    )
     args = parser.parse_args()
     threads = set_threads(args.threads)
     sections = args.sections.split(",")
@@ -361,15 +400,23 @@ def main() -> None:
         print_table(out["memory"])
     if "accuracy" in sections:
         out["accuracy"] = bench_accuracy(
-            [4] if args.quick else [2, 3, 4], 40 if args.quick else args.budget, True, args.ct_seeds
+            [4] if args.quick else [2, 3, 4],
+            40 if args.quick else args.budget,
+            True,
+            args.ct_seeds,
+            args.order_seeds,
         )
-        skip = ("paths", "ct_dkm_accs", "ct_dkm_losses")
+        runs = ("ct_dkm_accs", "ct_dkm_losses", "ours_dkm_accs", "ours_dkm_losses")
+        skip = ("paths", "orders", "ours_vs_ct", *runs)
         print_table(out["accuracy"], [k for k in out["accuracy"][0] if k not in skip])
         for row in out["accuracy"]:
             print(f"  {row['n_bits']} bits, our DKM: {row['paths']}")
-            if "ct_dkm_accs" in row:
-                accs, losses = row["ct_dkm_accs"], row["ct_dkm_losses"]
-                print(f"  {row['n_bits']} bits, coremltools by seed: acc {accs}, loss {losses}")
+            for side, name in (("ours", "ours"), ("ct", "coremltools")):
+                if f"{side}_dkm_accs" in row:
+                    accs, losses = row[f"{side}_dkm_accs"], row[f"{side}_dkm_losses"]
+                    print(f"  {row['n_bits']} bits, {name} by run: acc {accs}, loss {losses}")
+            if "ours_vs_ct" in row:
+                print(f"  {row['n_bits']} bits, ours vs coremltools per order: {row['ours_vs_ct']}")
     print("wrote", write_json(args.out, out))
 
 

@@ -202,3 +202,17 @@ def test_minilm():
     assert emb.shape == (4, 384)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert 0 <= loss.item() < 1.0  # paraphrase pairs are easy for the pretrained model
+
+
+@pytest.mark.skipif(not HAS_SKLEARN, reason="needs scikit-learn (digits)")
+def test_dkm_accuracy_records_every_batch_order():
+    from bench import dkm as D
+
+    (row,) = D.bench_accuracy([2], 2, False, order_seeds=2)
+    accs, losses = row["ours_dkm_accs"], row["ours_dkm_losses"]
+    assert len(accs) == len(losses) == 2
+    assert losses[0] != losses[1]  # two batch orders, two fine-tunes
+    assert row["ours_dkm_acc"] == pytest.approx(sum(accs) / 2)  # the median of two
+    assert row["ours_dkm_loss"] == pytest.approx(sum(losses) / 2)
+    with pytest.raises(ValueError, match="either ct_seeds or order_seeds"):
+        D.bench_accuracy([2], 2, False, ct_seeds=2, order_seeds=2)
