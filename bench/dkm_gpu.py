@@ -42,6 +42,8 @@ VARIANTS = {
     "auto": {},  # the engines "auto" picks on CUDA: the table from 2^18 elements per group
     "grid": {"_GRID_AUTO_DEVICES": frozenset({"cuda"})},  # "auto" as on the CPU: the grid
     "dense": {"_TABLE_MIN_GROUP": {"cpu": 1 << 16, "cuda": 1 << 62}},  # the element engine
+    # "auto" with every table width in one segment (fewer launches, more padded per-code work)
+    "onebucket": {"_SEGMENT_FILL": 0.0},
 }
 
 
