@@ -320,6 +320,14 @@ def _sync_free(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _sync_free_scatters(device: torch.device) -> bool:
+    """Whether the code tables are built with scatters that read nothing back to the host
+    (index_add_ and a cumsum scatter): off the CPU, whose bincount and nonzero are the faster
+    ones there, and outside torch's deterministic mode, which keeps bincount / nonzero /
+    index_put_ (deterministic on every device)."""
+    return not _host_layout(device) and not torch.are_deterministic_algorithms_enabled()
+
+
 def _host_layout(device: torch.device) -> bool:
     """The CPU's way of running the scalar engine: one segment per tensor (no padding),
     cache-sized chunks through reused scratch buffers (no page faults on fresh blocks).
@@ -997,17 +1005,18 @@ def _write_codes_stacked(
     x = torch.cat([f.reshape(-1) for f in flats])
     if x.dtype != torch.float32:
         x = x.float()
-    scale, offset = scale.float().view(-1), offset.view(-1)
     sizes = [f.shape[1] for f in flats]
-    per = torch.cat([scale[i : i + 1].expand(m) for i, m in enumerate(sizes)])
+
+    def per_element(t: Tensor) -> Tensor:  # t [s] -> each entry repeated over its tensor
+        t = t.view(-1)
+        return torch.cat([t[i : i + 1].expand(m) for i, m in enumerate(sizes)])
+
     half = torch.empty(n, dtype=torch.float16, device=device)
-    torch.mul(x, per, out=half)
-    del per
+    torch.mul(x, per_element(scale.float()), out=half)
     if cfg.keep_zeros:
         half = _keep_tiny(half, x)
     del x
-    off = torch.cat([offset[i : i + 1].expand(m) for i, m in enumerate(sizes)])
-    torch.add(half.view(torch.int16), off, out=dst)
+    torch.add(half.view(torch.int16), per_element(offset), out=dst)
 
 
 def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cfg: _Cfg) -> None:
@@ -1117,7 +1126,7 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
             )
         start += n
         row += s
-    if _host_layout(device) or torch.are_deterministic_algorithms_enabled():
+    if not _sync_free_scatters(device):
         counts = torch.bincount(bins, minlength=g * _STRIDE)
     else:  # CUDA's bincount reads the max back (a sync); an index_add_ of ones does not
         counts = torch.zeros(g * _STRIDE, dtype=torch.int64, device=device)
@@ -1142,7 +1151,7 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
             for i in range(g):
                 row = present[i].nonzero().view(-1)
                 codes[i, : row.numel()] = row
-        elif _host_layout(device) or torch.are_deterministic_algorithms_enabled():
+        elif not _sync_free_scatters(device):
             gi, ci = present.nonzero(as_tuple=True)
             first = torch.cumsum(n_present, 0) - n_present
             slot = torch.arange(gi.numel(), device=device) - first[gi]
@@ -2209,6 +2218,17 @@ def _table_runs(items) -> list[tuple[list[int], int, int]]:
     return runs
 
 
+def _run_pieces(items, live: list[bool] | None, gather) -> dict[int, Tensor]:
+    """Per table item of a run of several (all of them in ``live``, if given), its piece of
+    ``gather(members, lo, hi)``, the run's [elements] result (one op for the run)."""
+    pieces: dict[int, Tensor] = {}
+    for members, lo, hi in _table_runs(items):
+        if len(members) > 1 and (live is None or all(live[i] for i in members)):
+            sizes = [items[i].g * items[i].n for i in members]
+            pieces.update(zip(members, gather(members, lo, hi).split(sizes)))
+    return pieces
+
+
 def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
     device = bins.device
@@ -2229,7 +2249,7 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
         # index_add_ into one table: no host read (CUDA's bincount reads its max back), one
         # call per run of tensors (their gradients concatenated)
         total = torch.zeros(n_tab * _STRIDE, device=device)
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = not _sync_free_scatters(device)
         for members, lo, hi in _table_runs(items):
             if all(live[i] for i in members):
                 parts = [(bins[lo:hi], _cat([flat_g[i] for i in members]))]
@@ -2475,11 +2495,9 @@ class _ScalarKMeans(torch.autograd.Function):
                         _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
         stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
         if n_tab and not c_elems and not _host_layout(device):
-            for members, lo, hi in _table_runs(items):
-                if len(members) > 1:
-                    y = y_full.index_select(0, bins[lo:hi])
-                    sizes = [items[i].g * items[i].n for i in members]
-                    stacked.update(zip(members, y.split(sizes)))
+            stacked = _run_pieces(
+                items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi])
+            )
         t_i = 0
         for i_x, (x, it) in enumerate(zip(xs, items)):
             if i_x in stacked:
@@ -2665,13 +2683,12 @@ class _ScalarKMeans(torch.autograd.Function):
                         _put_codes(r_tab[sl], codes[sl], rs, it.u, c_elems)
             stacked = {}  # item index -> its gradient, gathered with its run's (device layout)
             if n_tab and not c_elems and not _host_layout(device):
-                for members, lo, hi in _table_runs(items):
-                    if len(members) > 1 and all(live[i] for i in members):
-                        g_run = _cat([flat_g[i] for i in members])
-                        grad = _gather_grad(h_full, r_full, bins[lo:hi], g_run)
-                        del g_run
-                        sizes = [items[i].g * items[i].n for i in members]
-                        stacked.update(zip(members, grad.split(sizes)))
+
+                def run_grad(run: list[int], lo: int, hi: int) -> Tensor:
+                    g_run = _cat([flat_g[i] for i in run])
+                    return _gather_grad(h_full, r_full, bins[lo:hi], g_run)
+
+                stacked = _run_pieces(items, live, run_grad)
             for i, it in enumerate(items):
                 if not live[i]:
                     continue

@@ -542,6 +542,12 @@ def _set_step_counts(fps: list[FakePalettize], step: int) -> None:
         fp.set_step_count(step)
 
 
+def _steps_of(members) -> int:
+    """The largest step count of the (module name, module, param name, FakePalettize) members
+    (0 for none)."""
+    return max((fp.step_count for *_, fp in members), default=0)
+
+
 def _fake_palettizers(model: nn.Module):
     """(module name, module, param name, FakePalettize) for every prepared weight."""
     for name, module in model.named_modules():
@@ -667,7 +673,7 @@ class DKMPalettizer:
     def step(self) -> None:
         """Count one optimizer step; modules reaching their milestone start palettizing."""
         members = list(_fake_palettizers(self._require_prepared()))
-        self._set_step(members, max((fp.step_count for *_, fp in members), default=0) + 1)
+        self._set_step(members, _steps_of(members) + 1)
 
     @torch.no_grad()
     def set_step(self, step: int) -> None:
@@ -694,9 +700,7 @@ class DKMPalettizer:
     @property
     def steps(self) -> int:
         """``step()`` calls so far (restored with the model's state_dict)."""
-        model = self._require_prepared()
-        counts = [fp.step_count for *_, fp in _fake_palettizers(model)]
-        return max(counts) if counts else 0
+        return _steps_of(_fake_palettizers(self._require_prepared()))
 
     def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
         """Turn every soft-palettized weight into a hard palette and a plain parameter.
