@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import random
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+import lightning as L
 import torch
 from torch import nn
 
@@ -324,9 +323,7 @@ def bench_accuracy(bits, budget, with_ct, ct_seeds=1, order_seeds=1):
             seeds = range(ct_seeds) if ct_seeds > 1 else [i] if order_seeds > 1 else [None]
             for seed in seeds:
                 if seed is not None:  # its centroid init draws from the global RNGs
-                    random.seed(seed)
-                    np.random.seed(seed)
-                    torch.manual_seed(seed)
+                    L.seed_everything(seed, verbose=False)
                 t0 = time.perf_counter()
                 res = ct_dkm_steps(copy.deepcopy(base), cfg, batches, make_opt, budget, _ce, True)
                 theirs["secs"].append(time.perf_counter() - t0)

@@ -180,9 +180,19 @@ def _profile_table(prof, rows: int = 25) -> tuple[str, dict]:
     return table, counts
 
 
+def _cuda_timed(fn):
+    """(seconds, result) of fn(), the device's queue drained before and after."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
 def _profiled(step, out_dir: Path | None, name: str) -> dict:
     if out_dir is None:
         return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     import cProfile
     import io
     import pstats
@@ -202,7 +212,6 @@ def _profiled(step, out_dir: Path | None, name: str) -> dict:
         stats = pstats.Stats(py, stream=text)
         stats.sort_stats("tottime").print_stats(40)
         stats.sort_stats("cumulative").print_stats(60)
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"cprof_{name}.txt").write_text(text.getvalue())
 
     torch.cuda.synchronize()
@@ -210,7 +219,6 @@ def _profiled(step, out_dir: Path | None, name: str) -> dict:
         step()
         torch.cuda.synchronize()
     table, counts = _profile_table(prof)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"prof_{name}.txt").write_text(table)
     print(f"--- profile {name}: {counts}\n{table}", flush=True)
     return counts
@@ -265,11 +273,8 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
             return loss
 
         for _ in range(steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = one()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            secs, loss = _cuda_timed(one)
+            times.append(secs)
             losses.append(loss.item())
         peak = torch.cuda.max_memory_allocated() - base_mem
         res = {
@@ -330,13 +335,7 @@ def micro(variants: list[str], prof_dir: Path | None, reps: int = 5) -> dict:
         with variant(v):
             for _ in range(2):
                 one()
-            times = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                one()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+            times = [_cuda_timed(one)[0] for _ in range(reps)]
             profile = _profiled(one, prof_dir, f"micro_{v}")
         out[v] = {
             "ms": statistics.median(times) * 1e3,
