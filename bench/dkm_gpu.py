@@ -44,6 +44,9 @@ VARIANTS = {
     "dense": {"_TABLE_MIN_GROUP": {"cpu": 1 << 16, "cuda": 1 << 62}},  # the element engine
     # "auto" with every table width in one segment (fewer launches, more padded per-code work)
     "onebucket": {"_SEGMENT_FILL": 0.0},
+    # "auto" with the per-code passes in torch ops instead of the fused Triton kernels (the
+    # code CUDA ran before them: ~45 launches per iteration and segment)
+    "torchloop": {"_TRITON_DEVICES": frozenset()},
 }
 
 
@@ -109,6 +112,7 @@ def correctness() -> list[dict]:
                 f"max|dy|={err_y:.2e} rel|dg|={err_g:.2e}",
             )
         )
+    out.append(triton_check())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64))
     a = PostTrainingPalettizer(model, {"global_config": {"n_bits": 3}}).compress(progress=False)
@@ -140,6 +144,48 @@ def correctness() -> list[dict]:
     diff = (results[0] - results[1]).abs().max().item()
     out.append(check("DKM 3 steps + finalize cuda ~= cpu", diff < 1e-4, f"max diff {diff:.2e}"))
     return out
+
+
+def triton_check() -> dict:
+    """The fused Triton kernels on CUDA against the torch code they replace, on tensors of
+    several table widths (several segments) with early stopping, and that they ran."""
+    mod = sk._triton()
+    if mod is None:
+        return check("soft_kmeans triton kernels == torch code on cuda", False, "no triton")
+    calls = []
+    fwd = mod.fwd_loop
+
+    def counted(*a, **k):
+        calls.append(1)
+        return fwd(*a, **k)
+
+    g = torch.Generator().manual_seed(5)
+    sizes = (3000, 700, 50) if TINY else (300000, 70000, 5000)
+    ws = [(torch.randn(1, n, 1, generator=g) * 0.02).half().float() for n in sizes]
+    cs = [kmeans_1d(w[..., 0], 16).centroids.unsqueeze(-1) for w in ws]
+    res = []
+    for name in ("auto", "torchloop"):
+        with variant(name), patched(_TABLE_MIN_GROUP={DEV: 1}):
+            mod.fwd_loop = counted if name == "auto" else fwd
+            try:
+                leaves = [w.to(DEV).requires_grad_() for w in ws]
+                outs = soft_kmeans_batch(leaves, [c.to(DEV) for c in cs], max_iter=6, epsilon=1e-9)
+                loss = sum(
+                    (o * torch.linspace(-1, 1, o.numel(), device=DEV).view_as(o)).sum()
+                    for o, _ in outs
+                )
+                grads = torch.autograd.grad(loss, leaves)
+            finally:
+                mod.fwd_loop = fwd
+            res.append([(o.detach().cpu(), c.cpu(), gr.cpu()) for (o, c), gr in zip(outs, grads)])
+    err_y = max((a[0] - b[0]).abs().max().item() for a, b in zip(*res))
+    err_c = max((a[1] - b[1]).abs().max().item() for a, b in zip(*res))
+    err_g = max(((a[2] - b[2]).norm() / b[2].norm()).item() for a, b in zip(*res))
+    return check(
+        "soft_kmeans triton kernels == torch code on cuda",
+        bool(calls) and err_y < 1e-5 and err_c < 1e-5 and err_g < 1e-4,
+        f"launches={len(calls)} max|dy|={err_y:.2e} max|dc|={err_c:.2e} rel|dg|={err_g:.2e}",
+    )
 
 
 def _llama_config():
@@ -360,9 +406,11 @@ def main() -> None:
     for v in variants + micro_variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; expected some of {sorted(VARIANTS)}")
+    triton = sk._triton() and __import__("triton")
     out: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
+        "triton": triton.__version__ if triton else None,
         "variants": variants,
     }
     if micro_variants:

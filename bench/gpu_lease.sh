@@ -13,8 +13,9 @@ mkdir -p "$OUT"
   python3 setup.py build_ext --inplace -q >/dev/null 2>&1 || echo "extension build failed"
   nvidia-smi -L
   python3 -c "import torch, transformers, lightning; print(torch.__version__, transformers.__version__, lightning.__version__)"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_kmeans.py \
-    tests/test_palette.py tests/test_sensitivity.py tests/test_soft_kmeans.py tests/test_dkm.py
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_kmeans.py \
+    tests/test_palette.py tests/test_sensitivity.py tests/test_soft_kmeans.py tests/test_dkm.py \
+    tests/test_dkm_triton.py
   timeout 300 python3 bench/dkm_gpu.py --out "$OUT/dkm_gpu.json" "$@"
   timeout 90 python3 bench/gpu_callbacks.py
 } 2>&1 | tee "$OUT/log.txt"

@@ -137,6 +137,25 @@ _C_CODES = "auto"
 # in one call each (_dkm_cpu.fwd_loop / bwd_loop: the same float32 steps as the Python loop,
 # tested equal); False: the Python loop around the single-iteration kernels (tests).
 _C_LOOP = True
+# The devices whose scalar engine runs its per-code passes in the fused Triton kernels
+# (lightning_palettize/_dkm_triton.py: the iterations and the output in one launch per
+# segment, the backward in another), when Triton imports; mode "dkm" without lut_fn. Tests
+# add "cpu" to run them in Triton's interpreter (TRITON_INTERPRET=1).
+_TRITON_DEVICES = frozenset({"cuda"})
+_triton_kernels = None  # the module, once imported; False: Triton is not installed
+
+
+def _triton() -> object | None:
+    """lightning_palettize._dkm_triton, imported on first use (None without Triton)."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        try:
+            from lightning_palettize import _dkm_triton
+        except ImportError:
+            _dkm_triton = False
+        _triton_kernels = _dkm_triton
+    return _triton_kernels or None
+
 
 _code_values_cache: dict[torch.device, Tensor] = {}
 
@@ -1735,6 +1754,8 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool,
     host read per iteration, free there); with ``sync_free`` every iteration runs and a group
     that stopped keeps its state through torch.where (the same result, no host sync).
     """
+    if _triton_codes(cfg, c.shape[1], v.device):
+        return _scalar_forward_triton(v, m, c, cfg)
     if _c_codes(cfg, c.shape[1], v.device):
         return _scalar_forward_c(v, m, c, cfg, sync_free, lens)
     g, u = v.shape
@@ -1884,8 +1905,10 @@ def _update_vjp(cfg: _Cfg, raw: Tensor, mass: Tensor, act, grad_new: Tensor, zer
 
 def _scalar_backward(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
     """Per-code (h, r) of one segment: grad x_i = g_i h[u_i] + r[u_i]."""
-    if state.get("c_path"):
+    if state.get("path") == "c":
         return _scalar_backward_c(state, gsum, cfg)
+    if state.get("path") == "triton":
+        return _scalar_backward_triton(state, gsum, cfg)
     v, m, hist = state["v"], state["m"], state["hist"]
     prev_c, last_c, last_it, p_out = (state[k] for k in ("prev_c", "last_c", "last_it", "p_out"))
     g, u = v.shape
@@ -2013,6 +2036,41 @@ def _c_codes(cfg: _Cfg, k: int, device: torch.device) -> bool:
     return _C_CODES == "always" or _dkm_cpu.simd(_c_cfg(cfg, k))
 
 
+def _triton_codes(cfg: _Cfg, k: int, device: torch.device) -> bool:
+    """Whether the scalar engine's per-code passes run in the fused Triton kernels."""
+    if device.type not in _TRITON_DEVICES or cfg.mode != "dkm" or cfg.lut_fn is not None:
+        return False
+    return k <= 256 and _triton() is not None
+
+
+def _scalar_forward_triton(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg):
+    """_scalar_forward in the fused Triton kernels: one launch for every iteration of every
+    group and the output; early stopping per group in the kernel (no host read)."""
+    v, m = v.float().contiguous(), m.float().contiguous()
+    y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist = _triton().fwd_loop(
+        v, m, c, _c_cfg(cfg, c.shape[1]), cfg.max_iter, cfg.epsilon, cfg.enforce_zero
+    )
+    state = dict(
+        v=v,
+        m=m,
+        hist=[(c_hist[t],) for t in range(cfg.max_iter)],
+        prev_c=prev_c,
+        last_c=last_c,
+        last_it=last_it,
+        c_hist=c_hist,
+        raw_hist=raw_hist,
+        mass_hist=mass_hist,
+        path="triton",
+    )
+    return y, last_c, state
+
+
+def _scalar_backward_triton(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
+    """_scalar_backward of _scalar_forward_triton's segment, in one launch."""
+    k = state["prev_c"].shape[1]
+    return _triton().bwd_loop(state, gsum, _c_cfg(cfg, k), 2.0 / cfg.tau, cfg.enforce_zero)
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -2102,7 +2160,7 @@ def _scalar_forward_c(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: boo
         last_it=last_it,
         p_out=p_keep,
         lens=lens,
-        c_path=True,
+        path="c",
         **loop,
     )
     return y, last_c, state
@@ -2456,7 +2514,7 @@ class _ScalarKMeans(torch.autograd.Function):
         saved = _Saved()
         new_c = torch.empty_like(c0)
         ys, seg_state = [], []
-        seg_c: list[bool] = []
+        seg_path: list[str] = []  # per segment, the code that ran it (see _scalar_backward)
         seg_cents: list[list[Tensor]] = []  # per segment, each iteration's centroids
         for rows, v, m, _, lens in segments:
             if isinstance(rows, slice):
@@ -2468,7 +2526,7 @@ class _ScalarKMeans(torch.autograd.Function):
                 new_c.index_copy_(0, rows, last)
             ys.append(y)
             seg_cents.append([entry[0] for entry in state["hist"]])
-            seg_c.append(state.pop("c_path", False))
+            seg_path.append(state.pop("path", "torch"))
             hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
             seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
 
@@ -2530,7 +2588,7 @@ class _ScalarKMeans(torch.autograd.Function):
             outs.append(_as(flat.reshape(x.shape), x.dtype))
             t_i += it.kind == "table"
         ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
-        ctx.seg_c = seg_c
+        ctx.seg_path = seg_path
         ctx.seg_trows = seg_trows
         ctx.direct = segments[0][3]
         ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
@@ -2629,7 +2687,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     continue
                 state = {key: tensors[idx] for key, idx in st_idx.items()}
                 state["hist"] = [tuple(tensors[j] for j in entry) for entry in hist_idx]
-                state["c_path"] = ctx.seg_c[s]
+                state["path"] = ctx.seg_path[s]
                 v = state["v"]
                 if len(seg_items) == 1 and v.shape[1] == seg_items[0][1].u:
                     i, it = seg_items[0]  # the segment is this tensor's rows: no copy

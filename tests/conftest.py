@@ -1,6 +1,14 @@
 """Shared test settings."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernels (lightning_palettize/_dkm_triton.py) run in Triton's interpreter on
+    # CPU tensors; it has to be on before Triton is first imported (lightning imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lightning_palettize import _progress
 

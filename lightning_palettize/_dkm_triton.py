@@ -1,0 +1,265 @@
+"""The scalar engine's per-code passes as two fused Triton kernels (mode "dkm", CUDA).
+
+On a GPU the torch code of ``soft_kmeans._scalar_forward`` / ``_scalar_backward`` issues ~45
+small kernels per iteration and segment (distances, softmax, sums, update, early-stop state)
+and as many again per iteration in backward: a DKM step on a large model is bound by the host
+launching them, not by the GPU running them. Here every group (a row of a segment's code tables)
+is one program that runs all of its iterations and then its output (``fwd_loop``), and one that
+runs the whole backward (``bwd_loop``): two launches per segment and step. The math is the
+compiled CPU kernels' (``_dkm_cpu.c``: ``tile_probs``, ``fwd_stats_body``, ``out_y_body``,
+``att_t_body``, ``bwd_step_body``, ``py_fwd_loop``, ``py_bwd_loop``), sums in float64, early
+stopping per group on the same float32 inertia test, so each group's result is the one the
+CPU's loop gives it. Nothing N x K is stored: the attention is recomputed from the centroids in
+every pass (an exp2 per entry costs less than writing and reading it).
+
+Triton is optional (it comes with CUDA builds of torch). ``TRITON_INTERPRET=1`` runs the same
+kernels on CPU tensors (numpy), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# ~4096 (code, centroid) entries per tile: 32 per thread at 4 warps
+_TILE_ENTRIES = 4096
+
+
+@triton.jit
+def _probs(v, c, kidx, kmask, factor, prune, zinv, PRUNE: tl.constexpr, KZ: tl.constexpr):
+    """(P [BU, KP], min_k D [BU], v - c [BU, KP]) of a tile of codes v [BU] for centroids
+    c [KP] (tile_probs: the logit of k taken relative to the nearest centroid m as
+    (c_m - c_k) ((v - c_k) + (v - c_m)), exact where two centroids compete). P is 0 on the
+    padding slots (kmask False)."""
+    diff = v[:, None] - c[None, :]
+    d = diff * diff
+    k0 = (kidx == 0)[None, :]
+    if PRUNE:
+        d = tl.where(k0, d - prune, d)
+    if KZ:  # slot 0 of a non-zero code: D replaced by 1 / zero_threshold
+        rep = k0 & (v != 0.0)[:, None]
+        d = tl.where(rep, zinv, d)
+    d = tl.where(kmask[None, :], d, float("inf"))
+    dmin = tl.min(d, axis=1)
+    near = tl.argmin(d, axis=1, tie_break_left=True)
+    at_near = kidx[None, :] == near[:, None]
+    cm = tl.sum(tl.where(at_near, c[None, :], 0.0), axis=1)
+    bm = tl.sum(tl.where(at_near, diff, 0.0), axis=1)
+    gap = (cm[:, None] - c[None, :]) * (diff + bm[:, None])
+    if PRUNE:
+        adj = tl.where(k0, -prune, 0.0)
+        am = tl.sum(tl.where(at_near, adj, 0.0), axis=1)
+        gap = gap + (adj - am[:, None])
+    if KZ:  # an entry whose D was replaced outright: D_k - D_m as computed
+        rep_m = tl.sum(tl.where(at_near & rep, 1.0, 0.0), axis=1)
+        direct = (rep_m[:, None] + tl.where(rep, 1.0, 0.0)) != 0.0
+        gap = tl.where(direct, d - dmin[:, None], gap)
+    e = tl.exp2(gap * factor)
+    e = tl.where(kmask[None, :], e, 0.0)
+    inv = 1.0 / tl.sum(e, axis=1)
+    return e * inv[:, None], dmin, diff
+
+
+@triton.jit
+def _tile(
+    v_ptr, w_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
+    BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr, CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Codes a .. a + BU of a row: (offsets, in-row mask, values, the per-code weights w (mass
+    or gradient sums; 0 past the row), P, the attention (clamped at zero_threshold when asked;
+    0 on padding slots), min_k D, v - c)."""
+    offs = a + tl.arange(0, BU)
+    um = offs < U
+    vv = tl.load(v_ptr + row + offs, mask=um, other=0.0)
+    ww = tl.load(w_ptr + row + offs, mask=um, other=0.0)
+    p, dmin, diff = _probs(vv, c, kidx, kmask, factor, prune, zinv, PRUNE, KZ)
+    att = p
+    if CLAMP:
+        att = tl.where(p < zt, zt, p)
+    att = tl.where(kmask[None, :], att, 0.0)
+    return offs, um, vv, ww, p, att, dmin, diff
+
+
+@triton.jit
+def _fwd_loop(
+    v_ptr, m_ptr, c0_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
+    y_ptr, G, U, K, T, factor, prune, zinv, zt, eps,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr, TEST: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0).to(tl.int64)
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    c = tl.load(c0_ptr + g * K + kidx, mask=kmask, other=0.0)
+    prev_c = c
+    last_c = c
+    active = 1
+    last_it = 0
+    prev_in = 0.0
+    row = g * U
+    for t in range(0, T):
+        tl.store(c_hist + (t * G + g) * K + kidx, c, mask=kmask)
+        raw = c
+        mass = tl.zeros([KP], dtype=tl.float32)
+        if active != 0:
+            s0 = tl.zeros([KP], dtype=tl.float64)
+            s1 = tl.zeros([KP], dtype=tl.float64)
+            inertia = tl.zeros([BU], dtype=tl.float64)
+            for a in range(0, U, BU):
+                _, _, _, mm, _, att, dmin, diff = _tile(
+                    v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
+                    BU, PRUNE, KZ, CLAMP,
+                )  # fmt: skip
+                w = att * mm[:, None]
+                s0 += tl.sum((w * diff).to(tl.float64), axis=0)
+                s1 += tl.sum(w.to(tl.float64), axis=0)
+                if TEST:
+                    inertia += dmin.to(tl.float64) * mm.to(tl.float64)
+            mass = s1.to(tl.float32)
+            raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
+            new = raw
+            if EZ:
+                new = tl.where(kidx == 0, 0.0, raw)
+            prev_c = c
+            last_c = new
+            last_it = t
+            c = new
+            if TEST:  # noqa: SIM102 (a compile-time branch around a run-time one)
+                if t + 1 < T:
+                    cur = tl.sum(inertia, axis=0).to(tl.float32)
+                    if t > 0:
+                        active = (tl.abs(cur - prev_in) > eps).to(tl.int32)
+                    prev_in = cur
+        tl.store(raw_hist + (t * G + g) * K + kidx, raw, mask=kmask)
+        tl.store(mass_hist + (t * G + g) * K + kidx, mass, mask=kmask)
+    tl.store(last_it_ptr + g, last_it.to(tl.int64))
+    tl.store(prev_c_ptr + g * K + kidx, prev_c, mask=kmask)
+    tl.store(last_c_ptr + g * K + kidx, last_c, mask=kmask)
+    for a in range(0, U, BU):  # the output: attention of prev_c, values last_c
+        offs, um, _, _, _, att, _, _ = _tile(
+            v_ptr, v_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        tl.store(y_ptr + row + offs, tl.sum(att * last_c[None, :], axis=1), mask=um)
+
+
+@triton.jit
+def _bwd_loop(
+    v_ptr, m_ptr, gs_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
+    h_ptr, r_ptr, G, U, K, factor, prune, zinv, zt, two,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0).to(tl.int64)
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    row = g * U
+    n = tl.load(last_it_ptr + g)
+    prev_c = tl.load(prev_c_ptr + g * K + kidx, mask=kmask, other=0.0)
+    last_c = tl.load(last_c_ptr + g * K + kidx, mask=kmask, other=0.0)
+    # d loss / d (the output's centroids): sum_u gsum_u A_uk, A from prev_c
+    d_last = tl.zeros([KP], dtype=tl.float64)
+    for a in range(0, U, BU):
+        _, _, _, gg, _, att, _, _ = _tile(
+            v_ptr, gs_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        d_last += tl.sum((att * gg[:, None]).to(tl.float64), axis=0)
+    grad_c = d_last.to(tl.float32)  # the last iteration's d loss / d new
+    for i in range(0, n + 1):
+        t = n - i
+        with_out = i == 0
+        c = tl.load(c_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+        c = tl.where(with_out, prev_c, c)
+        raw = tl.load(raw_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+        mass = tl.load(mass_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+        gn = grad_c
+        if EZ:
+            gn = tl.where(kidx == 0, 0.0, gn)
+        filled = mass > 0.0
+        s_hat = tl.where(filled, gn / tl.where(filled, mass, 1.0), 0.0)
+        g_in = tl.where(filled, 0.0, gn)
+        srk = s_hat * raw
+        acc = tl.zeros([KP], dtype=tl.float64)
+        acc_o = tl.zeros([KP], dtype=tl.float64)
+        for a in range(0, U, BU):
+            offs, um, vv, mm, p, att, _, diff = _tile(
+                v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
+                BU, PRUNE, KZ, CLAMP,
+            )  # fmt: skip
+            keep0 = tl.full([BU, KP], 1.0, tl.float32)
+            if KZ:  # slot 0's logit is a constant for a non-zero code
+                keep0 = tl.where((kidx == 0)[None, :] & (vv != 0.0)[:, None], 0.0, 1.0)
+            gr = vv[:, None] * s_hat[None, :] - srk[None, :]
+            if CLAMP:
+                gr = tl.where(p < zt, 0.0, gr)
+            direct = tl.sum(s_hat[None, :] * att, axis=1)
+            dot = tl.sum(gr * p, axis=1)
+            e = p * (gr - dot[:, None]) * keep0 * diff
+            acc += tl.sum((e * mm[:, None]).to(tl.float64), axis=0)
+            r_old = tl.load(r_ptr + row + offs, mask=um, other=0.0)
+            tl.store(r_ptr + row + offs, r_old + (direct - two * tl.sum(e, axis=1)), mask=um)
+            if with_out:
+                gg = tl.load(gs_ptr + row + offs, mask=um, other=0.0)
+                lk = tl.broadcast_to(last_c[None, :], [BU, KP])
+                if CLAMP:
+                    lk = tl.where(p < zt, 0.0, lk)
+                dot_o = tl.sum(lk * p, axis=1)
+                e_o = p * (lk - dot_o[:, None]) * keep0 * diff
+                acc_o += tl.sum((e_o * gg[:, None]).to(tl.float64), axis=0)
+                tl.store(h_ptr + row + offs, -two * tl.sum(e_o, axis=1), mask=um)
+        dc = (two * acc).to(tl.float32)
+        grad_c = g_in + dc
+        if with_out:
+            grad_c = grad_c + (two * acc_o).to(tl.float32)
+
+
+def _shapes(k: int) -> tuple[int, int]:
+    kp = max(2, triton.next_power_of_2(k))
+    return kp, max(16, _TILE_ENTRIES // kp)
+
+
+def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon: float,
+             enforce_zero: bool):  # fmt: skip
+    """All iterations and the output of one segment: v, m [G, U] float32 (contiguous), centroids
+    c [G, K]; ``ct`` the compiled kernels' cfg tuple (soft_kmeans._c_cfg).
+
+    Returns (y [G, U], prev_c, last_c [G, K], last_it int64 [G], c_hist, raw_hist, mass_hist
+    [max_iter, G, K]): per group the centroids before and after its last iteration, that
+    iteration, and each iteration's centroids, raw update and masses (a group's entries past
+    its last iteration are its final centroids and zero masses)."""
+    k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
+    g, u = v.shape
+    kp, bu = _shapes(k)
+    c = c.float().contiguous()
+    c_hist, raw_hist, mass_hist = (v.new_empty(max_iter, g, k) for _ in range(3))
+    prev_c, last_c = v.new_empty(g, k), v.new_empty(g, k)
+    last_it = torch.empty(g, dtype=torch.int64, device=v.device)
+    y = v.new_empty(g, u)
+    _fwd_loop[(g,)](
+        v, m, c, c_hist, raw_hist, mass_hist, last_it, prev_c, last_c, y,
+        g, u, k, max_iter, factor, prune, zinv, zt, epsilon,
+        KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
+        CLAMP=bool(clamp), EZ=bool(enforce_zero), TEST=epsilon >= 0 and max_iter > 1,
+    )  # fmt: skip
+    return y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist
+
+
+def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: bool):
+    """Backward through ``fwd_loop``'s iterations (``state``: its arrays by name, v and m):
+    per code (h, r) [G, U] with grad x_i = gsum-weighted slope h[u_i] g_i + r[u_i]."""
+    k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
+    v, m = state["v"], state["m"]
+    g, u = v.shape
+    kp, bu = _shapes(k)
+    gsum = gsum.float().contiguous()
+    h, r = v.new_zeros(g, u), v.new_zeros(g, u)
+    _bwd_loop[(g,)](
+        v, m, gsum, state["c_hist"], state["raw_hist"], state["mass_hist"], state["last_it"],
+        state["prev_c"], state["last_c"], h, r, g, u, k, factor, prune, zinv, zt, two,
+        KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
+        CLAMP=bool(clamp), EZ=bool(enforce_zero),
+    )  # fmt: skip
+    return h, r

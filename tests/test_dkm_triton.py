@@ -1,0 +1,269 @@
+"""The fused Triton kernels of the scalar engine (lightning_palettize/_dkm_triton.py): the same
+per-group iterations, early stopping, output and backward as the compiled CPU loop
+(_dkm_cpu.fwd_loop / bwd_loop) and the torch code. On CUDA the compiled kernels; without a GPU
+(CI) the device layout on the CPU with the kernels in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 there)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from test_soft_kmeans import (
+    _HostReads,
+    assert_close,
+    fp16_ste,
+    make_data,
+    run_batch,
+)
+
+from lightning_palettize import DKMPalettizer
+from lightning_palettize import soft_kmeans as sk
+
+triton = pytest.importorskip("triton")
+needs_c = pytest.mark.skipif(sk._dkm_cpu is None, reason="compiled CPU kernels not built")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def kernels():
+    """lightning_palettize._dkm_triton, where its kernels can run: CUDA, or the interpreter."""
+    if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter is off")
+    mod = sk._triton()
+    if mod is None:
+        pytest.skip("lightning_palettize._dkm_triton does not import")
+    return mod
+
+
+class _Launches:
+    """Counts the calls of the module's fwd_loop / bwd_loop."""
+
+    def __init__(self, mod, monkeypatch):
+        self.fwd = self.bwd = 0
+        fwd, bwd = mod.fwd_loop, mod.bwd_loop
+
+        def counted_fwd(*a, **k):
+            self.fwd += 1
+            return fwd(*a, **k)
+
+        def counted_bwd(*a, **k):
+            self.bwd += 1
+            return bwd(*a, **k)
+
+        monkeypatch.setattr(mod, "fwd_loop", counted_fwd)
+        monkeypatch.setattr(mod, "bwd_loop", counted_bwd)
+
+
+@pytest.fixture
+def triton_layout(kernels, monkeypatch):
+    """The device layout with the Triton kernels on DEV (on the CPU: the layout a GPU gets);
+    returns their launch counter. The torch code is this layout with ``_TRITON_DEVICES``
+    emptied."""
+    if DEV.type == "cpu":
+        monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+        monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset({DEV.type}))
+    return _Launches(kernels, monkeypatch)
+
+
+def small_batch():
+    """batch_inputs' kinds at sizes the interpreter runs quickly: table tensors (G = 1 and 2),
+    exact ones, widths in several device segments."""
+    shapes = [(1, 6000, True), (2, 3000, True), (1, 900, False), (3, 300, False), (1, 40, False)]
+    xs, cs = [], []
+    for i, (g, n, exact16) in enumerate(shapes):
+        x, c0 = make_data(g, n, 1, seed=60 + i, fp16_exact=exact16, zeros=0.05)
+        xs.append(x.to(DEV))
+        cs.append(c0.to(DEV))
+    return xs, cs
+
+
+def weights(xs, ones: bool = False):
+    """The output weights of run_batch's loss, one per tensor."""
+    return [
+        torch.ones_like(x)
+        if ones
+        else torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(DEV)
+        for i, x in enumerate(xs)
+    ]
+
+
+VARIANTS = {
+    "dkm": {},
+    "enforce_zero": dict(enforce_zero=True),
+    "clamp": dict(clamp_attention=True, tau=1e-3),
+    "prune": dict(prune_threshold=2e-5),
+    "early_stop": dict(max_iter=8, epsilon=1e-7),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_kernels_equal_the_torch_code(variant, triton_layout, monkeypatch):
+    # outputs, centroids and gradients of every tensor as the device layout's torch code gives
+    # them, from one fwd_loop and one bwd_loop launch per segment
+    kw = VARIANTS[variant]
+    xs, cs = small_batch()
+    ws = weights(xs)
+    got = run_batch(xs, cs, ws, method="table", **kw)
+    assert triton_layout.fwd > 0 and triton_layout.bwd == triton_layout.fwd
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    want = run_batch(xs, cs, ws, method="table", **kw)
+    for a, b in zip(got, want):
+        assert_close(a[0], b[0], 1e-5, 1e-6)
+        assert_close(a[1], b[1], 1e-5, 1e-5)
+        assert_close(a[2], b[2], 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="hard"), dict(mode="gsm"), dict(lut_fn=fp16_ste)])
+def test_configurations_outside_the_kernels_run_the_torch_code(kw, triton_layout, monkeypatch):
+    # modes with other attention (one-hot, Gumbel noise) and LUT functions: the torch code
+    xs, cs = small_batch()
+    ws = weights(xs, ones=True)
+
+    def go():
+        gen = torch.Generator(DEV).manual_seed(0) if kw.get("mode") == "gsm" else None
+        return run_batch(xs, cs, ws, generator=gen, **kw)
+
+    got = go()
+    assert triton_layout.fwd == triton_layout.bwd == 0
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    want = go()
+    for a, b in zip(got, want):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def _segment(seed: int, cfg: sk._Cfg, scale: float = 1.0, g: int = 4, u: int = 700):
+    """A segment as the engine builds it: per-row code values (sorted) and masses, ragged
+    rows (zero mass past each row's codes), k-means++-like centroids; rows 0 and 2 start at
+    their converged centroids, so the early-stopping test stops them before the others."""
+    gen = torch.Generator().manual_seed(seed)
+    v = (0.02 * scale * torch.randn(g, u, generator=gen)).sort(1).values
+    v[:, u // 3 : u // 3 + 5] = 0.0  # codes that are exact zeros
+    m = torch.randint(1, 50, (g, u), generator=gen).float()
+    m[1, u // 2 :] = 0.0
+    c = v[:, torch.linspace(5, u - 5, 16).long()].clone()
+    cfg = dataclasses.replace(cfg, max_iter=30, epsilon=-1.0)
+    for row in (0, 2):  # 30 iterations in: moves below float32 precision
+        rows = slice(row, row + 1)
+        c[row] = sk._scalar_forward(v[rows], m[rows], c[rows], cfg, False)[1][0]
+    return v, m, c
+
+
+def _cfg(**kw) -> sk._Cfg:
+    base = dict(
+        tau=2e-7,  # the data's squared centroid gaps are ~1e-5
+        max_iter=6,
+        epsilon=1e-5,  # rows 0 and 2 move their inertia by < 1e-6, the others by > 3e-4
+        mode="dkm",
+        enforce_zero=False,
+        prune_threshold=0.0,
+        zero_threshold=1e-7,
+        lut_fn=None,
+        clamp_attention=False,
+    )
+    base.update(kw)
+    return sk._Cfg(**base)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "kw, apart",
+    [
+        ({}, True),
+        (dict(enforce_zero=True), False),
+        (dict(enforce_zero=True, prune_threshold=1e-6), True),
+        (dict(clamp_attention=True), True),
+        (dict(epsilon=-1.0), False),
+        # slot 0 of a non-zero code (D = 1 / zero_threshold) keeps some attention: the
+        # exact-zero rule's softmax-gradient mask matters
+        (dict(enforce_zero=True, zero_threshold=0.5, tau=0.5, scale=50.0), False),
+    ],
+    ids=["dkm", "enforce_zero", "prune", "clamp", "no_stop", "exact_zero_soft"],
+)
+def test_triton_loop_equals_the_compiled_cpu_loop_group_by_group(kw, apart, kernels, monkeypatch):
+    # per group the iterations it ran (early stopping on the float32 inertia test), the
+    # centroids before / after its last one, each code's output and its backward (h, r): what
+    # _dkm_cpu.fwd_loop / bwd_loop give, which stop all groups together and track the rest
+    monkeypatch.setattr(sk, "_C_CODES", "always")
+    kw = dict(kw)
+    scale = kw.pop("scale", 1.0)
+    cfg = _cfg(**kw)
+    v, m, c = _segment(3, cfg, scale)
+    gsum = torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
+    y_c, last_c, st = sk._scalar_forward(v, m, c, cfg, sync_free=False)
+    assert st["path"] == "c"
+    h_c, r_c = sk._scalar_backward(st, gsum, cfg)
+    n_run = len(st["hist"])
+    it_c = st["last_it"] if st["last_it"] is not None else torch.full((v.shape[0],), n_run - 1)
+
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset({DEV.type}))
+    y_t, last_t, st_t = sk._scalar_forward(v.to(DEV), m.to(DEV), c.to(DEV), cfg, sync_free=True)
+    assert st_t["path"] == "triton"
+    h_t, r_t = (t.cpu() for t in sk._scalar_backward(st_t, gsum.to(DEV), cfg))
+    st_t = {key: val.cpu() for key, val in st_t.items() if isinstance(val, torch.Tensor)}
+    y_t, last_t = y_t.cpu(), last_t.cpu()
+    assert torch.equal(st_t["last_it"], it_c.long())
+    if apart:
+        assert len(set(it_c.tolist())) > 1, it_c  # the premise: groups stop apart
+    assert_close(st_t["prev_c"], st["prev_c"], 1e-6, 1e-6)
+    assert_close(last_t, last_c, 1e-6, 1e-6)
+    assert_close(y_t, y_c, 1e-6, 1e-6)
+    assert_close(h_t, h_c, 1e-4, 1e-5)
+    assert_close(r_t, r_c, 1e-4, 1e-5)
+    # the per-iteration history backward reads: a group's iterations up to its last one
+    for g, t_last in enumerate(it_c.tolist()):
+        for t in range(t_last + 1):
+            assert_close(st_t["c_hist"][t, g], st["c_hist"][t, g], 1e-6, 1e-6)
+
+
+def test_triton_layout_reads_the_host_once(triton_layout):
+    # the kernels stop early per group on the device: the batch's one read stays the only one
+    xs, cs = small_batch()
+    leaves = [x.clone().requires_grad_() for x in xs]
+    with _HostReads() as mode:
+        res = sk.soft_kmeans_batch(leaves, cs, method="table", max_iter=5, epsilon=1e-6)
+        torch.autograd.backward([o for o, _ in res], [torch.ones_like(o) for o, _ in res])
+    assert triton_layout.fwd > 0
+    assert mode.count == 1, mode.count
+
+
+def test_dkm_training_with_triton_kernels_equals_the_torch_code(triton_layout, monkeypatch):
+    # a DKM run (prepare, steps with an optimizer, finalize) through the kernels: the losses
+    # and the palettized weights of the torch code's run
+    def train():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        ).to(DEV)
+        cfg = {"global_config": {"n_bits": 3, "weight_threshold": 0, "milestone": 1}}
+        pal = DKMPalettizer(model, cfg)
+        model = pal.prepare()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x = torch.randn(32, 96, generator=torch.Generator().manual_seed(1)).to(DEV)
+        yt = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)).to(DEV)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), yt)
+            loss.backward()
+            opt.step()
+            pal.step()
+            losses.append(loss.item())
+        final = pal.finalize()
+        return losses, [final[i].weight.detach() for i in (0, 2)]
+
+    monkeypatch.setattr(sk, "_TABLE_MIN_GROUP", {"cpu": 1, "cuda": 1})  # the table engine here
+    got_losses, got_w = train()
+    assert triton_layout.fwd >= 3 and triton_layout.bwd >= 3
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    want_losses, want_w = train()
+    torch.testing.assert_close(
+        torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0
+    )
+    for a, b in zip(got_w, want_w):
+        assert a.unique().numel() <= 8
+        assert_close(a, b, 1e-4, 1e-5)
