@@ -213,7 +213,8 @@ class _DKMGroup:
 
     @staticmethod
     def _key(fp: FakePalettize, weight: Tensor) -> tuple:
-        c, s = fp.centroids, fp.scale
+        bufs = fp._buffers  # (not Module.__getattr__: this runs per weight and forward)
+        c, s = bufs["centroids"], bufs["scale"]
         return (
             weight._version,
             weight.data_ptr(),
@@ -373,19 +374,19 @@ class FakePalettize(nn.Module):
         Re-read from the buffer (a device-to-host copy) only after the buffer was written
         (its version counter moved, e.g. a state_dict load or a broadcast) or replaced.
         """
-        buf, seen = self.enabled, self._enabled_seen
+        buf, seen = self._buffers["enabled"], self._enabled_seen
         if seen is None or seen[0] is not buf or seen[1] != buf._version:
             seen = (buf, buf._version, bool(buf))
-            self._enabled_seen = seen
+            self.__dict__["_enabled_seen"] = seen  # (a plain attribute: no Module.__setattr__)
         return seen[2]
 
     @property
     def step_count(self) -> int:
         """The ``steps`` buffer as an int (host-side copy, re-read only after it changed)."""
-        buf, seen = self.steps, self._steps_seen
+        buf, seen = self._buffers["steps"], self._steps_seen
         if seen is None or seen[0] is not buf or seen[1] != buf._version:
             seen = (buf, buf._version, int(buf))
-            self._steps_seen = seen
+            self.__dict__["_steps_seen"] = seen
         return seen[2]
 
     @torch.no_grad()
@@ -530,13 +531,13 @@ def _set_step_counts(fps: list[FakePalettize], step: int) -> None:
     """Write ``step`` into every ``steps`` buffer: one foreach add when they all hold the same
     known count (the usual step() call), else one fill per buffer."""
     known = {fp.step_count for fp in fps}
-    bufs = [fp.steps for fp in fps]
+    bufs = [fp._buffers["steps"] for fp in fps]
     if len(known) == 1 and len(fps) > 1 and len({b.device for b in bufs}) == 1:
         delta = step - known.pop()
         if delta:
             torch._foreach_add_(bufs, delta)
-        for fp in fps:
-            fp._steps_seen = (fp.steps, fp.steps._version, step)
+        for fp, buf in zip(fps, bufs):
+            fp.__dict__["_steps_seen"] = (buf, buf._version, step)
         return
     for fp in fps:
         fp.set_step_count(step)
