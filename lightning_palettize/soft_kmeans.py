@@ -81,6 +81,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1755,7 +1756,9 @@ def _scalar_forward(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg, sync_free: bool,
     that stopped keeps its state through torch.where (the same result, no host sync).
     """
     if _triton_codes(cfg, c.shape[1], v.device):
-        return _scalar_forward_triton(v, m, c, cfg)
+        done = _scalar_forward_triton(v, m, c, cfg)
+        if done is not None:
+            return done
     if _c_codes(cfg, c.shape[1], v.device):
         return _scalar_forward_c(v, m, c, cfg, sync_free, lens)
     g, u = v.shape
@@ -2043,13 +2046,33 @@ def _triton_codes(cfg: _Cfg, k: int, device: torch.device) -> bool:
     return k <= 256 and _triton() is not None
 
 
+def _triton_failed(where: str, err: Exception) -> None:
+    """Switch the Triton kernels off for this process (a Triton that cannot build them
+    here): warn once; the torch code runs instead."""
+    global _triton_kernels
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        raise err
+    _triton_kernels = False
+    warnings.warn(
+        f"lightning_palettize: the fused Triton DKM kernels failed in {where} "
+        f"({type(err).__name__}: {err}); the soft k-means runs in torch ops from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _scalar_forward_triton(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg):
     """_scalar_forward in the fused Triton kernels: one launch for every iteration of every
-    group and the output; early stopping per group in the kernel (no host read)."""
+    group and the output; early stopping per group in the kernel (no host read). None if the
+    kernels fail to build (see _triton_failed)."""
     v, m = v.float().contiguous(), m.float().contiguous()
-    y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist = _triton().fwd_loop(
-        v, m, c, _c_cfg(cfg, c.shape[1]), cfg.max_iter, cfg.epsilon, cfg.enforce_zero
-    )
+    try:
+        y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist = _triton().fwd_loop(
+            v, m, c, _c_cfg(cfg, c.shape[1]), cfg.max_iter, cfg.epsilon, cfg.enforce_zero
+        )
+    except Exception as err:  # any build failure: the torch code instead
+        _triton_failed("forward", err)
+        return None
     state = dict(
         v=v,
         m=m,
@@ -2066,9 +2089,23 @@ def _scalar_forward_triton(v: Tensor, m: Tensor, c: Tensor, cfg: _Cfg):
 
 
 def _scalar_backward_triton(state: dict, gsum: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
-    """_scalar_backward of _scalar_forward_triton's segment, in one launch."""
+    """_scalar_backward of _scalar_forward_triton's segment, in one launch; if the backward
+    kernel fails to build, the torch code's backward of the same iterations (each group ran
+    iterations 0 .. last_it)."""
     k = state["prev_c"].shape[1]
-    return _triton().bwd_loop(state, gsum, _c_cfg(cfg, k), 2.0 / cfg.tau, cfg.enforce_zero)
+    mod = _triton()
+    if mod is not None:
+        try:
+            return mod.bwd_loop(state, gsum, _c_cfg(cfg, k), 2.0 / cfg.tau, cfg.enforce_zero)
+        except Exception as err:  # as in _scalar_forward_triton
+            _triton_failed("backward", err)
+    last_it = state["last_it"]
+    hist = [
+        (state["c_hist"][t], state["raw_hist"][t], state["mass_hist"][t], last_it >= t, None)
+        for t in range(state["c_hist"].shape[0])
+    ]
+    torch_state = dict(state, hist=hist, p_out=None, path="torch")
+    return _scalar_backward(torch_state, gsum, cfg)
 
 
 def _ptr(t: Tensor | None) -> int:

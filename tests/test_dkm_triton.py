@@ -70,6 +70,35 @@ def triton_layout(kernels, monkeypatch):
     return _Launches(kernels, monkeypatch)
 
 
+@pytest.mark.parametrize("failing", ["fwd_loop", "bwd_loop"])
+def test_a_kernel_that_fails_to_build_falls_back_to_the_torch_code(
+    failing, kernels, triton_layout, monkeypatch
+):
+    # a Triton that cannot build a kernel here: one warning, then the torch code (for the
+    # backward, from the kernel forward's iterations), the same results; later calls skip
+    # the kernels
+    monkeypatch.setattr(sk, "_triton_kernels", kernels)  # (restored after the test)
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(kernels, failing, broken)
+    xs, cs = small_batch()
+    ws = weights(xs)
+    kw = dict(method="table", max_iter=8, epsilon=1e-7)
+    with pytest.warns(RuntimeWarning, match="Triton DKM kernels failed.*PTX assembly failed"):
+        got = run_batch(xs, cs, ws, **kw)
+    assert sk._triton() is None
+    # the forward kernels ran (every segment) when it is the backward that fails
+    assert (triton_layout.fwd > 0) == (failing == "bwd_loop")
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    want = run_batch(xs, cs, ws, **kw)
+    for a, b in zip(got, want):
+        assert_close(a[0], b[0], 1e-5, 1e-6)
+        assert_close(a[1], b[1], 1e-5, 1e-5)
+        assert_close(a[2], b[2], 1e-4, 1e-5)
+
+
 def small_batch():
     """batch_inputs' kinds at sizes the interpreter runs quickly: table tensors (G = 1 and 2),
     exact ones, widths in several device segments."""
