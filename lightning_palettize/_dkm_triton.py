@@ -23,8 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# ~4096 (code, centroid) entries per tile: 32 per thread at 4 warps
+# ~4096 (code, centroid) entries per tile, 16 per thread at 8 warps (the probabilities, the
+# differences and their products live at once: more per thread would spill registers)
 _TILE_ENTRIES = 4096
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -156,7 +158,7 @@ def _bwd_loop(
     kidx = tl.arange(0, KP)
     kmask = kidx < K
     row = g * U
-    n = tl.load(last_it_ptr + g)
+    n = tl.load(last_it_ptr + g).to(tl.int32)
     prev_c = tl.load(prev_c_ptr + g * K + kidx, mask=kmask, other=0.0)
     last_c = tl.load(last_c_ptr + g * K + kidx, mask=kmask, other=0.0)
     # d loss / d (the output's centroids): sum_u gsum_u A_uk, A from prev_c
@@ -243,6 +245,7 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
         g, u, k, max_iter, factor, prune, zinv, zt, epsilon,
         KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
         CLAMP=bool(clamp), EZ=bool(enforce_zero), TEST=epsilon >= 0 and max_iter > 1,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist
 
@@ -260,6 +263,6 @@ def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: boo
         v, m, gsum, state["c_hist"], state["raw_hist"], state["mass_hist"], state["last_it"],
         state["prev_c"], state["last_c"], h, r, g, u, k, factor, prune, zinv, zt, two,
         KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
-        CLAMP=bool(clamp), EZ=bool(enforce_zero),
+        CLAMP=bool(clamp), EZ=bool(enforce_zero), num_warps=_NUM_WARPS,
     )  # fmt: skip
     return h, r
