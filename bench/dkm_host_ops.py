@@ -1,0 +1,147 @@
+"""What a DKM step asks of the host, counted on the CPU: the GPU step is host-bound (bench/
+dkm_gpu.py), so the torch ops a step dispatches are the cost a GPU-less session can measure.
+
+A 12-layer LLaMA-shaped model of width 64 (85 Linear, like the 134M one of dkm_gpu.py) takes
+plain and DKM training steps (4 bits, every Linear, the table engine) with the soft k-means in
+the device layout, the way CUDA runs it; a TorchDispatchMode counts the ops of the forward and
+of the backward. Variants: "triton" (the fused Triton kernels, run in Triton's interpreter
+here; the kernels' own work is not counted: on a GPU it is two launches per width bucket) and
+"torchloop" (the per-code passes in torch ops). "launching" excludes views and allocations.
+
+Run:  TRITON_INTERPRET=1 python bench/dkm_host_ops.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_palettize import DKMPalettizer  # noqa: E402
+from lightning_palettize import soft_kmeans as sk  # noqa: E402
+
+# ops that launch no kernel on a GPU
+NO_LAUNCH = {
+    "view", "slice", "expand", "detach", "unsqueeze", "alias", "select", "t", "transpose",
+    "_unsafe_view", "lift_fresh", "split_with_sizes", "squeeze", "permute", "as_strided",
+    "_reshape_alias", "empty", "new_empty", "empty_like", "empty_strided",
+}  # fmt: skip
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Uncounted:
+    """A kernel whose launches run outside the count (the interpreter's own torch calls)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*a, **k):
+            with _disable_current_modes():
+                return launch(*a, **k)
+
+        return run
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=12,
+        intermediate_size=128,
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).train()
+
+
+def count(dkm: bool, steps: int = 3) -> dict:
+    """Ops of the forward and backward of the last of ``steps`` training steps."""
+    model = _model()
+    pal = None
+    if dkm:
+        cfg = {"module_type_configs": {"Linear": {"n_bits": 4, "weight_threshold": 0}}}
+        pal = DKMPalettizer(model, cfg)
+        model = pal.prepare(inplace=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    res = {}
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        fwd, bwd = _Count(), _Count()
+        with fwd, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        with bwd:
+            loss.backward()
+        opt.step()
+        if pal is not None:
+            pal.step()
+        if i == steps - 1:
+            for name, c in (("fwd", fwd.ops), ("bwd", bwd.ops)):
+                res[name] = sum(c.values())
+                res[f"{name}_launching"] = sum(v for k, v in c.items() if k not in NO_LAUNCH)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results/dkm_host_ops.json")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("set TRITON_INTERPRET=1 (the Triton kernels run in the interpreter here)")
+    torch.set_num_threads(1)
+    # the device layout (as on CUDA) and the table engine at this width, on the CPU
+    sk._host_layout = lambda device: False
+    sk._sync_free = lambda device: True
+    sk._TABLE_MIN_GROUP = {"cpu": 1}
+    mod = sk._triton()
+    mod._fwd_loop, mod._bwd_loop = _Uncounted(mod._fwd_loop), _Uncounted(mod._bwd_loop)
+    out = {"plain": count(False)}
+    for name, devices in (("torchloop", frozenset()), ("triton", frozenset({"cpu"}))):
+        sk._TRITON_DEVICES = devices
+        out[name] = count(True)
+    plain = out["plain"]
+    for name in ("torchloop", "triton"):
+        extra = {k: out[name][k] - plain[k] for k in plain}
+        out[f"{name}_extra"] = extra
+        print(
+            f"{name}: forward {out[name]['fwd']} ops ({out[name]['fwd_launching']} launching), "
+            f"backward {out[name]['bwd']} ({out[name]['bwd_launching']}); over plain: "
+            f"+{extra['fwd'] + extra['bwd']} ops, "
+            f"+{extra['fwd_launching'] + extra['bwd_launching']} launching",
+            flush=True,
+        )
+    print(
+        f"plain: forward {plain['fwd']} ops ({plain['fwd_launching']} launching), backward "
+        f"{plain['bwd']} ({plain['bwd_launching']})"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
