@@ -406,11 +406,11 @@ def main() -> None:
     for v in variants + micro_variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; expected some of {sorted(VARIANTS)}")
-    triton = sk._triton() and __import__("triton")
+    kernels = sk._triton()
     out: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "triton": triton.__version__ if triton else None,
+        "triton": kernels.triton.__version__ if kernels else None,
         "variants": variants,
     }
     if micro_variants:

@@ -223,6 +223,18 @@ def _shapes(k: int) -> tuple[int, int]:
     return kp, max(16, _TILE_ENTRIES // kp)
 
 
+def _launch_args(ct: tuple, enforce_zero: bool) -> tuple[int, tuple, dict]:
+    """(K, the kernels' run-time scalars (factor, prune, zinv, zt), their compile-time
+    arguments) from the compiled kernels' cfg tuple (soft_kmeans._c_cfg)."""
+    k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
+    kp, bu = _shapes(k)
+    consts = dict(
+        KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
+        CLAMP=bool(clamp), EZ=bool(enforce_zero), num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return k, (factor, prune, zinv, zt), consts
+
+
 def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon: float,
              enforce_zero: bool):  # fmt: skip
     """All iterations and the output of one segment: v, m [G, U] float32 (contiguous), centroids
@@ -232,9 +244,8 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
     [max_iter, G, K]): per group the centroids before and after its last iteration, that
     iteration, and each iteration's centroids, raw update and masses (a group's entries past
     its last iteration are its final centroids and zero masses)."""
-    k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
+    k, scalars, consts = _launch_args(ct, enforce_zero)
     g, u = v.shape
-    kp, bu = _shapes(k)
     c = c.float().contiguous()
     c_hist, raw_hist, mass_hist = (v.new_empty(max_iter, g, k) for _ in range(3))
     prev_c, last_c = v.new_empty(g, k), v.new_empty(g, k)
@@ -242,10 +253,8 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
     y = v.new_empty(g, u)
     _fwd_loop[(g,)](
         v, m, c, c_hist, raw_hist, mass_hist, last_it, prev_c, last_c, y,
-        g, u, k, max_iter, factor, prune, zinv, zt, epsilon,
-        KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
-        CLAMP=bool(clamp), EZ=bool(enforce_zero), TEST=epsilon >= 0 and max_iter > 1,
-        num_warps=_NUM_WARPS,
+        g, u, k, max_iter, *scalars, epsilon,
+        TEST=epsilon >= 0 and max_iter > 1, **consts,
     )  # fmt: skip
     return y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist
 
@@ -253,16 +262,13 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
 def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: bool):
     """Backward through ``fwd_loop``'s iterations (``state``: its arrays by name, v and m):
     per code (h, r) [G, U] with grad x_i = gsum-weighted slope h[u_i] g_i + r[u_i]."""
-    k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
+    k, scalars, consts = _launch_args(ct, enforce_zero)
     v, m = state["v"], state["m"]
     g, u = v.shape
-    kp, bu = _shapes(k)
     gsum = gsum.float().contiguous()
     h, r = v.new_zeros(g, u), v.new_zeros(g, u)
     _bwd_loop[(g,)](
         v, m, gsum, state["c_hist"], state["raw_hist"], state["mass_hist"], state["last_it"],
-        state["prev_c"], state["last_c"], h, r, g, u, k, factor, prune, zinv, zt, two,
-        KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
-        CLAMP=bool(clamp), EZ=bool(enforce_zero), num_warps=_NUM_WARPS,
+        state["prev_c"], state["last_c"], h, r, g, u, k, *scalars, two, **consts,
     )  # fmt: skip
     return h, r
