@@ -2433,17 +2433,21 @@ def _grad_buffer(ctx, refs, grads, flat_g, i: int, key: tuple) -> Tensor:
 
 
 class _ScalarKMeans(torch.autograd.Function):
-    """Soft k-means of many [G, N, 1] tensors (one config) in one node; see the section notes."""
+    """Soft k-means of many [G, N, 1] tensors (one config) in one node; see the section notes.
+
+    ``gs`` holds each input's G: an input may have any shape whose C order is its [G, N]
+    groups (a contiguous weight given as it is: no view node per weight in the graph), and
+    each output has its input's shape."""
 
     @staticmethod
-    def forward(ctx, cfg, kinds, c0, *xs):
+    def forward(ctx, cfg, kinds, gs, c0, *xs):
         device = c0.device
         sync_free = _sync_free(device)
         items: list[_ScalarItem] = []
         flats = []
         row = trow = start = 0
-        for x, kind in zip(xs, kinds):
-            g, n = x.shape[0], x.shape[1]
+        for x, kind, g in zip(xs, kinds, gs):
+            n = x.numel() // g
             if isinstance(kind, _GridSpec):
                 flat = x.detach().reshape(g, n)
                 c_grid = _c_kernels(device) and flat.dtype == torch.float32
@@ -2655,12 +2659,12 @@ class _ScalarKMeans(torch.autograd.Function):
         refs = _grad_refs(grads) if ctx.grad_base is not None else None
         cfg, items, n_tab = ctx.cfg, ctx.items, ctx.n_tab
         tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[3:]
+        need = ctx.needs_input_grad[4:]
         grads = grads[: len(items)]
         live = [need[i] and grads[i] is not None for i in range(len(items))]
         result: list[Tensor | None] = [None] * len(items)
         if not any(live):
-            return (None, None, None, *result)
+            return (None, None, None, None, *result)
         bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
@@ -2818,7 +2822,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     hs, rs = (t[it.srow : it.srow + it.g, : it.n] for t in hr[it.seg])
                     grad = torch.addcmul(rs, flat_g[i].view(it.g, it.n), hs)
                 result[i] = _as(grad.reshape(shape), dtype)
-        return (None, None, None, *result)
+        return (None, None, None, None, *result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3046,8 +3050,11 @@ def _grid_allowed(cfg: _Cfg) -> bool:
     return cfg.mode == "dkm" and not cfg.keep_zeros
 
 
-def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
-    g, n, d = x.shape
+def _resolve_method(
+    shape: tuple[int, int, int], device: torch.device, method: str, fn: str, cfg: _Cfg
+) -> str:
+    """The engine of a [G, N, d] input (``shape``) on ``device``."""
+    g, n, d = shape
     if method in ("table", "grid") and d != 1:
         raise ValueError(f"{fn}: method={method!r} needs d == 1 (scalar clusters), got d={d}")
     if method == "grid" and not _grid_allowed(cfg):
@@ -3057,13 +3064,16 @@ def _resolve_method(x: Tensor, method: str, fn: str, cfg: _Cfg) -> str:
             f"prune_threshold={cfg.prune_threshold}"
         )
     if method == "auto":
-        use_table = d == 1 and n >= _TABLE_MIN_GROUP.get(x.device.type, _DEFAULT_TABLE_MIN_GROUP)
+        use_table = d == 1 and n >= _TABLE_MIN_GROUP.get(device.type, _DEFAULT_TABLE_MIN_GROUP)
         return "table" if use_table else "dense"
     return method
 
 
-def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg):
-    """The scalar engine's kind for x: "table", "exact" or its _GridSpec.
+def _scalar_kind(
+    x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _Cfg, g: int | None = None
+):
+    """The scalar engine's kind for x ([G, N, 1], or any contiguous shape holding ``g`` groups
+    of consecutive elements): "table", "exact" or its _GridSpec.
 
     "auto" takes the grid on the CPU for float32 groups of at least 4,096 elements when the
     groups need at most half of their elements as nodes in all, each group at most its own
@@ -3074,7 +3084,8 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
     Otherwise (and for a group holding a non-finite value) the code engine runs where "auto"
     resolved to it, else the element engine.
     """
-    g, n = x.shape[0], x.shape[1]
+    g = x.shape[0] if g is None else g
+    n = x.numel() // g
     fallback = "table" if resolved == "table" else "exact"
     here = _host_layout(x.device) or x.device.type in _GRID_AUTO_DEVICES
     auto = asked == "auto" and here and n >= _GRID_AUTO_MIN_GROUP
@@ -3091,30 +3102,46 @@ def _scalar_kind(x: Tensor, centroids: Tensor, resolved: str, asked: str, cfg: _
     return fallback
 
 
-def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans"):
-    """The soft k-means of every (x, centroids): the scalar ones of one device in one node."""
-    methods = [_resolve_method(x, method, fn, cfg) for x in xs]
+def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
+    """The soft k-means of every (x, centroids): the scalar ones of one device in one node.
+
+    With ``groups`` (scalar clusters, no generator), xs[i] is a contiguous tensor of any shape
+    holding groups[i] LUT groups of consecutive elements, as ``x.view(G, -1, 1)``, and its
+    output has xs[i]'s shape: the node then takes and returns the weights as they are, with no
+    view node per weight on either side of it (see :func:`_soft_kmeans_grouped`).
+    """
+    if groups is None:
+        gs = [x.shape[0] for x in xs]
+        shapes = [tuple(x.shape) for x in xs]
+    else:
+        gs = list(groups)
+        shapes = [(g, x.numel() // g, 1) for x, g in zip(xs, gs)]
+    methods = [_resolve_method(sh, x.device, method, fn, cfg) for sh, x in zip(shapes, xs)]
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(xs)
     scalar: dict[torch.device, list[int]] = {}
     for i, x in enumerate(xs):
-        if x.shape[2] == 1 and gen is None:
+        if shapes[i][2] == 1 and gen is None:
             scalar.setdefault(x.device, []).append(i)
     for device, idx in scalar.items():
         # private copies: callers may write the returned centroids into their state in place
-        c0_rows = {i: centroids[i].detach().reshape(xs[i].shape[0], -1) for i in idx}
+        c0_rows = {i: centroids[i].detach().reshape(gs[i], -1) for i in idx}
         c0 = torch.cat([c0_rows[i] for i in idx]).float()
-        kinds = dict((i, _scalar_kind(xs[i], centroids[i], methods[i], method, cfg)) for i in idx)
+        kinds = {i: _scalar_kind(xs[i], centroids[i], methods[i], method, cfg, gs[i]) for i in idx}
         todo, attempt = idx, 0
         while todo:
             if len(todo) < len(idx):
                 c0 = torch.cat([c0_rows[i] for i in todo]).float()
             with _no_autocast(device):
                 *outs, new_c = _ScalarKMeans.apply(
-                    cfg, tuple(kinds[i] for i in todo), c0, *(xs[i] for i in todo)
+                    cfg,
+                    tuple(kinds[i] for i in todo),
+                    tuple(gs[i] for i in todo),
+                    c0,
+                    *(xs[i] for i in todo),
                 )
             row, retry = 0, []
             for i, out in zip(todo, outs):
-                g, kind = xs[i].shape[0], kinds[i]
+                g, kind = gs[i], kinds[i]
                 if isinstance(kind, _GridSpec) and kind.missing is not None:
                     # a transition moved off the grid's fine cells: once more on a grid
                     # covering it, then on the other engines (this result is discarded)
@@ -3154,6 +3181,7 @@ def soft_kmeans_batch(
     generator: torch.Generator | None = None,
     method: str = "auto",
     clamp_attention: bool = False,
+    groups: list[int] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`soft_kmeans` of several tensors with one configuration, in few kernels.
 
@@ -3168,8 +3196,24 @@ def soft_kmeans_batch(
     The backward of the shared node runs once every output's gradient is known: the inputs'
     gradients arrive together, at the end of the backward pass.
 
+    Args:
+        xs: [G, N, d] tensors; with ``groups``, contiguous tensors of any shape.
+        centroids: [G, K, d] per input.
+        groups: each input's G, for inputs given as they are: xs[i] then stands for
+            ``xs[i].view(G, -1, 1)`` (its LUT groups are runs of consecutive elements, e.g. a
+            weight's whole output channels) and its output has xs[i]'s shape. The node then
+            takes and returns the weights with no view node per weight in the graph (two
+            fewer autograd nodes per weight; DKM's host-bound GPU step). Scalar clusters
+            (centroids [G, K, 1]) and no Gumbel noise (mode "gsm") only.
+        tau, max_iter, epsilon, mode, enforce_zero, prune_threshold, zero_threshold, lut_fn,
+            generator, method, clamp_attention: as :func:`soft_kmeans`.
+
     Returns:
         one (x_hat, new_centroids) per input, as :func:`soft_kmeans` returns them.
+
+    Raises:
+        TypeError, ValueError: on inputs :func:`soft_kmeans` rejects, or outside the
+            ``groups`` contract above.
     """
     fn = "soft_kmeans_batch"
     if not isinstance(xs, (list, tuple)) or not isinstance(centroids, (list, tuple)):
@@ -3178,8 +3222,11 @@ def soft_kmeans_batch(
         raise ValueError(f"{fn}: got {len(xs)} tensors and {len(centroids)} centroid tensors")
     if not xs:
         return []
-    for x, c in zip(xs, centroids):
-        _check_tensors(fn, x, c)
+    if groups is None:
+        for x, c in zip(xs, centroids):
+            _check_tensors(fn, x, c)
+    else:
+        _check_grouped(fn, xs, centroids, groups, mode, generator)
     cfg, gen, method = _make_cfg(
         fn,
         xs[0].device,
@@ -3195,7 +3242,30 @@ def soft_kmeans_batch(
         method,
         clamp_attention,
     )
-    return _run_many(list(xs), list(centroids), cfg, gen, method, fn)
+    return _run_many(list(xs), list(centroids), cfg, gen, method, fn, groups)
+
+
+def _check_grouped(fn: str, xs, centroids, groups, mode, generator) -> None:
+    if not isinstance(groups, (list, tuple)) or len(groups) != len(xs):
+        raise ValueError(f"{fn}: groups must be a list of one int per tensor, got {groups!r}")
+    if mode == "gsm" or generator is not None:
+        raise ValueError(f"{fn}: groups takes no Gumbel noise (mode 'gsm' or a generator)")
+    for i, (x, c, g) in enumerate(zip(xs, centroids, groups)):
+        if not isinstance(x, Tensor) or not x.is_floating_point() or not x.is_contiguous():
+            raise ValueError(f"{fn}: with groups, xs[{i}] must be a contiguous floating tensor")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or x.numel() % g or not x.numel():
+            raise ValueError(
+                f"{fn}: groups[{i}] must be an int >= 1 dividing xs[{i}].numel() = "
+                f"{x.numel()} (> 0), got {g!r}"
+            )
+        # (as _check_tensors of x.view(g, -1, 1), without making the view)
+        ok = isinstance(c, Tensor) and c.dim() == 3 and c.is_floating_point()
+        if not ok or c.shape[0] != g or c.shape[1] < 1 or c.shape[2] != 1:
+            got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"{fn}: centroids[{i}] must be a floating [G={g}, K>=1, 1] tensor "
+                             f"for groups[{i}] = {g}, got {got}")  # fmt: skip
+        if c.device != x.device:
+            raise ValueError(f"{fn}: centroids must be on x's device {x.device}, got {c.device}")
 
 
 def _default_generator(device: torch.device) -> torch.Generator:

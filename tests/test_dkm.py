@@ -465,7 +465,7 @@ def _unbatched(monkeypatch):
     weight version's soft weight is still served again to its module's later calls."""
     from lightning_palettize.palettizers import dkm
 
-    monkeypatch.setattr(dkm._DKMGroup, "_compute", lambda self, fp, module, w: fp(w))
+    monkeypatch.setattr(dkm._DKMGroup, "_compute", lambda self, fp, module, w: (fp(w), None))
 
 
 class _Reuse(nn.Module):
@@ -853,3 +853,38 @@ def test_bf16_autocast_and_torch_compile_gradients_in_place(monkeypatch):
     assert grids and all(g is not None for g in grids)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_device_rounds_serve_the_batched_nodes_outputs_and_forget_them_in_backward(monkeypatch):
+    # on the device layout a float32 Linear weight goes into the round as it is: its soft
+    # weight is an output of the batched node itself (no view node on either side), and one
+    # pre-hook on that node forgets the served weights when backward reaches it
+    _device_layout(monkeypatch)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 300))
+    cfg = {"global_config": {"n_bits": 4, "weight_threshold": 0}}
+    pal = DKMPalettizer(model, cfg)
+    model = pal.prepare(inplace=True)
+    seen = []
+    for lin in (model[0], model[2]):
+        lin.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight))
+    x = torch.randn(8, 300)
+    out = model(x)
+    nodes = {w.grad_fn for w in seen}
+    assert len(nodes) == 1 and type(next(iter(nodes))).__name__ == "_ScalarKMeansBackward"
+    group = model[0].weight_dkm._group
+    assert len(group._served) == 2 and len({e.token for e in group._served.values()}) == 1
+    out.sum().backward()
+    assert not group._served and not group._pending
+    assert model[0].weight.grad is not None and model[2].weight.grad is not None
+    # a per-channel scale keeps the [G, N, 1] path (its output is scaled after the node)
+    seen.clear()
+    torch.manual_seed(4)
+    model2 = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 300))
+    cfg = {"global_config": {"n_bits": 4, "weight_threshold": 0, "enable_per_channel_scale": True}}
+    model2 = DKMPalettizer(model2, cfg).prepare(inplace=True)
+    for lin in (model2[0], model2[2]):
+        lin.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight))
+    model2(x).sum().backward()
+    assert all(type(w.grad_fn).__name__ != "_ScalarKMeansBackward" for w in seen)
+    assert not model2[0].weight_dkm._group._served

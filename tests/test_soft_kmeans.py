@@ -1730,3 +1730,50 @@ def test_centroid_window_changes_nothing_visible(monkeypatch, method, prune):
     assert_close(got[2], want[2], 1e-5, 1e-6)
     assert (got[1][:, 3] < 0.06).all()  # the far centroid moved to the data's edge
     assert_nontrivial(got[2], w)
+
+
+@pytest.mark.parametrize("layout", ["host", "device"])
+def test_grouped_inputs_equal_their_group_views(request, layout):
+    # soft_kmeans_batch(groups=...) takes weights as they are and returns outputs in their
+    # shapes: the same values, centroids and gradients as the [G, N, 1] views of them
+    if layout == "device":
+        request.getfixturevalue("device_layout")
+    gen = torch.Generator().manual_seed(31)
+    shapes, gs = [(96, 80), (40, 32, 3), (64, 200)], [1, 8, 4]
+    ws = [torch.randn(s, generator=gen) for s in shapes]
+    cs = [torch.sort(torch.randn(g, 4, 1, generator=gen), dim=1).values for g in gs]
+    kw = dict(tau=1e-3, max_iter=3, enforce_zero=True)
+
+    def run(grouped):
+        xs = [w.clone().requires_grad_() for w in ws]
+        ins = xs if grouped else [x.view(g, -1, 1) for x, g in zip(xs, gs)]
+        out = sk.soft_kmeans_batch(ins, cs, groups=gs if grouped else None, **kw)
+        loss = sum((o.reshape(x.shape) * (i + 1)).square().sum() for i, (x, (o, _)) in
+                   enumerate(zip(xs, out)))  # fmt: skip
+        loss.backward()
+        return out, [x.grad for x in xs]
+
+    got, grads = run(True)
+    want, want_grads = run(False)
+    for (o, c), (wo, wc), w, g, wg in zip(got, want, ws, grads, want_grads):
+        assert o.shape == w.shape
+        assert o.grad_fn is got[0][0].grad_fn  # one node, no view node per weight
+        assert torch.equal(o, wo.reshape(w.shape)) and torch.equal(c, wc)
+        assert torch.equal(g, wg)
+
+
+def test_grouped_inputs_outside_the_contract_are_rejected():
+    w = torch.randn(8, 6)
+    c = torch.zeros(2, 4, 1)
+    cases = [
+        (dict(groups=[5]), "groups\\[0\\] must be an int >= 1 dividing xs\\[0\\].numel\\(\\) = 48"),
+        (dict(groups=[2, 2]), "one int per tensor"),
+        (dict(groups=[2], mode="gsm"), "no Gumbel noise"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            sk.soft_kmeans_batch([w], [c], **kw)
+    with pytest.raises(ValueError, match="contiguous"):
+        sk.soft_kmeans_batch([w.t()], [c], groups=[2])
+    with pytest.raises(ValueError, match="centroids\\[0\\] must be a floating \\[G=2, K>=1, 1\\]"):
+        sk.soft_kmeans_batch([w], [torch.zeros(2, 4, 2)], groups=[2])

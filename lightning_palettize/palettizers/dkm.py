@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_palettize import soft_kmeans as _sk
 from lightning_palettize.config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_config
 from lightning_palettize.kmeans import kmeans
 from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
@@ -121,20 +122,28 @@ def _batch_key(cfg: ModuleDKMPalettizerConfig) -> tuple:
 class _Pending:
     """A soft weight computed ahead by a round, valid for exactly the state it came from."""
 
-    __slots__ = ("weight", "key", "soft", "centroids")
+    __slots__ = ("weight", "key", "soft", "centroids", "token")
 
-    def __init__(self, weight: Tensor, key: tuple, soft: Tensor, centroids: Tensor) -> None:
+    def __init__(
+        self, weight: Tensor, key: tuple, soft: Tensor, centroids: Tensor, token: int | None
+    ) -> None:
         self.weight, self.key, self.soft, self.centroids = weight, key, soft, centroids
+        self.token = token  # the round's node hook that forgets it once served (see _Served)
 
 
 class _Served:
     """The soft weight a member was last served, for the state it came from (see _DKMGroup):
-    held strongly for members seen called again at one weight version, else weakly."""
+    held strongly for members seen called again at one weight version, else weakly.
 
-    __slots__ = ("weight", "key", "ref", "serial")
+    ``token`` names the backward hook that forgets it: a hook on the soft weight itself, or,
+    for a weight-only-weakly-held result of a round, one pre-hook on the round's batched
+    node for all of them (one registration per round and one call per backward, instead of
+    one per weight)."""
 
-    def __init__(self, weight: Tensor, key: tuple, soft: Tensor, serial: int, strong: bool):
-        self.weight, self.key, self.serial = weight, key, serial
+    __slots__ = ("weight", "key", "ref", "token")
+
+    def __init__(self, weight: Tensor, key: tuple, soft: Tensor, token: int, strong: bool):
+        self.weight, self.key, self.token = weight, key, token
         self.ref = (lambda: soft) if strong else weakref.ref(soft)
 
     def soft(self) -> Tensor | None:
@@ -236,40 +245,47 @@ class _DKMGroup:
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
             self._again.add(id(fp))  # called again: hold its soft weights from now on
-        soft = self._compute(fp, module, weight)
+        soft, token = self._compute(fp, module, weight)
         if fp.cfg.palett_mode != "gsm" and soft.requires_grad:
             # kept until a backward pass reaches it (its graph is being freed then)
-            self._serial += 1
             strong = id(fp) in self._again
-            entry = _Served(weight, self._key(fp, weight), soft, self._serial, strong)
-            self._served[id(fp)] = entry
-            soft.register_hook(functools.partial(self._reached, id(fp), self._serial))
+            if token is None or strong:
+                # a hook of its own: a held soft weight is dropped as soon as backward reaches
+                # it, rather than when the round's node runs (a weight-sized tensor kept alive
+                # through the rest of backward would add one weight's size to the peak memory)
+                self._serial += 1
+                token = self._serial
+                soft.register_hook(functools.partial(self._reached, token))
+            self._served[id(fp)] = _Served(weight, self._key(fp, weight), soft, token, strong)
         return soft
 
-    def _reached(self, key: int, serial: int, grad: Tensor) -> None:
-        # backward reached a served soft weight: no later call may reuse it, and it is dropped
-        # now rather than at the end of the pass (a weight-sized tensor kept alive through
-        # the rest of backward would add one weight's size to the peak memory)
-        entry = self._served.get(key)
-        if entry is not None and entry.serial == serial:
+    def _reached(self, token: int, grad: Any) -> None:
+        # backward reached served soft weights (or their round's node, which runs once every
+        # soft weight of the round has its gradient): no later call may reuse them
+        for key in [k for k, e in self._served.items() if e.token == token]:
             del self._served[key]
-        self._drop_after_backward(grad)
+        self._drop_after_backward()
 
-    def _compute(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
+    def _compute(
+        self, fp: FakePalettize, module: nn.Module, weight: Tensor
+    ) -> tuple[Tensor, int | None]:
+        """(the soft weight, the token of its round's node hook or None)."""
         if self.join(fp, module):
             # joining lazily (a copied model): the members are still being discovered, so a
             # round now would miss the rest; the first forward computes weight by weight
-            return fp(weight)
+            return fp(weight), None
         pending = self._pending.pop(id(fp), None)
         if self._valid(pending, fp, weight):
-            with torch.no_grad():
-                fp.centroids.copy_(pending.centroids)
-            return pending.soft
+            # (both sides are buffers without autograd history: no grad-mode switch needed)
+            fp._buffers["centroids"].copy_(pending.centroids)
+            return pending.soft, pending.token
         if fp.cfg.palett_mode == "gsm":
-            return fp(weight)
+            return fp(weight), None
         return self._round(fp, module, weight)
 
-    def _round(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
+    def _round(
+        self, fp: FakePalettize, module: nn.Module, weight: Tensor
+    ) -> tuple[Tensor, int | None]:
         todo: dict[tuple, list[tuple[FakePalettize, Tensor]]] = {}
         todo.setdefault((weight.device, _batch_key(fp.cfg)), []).append((fp, weight))
         for key, (fp_ref, mod_ref) in list(self._members.items()):
@@ -292,25 +308,67 @@ class _DKMGroup:
         mine = None
         for members in todo.values():
             first = members[0][0]
+            xs, groups = _round_inputs(members)
             results = soft_kmeans_batch(
-                [m._prepare_input(w) for m, w in members],
+                xs,
                 [m.centroids for m, _ in members],
                 lut_fn=first._lut_fn,
+                groups=groups,
                 **_kmeans_kwargs(first.cfg),
             )
-            for (m, w), (xhat, cent) in zip(members, results):
-                soft = m._finish(xhat, w.dtype)
+            tokens = self._node_hooks([xhat for xhat, _ in results])
+            for (m, w), x, (xhat, cent), token in zip(members, xs, results, tokens):
+                soft = xhat if x is w else m._finish(xhat, w.dtype)
                 if m is fp:
-                    with torch.no_grad():
-                        fp.centroids.copy_(cent)
-                    mine = soft
+                    fp._buffers["centroids"].copy_(cent.detach())
+                    mine = (soft, token)
                 else:
-                    self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent)
+                    self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent.detach(), token)
         return mine  # (soft_weight drops the pending results with the kept ones)
 
-    def _drop_after_backward(self, grad: Tensor) -> None:
+    def _node_hooks(self, outs: list[Tensor]) -> list[int | None]:
+        """Per output, the token of a pre-hook on its autograd node (one per distinct node: the
+        batched node of a round's scalar weights) that forgets the soft weights served from it."""
+        tokens: list[int | None] = []
+        seen: dict[int, int] = {}
+        for out in outs:
+            node = out.grad_fn
+            if node is None:
+                tokens.append(None)
+                continue
+            token = seen.get(id(node))
+            if token is None:
+                self._serial += 1
+                token = seen[id(node)] = self._serial
+                node.register_prehook(functools.partial(self._node_reached, token))
+            tokens.append(token)
+        return tokens
+
+    def _node_reached(self, token: int, grad_outputs: tuple) -> None:
+        self._reached(token, None)
+
+    def _drop_after_backward(self) -> None:
         # runs inside the backward pass: drop what is left once it has finished
         torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+
+
+def _round_inputs(members: list[tuple[FakePalettize, Tensor]]):
+    """(soft k-means inputs, their group counts or None) of a round's batch.
+
+    Off the CPU (the device layout), a float32 contiguous weight whose LUT groups are runs of
+    whole output channels, without a per-channel scale, goes in as it is (``groups``: the
+    batched node then returns its soft weight in the weight's shape, with no view node on
+    either side; two autograd nodes fewer per weight, which counts in a host-bound step). The
+    others go in as their [G, N, 1] groups. On the CPU the backward writes each weight's
+    gradient into the incoming one, which the view node's reshape makes a contiguous [G, N, 1]
+    tensor, so every input goes in as [G, N, d] groups there.
+    """
+    fp, w = members[0]
+    if fp.cfg.cluster_dim == 1 and not _sk._host_layout(w.device):
+        xs = [w if m._as_is(w) else m._prepare_input(w) for m, w in members]
+        if all(x.is_contiguous() for x in xs):
+            return xs, [m.layout.num_groups for m, _ in members]
+    return [m._prepare_input(w) for m, w in members], None
 
 
 class FakePalettize(nn.Module):
@@ -422,6 +480,18 @@ class FakePalettize(nn.Module):
         if self.cfg.enable_per_channel_scale:
             w = w / self.scale
         return self.layout.to_groups(w)
+
+    def _as_is(self, weight: Tensor) -> bool:
+        """Whether ``weight`` itself is its [G, N, 1] groups in C order (see _round_inputs)."""
+        lay = self.layout
+        return (
+            lay.channel_axis == 0
+            and lay.cluster_dim == 1
+            and weight.dtype == torch.float32
+            and not self.cfg.enable_per_channel_scale
+            and tuple(weight.shape) == lay.shape
+            and weight.is_contiguous()
+        )
 
     def _finish(self, xg: Tensor, dtype: torch.dtype) -> Tensor:
         w = self.layout.from_groups(xg)
