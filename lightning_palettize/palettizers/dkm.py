@@ -319,11 +319,13 @@ class _DKMGroup:
             tokens = self._node_hooks([xhat for xhat, _ in results])
             for (m, w), x, (xhat, cent), token in zip(members, xs, results, tokens):
                 soft = xhat if x is w else m._finish(xhat, w.dtype)
+                if cent.requires_grad:  # (the batched node's centroids never do)
+                    cent = cent.detach()
                 if m is fp:
-                    fp._buffers["centroids"].copy_(cent.detach())
+                    fp._buffers["centroids"].copy_(cent)
                     mine = (soft, token)
                 else:
-                    self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent.detach(), token)
+                    self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent, token)
         return mine  # (soft_weight drops the pending results with the kept ones)
 
     def _node_hooks(self, outs: list[Tensor]) -> list[int | None]:
