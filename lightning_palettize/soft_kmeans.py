@@ -3108,7 +3108,7 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
     With ``groups`` (scalar clusters, no generator), xs[i] is a contiguous tensor of any shape
     holding groups[i] LUT groups of consecutive elements, as ``x.view(G, -1, 1)``, and its
     output has xs[i]'s shape: the node then takes and returns the weights as they are, with no
-    view node per weight on either side of it (see :func:`_soft_kmeans_grouped`).
+    view node per weight on either side of it (``soft_kmeans_batch(groups=...)``).
     """
     if groups is None:
         gs = [x.shape[0] for x in xs]

@@ -259,7 +259,8 @@ class _DKMGroup:
             self._served[id(fp)] = _Served(weight, self._key(fp, weight), soft, token, strong)
         return soft
 
-    def _reached(self, token: int, grad: Any) -> None:
+    def _reached(self, token: int, grads: Any) -> None:
+        # (a tensor hook on a soft weight, or a pre-hook on a round's node: grads unused)
         # backward reached served soft weights (or their round's node, which runs once every
         # soft weight of the round has its gradient): no later call may reuse them
         for key in [k for k, e in self._served.items() if e.token == token]:
@@ -342,12 +343,9 @@ class _DKMGroup:
             if token is None:
                 self._serial += 1
                 token = seen[id(node)] = self._serial
-                node.register_prehook(functools.partial(self._node_reached, token))
+                node.register_prehook(functools.partial(self._reached, token))
             tokens.append(token)
         return tokens
-
-    def _node_reached(self, token: int, grad_outputs: tuple) -> None:
-        self._reached(token, None)
 
     def _drop_after_backward(self) -> None:
         # runs inside the backward pass: drop what is left once it has finished
@@ -370,6 +368,8 @@ def _round_inputs(members: list[tuple[FakePalettize, Tensor]]):
         xs = [w if m._as_is(w) else m._prepare_input(w) for m, w in members]
         if all(x.is_contiguous() for x in xs):
             return xs, [m.layout.num_groups for m, _ in members]
+        # (a non-contiguous group view: all as groups, keeping the views made above)
+        return [m._prepare_input(w) if x is w else x for (m, w), x in zip(members, xs)], None
     return [m._prepare_input(w) for m, w in members], None
 
 
