@@ -7,6 +7,8 @@ the device layout, the way CUDA runs it; a TorchDispatchMode counts the ops of t
 of the backward. Variants: "triton" (the fused Triton kernels, run in Triton's interpreter
 here; the kernels' own work is not counted: on a GPU it is two launches per width bucket) and
 "torchloop" (the per-code passes in torch ops). "launching" excludes views and allocations.
+One more step is run under ``sys.setprofile``: its Python function calls and the builtins
+called from Python ("py_calls", "c_calls"; the interpreter runs no Triton kernel meanwhile).
 
 Run:  TRITON_INTERPRET=1 python bench/dkm_host_ops.py [--out results.json]
 """
@@ -56,8 +58,13 @@ class _Uncounted:
         launch = self.kernel[grid]
 
         def run(*a, **k):
-            with _disable_current_modes():
-                return launch(*a, **k)
+            profiler = sys.getprofile()
+            sys.setprofile(None)  # (nor the interpreter's Python calls)
+            try:
+                with _disable_current_modes():
+                    return launch(*a, **k)
+            finally:
+                sys.setprofile(profiler)
 
         return run
 
@@ -104,6 +111,26 @@ def count(dkm: bool, steps: int = 3) -> dict:
             for name, c in (("fwd", fwd.ops), ("bwd", bwd.ops)):
                 res[name] = sum(c.values())
                 res[f"{name}_launching"] = sum(v for k, v in c.items() if k not in NO_LAUNCH)
+    # one more step, its Python-level calls counted (Python functions and builtins called
+    # from Python: the host's interpreter work besides the dispatcher's)
+    calls = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[event] += 1
+
+    opt.zero_grad(set_to_none=True)
+    sys.setprofile(profile)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        if pal is not None:
+            pal.step()
+    finally:
+        sys.setprofile(None)
+    res["py_calls"], res["c_calls"] = calls["call"], calls["c_call"]
     return res
 
 
@@ -132,12 +159,14 @@ def main() -> None:
             f"{name}: forward {out[name]['fwd']} ops ({out[name]['fwd_launching']} launching), "
             f"backward {out[name]['bwd']} ({out[name]['bwd_launching']}); over plain: "
             f"+{extra['fwd'] + extra['bwd']} ops, "
-            f"+{extra['fwd_launching'] + extra['bwd_launching']} launching",
+            f"+{extra['fwd_launching'] + extra['bwd_launching']} launching; Python calls "
+            f"+{extra['py_calls']} (builtins +{extra['c_calls']})",
             flush=True,
         )
     print(
         f"plain: forward {plain['fwd']} ops ({plain['fwd_launching']} launching), backward "
-        f"{plain['bwd']} ({plain['bwd_launching']})"
+        f"{plain['bwd']} ({plain['bwd_launching']}); Python calls {plain['py_calls']} "
+        f"(builtins {plain['c_calls']})"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -1018,18 +1018,20 @@ def _stacks(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _write_codes_stacked(
     dst: Tensor, flats: list[Tensor], scale: Tensor, offset: Tensor, cfg: _Cfg
 ) -> None:
-    """:func:`_write_codes` of several [1, n_l] tensors at once: their elements, scales and
-    offsets concatenated (the per-element scale and offset as broadcast views: one copy
-    kernel each)."""
+    """:func:`_write_codes` of several [1, n_l] tensors at once: their elements concatenated
+    (along dim 1: no reshape per tensor), each tensor's scale and offset repeated over its
+    elements by one ``repeat_interleave`` each: two ops per run instead of a slice and an
+    expand per tensor. The repeat counts are cached per run (no host-to-device copy after the
+    first step) and int32, so the op's element index is 4 bytes per element; with
+    ``output_size`` it reads nothing back."""
     device, n = dst.device, dst.numel()
-    x = torch.cat([f.reshape(-1) for f in flats])
+    x = torch.cat(flats, 1).view(-1)
     if x.dtype != torch.float32:
         x = x.float()
-    sizes = [f.shape[1] for f in flats]
+    sizes = _index_tensor([f.shape[1] for f in flats], device, torch.int32)
 
     def per_element(t: Tensor) -> Tensor:  # t [s] -> each entry repeated over its tensor
-        t = t.view(-1)
-        return torch.cat([t[i : i + 1].expand(m) for i, m in enumerate(sizes)])
+        return t.view(-1).repeat_interleave(sizes, output_size=n)
 
     half = torch.empty(n, dtype=torch.float16, device=device)
     torch.mul(x, per_element(scale.float()), out=half)
@@ -2290,14 +2292,14 @@ _INDEX_CACHE: dict[tuple, Tensor] = {}
 _INDEX_CACHE_MAX = 64
 
 
-def _index_tensor(idx: list[int], device: torch.device) -> Tensor:
-    """``torch.tensor(idx)`` (int64) on ``device``, cached by content."""
-    key = (str(device), tuple(idx))
+def _index_tensor(idx: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``torch.tensor(idx, dtype=dtype)`` on ``device``, cached by content."""
+    key = (str(device), dtype, tuple(idx))
     hit = _INDEX_CACHE.get(key)
     if hit is None:
         if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
             _INDEX_CACHE.clear()
-        hit = _INDEX_CACHE[key] = torch.tensor(idx).to(device, non_blocking=True)
+        hit = _INDEX_CACHE[key] = torch.tensor(idx, dtype=dtype).to(device, non_blocking=True)
     return hit
 
 
@@ -2448,8 +2450,9 @@ class _ScalarKMeans(torch.autograd.Function):
         row = trow = start = 0
         for x, kind, g in zip(xs, kinds, gs):
             n = x.numel() // g
+            # (forward runs without grad mode: a reshape has no autograd history, no detach)
             if isinstance(kind, _GridSpec):
-                flat = x.detach().reshape(g, n)
+                flat = x.reshape(g, n)
                 c_grid = _c_kernels(device) and flat.dtype == torch.float32
                 c_grid = c_grid and flat.is_contiguous()
                 items.append(_ScalarItem("grid", g, n, row, trow, start, spec=kind, flat=flat))
@@ -2459,7 +2462,7 @@ class _ScalarKMeans(torch.autograd.Function):
             items.append(_ScalarItem(kind, g, n, row, trow, start))
             row += g
             if kind == "table":
-                flats.append(x.detach().reshape(g, n))
+                flats.append(x.reshape(g, n))
                 trow += g
                 start += g * n
         n_tab = trow
@@ -3103,7 +3106,8 @@ def _scalar_kind(
 
 
 def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
-    """The soft k-means of every (x, centroids): the scalar ones of one device in one node.
+    """The soft k-means of every (x, centroids): the scalar ones of one device and centroid
+    count in one node.
 
     With ``groups`` (scalar clusters, no generator), xs[i] is a contiguous tensor of any shape
     holding groups[i] LUT groups of consecutive elements, as ``x.view(G, -1, 1)``, and its
@@ -3118,19 +3122,19 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
         shapes = [(g, x.numel() // g, 1) for x, g in zip(xs, gs)]
     methods = [_resolve_method(sh, x.device, method, fn, cfg) for sh, x in zip(shapes, xs)]
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(xs)
-    scalar: dict[torch.device, list[int]] = {}
+    # one node per device and centroid count K (the stacked tables iterate K centroids a row)
+    scalar: dict[tuple[torch.device, int], list[int]] = {}
     for i, x in enumerate(xs):
         if shapes[i][2] == 1 and gen is None:
-            scalar.setdefault(x.device, []).append(i)
-    for device, idx in scalar.items():
-        # private copies: callers may write the returned centroids into their state in place
-        c0_rows = {i: centroids[i].detach().reshape(gs[i], -1) for i in idx}
-        c0 = torch.cat([c0_rows[i] for i in idx]).float()
+            scalar.setdefault((x.device, centroids[i].shape[1]), []).append(i)
+    for (device, k), idx in scalar.items():
         kinds = {i: _scalar_kind(xs[i], centroids[i], methods[i], method, cfg, gs[i]) for i in idx}
         todo, attempt = idx, 0
         while todo:
-            if len(todo) < len(idx):
-                c0 = torch.cat([c0_rows[i] for i in todo]).float()
+            # private copies (callers may write the returned centroids into their state in
+            # place): the [G, K, 1] centroids stacked in one op, not a detach and a reshape each
+            with torch.no_grad():
+                c0 = torch.cat([centroids[i] for i in todo]).view(-1, k).float()
             with _no_autocast(device):
                 *outs, new_c = _ScalarKMeans.apply(
                     cfg,
@@ -3139,9 +3143,11 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
                     c0,
                     *(xs[i] for i in todo),
                 )
-            row, retry = 0, []
-            for i, out in zip(todo, outs):
-                g, kind = gs[i], kinds[i]
+            # the new centroids split back in one op (not a slice and a view each)
+            cents = new_c.view(-1, k, 1).split([gs[i] for i in todo])
+            retry = []
+            for i, out, cent in zip(todo, outs, cents):
+                kind = kinds[i]
                 if isinstance(kind, _GridSpec) and kind.missing is not None:
                     # a transition moved off the grid's fine cells: once more on a grid
                     # covering it, then on the other engines (this result is discarded)
@@ -3149,8 +3155,7 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
                     kinds[i] = new if new is not None else kind.fallback
                     retry.append(i)
                 else:
-                    results[i] = (out, new_c[row : row + g].view(centroids[i].shape))
-                row += g
+                    results[i] = (out, cent)
             todo, attempt = retry, attempt + 1
     for i, x in enumerate(xs):
         if results[i] is not None:
@@ -3187,11 +3192,12 @@ def soft_kmeans_batch(
 
     Equal, up to float rounding, to ``[soft_kmeans(x, c, **kw) for x, c in zip(xs,
     centroids)]`` (each tensor keeps its own engine choice and its own early stopping per
-    group), but every scalar (d == 1) tensor of one device goes through one autograd node: the
-    per-code tables of all of them are stacked and iterated together, their backward runs as
-    one. Mode "gsm" and d > 1 run tensor by tensor (the noise is drawn per tensor as
-    documented in :func:`soft_kmeans`). ``lut_fn`` is applied to the stacked [sum G, K, d]
-    centroids, so it must act per LUT group (as a LUT quantizer does).
+    group), but the scalar (d == 1) tensors of one device and centroid count K go through one
+    autograd node: the per-code tables of all of them are stacked and iterated together, their
+    backward runs as one (tensors with different K: one node per K). Mode "gsm" and d > 1 run
+    tensor by tensor (the noise is drawn per tensor as documented in :func:`soft_kmeans`).
+    ``lut_fn`` is applied to the stacked [sum G, K, d] centroids, so it must act per LUT group
+    (as a LUT quantizer does).
 
     The backward of the shared node runs once every output's gradient is known: the inputs'
     gradients arrive together, at the end of the backward pass.

@@ -1149,6 +1149,39 @@ def test_batch_keeps_each_tensors_engine_and_dtype():
         assert_close(res_hard[i][0], want, 1e-5, 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["host", "device"])
+def test_batch_of_different_centroid_counts_runs_one_node_per_count(layout, request):
+    # tensors with 4, 16 and 4 centroids in one call: each equals its own soft k-means, the
+    # two with K = 4 share a node, and the centroids returned are private [G, K, 1] copies
+    if layout == "device":
+        request.getfixturevalue("device_layout")
+    specs = [(1, 5000, 4, 80), (2, 3000, 16, 81), (1, 7000, 4, 82)]
+    xs, cs, ws = [], [], []
+    for g, n, k, seed in specs:
+        gen = torch.Generator().manual_seed(seed)
+        x = (0.02 * torch.randn(g, n, 1, generator=gen)).half().float()
+        q = torch.linspace(0.02, 0.98, k)
+        xs.append(x)
+        cs.append(torch.quantile(x.view(g, n), q, dim=1).T.unsqueeze(-1).contiguous())
+        ws.append(torch.randn(x.shape, generator=gen))
+    before = [c.clone() for c in cs]
+    want = [run(soft_kmeans, x, c, w) for x, c, w in zip(xs, cs, ws)]
+    got = run_batch(xs, cs, ws)
+    for (out, c, g), (w_out, w_c, w_g), c_in in zip(got, want, cs):
+        assert c.shape == c_in.shape
+        assert_close(out, w_out, 1e-5, 1e-6)
+        assert_close(c, w_c, 1e-5, 1e-5)
+        assert_close(g, w_g, 1e-4, 1e-5)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    res = sk.soft_kmeans_batch(leaves, cs)
+    nodes = [out.grad_fn for out, _ in res]
+    assert nodes[0] is nodes[2] and nodes[1] is not nodes[0]
+    for _, c in res:
+        c.fill_(7.0)
+    for c, b in zip(cs, before):
+        assert torch.equal(c, b)
+
+
 @pytest.mark.parametrize("method", ["auto", "grid"])
 def test_batch_with_grid_tensors_matches_one_by_one(method):
     # grid, table and exact tensors in one node (auto: the sharp tau keeps the big one on the

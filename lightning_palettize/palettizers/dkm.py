@@ -296,7 +296,7 @@ class _DKMGroup:
                 continue
             if other is fp or not (other.training and other.is_enabled):
                 continue
-            attached = getattr(mod, f"{other.param_name}_dkm", None) is other
+            attached = mod._modules.get(f"{other.param_name}_dkm") is other
             if other.cfg.palett_mode == "gsm" or not attached:
                 continue
             w = other.live_weight(mod)[1]
@@ -312,7 +312,7 @@ class _DKMGroup:
             xs, groups = _round_inputs(members)
             results = soft_kmeans_batch(
                 xs,
-                [m.centroids for m, _ in members],
+                [m._buffers["centroids"] for m, _ in members],
                 lut_fn=first._lut_fn,
                 groups=groups,
                 **_kmeans_kwargs(first.cfg),
@@ -542,8 +542,17 @@ class FakePalettize(nn.Module):
         return name, module._parameters[name]
 
     # -- hooks on the owning module: shadow the parameter with its palettized value in forward
-    @torch.compiler.disable
     def pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: a graph break into the eager hook (it mutates host
+            # state and reads table sizes). In eager mode this check is all the hook pays for
+            # it (a torch.compiler.disable wrapper costs ~6 Python calls per weight and step)
+            self._shadow_eagerly(module)
+        else:
+            self._shadow(module)
+
+    def _shadow(self, module: nn.Module) -> None:
+        """Put the palettized weight in ``module.__dict__``, where it shadows the parameter."""
         if not self.is_enabled:  # a host-side flag: no device sync per forward
             return
         name, weight = self.live_weight(module)
@@ -552,6 +561,8 @@ class FakePalettize(nn.Module):
             module.__dict__[name] = self._group.soft_weight(self, module, weight)
         else:
             module.__dict__[name] = self(weight)
+
+    _shadow_eagerly = torch.compiler.disable(_shadow)
 
     def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         module.__dict__.pop(self.live_weight(module)[0], None)
