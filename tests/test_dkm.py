@@ -357,7 +357,20 @@ def test_lut_dtype_quantizes_in_forward_and_finalize():
             assert torch.equal(lut, lut.to(dt).float())
 
 
-def test_bf16_autocast_and_torch_compile():
+def test_bf16_autocast_and_torch_compile(monkeypatch):
+    # the weight hooks run their eager body directly, and through the torch.compiler.disable
+    # wrapper (a graph break) only while torch.compile traces them
+    from lightning_palettize.palettizers.dkm import FakePalettize
+
+    broken = []
+    eager_body = FakePalettize._shadow_eagerly
+
+    @torch.compiler.disable
+    def counted(self, module):
+        broken.append(module)
+        return eager_body(self, module)
+
+    monkeypatch.setattr(FakePalettize, "_shadow_eagerly", counted)
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
     pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
@@ -376,6 +389,7 @@ def test_bf16_autocast_and_torch_compile():
         warnings.simplefilter("ignore")
         out = compiled(x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    assert broken == [prepared[0], prepared[2]]  # (none in the eager calls above)
     out.sum().backward()
     assert prepared[0].weight.grad is not None
 
