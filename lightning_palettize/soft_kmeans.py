@@ -3220,6 +3220,22 @@ def soft_kmeans_batch(
     Raises:
         TypeError, ValueError: on inputs :func:`soft_kmeans` rejects, or outside the
             ``groups`` contract above.
+
+    Example:
+        >>> import torch
+        >>> from lightning_palettize.soft_kmeans import soft_kmeans_batch
+        >>> w1 = (0.02 * torch.randn(64, 32)).requires_grad_()  # 2 LUT groups of 32 rows
+        >>> w2 = (0.02 * torch.randn(16, 8)).requires_grad_()  # 1 LUT group
+        >>> def start(w, g):  # 16 centroids per group from the quantiles
+        ...     q = torch.quantile(w.detach().view(g, -1), torch.linspace(0, 1, 16), dim=1)
+        ...     return q.T.unsqueeze(-1).contiguous()
+        >>> (h1, c1), (h2, c2) = soft_kmeans_batch(
+        ...     [w1, w2], [start(w1, 2), start(w2, 1)], groups=[2, 1])
+        >>> (h1.sum() + h2.sum()).backward()
+        >>> h1.shape, c1.shape, h1.grad_fn is h2.grad_fn  # one node, outputs in w's shapes
+        (torch.Size([64, 32]), torch.Size([2, 16, 1]), True)
+        >>> w1.grad.shape
+        torch.Size([64, 32])
     """
     fn = "soft_kmeans_batch"
     if not isinstance(xs, (list, tuple)) or not isinstance(centroids, (list, tuple)):
