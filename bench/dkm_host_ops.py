@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ NO_LAUNCH = {
     "_unsafe_view", "lift_fresh", "split_with_sizes", "squeeze", "permute", "as_strided",
     "_reshape_alias", "empty", "new_empty", "empty_like", "empty_strided",
 }  # fmt: skip
+
+
+_NO_MODE = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 class _Count(TorchDispatchMode):
@@ -96,10 +100,9 @@ def count(dkm: bool, steps: int = 3) -> dict:
         model = pal.prepare(inplace=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
-    res = {}
-    for i in range(steps):
+
+    def train_step(fwd=_NO_MODE, bwd=_NO_MODE) -> None:
         opt.zero_grad(set_to_none=True)
-        fwd, bwd = _Count(), _Count()
         with fwd, torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
         with bwd:
@@ -107,27 +110,26 @@ def count(dkm: bool, steps: int = 3) -> dict:
         opt.step()
         if pal is not None:
             pal.step()
-        if i == steps - 1:
-            for name, c in (("fwd", fwd.ops), ("bwd", bwd.ops)):
-                res[name] = sum(c.values())
-                res[f"{name}_launching"] = sum(v for k, v in c.items() if k not in NO_LAUNCH)
+
+    res = {}
+    for _ in range(steps):
+        fwd, bwd = _Count(), _Count()
+        train_step(fwd, bwd)
+    for name, c in (("fwd", fwd.ops), ("bwd", bwd.ops)):  # (the last step's)
+        res[name] = sum(c.values())
+        res[f"{name}_launching"] = sum(v for k, v in c.items() if k not in NO_LAUNCH)
     # one more step, its Python-level calls counted (Python functions and builtins called
-    # from Python: the host's interpreter work besides the dispatcher's)
+    # from Python: the host's interpreter work besides the dispatcher's; the step's own
+    # few calls, the same in every variant, cancel out of the extras)
     calls = collections.Counter()
 
     def profile(frame, event, arg):
         if event in ("call", "c_call"):
             calls[event] += 1
 
-    opt.zero_grad(set_to_none=True)
     sys.setprofile(profile)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        if pal is not None:
-            pal.step()
+        train_step()
     finally:
         sys.setprofile(None)
     res["py_calls"], res["c_calls"] = calls["call"], calls["c_call"]
