@@ -55,7 +55,7 @@ from lightning_palettize.config import (
     load_config,
 )
 from lightning_palettize.palettizers._common import COREML_PREFIX, strip_coreml_metadata
-from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize
+from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize, _attached
 from lightning_palettize.palettizers.post_training import PostTrainingPalettizer
 from lightning_palettize.palettizers.skm import SKMPalettizer
 from lightning_palettize.report import PalettizationReport
@@ -638,13 +638,14 @@ class PalettizationCallback(Callback):
             return
         else:
             step = trainer.global_step - self._epoch_start_step + 1
-        members = _fake_palettizers(pl_module)
-        before = {name for name, fp in members if fp.is_enabled}
+        # (per step: the unnamed walk, and names only when a weight starts)
+        waiting = [fp for _, fp in _attached(pl_module) if not fp.is_enabled]
         self._palettizer.set_step(step)
-        started = [n for n, fp in members if fp.is_enabled and n not in before]
+        started = {id(fp) for fp in waiting if fp.is_enabled}
         if started:
             self._sync_dkm_state(trainer, pl_module)
-            log.debug("DKM started on %s at global step %d", started, trainer.global_step)
+            names = [n for n, fp in _fake_palettizers(pl_module) if id(fp) in started]
+            log.debug("DKM started on %s at global step %d", names, trainer.global_step)
 
     def _sync_dkm_state(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         keys = [k for k in pl_module.state_dict() if _DKM_KEY.search(k)]

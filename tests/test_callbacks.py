@@ -3,6 +3,7 @@ validation, companions (precision, accumulation, clipping, other callbacks), reu
 
 from __future__ import annotations
 
+import logging
 import types
 
 import lightning.pytorch as pl
@@ -86,7 +87,8 @@ def test_prepares_in_setup_steps_on_optimizer_steps_and_finalizes_on_fit_end():
     assert sorted(callback.report) == ["net.0.weight", "net.2.weight"]
 
 
-def test_epoch_milestone_starts_palettizing_at_that_epoch():
+def test_epoch_milestone_starts_palettizing_at_that_epoch(caplog):
+    caplog.set_level(logging.DEBUG, logger="lightning_palettize.callbacks")
     pl.seed_everything(0, verbose=False)
     model = SpyModule(n_batches=4)
     config = {
@@ -98,6 +100,11 @@ def test_epoch_milestone_starts_palettizing_at_that_epoch():
     trainer(max_epochs=3, callbacks=[callback]).fit(model)
     assert [e for *_, e in model.enabled_at] == [0] * 4 + [1] * 8
     assert model.enabled2_at == [0] * 5 + [1] * 7  # global step 6 = epoch 1 start (4) + 2
+    started = [r.getMessage() for r in caplog.records if "DKM started" in r.getMessage()]
+    assert started == [
+        "DKM started on ['net.0.weight'] at global step 4",
+        "DKM started on ['net.2.weight'] at global step 6",
+    ]
     assert len(torch.unique(model.net[2].weight)) <= 4
 
 

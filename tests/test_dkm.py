@@ -11,7 +11,11 @@ from test_soft_kmeans import _HostReads
 from torch import nn
 
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer, strip_coreml_metadata
-from lightning_palettize.palettizers.dkm import load_prepared_state_dict
+from lightning_palettize.palettizers.dkm import (
+    _attached,
+    _fake_palettizers,
+    load_prepared_state_dict,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -186,6 +190,29 @@ def test_milestone_passes_weights_through_until_reached():
             assert not torch.allclose(out, ref(x))
         pal.step()
     assert pal.steps == 3
+
+
+def test_step_walk_finds_what_named_modules_finds_in_its_order():
+    # step() walks the model with _attached; finalize and report with named_modules
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.Sequential(shared, nn.Linear(4, 4))),
+        shared,  # the same module again: found once, at its first place
+        nn.Conv1d(4, 4, 1),
+        nn.Sequential(nn.Embedding(8, 4), nn.LayerNorm(4)),
+    )
+    model.register_module("empty", None)
+    model.head = nn.Linear(4, 4)
+    cfg = {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+    pal = DKMPalettizer(model, cfg)
+    prepared = pal.prepare()
+    named = [(module, fp) for _, module, _, fp in _fake_palettizers(prepared)]
+    assert len(named) == 7
+    assert [(id(m), id(fp)) for m, fp in _attached(prepared)] == [
+        (id(m), id(fp)) for m, fp in named
+    ]
+    pal.step()
+    assert pal.steps == 1 and all(fp.step_count == 1 for _, fp in named)
 
 
 def test_error_right_after_milestone_matches_post_training():
