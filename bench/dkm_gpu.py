@@ -47,6 +47,9 @@ VARIANTS = {
     # "auto" with the per-code passes in torch ops instead of the fused Triton kernels (the
     # code CUDA ran before them: ~45 launches per iteration and segment)
     "torchloop": {"_TRITON_DEVICES": frozenset()},
+    # "auto" with each group's code table compacted to its distinct codes (the one host read
+    # per round that full tables avoid; the LLaMA's per-tensor tables are full under "auto")
+    "compact": {"_FULL_TABLES_FILL": 0.0},
 }
 
 

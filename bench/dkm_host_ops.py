@@ -5,10 +5,12 @@ A 12-layer LLaMA-shaped model of width 64 (85 Linear, like the 134M one of dkm_g
 plain and DKM training steps (4 bits, every Linear, the table engine) with the soft k-means in
 the device layout, the way CUDA runs it; a TorchDispatchMode counts the ops of the forward and
 of the backward. Variants: "triton" (the fused Triton kernels, run in Triton's interpreter
-here; the kernels' own work is not counted: on a GPU it is two launches per width bucket) and
-"torchloop" (the per-code passes in torch ops). "launching" excludes views and allocations.
-One more step is run under ``sys.setprofile``: its Python function calls and the builtins
-called from Python ("py_calls", "c_calls"; the interpreter runs no Triton kernel meanwhile).
+here; the kernels' own work is not counted: on a GPU it is two launches per width bucket),
+"triton_full" (the same with every group's code table all 65,536 codes, as the 134M model's
+are; the kernels stubbed) and "torchloop" (the per-code passes in torch ops). "launching"
+excludes views and allocations. One more step is run under ``sys.setprofile``: its Python
+function calls and the builtins called from Python ("py_calls", "c_calls"; the interpreter
+runs no Triton kernel meanwhile).
 
 Run:  TRITON_INTERPRET=1 python bench/dkm_host_ops.py [--out results.json]
 """
@@ -50,6 +52,31 @@ class _Count(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+class _Stub:
+    """A stand-in for a kernel that fills its outputs with torch copies (the input table as the
+    soft weight, the starting centroids as every iteration's): the host's work around a launch
+    without the interpreter's minutes on full tables (their shapes do not depend on the
+    values, so the ops counted are the real kernels')."""
+
+    def __init__(self, forward: bool) -> None:
+        self.forward = forward
+
+    def __getitem__(self, grid):
+        def run(*a, **k):
+            if not self.forward:
+                return  # (h, r come zeroed)
+            v, _m, c, c_hist, raw_hist, mass_hist, last_it, prev_c, last_c, y = a[:10]
+            for t in (c_hist, raw_hist):
+                t.copy_(c.expand_as(t))
+            mass_hist.zero_()
+            last_it.fill_(c_hist.shape[0] - 1)
+            prev_c.copy_(c)
+            last_c.copy_(c)
+            y.copy_(v)
+
+        return run
 
 
 class _Uncounted:
@@ -148,13 +175,23 @@ def main() -> None:
     sk._sync_free = lambda device: True
     sk._TABLE_MIN_GROUP = {"cpu": 1}
     mod = sk._triton()
-    mod._fwd_loop, mod._bwd_loop = _Uncounted(mod._fwd_loop), _Uncounted(mod._bwd_loop)
+    kernels = mod._fwd_loop, mod._bwd_loop
+    stubs = _Stub(True), _Stub(False)
     out = {"plain": count(False)}
-    for name, devices in (("torchloop", frozenset()), ("triton", frozenset({"cpu"}))):
-        sk._TRITON_DEVICES = devices
+    # "triton_full": the code tables the 134M model gets (85 x 65,536 codes for its 134M
+    # weights: no compaction, no host read); this model's small weights would keep compacted
+    # ones, so the fill limit is lifted, and the kernels are stubbed (see _Stub)
+    variants = {
+        "torchloop": (frozenset(), 1.0, kernels),
+        "triton": (frozenset({"cpu"}), 1.0, kernels),
+        "triton_full": (frozenset({"cpu"}), float("inf"), stubs),
+    }
+    for name, (devices, fill, (fwd, bwd)) in variants.items():
+        sk._TRITON_DEVICES, sk._FULL_TABLES_FILL = devices, fill
+        mod._fwd_loop, mod._bwd_loop = _Uncounted(fwd), _Uncounted(bwd)
         out[name] = count(True)
     plain = out["plain"]
-    for name in ("torchloop", "triton"):
+    for name in variants:
         extra = {k: out[name][k] - plain[k] for k in plain}
         out[f"{name}_extra"] = extra
         print(

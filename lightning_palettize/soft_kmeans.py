@@ -159,6 +159,7 @@ def _triton() -> object | None:
 
 
 _code_values_cache: dict[torch.device, Tensor] = {}
+_all_codes_cache: dict[torch.device, Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,14 @@ def _soft_kmeans_dense(
 
 # ---------------------------------------------------------------------------------------------
 # table engine (d == 1)
+
+
+def _all_codes(device: torch.device) -> Tensor:
+    """0 .. 65535 (int64) on ``device``, cached: the codes of a full table row."""
+    codes = _all_codes_cache.get(device)
+    if codes is None:
+        codes = _all_codes_cache[device] = torch.arange(_NCODES, device=device)
+    return codes
 
 
 def _code_values(device: torch.device) -> Tensor:
@@ -996,7 +1005,10 @@ def _keep_tiny(half: Tensor, f: Tensor) -> Tensor:
 
 # The device layout's element passes run over runs of consecutive table tensors at once (one
 # concatenated pass instead of a few launches per tensor), each run at most this many elements
-# (the run's temporaries: ~14 bytes per element while its codes are written).
+# (the run's temporaries: ~14 bytes per element while its codes are written). The batched
+# paths take all / any / sum / max of list comprehensions over their tensors, not of
+# generators: one call each where a generator resumes once per tensor (the GPU step is
+# host-bound).
 _STACK_ELEMS = 1 << 26
 
 
@@ -1078,7 +1090,13 @@ def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cf
         out.add_(offset)
 
 
-def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: bool = False):
+def _encode_many(
+    flats: list[Tensor],
+    cfg: _Cfg,
+    device: torch.device,
+    c_codes: bool = False,
+    full: bool = False,
+):
     """Bin every element of every [G_l, N_l] tensor by its 16-bit code, all groups stacked.
 
     Returns (bins [sum G_l N_l] int32 with g * 65537 + code over the stacked groups (None
@@ -1086,11 +1104,13 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
     power-of-two scale of each group [G] float32, codes
     [G, U] of each group's distinct codes (ascending code order) padded with the spare bin
     65536, their values [G, U] in x's units, their counts [G, U] float32 (0 for padding),
-    the number of distinct codes per group (a list: the batch's one host read), U).
+    the number of distinct codes per group (a list: the batch's one host read), U). With
+    ``full`` (the device layout only) every group's table is all 65,536 codes, absent ones
+    with count 0 and value 0, and nothing is read from the device (see _full_tables).
     """
     sizes = [f.shape[0] for f in flats]
     g = sum(sizes)
-    if not _host_layout(device) and all(s == 1 for s in sizes) and len(flats) > 1:
+    if not _host_layout(device) and all([s == 1 for s in sizes]) and len(flats) > 1:
         # one launch for all the per-tensor maxima (a slow loop on the CPU)
         amax = torch.stack(torch._foreach_norm(flats, float("inf"))).float().view(-1)
     elif len(flats) == 1:
@@ -1123,7 +1143,7 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
         _dkm_cpu.compact(counts.data_ptr(), g, u, codes.data_ptr(), mass.data_ptr())
         values = _code_values(device)[codes] / scale.unsqueeze(1)
         return None, scale, codes, values, mass, per_group, u
-    bins = torch.empty(sum(f.numel() for f in flats), dtype=torch.int32, device=device)
+    bins = torch.empty(sum([f.numel() for f in flats]), dtype=torch.int32, device=device)
     start = row = 0
     offsets = None
     if _host_layout(device):
@@ -1132,7 +1152,7 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
         runs = _stacks([tuple(f.shape) for f in flats])
     for a, b in runs:
         s = sum(sizes[a:b])
-        n = sum(f.numel() for f in flats[a:b])
+        n = sum([f.numel() for f in flats[a:b]])
         if s == 1 and _host_layout(device):
             offset: Tensor | int = row * _STRIDE + (1 << 15)
         else:  # a [s, 1] int32 tensor: int16 codes + offset promote to int32 in one kernel
@@ -1153,12 +1173,44 @@ def _encode_many(flats: list[Tensor], cfg: _Cfg, device: torch.device, c_codes: 
     else:  # CUDA's bincount reads the max back (a sync); an index_add_ of ones does not
         counts = torch.zeros(g * _STRIDE, dtype=torch.int64, device=device)
         counts.index_add_(0, bins, counts.new_ones(1).expand(bins.numel()))
-    return (bins, scale, *_code_tables(counts.view(g, _STRIDE), scale, device))
+    return (bins, scale, *_code_tables(counts.view(g, _STRIDE), scale, device, full))
 
 
-def _code_tables(counts: Tensor, scale: Tensor, device: torch.device):
-    """(codes, values, mass, per_group, U) from the per-group code histogram [G, 65537]."""
+def _full_tables(device: torch.device, k: int, cfg: _Cfg, n_groups: int, n_elems: int) -> bool:
+    """Whether a batch's code tables are all 65,536 codes of every group rather than each
+    group's distinct codes: without that compaction the table sizes are known on the host, so
+    the round reads nothing back from the device (the compaction's host read waits for the
+    encode and histogram kernels, ~2 ms of an H100's time on the 134M LLaMA, and a host-bound
+    step then starts its next launches late). Taken where the per-code passes run in the
+    fused kernels (no [G, U, K] temporaries) with scatters that read nothing back, and the
+    full tables hold no more entries than the batch has elements (per-tensor LUTs of large
+    weights: the 134M LLaMA's 85 weights need 5.6M entries for its 134M elements; the
+    per-code work, K centroids per entry and iteration, then stays below the element work
+    it replaces, and a few ms of GPU time overlap the host's launches)."""
+    return (
+        n_groups * _NCODES <= _FULL_TABLES_FILL * n_elems
+        and _sync_free_scatters(device)
+        and _triton_codes(cfg, k, device)
+    )
+
+
+# (the bench's width-64 stand-in for the 134M LLaMA sets this high: its small weights would
+# keep the compaction, which the 134M model skips)
+_FULL_TABLES_FILL = 1.0
+
+
+def _code_tables(counts: Tensor, scale: Tensor, device: torch.device, full: bool = False):
+    """(codes, values, mass, per_group, U) from the per-group code histogram [G, 65537]
+    (``full``: every code, see _encode_many)."""
     g = counts.shape[0]
+    if full:
+        codes = _all_codes(device).expand(g, -1)
+        mass = counts[:, :_NCODES].float()
+        # absent codes get value 0 (their own may be inf or NaN, and their count 0 times that
+        # is NaN in the weighted sums); a present NaN or inf keeps its value, as when compacted
+        values = _code_values(device)[:_NCODES] / scale.unsqueeze(1)
+        values = values.masked_fill_(mass == 0, 0.0)
+        return codes, values, mass, [_NCODES] * g, _NCODES
     present = counts[:, :_NCODES] > 0
     if g == 1:
         codes = present.view(-1).nonzero().view(1, -1)
@@ -2320,7 +2372,7 @@ def _run_pieces(items, live: list[bool] | None, gather) -> dict[int, Tensor]:
     ``gather(members, lo, hi)``, the run's [elements] result (one op for the run)."""
     pieces: dict[int, Tensor] = {}
     for members, lo, hi in _table_runs(items):
-        if len(members) > 1 and (live is None or all(live[i] for i in members)):
+        if len(members) > 1 and (live is None or all([live[i] for i in members])):
             sizes = [items[i].g * items[i].n for i in members]
             pieces.update(zip(members, gather(members, lo, hi).split(sizes)))
     return pieces
@@ -2348,7 +2400,7 @@ def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
         total = torch.zeros(n_tab * _STRIDE, device=device)
         deterministic = not _sync_free_scatters(device)
         for members, lo, hi in _table_runs(items):
-            if all(live[i] for i in members):
+            if all([live[i] for i in members]):
                 parts = [(bins[lo:hi], _cat([flat_g[i] for i in members]))]
             else:
                 parts = [
@@ -2476,8 +2528,9 @@ class _ScalarKMeans(torch.autograd.Function):
             f.dtype == torch.float32 and f.is_contiguous() and f.shape[1] < 1 << 31 for f in flats
         )
         if flats:
+            full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
             bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
-                flats, cfg, device, c_elems
+                flats, cfg, device, c_elems, full
             )
 
         grid_mass = {}
@@ -2493,8 +2546,8 @@ class _ScalarKMeans(torch.autograd.Function):
         seg_trows: list[Tensor | None] = []  # a segment of table tensors only: their table rows
         c_rows = _c_kernels(device)  # each row's length, for the compiled per-code kernels only
         for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
-            width = max(items[i].u for i in members)
-            every_table = all(items[i].kind == "table" for i in members)
+            width = max([items[i].u for i in members])
+            every_table = all([items[i].kind == "table" for i in members])
             trows: Tensor | None = None
             if len(members) == len(items) and every_table and width == u_tab:
                 # every tensor is a table one, in order: the code tables as they are
@@ -2640,7 +2693,7 @@ class _ScalarKMeans(torch.autograd.Function):
         ctx.c_elems = c_elems
         # the baseline for writing each weight's gradient into its incoming one (measured once)
         ctx.grad_base = None
-        c_any = c_elems or any(it.c_grid for it in items)
+        c_any = c_elems or any([it.c_grid for it in items])
         if c_any and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
             ctx.grad_base = _grad_baseline()
         ctx.i_grid = {}
@@ -3138,10 +3191,10 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
             with _no_autocast(device):
                 *outs, new_c = _ScalarKMeans.apply(
                     cfg,
-                    tuple(kinds[i] for i in todo),
-                    tuple(gs[i] for i in todo),
+                    tuple([kinds[i] for i in todo]),
+                    tuple([gs[i] for i in todo]),
                     c0,
-                    *(xs[i] for i in todo),
+                    *[xs[i] for i in todo],
                 )
             # the new centroids split back in one op (not a slice and a view each)
             cents = new_c.view(-1, k, 1).split([gs[i] for i in todo])

@@ -264,6 +264,64 @@ def test_triton_layout_reads_the_host_once(triton_layout):
     assert mode.count == 1, mode.count
 
 
+@pytest.mark.parametrize("variant", ["dkm", "enforce_zero", "prune", "early_stop"])
+def test_full_code_tables_equal_the_compacted_ones_without_a_host_read(
+    variant, triton_layout, monkeypatch
+):
+    # every group's table as all 65,536 codes (absent ones with count 0): the outputs,
+    # centroids and gradients of the compacted tables, and the batch reads nothing back. The
+    # per-code passes in torch ops here (the interpreter would take minutes on 8 full rows;
+    # the next test runs the kernels on one)
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    kw = VARIANTS[variant]
+    xs, cs = small_batch()
+    ws = weights(xs)
+
+    def go(full: bool):
+        monkeypatch.setattr(sk, "_full_tables", lambda *args: full)
+        with _HostReads() as mode:
+            res = run_batch(xs, cs, ws, method="table", **kw)
+        return res, mode.count
+
+    compact, reads = go(False)
+    assert reads == 1
+    full, reads = go(True)
+    assert reads == 0
+    for a, b in zip(full, compact):  # sums over other lengths: rounding only
+        assert_close(a[0], b[0], 1e-5, 1e-6)
+        assert_close(a[1], b[1], 1e-5, 1e-5)
+        assert_close(a[2], b[2], 1e-4, 1e-5)
+
+
+def test_full_code_tables_in_the_kernels_hold_absent_codes_at_zero(triton_layout, monkeypatch):
+    # a weight with more elements than codes takes the full tables when the kernels run its
+    # per-code passes; its absent codes (the fp16 infinities and NaNs among them) enter the
+    # kernels as value 0, count 0, and the result is the torch code's on compacted tables
+    seen = {}
+    code_tables = sk._code_tables
+
+    def spy(counts, scale, device, full=False):
+        out = code_tables(counts, scale, device, full)
+        seen["full"], seen["values"], seen["mass"] = full, out[1], out[2]
+        return out
+
+    x, c0 = make_data(1, 70000, 1, seed=5)
+    ws = weights([x])
+    with monkeypatch.context() as mp:
+        mp.setattr(sk, "_code_tables", spy)
+        with _HostReads() as mode:
+            (got,) = run_batch([x.to(DEV)], [c0.to(DEV)], ws, method="table", max_iter=2)
+    assert seen["full"] and mode.count == 0 and triton_layout.fwd == 1
+    values, mass = seen["values"], seen["mass"]
+    assert values.shape == mass.shape == (1, 1 << 16)
+    assert torch.isfinite(values).all() and (values[mass == 0] == 0).all()
+    assert int(mass.sum()) == 70000
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())  # the torch code: compacted
+    (want,) = run_batch([x.to(DEV)], [c0.to(DEV)], ws, method="table", max_iter=2)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-4, 1e-5)
+
+
 def test_dkm_training_with_triton_kernels_equals_the_torch_code(triton_layout, monkeypatch):
     # a DKM run (prepare, steps with an optimizer, finalize) through the kernels: the losses
     # and the palettized weights of the torch code's run
