@@ -1183,8 +1183,9 @@ def _full_tables(device: torch.device, k: int, cfg: _Cfg, n_groups: int, n_elems
     and histogram kernels, the histogram's index_add_ alone 1.6 ms in the H100 profile of the
     134M LLaMA, while a host-bound step has launches to queue.) Taken where the fused kernels
     run the per-code passes (no [G, U, K] temporaries), the scatters read nothing back, and
-    the full tables hold no more entries than the batch has elements (per-tensor LUTs of
-    large weights: the 134M LLaMA's 85 groups make 5.6M entries for its 134M weights)."""
+    the full tables hold at most ``_FULL_TABLES_FILL`` entries per weight of the batch
+    (per-tensor LUTs of large weights: the 134M LLaMA's 85 groups make 5.6M entries for its
+    134M weights)."""
     return (
         n_groups * _NCODES <= _FULL_TABLES_FILL * n_elems
         and _sync_free_scatters(device)
@@ -1192,9 +1193,12 @@ def _full_tables(device: torch.device, k: int, cfg: _Cfg, n_groups: int, n_elems
     )
 
 
-# (the bench's width-64 stand-in for the 134M LLaMA sets this high: its small weights would
-# keep the compaction, which the 134M model skips)
-_FULL_TABLES_FILL = 1.0
+# A round's table tensors live through its backward (values, counts, output, gradient sums,
+# slopes: ~24 bytes per entry, some freed early), so full tables are kept to a quarter of an
+# entry per weight: under ~6 bytes per weight beyond the compacted ones, against the 4-byte
+# code and 4-byte soft weight each weight has anyway. (The bench's width-64 stand-in for the
+# 134M LLaMA lifts it: its small weights would keep the compaction the 134M model skips.)
+_FULL_TABLES_FILL = 0.25
 
 
 def _code_tables(counts: Tensor, scale: Tensor, device: torch.device, full: bool = False):
