@@ -234,13 +234,14 @@ class _DKMGroup:
             torch.is_grad_enabled(),
         )
 
-    def _valid(self, entry: _Pending | _Served | None, fp: FakePalettize, weight: Tensor) -> bool:
-        return entry is not None and entry.weight is weight and entry.key == self._key(fp, weight)
+    def _valid(self, entry: _Pending | _Served, fp: FakePalettize, weight: Tensor) -> bool:
+        # (callers test for None first: one Python call fewer per weight and lookup)
+        return entry.weight is weight and entry.key == self._key(fp, weight)
 
     def soft_weight(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         """The soft-palettized ``weight`` of ``fp`` (training mode, enabled)."""
         served = self._served.get(id(fp))
-        if self._valid(served, fp, weight):
+        if served is not None and self._valid(served, fp, weight):
             soft = served.soft()
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
@@ -271,15 +272,16 @@ class _DKMGroup:
         self, fp: FakePalettize, module: nn.Module, weight: Tensor
     ) -> tuple[Tensor, int | None]:
         """(the soft weight, the token of its round's node hook or None)."""
+        pending = self._pending.pop(id(fp), None)
+        if pending is not None and self._valid(pending, fp, weight):
+            # (a member's result from a round: served before the membership check, which it
+            # implies; both sides are buffers without autograd history: no grad-mode switch)
+            fp._buffers["centroids"].copy_(pending.centroids)
+            return pending.soft, pending.token
         if self.join(fp, module):
             # joining lazily (a copied model): the members are still being discovered, so a
             # round now would miss the rest; the first forward computes weight by weight
             return fp(weight), None
-        pending = self._pending.pop(id(fp), None)
-        if self._valid(pending, fp, weight):
-            # (both sides are buffers without autograd history: no grad-mode switch needed)
-            fp._buffers["centroids"].copy_(pending.centroids)
-            return pending.soft, pending.token
         if fp.cfg.palett_mode == "gsm":
             return fp(weight), None
         return self._round(fp, module, weight)
@@ -300,10 +302,11 @@ class _DKMGroup:
             if other.cfg.palett_mode == "gsm" or not attached:
                 continue
             w = other.live_weight(mod)[1]
-            if self._valid(self._pending.get(key), other, w):
+            pending = self._pending.get(key)
+            if pending is not None and self._valid(pending, other, w):
                 continue  # still valid: computed from this very state
             served = self._served.get(key)
-            if self._valid(served, other, w) and served.soft() is not None:
+            if served is not None and self._valid(served, other, w) and served.soft() is not None:
                 continue  # its next call reuses the soft weight it was served
             todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
         mine = None
