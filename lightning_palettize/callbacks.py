@@ -638,10 +638,9 @@ class PalettizationCallback(Callback):
             return
         else:
             step = trainer.global_step - self._epoch_start_step + 1
-        # (per step: the unnamed walk, and names only when a weight starts)
-        waiting = [fp for _, fp in _attached(pl_module) if not fp.is_enabled]
-        self._palettizer.set_step(step)
-        started = {id(fp) for fp in waiting if fp.is_enabled}
+        # one unnamed walk per step (the palettizer prepared pl_module in place); names only
+        # when a weight starts
+        started = {id(fp) for fp in DKMPalettizer._set_step(_attached(pl_module), step)}
         if started:
             self._sync_dkm_state(trainer, pl_module)
             names = [n for n, fp in _fake_palettizers(pl_module) if id(fp) in started]

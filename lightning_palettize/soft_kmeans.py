@@ -1236,7 +1236,7 @@ def _code_tables(counts: Tensor, scale: Tensor, device: torch.device, full: bool
         else:  # each present code to its rank in its row; no host read for nonzero's size
             slot = torch.cumsum(present, 1).sub_(1).masked_fill_(~present, u)
             codes = torch.full((g, u + 1), _NCODES, dtype=torch.long, device=device)
-            every = torch.arange(_NCODES, device=device).expand(g, -1)
+            every = _all_codes(device).expand(g, -1)
             codes = codes.scatter_(1, slot, every)[:, :u].contiguous()
     mass = counts.gather(1, codes).float()
     values = _code_values(device)[codes] / scale.unsqueeze(1)

@@ -632,7 +632,7 @@ def _set_step_counts(fps: list[FakePalettize], step: int) -> None:
 
 def _steps_of(members: list[tuple[nn.Module, FakePalettize]]) -> int:
     """The largest step count of the (module, FakePalettize) members (0 for none)."""
-    return max((fp.step_count for _, fp in members), default=0)
+    return max([fp.step_count for _, fp in members], default=0)
 
 
 def _attached(model: nn.Module) -> list[tuple[nn.Module, FakePalettize]]:
@@ -806,11 +806,16 @@ class DKMPalettizer:
         self._set_step(_attached(self._require_prepared()), step)
 
     @staticmethod
-    def _set_step(members: list[tuple[nn.Module, FakePalettize]], step: int) -> None:
+    def _set_step(members: list[tuple[nn.Module, FakePalettize]], step: int) -> list[FakePalettize]:
+        """Write ``step`` into the (module, FakePalettize) members; returns the ones it started
+        (their milestone reached)."""
         _set_step_counts([fp for _, fp in members], step)
+        started = []
         for module, fp in members:
             if not fp.is_enabled and step >= fp.cfg.milestone:
                 fp.initialize(fp.live_weight(module)[1])
+                started.append(fp)
+        return started
 
     @property
     def steps(self) -> int:
