@@ -95,8 +95,12 @@ def _fwd_loop(
     kidx = tl.arange(0, KP)
     kmask = kidx < K
     c = tl.load(c0_ptr + g * K + kidx, mask=kmask, other=0.0)
-    prev_c = c
-    last_c = c
+    # prev_c and last_c start as copies, not as c itself: Triton's front end leaves a name out
+    # of a loop's carried values when the body assigns it the object it held before the loop,
+    # and `prev_c = c` below would be that object (c's first value) in its trial pass, so the
+    # compiled kernel stored the initial centroids as prev_c (the interpreter does not do this)
+    prev_c = c + 0.0
+    last_c = c + 0.0
     active = 1
     last_it = 0
     prev_in = 0.0

@@ -1,8 +1,9 @@
 """Compiles the fused DKM kernels (lightning_palettize/_dkm_triton.py) for a CUDA target on a
 machine without a GPU: Triton's front end, its CUDA passes and ptxas (shipped in the Linux
 wheel), so CI catches what the interpreter lets pass (types of loop-carried values, layouts,
-register allocation). Run by tests/test_dkm_triton.py in a subprocess without
-TRITON_INTERPRET. Prints one line per kernel and configuration; exits 1 on a failure.
+register allocation, values the front end leaves out of a loop). Run by
+tests/test_dkm_triton.py in a subprocess without TRITON_INTERPRET. Prints one line per kernel
+and configuration; exits 1 on a failure.
 
     python tests/_triton_aot.py [ARCH ...]    (default: 90, the H100 / H200)
 """
@@ -10,6 +11,7 @@ TRITON_INTERPRET. Prints one line per kernel and configuration; exits 1 on a fai
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 
 import triton
@@ -20,9 +22,22 @@ from lightning_palettize import _dkm_triton as kernels
 
 INTS = {"G", "U", "K", "T"}
 FLOATS = {"factor", "prune", "zinv", "zt", "eps", "two"}
+# what _fwd_loop's loop over iterations carries from one iteration to the next. Triton's front
+# end leaves a name out when the body assigns it the object it held before the loop: with
+# prev_c bound to c's object, the compiled kernel stored the initial centroids as prev_c (an
+# H200 failed every CUDA check) while the interpreter, running the Python, was right. With
+# early stopping (TEST) the stop flag and the last inertia too.
+FWD_CARRIED = ("c", "prev_c", "last_c", "last_it")
+FWD_CARRIED_TEST = ("active", "prev_in")
 
 
-def compile_one(fn, consts: dict, arch: int) -> None:
+def carried(ttir: str) -> int:
+    """How many values the kernel's first (outermost) loop carries in Triton's IR."""
+    m = re.search(r"scf\.for [^\n]*?iter_args\(([^)]*)\)", ttir)
+    return 0 if m is None else m.group(1).count("=")
+
+
+def compile_one(fn, consts: dict, arch: int):
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
@@ -37,7 +52,7 @@ def compile_one(fn, consts: dict, arch: int) -> None:
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}
     )
-    triton.compile(
+    return triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kernels._NUM_WARPS}
     )
 
@@ -59,7 +74,13 @@ def main(archs: list[int]) -> int:
             ):
                 name = f"{fn.fn.__name__} sm_{arch} {consts}"
                 try:
-                    compile_one(fn, consts, arch)
+                    done = compile_one(fn, consts, arch)
+                    n = carried(done.asm["ttir"])
+                    want = FWD_CARRIED + (FWD_CARRIED_TEST if consts.get("TEST") else ())
+                    if fn is kernels._fwd_loop and n != len(want):
+                        raise AssertionError(
+                            f"its iteration loop carries {n} values, not the {len(want)} of {want}"
+                        )
                     print("ok", name, flush=True)
                 except Exception as err:  # report every configuration
                     failed += 1
