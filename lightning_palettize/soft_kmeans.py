@@ -78,6 +78,7 @@ read back once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import threading
@@ -1031,26 +1032,32 @@ def _write_codes_stacked(
     dst: Tensor, flats: list[Tensor], scale: Tensor, offset: Tensor, cfg: _Cfg
 ) -> None:
     """:func:`_write_codes` of several [1, n_l] tensors at once: their elements concatenated
-    (along dim 1: no reshape per tensor), each tensor's scale and offset repeated over its
-    elements by one ``repeat_interleave`` each: two ops per run instead of a slice and an
-    expand per tensor. The repeat counts are cached per run (no host-to-device copy after the
-    first step) and int32, so the op's element index is 4 bytes per element; with
-    ``output_size`` it reads nothing back."""
+    (along dim 1: no reshape per tensor), each tensor's scale and offset gathered per element
+    by the element's tensor index in the run: a few ops per run instead of a slice and an
+    expand per tensor.
+
+    The index is a cumulative sum of ones at the tensors' starts (int32, 4 bytes per element,
+    nothing read back), made once for both gathers. Not ``repeat_interleave``: CUDA's gives
+    each repeat count to one warp, which writes its 1-2M entries 32 at a time (2 ms a call
+    for a run of the 134M LLaMA's weights on an H200, 8 ms of device time per step, in
+    bench/results/gpu_h200/prof_auto.txt); the sum is a parallel scan."""
     device, n = dst.device, dst.numel()
     x = torch.cat(flats, 1).view(-1)
     if x.dtype != torch.float32:
         x = x.float()
-    sizes = _index_tensor([f.shape[1] for f in flats], device, torch.int32)
-
-    def per_element(t: Tensor) -> Tensor:  # t [s] -> each entry repeated over its tensor
-        return t.view(-1).repeat_interleave(sizes, output_size=n)
-
+    starts = list(itertools.accumulate([f.shape[1] for f in flats[:-1]]))
+    ids = torch.zeros(n, dtype=torch.int32, device=device)
+    # index_add_, not index_fill_: an empty tensor's start is its successor's (two ones there)
+    ids.index_add_(
+        0, _index_tensor(starts, device), _index_tensor([1] * len(starts), device, torch.int32)
+    )
+    ids = ids.cumsum_(0)
     half = torch.empty(n, dtype=torch.float16, device=device)
-    torch.mul(x, per_element(scale.float()), out=half)
+    torch.mul(x, scale.float().view(-1)[ids], out=half)
     if cfg.keep_zeros:
         half = _keep_tiny(half, x)
     del x
-    torch.add(half.view(torch.int16), per_element(offset), out=dst)
+    torch.add(half.view(torch.int16), offset.view(-1)[ids], out=dst)
 
 
 def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cfg: _Cfg) -> None:
