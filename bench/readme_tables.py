@@ -129,13 +129,20 @@ def _gpu_runs(g: dict) -> list[tuple[str, dict, dict]]:
     ll = g["llama"]
     if "dkm" in ll:  # one DKM run per file (before --variants)
         return [("auto", ll["dkm"], ll["plain"])]
-    return [(v, ll[f"dkm_{v}"], ll["plain"]) for v in g.get("variants", []) if f"dkm_{v}" in ll]
+    # with plain runs around each DKM run, its reference is their mean (plain_ref_<variant>)
+    return [
+        (v, ll[f"dkm_{v}"], ll.get(f"plain_ref_{v}", ll["plain"]))
+        for v in g.get("variants", [])
+        if f"dkm_{v}" in ll
+    ]
 
 
 GPU_RUNS = [  # (result file, what it measured)
-    ("gpu_h100/dkm_gpu_h100", "this session's code, run 1"),
-    ("gpu_h100/dkm_gpu_h100_rep", "this session's code, run 2"),
-    ("gpu_h100/dkm_gpu_session_start", "at the start of this session"),
+    ("gpu_h200/dkm_gpu_h200", "Triton kernels, run 1"),
+    ("gpu_h200/dkm_gpu_h200_rep", "Triton kernels, run 2 (another H200)"),
+    ("gpu_h100/dkm_gpu_h100", "device layout, before the kernels, run 1"),
+    ("gpu_h100/dkm_gpu_h100_rep", "device layout, before the kernels, run 2"),
+    ("gpu_h100/dkm_gpu_session_start", "before the device layout"),
     ("dkm_gpu_h200", "an earlier session"),
 ]
 
@@ -178,8 +185,10 @@ def gpu() -> str:
     ]
     out = (
         "134M-parameter LLaMA-shaped LM, batch 8 x 512, bf16 autocast, AdamW, every Linear at "
-        "4 bits (85 weights); plain and DKM in one process, each row one run:\n\n"
-        + _table(header, rows)
+        "4 bits (85 weights); plain and DKM in one process, each row one DKM run; plain: the "
+        "mean of the plain runs just before and after it (the H200 rows of the Triton "
+        "kernels), else the one plain run before all DKM runs of the process; first step: "
+        "with Triton's compilation of the kernels (cold cache):\n\n" + _table(header, rows)
     )
     if checks:
         ok = sum(c["ok"] for c in checks[1])
