@@ -51,7 +51,13 @@ VARIANTS = {
     # "auto" with each group's code table compacted to its distinct codes (the one host read
     # per round that full tables avoid; the LLaMA's per-tensor tables are full under "auto")
     "compact": {"_FULL_TABLES_FILL": 0.0},
+    # "auto" with each fused-kernel program twice as wide (16 warps, 8,192-entry tiles): one
+    # program per LUT group leaves most of the GPU idle when there are few, large groups (85
+    # programs of 65,536 codes on the LLaMA, 132 SMs); not timed yet
+    "wide": {},
 }
+# settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
+KERNEL_SETTINGS = {"wide": {"_NUM_WARPS": 16, "_TILE_ENTRIES": 8192}}
 
 
 @contextlib.contextmanager
@@ -67,9 +73,20 @@ def patched(**settings):
             setattr(sk, k, v)
 
 
+@contextlib.contextmanager
 def variant(name: str):
     """Run the soft k-means under the settings of engine variant ``name``."""
-    return patched(**VARIANTS[name])
+    kernels = sk._triton() if name in KERNEL_SETTINGS else None
+    settings = KERNEL_SETTINGS.get(name, {}) if kernels else {}
+    saved = {k: getattr(kernels, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(kernels, k, v)
+        with patched(**VARIANTS[name]):
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(kernels, k, v)
 
 
 DEV = "cuda"  # the LLaMA and micro sections' device (a CPU dry run of this script sets "cpu")
