@@ -216,3 +216,26 @@ def test_dkm_accuracy_records_every_batch_order():
     assert row["ours_dkm_loss"] == pytest.approx(sum(losses) / 2)
     with pytest.raises(ValueError, match="either ct_seeds or order_seeds"):
         D.bench_accuracy([2], 2, False, ct_seeds=2, order_seeds=2)
+
+
+def test_gpu_bench_variants_set_and_restore_engine_settings():
+    # bench/dkm_gpu.py runs each engine variant under module settings (the kernels' too, for
+    # "wide"); after a variant, also one that raised, the defaults are back for the next run
+    from bench import dkm_gpu as G
+    from lightning_palettize import soft_kmeans as sk
+
+    kernels = sk._triton()
+    if kernels is None:
+        pytest.skip("no Triton")
+    default = (kernels._NUM_WARPS, kernels._TILE_ENTRIES, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES)
+    with G.variant("wide"):
+        assert (kernels._NUM_WARPS, kernels._TILE_ENTRIES) == (16, 8192)
+        fill = sk._FULL_TABLES_FILL
+        assert fill == default[2]
+    with pytest.raises(RuntimeError, match="inside"), G.variant("compact"):
+        assert sk._FULL_TABLES_FILL == 0.0
+        raise RuntimeError("inside")
+    with G.variant("torchloop"):
+        assert not sk._TRITON_DEVICES
+    now = (kernels._NUM_WARPS, kernels._TILE_ENTRIES, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES)
+    assert now == default
