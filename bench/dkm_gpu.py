@@ -61,32 +61,24 @@ KERNEL_SETTINGS = {"wide": {"_NUM_WARPS": 16, "_TILE_ENTRIES": 8192}}
 
 
 @contextlib.contextmanager
-def patched(**settings):
-    """Run the soft k-means with these module settings."""
-    saved = {k: getattr(sk, k) for k in settings}
+def patched(target=sk, **settings):
+    """Run with these settings of module ``target`` (the soft k-means by default)."""
+    saved = {k: getattr(target, k) for k in settings}
     try:
         for k, v in settings.items():
-            setattr(sk, k, v)
+            setattr(target, k, v)
         yield
     finally:
         for k, v in saved.items():
-            setattr(sk, k, v)
+            setattr(target, k, v)
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Run the soft k-means under the settings of engine variant ``name``."""
+    """Run the soft k-means (and its kernels) under the settings of engine variant ``name``."""
     kernels = sk._triton() if name in KERNEL_SETTINGS else None
-    settings = KERNEL_SETTINGS.get(name, {}) if kernels else {}
-    saved = {k: getattr(kernels, k) for k in settings}
-    try:
-        for k, v in settings.items():
-            setattr(kernels, k, v)
-        with patched(**VARIANTS[name]):
-            yield
-    finally:
-        for k, v in saved.items():
-            setattr(kernels, k, v)
+    with patched(**VARIANTS[name]), patched(kernels, **(KERNEL_SETTINGS[name] if kernels else {})):
+        yield
 
 
 DEV = "cuda"  # the LLaMA and micro sections' device (a CPU dry run of this script sets "cpu")
