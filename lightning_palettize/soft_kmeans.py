@@ -86,11 +86,12 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["hard_assign", "soft_kmeans", "soft_kmeans_batch"]
+__all__ = ["RoundGraphs", "hard_assign", "soft_kmeans", "soft_kmeans_batch"]
 
 _MODES = ("dkm", "gsm", "hard")
 _METHODS = ("auto", "dense", "table", "grid")
@@ -144,6 +145,9 @@ _C_LOOP = True
 # segment, the backward in another), when Triton imports; mode "dkm" without lut_fn. Tests
 # add "cpu" to run them in Triton's interpreter (TRITON_INTERPRET=1).
 _TRITON_DEVICES = frozenset({"cuda"})
+# Device types whose rounds RoundGraphs captures in a graph and replays (the tests put "cpu"
+# here with an emulated graph). DKMPalettizer uses graphs only with dkm._ROUND_GRAPHS.
+_GRAPH_DEVICES = frozenset({"cuda"})
 _triton_kernels = None  # the module, once imported; False: Triton is not installed
 
 
@@ -2115,6 +2119,8 @@ def _triton_failed(where: str, err: Exception) -> None:
     global _triton_kernels
     if isinstance(err, torch.cuda.OutOfMemoryError):
         raise err
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise err  # a launch a CUDA graph capture refused: RoundGraphs runs the round eagerly
     _triton_kernels = False
     warnings.warn(
         f"lightning_palettize: the fused Triton DKM kernels failed in {where} "
@@ -2495,6 +2501,435 @@ def _grad_buffer(ctx, refs, grads, flat_g, i: int, key: tuple) -> Tensor:
     return grad
 
 
+class RoundGraphs:
+    """CUDA graphs of a batch's soft k-means forward, replayed while its inputs stay put.
+
+    :func:`soft_kmeans_batch` launches ~300 ops per round of the 134M LLaMA's weights, each a
+    few microseconds of Python and dispatch. With full code tables (the device layout, see
+    _full_tables) a round reads nothing back and its shapes follow from the tensors' shapes
+    alone, so its forward is captured once in a CUDA graph and each later round with the same
+    tensors (same storage, shape and dtype, same configuration) is one copy of the centroids
+    and one graph launch. Pass one instance to every call of a training loop; any other round
+    (grid or dense engines, compacted tables, a stream that is being captured) runs eagerly.
+    :class:`DKMPalettizer` uses one only with ``palettizers.dkm._ROUND_GRAPHS`` (off: on an
+    H200 it saved ~3 ms of host time per LLaMA step but no measurable step time, and its
+    outputs stay allocated between steps; README, GPU benchmark).
+
+    Replays write into the same memory: the tensors a replay returned, and the state its
+    backward reads, are overwritten by the next replay. A call therefore replays only once
+    every tensor the previous replay returned has been freed and its backward has run (or
+    its autograd graph was freed); otherwise it runs eagerly. A second backward through a
+    replayed round (``retain_graph=True``) after a later replay raises an error instead of
+    using overwritten state.
+
+    The first call with given tensors runs eagerly (it compiles the kernels and fills the
+    caches a capture must not allocate), the second captures and replays, the later ones
+    replay. A capture that fails (e.g. a ``lut_fn`` that reads a value back) warns once and
+    that batch runs eagerly from then on. At most ``max_graphs`` graphs are kept, each with
+    its memory pool (the forward's outputs and the state its backward needs): a DKM round
+    makes one batch per configuration, so keep it above the number of configurations.
+
+    Args:
+        max_graphs: graphs kept (least recently used dropped first), >= 1.
+
+    Raises:
+        ValueError: if ``max_graphs`` is not an int >= 1.
+
+    Example:
+        >>> import torch
+        >>> from lightning_palettize.soft_kmeans import RoundGraphs, soft_kmeans_batch
+        >>> graphs = RoundGraphs()  # one per training loop; CPU rounds run eagerly
+        >>> w = (0.02 * torch.randn(64, 32)).requires_grad_()
+        >>> c = torch.linspace(-0.05, 0.05, 16).view(1, 16, 1)
+        >>> (y, c_new), = soft_kmeans_batch([w], [c], groups=[1], graphs=graphs)
+        >>> y.shape, graphs.replays
+        (torch.Size([64, 32]), 0)
+    """
+
+    def __init__(self, max_graphs: int = 8) -> None:
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"RoundGraphs: max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self._entries: dict[tuple, _GraphEntry] = {}  # (insertion order: least recent first)
+        self._seen: set[tuple] = set()  # batches run once eagerly, to capture at the next call
+        self._failed: set[tuple] = set()
+        self.captures = 0
+        self.replays = 0
+
+    def __getstate__(self) -> dict:
+        return {"max_graphs": self.max_graphs}  # graphs are device state: a copy starts empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_graphs"])
+
+    def clear(self) -> None:
+        """Drop every graph and its memory."""
+        self._entries.clear()
+        self._seen.clear()
+        self._failed.clear()
+
+    def run(self, ctx, cfg: _Cfg, kinds: tuple, gs: tuple, c0: Tensor, xs: tuple):
+        """_ScalarKMeans.forward's result from a graph (captured now if due), or None: the
+        caller runs the forward eagerly."""
+        device = c0.device
+        if device.type not in _GRAPH_DEVICES:
+            return None
+        if not all([k == "table" for k in kinds]):  # (a _GridSpec is not "table")
+            return None
+        if not _full_tables(device, c0.shape[1], cfg, c0.shape[0], sum([x.numel() for x in xs])):
+            return None  # compacted tables: their sizes are read back each round
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # inside someone else's capture: theirs records the eager ops
+        key = (
+            device,
+            cfg,
+            kinds,
+            gs,
+            c0.dtype,
+            tuple([(x.data_ptr(), x.shape, x.dtype) for x in xs]),
+        )
+        entry = self._entries.get(key)
+        if entry is None:
+            if key in self._failed:
+                return None
+            if key not in self._seen:
+                if len(self._seen) >= 16:
+                    self._seen.clear()
+                self._seen.add(key)
+                return None  # eager once: compiles kernels, fills caches
+            self._seen.discard(key)
+            entry = self._capture(key, cfg, kinds, gs, c0, xs)
+            if entry is None:
+                return None
+        elif not entry.free():
+            return None
+        else:
+            entry.c0.copy_(c0)
+            entry.graph.replay()
+            del self._entries[key]
+            self._entries[key] = entry  # most recently used last
+        self.replays += 1
+        return entry.hand_out(ctx)
+
+    def _capture(self, key: tuple, cfg, kinds, gs, c0: Tensor, xs) -> _GraphEntry | None:
+        device = c0.device
+        static_c0 = c0.clone()
+        # cached tensors the graph reads: kept alive with it (a cache may drop its entries)
+        keep = [
+            *_INDEX_CACHE.values(),
+            _all_codes_cache.get(device),
+            _code_values_cache.get(device),
+        ]
+        graph = _new_graph(device)
+        try:
+            result = graph.capture(lambda: _scalar_kmeans_forward(cfg, kinds, gs, static_c0, xs))
+            graph.replay()  # (capturing ran nothing)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:
+            self._failed.add(key)
+            warnings.warn(
+                f"lightning_palettize: capturing a soft k-means round in a {device.type} graph "
+                f"failed ({type(err).__name__}: {err}); this batch of {len(xs)} tensors runs "
+                "eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        entry = _GraphEntry(graph, static_c0, result, keep)
+        while len(self._entries) >= self.max_graphs:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = entry
+        self.captures += 1
+        return entry
+
+
+class _GraphEntry:
+    """One captured round: its graph, static input centroids, outputs and saved state."""
+
+    def __init__(self, graph, c0: Tensor, result: tuple, keep: list) -> None:
+        self.graph, self.c0, self.keep = graph, c0, keep
+        self.outs, self.new_c, self.fields, self.saved = result
+        self.generation = 0
+        self.handed: list[weakref.ref] = []  # the tensors the last replay returned
+        self.ctx_ref: weakref.ref | None = None  # its autograd node, while a backward may come
+        self.backward_ran = False
+
+    def free(self) -> bool:
+        """Whether nothing of the last replay's results can still be read."""
+        if any([r() is not None for r in self.handed]):
+            return False
+        ref = self.ctx_ref
+        return ref is None or self.backward_ran or ref() is None
+
+    def hand_out(self, ctx) -> tuple:
+        """The replayed results for ``ctx``: fresh tensors over the graph's memory."""
+        self.generation += 1
+        outs = [o.detach() for o in self.outs]
+        new_c = self.new_c.detach()
+        self.handed = [weakref.ref(t) for t in outs]
+        self.handed.append(weakref.ref(new_c))
+        self.backward_ran = False
+        self.ctx_ref = weakref.ref(ctx) if any(ctx.needs_input_grad) else None
+        fields = _Fields()
+        fields.__dict__.update(self.fields.__dict__)
+        fields.graph = (self, self.generation)
+        return outs, new_c, fields, self.saved
+
+    def check(self, generation: int) -> None:
+        if generation != self.generation:
+            raise RuntimeError(
+                "lightning_palettize: backward through a soft k-means round whose CUDA graph "
+                "was replayed since (a second backward with retain_graph=True after a later "
+                "forward): its saved state is overwritten. Run that loop without graphs "
+                "(soft_kmeans_batch(graphs=None); DKMPalettizer: lightning_palettize."
+                "soft_kmeans._GRAPH_DEVICES = frozenset())"
+            )
+
+    def release(self, generation: int) -> None:
+        if generation == self.generation:
+            self.backward_ran = True
+
+
+class _CudaGraph:
+    """torch.cuda.CUDAGraph behind RoundGraphs' two calls (tests emulate it on the CPU)."""
+
+    def __init__(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        # (thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def _new_graph(device: torch.device) -> _CudaGraph:
+    return _CudaGraph()
+
+
+class _Fields:
+    """The attributes a round's forward leaves for its backward (set on ctx)."""
+
+
+def _scalar_kmeans_forward(
+    cfg, kinds, gs, c0: Tensor, xs
+) -> tuple[list[Tensor], Tensor, _Fields, list]:
+    """The computation of :class:`_ScalarKMeans`'s forward: (outputs, new centroids, the
+    attributes its backward reads, the tensors it saves). Apart from ``_Fields``, the same
+    Python state whatever the values (a round on full code tables reads nothing back), so a
+    CUDA graph of it replays (see _RoundGraphs)."""
+    device = c0.device
+    sync_free = _sync_free(device)
+    items: list[_ScalarItem] = []
+    flats = []
+    row = trow = start = 0
+    for x, kind, g in zip(xs, kinds, gs):
+        n = x.numel() // g
+        # (forward runs without grad mode: a reshape has no autograd history, no detach)
+        if isinstance(kind, _GridSpec):
+            flat = x.reshape(g, n)
+            c_grid = _c_kernels(device) and flat.dtype == torch.float32
+            c_grid = c_grid and flat.is_contiguous()
+            items.append(_ScalarItem("grid", g, n, row, trow, start, spec=kind, flat=flat))
+            items[-1].c_grid = c_grid
+            row += g
+            continue
+        items.append(_ScalarItem(kind, g, n, row, trow, start))
+        row += g
+        if kind == "table":
+            flats.append(x.reshape(g, n))
+            trow += g
+            start += g * n
+    n_tab = trow
+    bins = codes = values = mass = scale = None
+    per_group: list[int] | None = None
+    u_tab = 0
+    # the compiled element passes: float32, contiguous weights (x is then saved for
+    # backward, usually a view of the parameter, instead of an int32 code per element)
+    c_elems = bool(flats) and _c_kernels(device)
+    c_elems = c_elems and all(
+        f.dtype == torch.float32 and f.is_contiguous() and f.shape[1] < 1 << 31 for f in flats
+    )
+    if flats:
+        full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
+        bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
+            flats, cfg, device, c_elems, full
+        )
+
+    grid_mass = {}
+    for i, it in enumerate(items):
+        if it.kind == "table":
+            it.u = max(per_group[it.trow : it.trow + it.g])
+        elif it.kind == "grid":
+            it.u = it.spec.nodes
+            grid_mass[i] = _grid_splat(it.flat, it.spec, None, it.c_grid)
+        else:
+            it.u = it.n
+    segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
+    seg_trows: list[Tensor | None] = []  # a segment of table tensors only: their table rows
+    c_rows = _c_kernels(device)  # each row's length, for the compiled per-code kernels only
+    for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
+        width = max([items[i].u for i in members])
+        every_table = all([items[i].kind == "table" for i in members])
+        trows: Tensor | None = None
+        if len(members) == len(items) and every_table and width == u_tab:
+            # every tensor is a table one, in order: the code tables as they are
+            v, m, direct = values, mass, True
+            rows: slice | Tensor = slice(0, row)
+            lens = torch.tensor(per_group, dtype=torch.int32) if c_rows else None
+            for it in items:
+                it.seg, it.srow = s_i, it.row
+        elif len(members) == 1:
+            it = items[members[0]]
+            if it.kind == "table":
+                sl = slice(it.trow, it.trow + it.g)
+                v, m = values[sl, : it.u], mass[sl, : it.u]
+            elif it.kind == "grid":
+                v, m = it.spec.values(it.c_grid), grid_mass[members[0]]
+            else:
+                v = xs[members[0]].detach().reshape(it.g, it.n).float()
+                m = torch.ones_like(v)
+            rows, direct = slice(it.row, it.row + it.g), False
+            it.seg, it.srow = s_i, 0
+            lens = _row_lens(it, per_group) if c_rows else None
+        else:
+            # several tensors, each at its row offset in the segment
+            idx, tidx, r0 = [], [], 0
+            for i in members:
+                it = items[i]
+                it.seg, it.srow = s_i, r0
+                idx.extend(range(it.row, it.row + it.g))
+                tidx.extend(range(it.trow, it.trow + it.g))
+                r0 += it.g
+            rows = _index_tensor(idx, device)
+            if every_table:
+                # their rows of the stacked code tables (each row padded with the spare
+                # code up to the table width): one gather each
+                trows = _index_tensor(tidx, device)
+                v = values[:, :width].index_select(0, trows)
+                m = mass[:, :width].index_select(0, trows)
+            else:
+                v = c0.new_zeros(r0, width)
+                m = c0.new_zeros(r0, width)
+                for i in members:
+                    it = items[i]
+                    dst = slice(it.srow, it.srow + it.g)
+                    if it.kind == "table":
+                        sl = slice(it.trow, it.trow + it.g)
+                        v[dst, : it.u] = values[sl, : it.u]
+                        m[dst, : it.u] = mass[sl, : it.u]
+                    elif it.kind == "grid":
+                        v[dst, : it.u] = it.spec.values(it.c_grid)
+                        m[dst, : it.u] = grid_mass[i]
+                    else:
+                        v[dst, : it.n] = xs[i].detach().reshape(it.g, it.n)
+                        m[dst, : it.n] = 1.0
+            direct = False
+            lens = None
+            if c_rows:
+                lens = torch.cat([_row_lens(items[i], per_group) for i in members])
+        segments.append((rows, v, m, direct, lens))
+        seg_trows.append(trows)
+
+    saved = _Saved()
+    new_c = torch.empty_like(c0)
+    ys, seg_state = [], []
+    seg_path: list[str] = []  # per segment, the code that ran it (see _scalar_backward)
+    seg_cents: list[list[Tensor]] = []  # per segment, each iteration's centroids
+    for rows, v, m, _, lens in segments:
+        if isinstance(rows, slice):
+            y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free, lens)
+            new_c[rows] = last
+        else:
+            c_seg = c0.index_select(0, rows)
+            y, last, state = _scalar_forward(v, m, c_seg, cfg, sync_free, lens)
+            new_c.index_copy_(0, rows, last)
+        ys.append(y)
+        seg_cents.append([entry[0] for entry in state["hist"]])
+        seg_path.append(state.pop("path", "torch"))
+        hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
+        seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
+
+    for it in items:
+        if it.kind == "grid":  # did every iteration's transitions stay on fine cells?
+            # (not the first's: it starts from the centroids the grid was built for, with
+            # _GRID_SPEC_MARGIN logits to spare, or a rebuild's larger counts)
+            cents = [c[it.srow : it.srow + it.g] for c in seg_cents[it.seg][1:]]
+            _grid_check(it.spec, cents, cfg)
+    outs = []
+    y_full = None
+    if n_tab:
+        # the compiled gather reads only the codes present (all written below)
+        y_full = c0.new_empty(n_tab * _STRIDE) if c_elems else c0.new_zeros(n_tab * _STRIDE)
+        table = y_full.view(n_tab, _STRIDE)
+        if segments[0][3]:  # one stacked segment of every table
+            _put_codes(table, codes, ys[0], codes.shape[1], c_elems)
+        else:
+            _put_segment_codes(table, codes, ys, seg_trows)
+            for it in items:
+                if it.kind == "table" and seg_trows[it.seg] is None:
+                    sl = slice(it.trow, it.trow + it.g)
+                    seg_y = ys[it.seg][it.srow : it.srow + it.g]
+                    _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
+    stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
+    if n_tab and not c_elems and not _host_layout(device):
+        stacked = _run_pieces(items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi]))
+    t_i = 0
+    for i_x, (x, it) in enumerate(zip(xs, items)):
+        if i_x in stacked:
+            flat = stacked.pop(i_x)
+        elif it.kind == "table" and c_elems:
+            flat = _outputs.take(("y", t_i, it.n), (it.g, it.n), device)
+            _dkm_cpu.gather(
+                flats[t_i].data_ptr(),
+                it.g,
+                it.n,
+                scale[it.trow :].data_ptr(),
+                int(cfg.keep_zeros),
+                y_full[it.trow * _STRIDE :].data_ptr(),
+                flat.data_ptr(),
+            )
+        elif it.kind == "table":
+            flat = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
+        elif it.kind == "grid" and it.spec.missing is not None:
+            # the call reruns this tensor on a rebuilt grid and drops this output: not computed
+            outs.append(x.new_empty(0))
+            continue
+        elif it.kind == "grid":
+            table = ys[it.seg][it.srow : it.srow + it.g, : it.u]
+            buf = _outputs.take(("gy", it.row, it.n), (it.g, it.n), device) if it.c_grid else None
+            flat = _grid_lerp(it.flat, it.spec, table, it.c_grid, buf)
+        else:
+            flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
+        outs.append(_as(flat.reshape(x.shape), x.dtype))
+        t_i += it.kind == "table"
+    ctx = _Fields()
+    ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
+    ctx.seg_path = seg_path
+    ctx.seg_trows = seg_trows
+    ctx.direct = segments[0][3]
+    ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
+    ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
+    ctx.c_elems = c_elems
+    # the baseline for writing each weight's gradient into its incoming one (measured once)
+    ctx.grad_base = None
+    c_any = c_elems or any([it.c_grid for it in items])
+    if c_any and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
+        ctx.grad_base = _grad_baseline()
+    ctx.i_grid = {}
+    for i, it in enumerate(items):
+        if it.kind == "grid":
+            ctx.i_grid[i] = saved(it.flat)
+            it.flat = None  # the saved tensor is backward's copy
+    if c_elems:
+        ctx.i_scale = saved(scale)
+        ctx.i_flats = [saved(f) for f in flats]
+    return outs, new_c, ctx, saved.tensors
+
+
 class _ScalarKMeans(torch.autograd.Function):
     """Soft k-means of many [G, N, 1] tensors (one config) in one node; see the section notes.
 
@@ -2503,217 +2938,15 @@ class _ScalarKMeans(torch.autograd.Function):
     each output has its input's shape."""
 
     @staticmethod
-    def forward(ctx, cfg, kinds, gs, c0, *xs):
-        device = c0.device
-        sync_free = _sync_free(device)
-        items: list[_ScalarItem] = []
-        flats = []
-        row = trow = start = 0
-        for x, kind, g in zip(xs, kinds, gs):
-            n = x.numel() // g
-            # (forward runs without grad mode: a reshape has no autograd history, no detach)
-            if isinstance(kind, _GridSpec):
-                flat = x.reshape(g, n)
-                c_grid = _c_kernels(device) and flat.dtype == torch.float32
-                c_grid = c_grid and flat.is_contiguous()
-                items.append(_ScalarItem("grid", g, n, row, trow, start, spec=kind, flat=flat))
-                items[-1].c_grid = c_grid
-                row += g
-                continue
-            items.append(_ScalarItem(kind, g, n, row, trow, start))
-            row += g
-            if kind == "table":
-                flats.append(x.reshape(g, n))
-                trow += g
-                start += g * n
-        n_tab = trow
-        bins = codes = values = mass = scale = None
-        per_group: list[int] | None = None
-        u_tab = 0
-        # the compiled element passes: float32, contiguous weights (x is then saved for
-        # backward, usually a view of the parameter, instead of an int32 code per element)
-        c_elems = bool(flats) and _c_kernels(device)
-        c_elems = c_elems and all(
-            f.dtype == torch.float32 and f.is_contiguous() and f.shape[1] < 1 << 31 for f in flats
-        )
-        if flats:
-            full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
-            bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
-                flats, cfg, device, c_elems, full
-            )
-
-        grid_mass = {}
-        for i, it in enumerate(items):
-            if it.kind == "table":
-                it.u = max(per_group[it.trow : it.trow + it.g])
-            elif it.kind == "grid":
-                it.u = it.spec.nodes
-                grid_mass[i] = _grid_splat(it.flat, it.spec, None, it.c_grid)
-            else:
-                it.u = it.n
-        segments = []  # (row index or slice, v, m, direct: v/m are the stacked code tables)
-        seg_trows: list[Tensor | None] = []  # a segment of table tensors only: their table rows
-        c_rows = _c_kernels(device)  # each row's length, for the compiled per-code kernels only
-        for s_i, members in enumerate(_plan_segments(items, c0.shape[1], _host_layout(device))):
-            width = max([items[i].u for i in members])
-            every_table = all([items[i].kind == "table" for i in members])
-            trows: Tensor | None = None
-            if len(members) == len(items) and every_table and width == u_tab:
-                # every tensor is a table one, in order: the code tables as they are
-                v, m, direct = values, mass, True
-                rows: slice | Tensor = slice(0, row)
-                lens = torch.tensor(per_group, dtype=torch.int32) if c_rows else None
-                for it in items:
-                    it.seg, it.srow = s_i, it.row
-            elif len(members) == 1:
-                it = items[members[0]]
-                if it.kind == "table":
-                    sl = slice(it.trow, it.trow + it.g)
-                    v, m = values[sl, : it.u], mass[sl, : it.u]
-                elif it.kind == "grid":
-                    v, m = it.spec.values(it.c_grid), grid_mass[members[0]]
-                else:
-                    v = xs[members[0]].detach().reshape(it.g, it.n).float()
-                    m = torch.ones_like(v)
-                rows, direct = slice(it.row, it.row + it.g), False
-                it.seg, it.srow = s_i, 0
-                lens = _row_lens(it, per_group) if c_rows else None
-            else:
-                # several tensors, each at its row offset in the segment
-                idx, tidx, r0 = [], [], 0
-                for i in members:
-                    it = items[i]
-                    it.seg, it.srow = s_i, r0
-                    idx.extend(range(it.row, it.row + it.g))
-                    tidx.extend(range(it.trow, it.trow + it.g))
-                    r0 += it.g
-                rows = _index_tensor(idx, device)
-                if every_table:
-                    # their rows of the stacked code tables (each row padded with the spare
-                    # code up to the table width): one gather each
-                    trows = _index_tensor(tidx, device)
-                    v = values[:, :width].index_select(0, trows)
-                    m = mass[:, :width].index_select(0, trows)
-                else:
-                    v = c0.new_zeros(r0, width)
-                    m = c0.new_zeros(r0, width)
-                    for i in members:
-                        it = items[i]
-                        dst = slice(it.srow, it.srow + it.g)
-                        if it.kind == "table":
-                            sl = slice(it.trow, it.trow + it.g)
-                            v[dst, : it.u] = values[sl, : it.u]
-                            m[dst, : it.u] = mass[sl, : it.u]
-                        elif it.kind == "grid":
-                            v[dst, : it.u] = it.spec.values(it.c_grid)
-                            m[dst, : it.u] = grid_mass[i]
-                        else:
-                            v[dst, : it.n] = xs[i].detach().reshape(it.g, it.n)
-                            m[dst, : it.n] = 1.0
-                direct = False
-                lens = None
-                if c_rows:
-                    lens = torch.cat([_row_lens(items[i], per_group) for i in members])
-            segments.append((rows, v, m, direct, lens))
-            seg_trows.append(trows)
-
-        saved = _Saved()
-        new_c = torch.empty_like(c0)
-        ys, seg_state = [], []
-        seg_path: list[str] = []  # per segment, the code that ran it (see _scalar_backward)
-        seg_cents: list[list[Tensor]] = []  # per segment, each iteration's centroids
-        for rows, v, m, _, lens in segments:
-            if isinstance(rows, slice):
-                y, last, state = _scalar_forward(v, m, c0[rows], cfg, sync_free, lens)
-                new_c[rows] = last
-            else:
-                c_seg = c0.index_select(0, rows)
-                y, last, state = _scalar_forward(v, m, c_seg, cfg, sync_free, lens)
-                new_c.index_copy_(0, rows, last)
-            ys.append(y)
-            seg_cents.append([entry[0] for entry in state["hist"]])
-            seg_path.append(state.pop("path", "torch"))
-            hist = [tuple(saved(a) for a in entry) for entry in state.pop("hist")]
-            seg_state.append(({key: saved(val) for key, val in state.items()}, hist))
-
-        for it in items:
-            if it.kind == "grid":  # did every iteration's transitions stay on fine cells?
-                # (not the first's: it starts from the centroids the grid was built for, with
-                # _GRID_SPEC_MARGIN logits to spare, or a rebuild's larger counts)
-                cents = [c[it.srow : it.srow + it.g] for c in seg_cents[it.seg][1:]]
-                _grid_check(it.spec, cents, cfg)
-        outs = []
-        y_full = None
-        if n_tab:
-            # the compiled gather reads only the codes present (all written below)
-            y_full = c0.new_empty(n_tab * _STRIDE) if c_elems else c0.new_zeros(n_tab * _STRIDE)
-            table = y_full.view(n_tab, _STRIDE)
-            if segments[0][3]:  # one stacked segment of every table
-                _put_codes(table, codes, ys[0], codes.shape[1], c_elems)
-            else:
-                _put_segment_codes(table, codes, ys, seg_trows)
-                for it in items:
-                    if it.kind == "table" and seg_trows[it.seg] is None:
-                        sl = slice(it.trow, it.trow + it.g)
-                        seg_y = ys[it.seg][it.srow : it.srow + it.g]
-                        _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
-        stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
-        if n_tab and not c_elems and not _host_layout(device):
-            stacked = _run_pieces(
-                items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi])
-            )
-        t_i = 0
-        for i_x, (x, it) in enumerate(zip(xs, items)):
-            if i_x in stacked:
-                flat = stacked.pop(i_x)
-            elif it.kind == "table" and c_elems:
-                flat = _outputs.take(("y", t_i, it.n), (it.g, it.n), device)
-                _dkm_cpu.gather(
-                    flats[t_i].data_ptr(),
-                    it.g,
-                    it.n,
-                    scale[it.trow :].data_ptr(),
-                    int(cfg.keep_zeros),
-                    y_full[it.trow * _STRIDE :].data_ptr(),
-                    flat.data_ptr(),
-                )
-            elif it.kind == "table":
-                flat = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
-            elif it.kind == "grid" and it.spec.missing is not None:
-                # the call reruns this tensor on a rebuilt grid and drops this output: not computed
-                outs.append(x.new_empty(0))
-                continue
-            elif it.kind == "grid":
-                table = ys[it.seg][it.srow : it.srow + it.g, : it.u]
-                buf = (
-                    _outputs.take(("gy", it.row, it.n), (it.g, it.n), device) if it.c_grid else None
-                )
-                flat = _grid_lerp(it.flat, it.spec, table, it.c_grid, buf)
-            else:
-                flat = ys[it.seg][it.srow : it.srow + it.g, : it.n]
-            outs.append(_as(flat.reshape(x.shape), x.dtype))
-            t_i += it.kind == "table"
-        ctx.cfg, ctx.items, ctx.seg_state, ctx.n_tab = cfg, items, seg_state, n_tab
-        ctx.seg_path = seg_path
-        ctx.seg_trows = seg_trows
-        ctx.direct = segments[0][3]
-        ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
-        ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
-        ctx.c_elems = c_elems
-        # the baseline for writing each weight's gradient into its incoming one (measured once)
-        ctx.grad_base = None
-        c_any = c_elems or any([it.c_grid for it in items])
-        if c_any and _GRAD_IN_PLACE and any(x.requires_grad for x in xs):
-            ctx.grad_base = _grad_baseline()
-        ctx.i_grid = {}
-        for i, it in enumerate(items):
-            if it.kind == "grid":
-                ctx.i_grid[i] = saved(it.flat)
-                it.flat = None  # the saved tensor is backward's copy
-        if c_elems:
-            ctx.i_scale = saved(scale)
-            ctx.i_flats = [saved(f) for f in flats]
-        ctx.save_for_backward(*saved.tensors)
+    def forward(ctx, cfg, kinds, gs, c0, graphs, *xs):
+        run = None
+        if graphs is not None:
+            run = graphs.run(ctx, cfg, kinds, gs, c0, xs)
+        if run is None:
+            run = _scalar_kmeans_forward(cfg, kinds, gs, c0, xs)
+        outs, new_c, fields, saved = run
+        ctx.__dict__.update(fields.__dict__)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(new_c)
         ctx.set_materialize_grads(False)
         return (*outs, new_c)
@@ -2722,14 +2955,25 @@ class _ScalarKMeans(torch.autograd.Function):
     def backward(ctx, *grads):
         # before anything else references the gradients (see _grad_refs)
         refs = _grad_refs(grads) if ctx.grad_base is not None else None
+        graph = ctx.__dict__.get("graph")
+        if graph is not None:  # a replayed CUDA graph's saved tensors: still this forward's?
+            graph[0].check(graph[1])
+        try:
+            return _ScalarKMeans._backward(ctx, refs, grads)
+        finally:
+            if graph is not None:
+                graph[0].release(graph[1])
+
+    @staticmethod
+    def _backward(ctx, refs, grads):
         cfg, items, n_tab = ctx.cfg, ctx.items, ctx.n_tab
         tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
+        need = ctx.needs_input_grad[5:]
         grads = grads[: len(items)]
         live = [need[i] and grads[i] is not None for i in range(len(items))]
         result: list[Tensor | None] = [None] * len(items)
         if not any(live):
-            return (None, None, None, None, *result)
+            return (None, None, None, None, None, *result)
         bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
@@ -2887,7 +3131,7 @@ class _ScalarKMeans(torch.autograd.Function):
                     hs, rs = (t[it.srow : it.srow + it.g, : it.n] for t in hr[it.seg])
                     grad = torch.addcmul(rs, flat_g[i].view(it.g, it.n), hs)
                 result[i] = _as(grad.reshape(shape), dtype)
-        return (None, None, None, None, *result)
+        return (None, None, None, None, None, *result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3167,7 +3411,7 @@ def _scalar_kind(
     return fallback
 
 
-def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
+def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None, graphs=None):
     """The soft k-means of every (x, centroids): the scalar ones of one device and centroid
     count in one node.
 
@@ -3203,6 +3447,7 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None):
                     tuple([kinds[i] for i in todo]),
                     tuple([gs[i] for i in todo]),
                     c0,
+                    graphs,
                     *[xs[i] for i in todo],
                 )
             # the new centroids split back in one op (not a slice and a view each)
@@ -3249,6 +3494,7 @@ def soft_kmeans_batch(
     method: str = "auto",
     clamp_attention: bool = False,
     groups: list[int] | None = None,
+    graphs: RoundGraphs | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`soft_kmeans` of several tensors with one configuration, in few kernels.
 
@@ -3275,6 +3521,10 @@ def soft_kmeans_batch(
             (centroids [G, K, 1]) and no Gumbel noise (mode "gsm") only.
         tau, max_iter, epsilon, mode, enforce_zero, prune_threshold, zero_threshold, lut_fn,
             generator, method, clamp_attention: as :func:`soft_kmeans`.
+        graphs: a :class:`RoundGraphs` kept across the calls of a training loop: on CUDA a
+            batch that reads nothing back (full code tables) is captured once and replayed
+            (the returned tensors are then the graph's memory, overwritten by its next
+            replay, which waits until they are freed). None: always eager.
 
     Returns:
         one (x_hat, new_centroids) per input, as :func:`soft_kmeans` returns them.
@@ -3326,7 +3576,9 @@ def soft_kmeans_batch(
         method,
         clamp_attention,
     )
-    return _run_many(list(xs), list(centroids), cfg, gen, method, fn, groups)
+    if graphs is not None and not isinstance(graphs, RoundGraphs):
+        raise TypeError(f"{fn}: graphs must be a RoundGraphs or None, got {type(graphs).__name__}")
+    return _run_many(list(xs), list(centroids), cfg, gen, method, fn, groups, graphs)
 
 
 def _check_grouped(fn: str, xs, centroids, groups, mode, generator) -> None:

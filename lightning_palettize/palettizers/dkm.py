@@ -35,7 +35,12 @@ from lightning_palettize.palettizers._common import (
 )
 from lightning_palettize.report import PalettizationReport, ReportRow
 from lightning_palettize.selection import select_weights
-from lightning_palettize.soft_kmeans import hard_assign, soft_kmeans, soft_kmeans_batch
+from lightning_palettize.soft_kmeans import (
+    RoundGraphs,
+    hard_assign,
+    soft_kmeans,
+    soft_kmeans_batch,
+)
 
 __all__ = ["DKMPalettizer", "FakePalettize", "DKM_SUPPORTED"]
 
@@ -61,6 +66,12 @@ _UNSUPPORTED = {
 # kmeans_opt1d_threshold, kmeans_error_bnd.
 
 _DEFAULTS = ModuleDKMPalettizerConfig()
+# Replay each round's forward from a CUDA graph (soft_kmeans.RoundGraphs). Off: on the 134M
+# LLaMA on H200s it saved ~3 ms of host time per step (cProfile) but no step time measurable
+# (55.1 vs 55.2 ms; 87.3 vs 86.6 ms alternated with plain steps), and its static outputs
+# (every soft weight, held between steps) raised the peak memory 0.45 GiB (1.16x plain
+# instead of 1.08x). See the README's GPU section.
+_ROUND_GRAPHS = False
 
 
 def _check_supported_options(cfg: ModuleDKMPalettizerConfig, where: str) -> None:
@@ -192,6 +203,8 @@ class _DKMGroup:
         self._served: dict[int, _Served] = {}  # the soft weight each member last returned
         self._serial = 0
         self._again: set[int] = set()  # members seen called again at one weight version
+        # CUDA graphs of the rounds' forward, when _ROUND_GRAPHS (the same weights every step)
+        self._graphs = RoundGraphs()
 
     def __deepcopy__(self, memo: dict) -> _DKMGroup:
         return _DKMGroup()
@@ -318,6 +331,7 @@ class _DKMGroup:
                 [m._buffers["centroids"] for m, _ in members],
                 lut_fn=first._lut_fn,
                 groups=groups,
+                graphs=self._graphs if _ROUND_GRAPHS else None,
                 **_kmeans_kwargs(first.cfg),
             )
             tokens = self._node_hooks([xhat for xhat, _ in results])
