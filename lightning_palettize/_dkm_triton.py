@@ -23,10 +23,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# ~4096 (code, centroid) entries per tile, 16 per thread at 8 warps (the probabilities, the
-# differences and their products live at once: more per thread would spill registers)
-_TILE_ENTRIES = 4096
-_NUM_WARPS = 8
+# Launch settings per kernel: (warps per program, (code, centroid) entries per tile, sums per
+# tile slot in float64 registers reduced once per pass (True) or reduced across the program at
+# every tile (False), software-pipelining stages of the tile loops). A program walks its row's
+# codes one tile after another, and on an H200 each tile costs a roughly fixed ~3.8 us however
+# large (bench/dkm_kernels.py on the 134M LLaMA's 85 rows of 65,536 codes: 8 warps, 4,096
+# entries: forward 3.9 ms, backward 5.1 ms; 2,048 entries: 4.3 / 9.6 ms; 1,024 at 4 warps
+# 7.7 / 15.1 ms), so fewer, larger tiles with more warps pay: the settings below measured
+# forward 2.97 ms and backward 3.83 ms there (bench/results/gpu_h200/dkm_kernels.json). Their
+# register use stays within 128 a thread without spills (ptxas -v for sm_90); more entries a
+# thread spill (16 warps x 8,192 entries with register sums: 216 bytes in the backward).
+_LAUNCH = {"fwd": (16, 4096, True, 1), "bwd": (16, 8192, False, 1)}
 
 
 @triton.jit
@@ -89,7 +96,8 @@ def _fwd_loop(
     v_ptr, m_ptr, c0_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
     y_ptr, G, U, K, T, factor, prune, zinv, zt, eps,
     KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
-    CLAMP: tl.constexpr, EZ: tl.constexpr, TEST: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr, TEST: tl.constexpr, ACC: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     kidx = tl.arange(0, KP)
@@ -112,17 +120,27 @@ def _fwd_loop(
         if active != 0:
             s0 = tl.zeros([KP], dtype=tl.float64)
             s1 = tl.zeros([KP], dtype=tl.float64)
+            if ACC:  # per tile slot, reduced after the pass
+                a0 = tl.zeros([BU, KP], dtype=tl.float64)
+                a1 = tl.zeros([BU, KP], dtype=tl.float64)
             inertia = tl.zeros([BU], dtype=tl.float64)
-            for a in range(0, U, BU):
+            for a in tl.range(0, U, BU, num_stages=STAGES):
                 _, _, _, mm, _, att, dmin, diff = _tile(
                     v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
                     BU, PRUNE, KZ, CLAMP,
                 )  # fmt: skip
                 w = att * mm[:, None]
-                s0 += tl.sum((w * diff).to(tl.float64), axis=0)
-                s1 += tl.sum(w.to(tl.float64), axis=0)
+                if ACC:
+                    a0 += (w * diff).to(tl.float64)
+                    a1 += w.to(tl.float64)
+                else:
+                    s0 += tl.sum((w * diff).to(tl.float64), axis=0)
+                    s1 += tl.sum(w.to(tl.float64), axis=0)
                 if TEST:
                     inertia += dmin.to(tl.float64) * mm.to(tl.float64)
+            if ACC:
+                s0 = tl.sum(a0, axis=0)
+                s1 = tl.sum(a1, axis=0)
             mass = s1.to(tl.float32)
             raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
             new = raw
@@ -143,7 +161,8 @@ def _fwd_loop(
     tl.store(last_it_ptr + g, last_it.to(tl.int64))
     tl.store(prev_c_ptr + g * K + kidx, prev_c, mask=kmask)
     tl.store(last_c_ptr + g * K + kidx, last_c, mask=kmask)
-    for a in range(0, U, BU):  # the output: attention of prev_c, values last_c
+    # the output: attention of prev_c, values last_c
+    for a in tl.range(0, U, BU, num_stages=STAGES):
         offs, um, _, _, _, att, _, _ = _tile(
             v_ptr, v_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
             BU, PRUNE, KZ, CLAMP,
@@ -156,7 +175,7 @@ def _bwd_loop(
     v_ptr, m_ptr, gs_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
     h_ptr, r_ptr, G, U, K, factor, prune, zinv, zt, two,
     KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
-    CLAMP: tl.constexpr, EZ: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     kidx = tl.arange(0, KP)
@@ -167,12 +186,19 @@ def _bwd_loop(
     last_c = tl.load(last_c_ptr + g * K + kidx, mask=kmask, other=0.0)
     # d loss / d (the output's centroids): sum_u gsum_u A_uk, A from prev_c
     d_last = tl.zeros([KP], dtype=tl.float64)
-    for a in range(0, U, BU):
+    if ACC:  # (as in _fwd_loop)
+        a_last = tl.zeros([BU, KP], dtype=tl.float64)
+    for a in tl.range(0, U, BU, num_stages=STAGES):
         _, _, _, gg, _, att, _, _ = _tile(
             v_ptr, gs_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
             BU, PRUNE, KZ, CLAMP,
         )  # fmt: skip
-        d_last += tl.sum((att * gg[:, None]).to(tl.float64), axis=0)
+        if ACC:
+            a_last += (att * gg[:, None]).to(tl.float64)
+        else:
+            d_last += tl.sum((att * gg[:, None]).to(tl.float64), axis=0)
+    if ACC:
+        d_last = tl.sum(a_last, axis=0)
     grad_c = d_last.to(tl.float32)  # the last iteration's d loss / d new
     for i in range(0, n + 1):
         t = n - i
@@ -190,7 +216,10 @@ def _bwd_loop(
         srk = s_hat * raw
         acc = tl.zeros([KP], dtype=tl.float64)
         acc_o = tl.zeros([KP], dtype=tl.float64)
-        for a in range(0, U, BU):
+        if ACC:
+            b_acc = tl.zeros([BU, KP], dtype=tl.float64)
+            b_out = tl.zeros([BU, KP], dtype=tl.float64)
+        for a in tl.range(0, U, BU, num_stages=STAGES):
             offs, um, vv, mm, p, att, _, diff = _tile(
                 v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
                 BU, PRUNE, KZ, CLAMP,
@@ -204,7 +233,10 @@ def _bwd_loop(
             direct = tl.sum(s_hat[None, :] * att, axis=1)
             dot = tl.sum(gr * p, axis=1)
             e = p * (gr - dot[:, None]) * keep0 * diff
-            acc += tl.sum((e * mm[:, None]).to(tl.float64), axis=0)
+            if ACC:
+                b_acc += (e * mm[:, None]).to(tl.float64)
+            else:
+                acc += tl.sum((e * mm[:, None]).to(tl.float64), axis=0)
             r_old = tl.load(r_ptr + row + offs, mask=um, other=0.0)
             tl.store(r_ptr + row + offs, r_old + (direct - two * tl.sum(e, axis=1)), mask=um)
             if with_out:
@@ -214,27 +246,36 @@ def _bwd_loop(
                     lk = tl.where(p < zt, 0.0, lk)
                 dot_o = tl.sum(lk * p, axis=1)
                 e_o = p * (lk - dot_o[:, None]) * keep0 * diff
-                acc_o += tl.sum((e_o * gg[:, None]).to(tl.float64), axis=0)
+                if ACC:
+                    b_out += (e_o * gg[:, None]).to(tl.float64)
+                else:
+                    acc_o += tl.sum((e_o * gg[:, None]).to(tl.float64), axis=0)
                 tl.store(h_ptr + row + offs, -two * tl.sum(e_o, axis=1), mask=um)
+        if ACC:
+            acc = tl.sum(b_acc, axis=0)
+            if with_out:
+                acc_o = tl.sum(b_out, axis=0)
         dc = (two * acc).to(tl.float32)
         grad_c = g_in + dc
         if with_out:
             grad_c = grad_c + (two * acc_o).to(tl.float32)
 
 
-def _shapes(k: int) -> tuple[int, int]:
+def _shapes(k: int, tile: int) -> tuple[int, int]:
     kp = max(2, triton.next_power_of_2(k))
-    return kp, max(16, _TILE_ENTRIES // kp)
+    return kp, max(16, tile // kp)
 
 
-def _launch_args(ct: tuple, enforce_zero: bool) -> tuple[int, tuple, dict]:
-    """(K, the kernels' run-time scalars (factor, prune, zinv, zt), their compile-time
-    arguments) from the compiled kernels' cfg tuple (soft_kmeans._c_cfg)."""
+def _launch_args(ct: tuple, enforce_zero: bool, kernel: str) -> tuple[int, tuple, dict]:
+    """(K, the kernels' run-time scalars (factor, prune, zinv, zt), the compile-time arguments
+    of ``kernel`` ("fwd" / "bwd": its _LAUNCH settings)) from the compiled kernels' cfg tuple
+    (soft_kmeans._c_cfg)."""
     k, factor, prune, keep_zeros, zinv, clamp, zt, _ = ct
-    kp, bu = _shapes(k)
+    warps, tile, acc, stages = _LAUNCH[kernel]
+    kp, bu = _shapes(k, tile)
     consts = dict(
         KP=kp, BU=bu, PRUNE=prune > 0, KZ=bool(keep_zeros) and not prune > 0,
-        CLAMP=bool(clamp), EZ=bool(enforce_zero), num_warps=_NUM_WARPS,
+        CLAMP=bool(clamp), EZ=bool(enforce_zero), ACC=acc, STAGES=stages, num_warps=warps,
     )  # fmt: skip
     return k, (factor, prune, zinv, zt), consts
 
@@ -248,7 +289,7 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
     [max_iter, G, K]): per group the centroids before and after its last iteration, that
     iteration, and each iteration's centroids, raw update and masses (a group's entries past
     its last iteration are its final centroids and zero masses)."""
-    k, scalars, consts = _launch_args(ct, enforce_zero)
+    k, scalars, consts = _launch_args(ct, enforce_zero, "fwd")
     g, u = v.shape
     c = c.float().contiguous()
     c_hist, raw_hist, mass_hist = (v.new_empty(max_iter, g, k) for _ in range(3))
@@ -266,7 +307,7 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
 def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: bool):
     """Backward through ``fwd_loop``'s iterations (``state``: its arrays by name, v and m):
     per code (h, r) [G, U] with grad x_i = gsum-weighted slope h[u_i] g_i + r[u_i]."""
-    k, scalars, consts = _launch_args(ct, enforce_zero)
+    k, scalars, consts = _launch_args(ct, enforce_zero, "bwd")
     v, m = state["v"], state["m"]
     g, u = v.shape
     gsum = gsum.float().contiguous()

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -38,6 +41,8 @@ def carried(ttir: str) -> int:
 
 
 def compile_one(fn, consts: dict, arch: int):
+    consts = dict(consts)
+    warps = consts.pop("num_warps")
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
@@ -52,26 +57,44 @@ def compile_one(fn, consts: dict, arch: int):
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}
     )
-    return triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": kernels._NUM_WARPS}
-    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def spills(ptx: str, arch: int) -> int | None:
+    """Bytes of register spill stores ptxas reports for the kernel (None: no ptxas here)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run(
+            [ptxas, f"-arch=sm_{arch}a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    m = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return None if res.returncode or m is None else int(m.group(1))
 
 
 def main(archs: list[int]) -> int:
     failed = 0
-    # (K, prune pull, exact-zero rule, attention clamp, enforce_zero, early stopping)
+    # (K, prune pull, exact-zero rule, attention clamp, enforce_zero, early stopping), each
+    # kernel at its launch settings (_dkm_triton._LAUNCH)
     for k, prune, kz, clamp, ez, test in [
         (16, False, False, False, False, True),
         (16, False, True, True, True, True),
         (256, True, False, False, True, False),
     ]:
-        kp, bu = kernels._shapes(k)
-        flags = dict(KP=kp, BU=bu, PRUNE=prune, KZ=kz, CLAMP=clamp, EZ=ez)
+        ct = (k, 1.0, 0.5 if prune else 0.0, int(kz), 1.0, int(clamp), 0.0, None)
         for arch in archs:
-            for fn, consts in (
-                (kernels._fwd_loop, dict(flags, TEST=test)),
-                (kernels._bwd_loop, flags),
-            ):
+            for fn, kernel in ((kernels._fwd_loop, "fwd"), (kernels._bwd_loop, "bwd")):
+                consts = kernels._launch_args(ct, ez, kernel)[2]
+                if kernel == "fwd":
+                    consts["TEST"] = test
                 name = f"{fn.fn.__name__} sm_{arch} {consts}"
                 try:
                     done = compile_one(fn, consts, arch)
@@ -81,7 +104,10 @@ def main(archs: list[int]) -> int:
                         raise AssertionError(
                             f"its iteration loop carries {n} values, not the {len(want)} of {want}"
                         )
-                    print("ok", name, flush=True)
+                    spilled = spills(done.asm["ptx"], arch) if k == 16 else None
+                    if spilled:  # (the K = 16 of 4 bits: the settings were chosen for it)
+                        raise AssertionError(f"ptxas spills {spilled} bytes of registers")
+                    print("ok", name, f"spills={spilled}", flush=True)
                 except Exception as err:  # report every configuration
                     failed += 1
                     print("FAILED", name, f"{type(err).__name__}: {err}", flush=True)
