@@ -36,11 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
 from lightning_palettize import soft_kmeans as sk  # noqa: E402
 from lightning_palettize.kmeans import kmeans_1d, kmeans_vectors  # noqa: E402
+from lightning_palettize.palettizers import dkm as dkm_mod  # noqa: E402
 from lightning_palettize.soft_kmeans import soft_kmeans, soft_kmeans_batch  # noqa: E402
 
 # engine variants: the soft_kmeans module settings each one runs under
 VARIANTS = {
-    "auto": {},  # the engines "auto" picks on CUDA: the table from 2^18 elements per group
+    # the engines "auto" picks on CUDA: the table from 2^18 elements per group, full code
+    # tables, the fused Triton kernels (before commit "DKM round graphs off", "auto" replayed
+    # the rounds from CUDA graphs and "eager" was this; the json files of that session say so)
+    "auto": {},
+    # "auto" with each round's forward replayed from a CUDA graph (DKM's _ROUND_GRAPHS)
+    "graphs": {},
     "grid": {"_GRID_AUTO_DEVICES": frozenset({"cuda"})},  # "auto" as on the CPU: the grid
     "dense": {"_TABLE_MIN_GROUP": {"cpu": 1 << 16, "cuda": 1 << 62}},  # the element engine
     # "auto" with every table width in one segment (fewer launches, more padded per-code work)
@@ -51,13 +57,16 @@ VARIANTS = {
     # "auto" with each group's code table compacted to its distinct codes (the one host read
     # per round that full tables avoid; the LLaMA's per-tensor tables are full under "auto")
     "compact": {"_FULL_TABLES_FILL": 0.0},
-    # "auto" with each fused-kernel program twice as wide (16 warps, 8,192-entry tiles): one
-    # program per LUT group leaves most of the GPU idle when there are few, large groups (85
-    # programs of 65,536 codes on the LLaMA, 132 SMs); not timed yet
-    "wide": {},
+    # "auto" with the fused kernels at their launch settings before bench/dkm_kernels.py's
+    # sweep (8 warps, 4,096-entry tiles, sums reduced per tile)
+    "oldkernels": {},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
-KERNEL_SETTINGS = {"wide": {"_NUM_WARPS": 16, "_TILE_ENTRIES": 8192}}
+KERNEL_SETTINGS = {
+    "oldkernels": {"_LAUNCH": {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}},
+}
+# settings of lightning_palettize.palettizers.dkm per variant
+DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}}
 
 
 @contextlib.contextmanager
@@ -77,7 +86,11 @@ def patched(target=sk, **settings):
 def variant(name: str):
     """Run the soft k-means (and its kernels) under the settings of engine variant ``name``."""
     kernels = sk._triton() if name in KERNEL_SETTINGS else None
-    with patched(**VARIANTS[name]), patched(kernels, **(KERNEL_SETTINGS[name] if kernels else {})):
+    with (
+        patched(**VARIANTS[name]),
+        patched(kernels, **(KERNEL_SETTINGS[name] if kernels else {})),
+        patched(dkm_mod, **DKM_SETTINGS.get(name, {})),
+    ):
         yield
 
 
@@ -300,14 +313,14 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
         with variant(name or "auto"):
             return _run(name, prof_dir if profile else None)
 
-    def _run(name: str | None, prof_dir: Path | None) -> dict:
+    def trainer(name: str | None):
+        """(model, palettizer or None, one training step, prepare seconds): plain training, or
+        DKM under the current variant's settings."""
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         model.load_state_dict(state)
         model = model.to(dev).train()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
         pal = None
         t0 = time.perf_counter()
         if name is not None:
@@ -319,7 +332,6 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
         torch.cuda.synchronize()
         prepare_s = time.perf_counter() - t0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times, losses = [], []
 
         def one() -> Tensor:
             opt.zero_grad(set_to_none=True)
@@ -331,23 +343,58 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
                 pal.step()
             return loss
 
+        return model, pal, one, prepare_s
+
+    def pairs(name: str, n: int) -> dict:
+        """Plain and DKM steps alternated in one process (a plain model and a DKM model side by
+        side): each DKM step next to a plain one, so the machine's drift cancels."""
+        with variant(name):
+            _, _, plain_step, _ = trainer(None)
+            _, _, dkm_step, _ = trainer(name)
+            for _ in range(3):  # warm-up: compiles, captures
+                _cuda_timed(plain_step)
+                _cuda_timed(dkm_step)
+            p_s, d_s = [], []
+            for _ in range(n):
+                p_s.append(_cuda_timed(plain_step)[0])
+                d_s.append(_cuda_timed(dkm_step)[0])
+        res = {
+            "plain_step_s": statistics.median(p_s),
+            "dkm_step_s": statistics.median(d_s),
+            "step_ratio": statistics.median(d_s) / statistics.median(p_s),
+            "pair_ratio_median": statistics.median([d / p for d, p in zip(d_s, p_s)]),
+        }
+        plain_step = dkm_step = None
+        torch.cuda.empty_cache()
+        return res
+
+    def _run(name: str | None, prof_dir: Path | None) -> dict:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        model, pal, one, prepare_s = trainer(name)
+        times, losses = [], []
+
         for _ in range(steps):
             secs, loss = _cuda_timed(one)
             times.append(secs)
             losses.append(loss.item())
         peak = torch.cuda.max_memory_allocated() - base_mem
+        # (a CUDA graph's pool stays reserved between steps; reported beside the allocations)
+        peak_reserved = torch.cuda.max_memory_reserved() - base_mem
         res = {
             "prepare_s": prepare_s,
             "first_step_s": times[0],
             "steady_step_s": statistics.median(times[2:]),
             "peak_mem_GiB": peak / 2**30,
+            "peak_reserved_GiB": peak_reserved / 2**30,
             "losses": losses,
         }
         if pal is not None:
             n_pal = sum(1 for n, _ in model.named_modules() if n.endswith("_dkm"))
             res["palettized_weights"] = n_pal
         res["profile"] = _profiled(one, prof_dir, name or "plain")
-        model = opt = pal = None  # frees them (the closure holds the names)
+        model = pal = one = None  # frees them (the step's closure holds the model, optimizer)
         torch.cuda.empty_cache()
         return res
 
@@ -368,19 +415,41 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
         after = out[f"plain_after_{v}"] = run(None, profile=False)
         ref_s = (before["steady_step_s"] + after["steady_step_s"]) / 2
         ref_mem = max(before["peak_mem_GiB"], after["peak_mem_GiB"])
+        ref_res = max(before["peak_reserved_GiB"], after["peak_reserved_GiB"])
         out[f"dkm_{v}"] = ours
-        out[f"plain_ref_{v}"] = {"steady_step_s": ref_s, "peak_mem_GiB": ref_mem}
+        out[f"plain_ref_{v}"] = {
+            "steady_step_s": ref_s,
+            "peak_mem_GiB": ref_mem,
+            "peak_reserved_GiB": ref_res,
+        }
         out[f"step_ratio_{v}"] = ours["steady_step_s"] / ref_s
         out[f"mem_ratio_{v}"] = ours["peak_mem_GiB"] / ref_mem
+        out[f"reserved_ratio_{v}"] = ours["peak_reserved_GiB"] / ref_res
         print(
             f"{v}: step {ours['steady_step_s'] * 1e3:.1f} ms vs plain {ref_s * 1e3:.1f} ms "
             f"({before['steady_step_s'] * 1e3:.1f} before, {after['steady_step_s'] * 1e3:.1f} "
             f"after: {out[f'step_ratio_{v}']:.2f}x), peak {ours['peak_mem_GiB']:.2f} GiB "
-            f"({out[f'mem_ratio_{v}']:.2f}x), prepare + first step "
+            f"({out[f'mem_ratio_{v}']:.2f}x; reserved {ours['peak_reserved_GiB']:.2f} GiB, "
+            f"{out[f'reserved_ratio_{v}']:.2f}x), prepare + first step "
             f"{ours['prepare_s'] + ours['first_step_s']:.2f} s",
             flush=True,
         )
         before = after
+    # the step ratios again, plain and DKM steps alternated (see pairs): robust to the drift
+    for v in variants:
+        try:
+            res = out[f"pairs_{v}"] = pairs(v, steps)
+        except Exception:
+            out[f"pairs_{v}_error"] = traceback.format_exc()
+            print(out[f"pairs_{v}_error"], flush=True)
+            torch.cuda.empty_cache()
+            continue
+        print(
+            f"{v} alternated with plain ({steps} pairs): step {res['dkm_step_s'] * 1e3:.1f} ms "
+            f"vs plain {res['plain_step_s'] * 1e3:.1f} ms: {res['step_ratio']:.2f}x (median of "
+            f"the pairs' ratios {res['pair_ratio_median']:.2f}x)",
+            flush=True,
+        )
     return out
 
 

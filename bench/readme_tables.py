@@ -137,28 +137,95 @@ def _gpu_runs(g: dict) -> list[tuple[str, dict, dict]]:
     ]
 
 
-GPU_RUNS = [  # (result file, what it measured)
-    ("gpu_h200/dkm_gpu_h200", "Triton kernels, run 1"),
-    ("gpu_h200/dkm_gpu_h200_rep", "Triton kernels, run 2 (another H200)"),
-    ("gpu_h100/dkm_gpu_h100", "device layout, before the kernels, run 1"),
-    ("gpu_h100/dkm_gpu_h100_rep", "device layout, before the kernels, run 2"),
-    ("gpu_h100/dkm_gpu_session_start", "before the device layout"),
-    ("dkm_gpu_h200", "an earlier session"),
+# this session's three runs named their variants before the CUDA graphs went off by default:
+# there "auto" replayed the rounds from graphs and "eager" is today's default
+_OLD_K, _NEW_K = "8 warps x 4,096 (before the sweep)", "16 warps x 4,096 / 8,192 (now)"
+GPU_RUNS = [  # (result file, what it measured, {variant: what it ran} where not "auto")
+    (
+        "gpu_h200/dkm_gpu_h200_pairs",
+        "run C",
+        {
+            "auto": "graphs on, kernels " + _NEW_K,
+            "eager": "graphs off (today's default), kernels " + _NEW_K,
+            "oldkernels": "graphs on, kernels " + _OLD_K,
+        },
+    ),
+    (
+        "gpu_h200/dkm_gpu_h200_kernels",
+        "run B",
+        {
+            "auto": "graphs on, kernels 8 warps x 4,096, register sums",
+            "tilesums": "graphs on, kernels " + _OLD_K,
+            "warps16": "graphs on, kernels 16 warps x 4,096, register sums",
+            "eager": "graphs off, kernels 8 warps x 4,096, register sums",
+        },
+    ),
+    (
+        "gpu_h200/dkm_gpu_h200_graphs",
+        "run A",
+        {"auto": "graphs on, kernels " + _OLD_K, "eager": "graphs off, kernels " + _OLD_K},
+    ),
+    ("gpu_h200/dkm_gpu_h200", "Triton kernels, run 1", {}),
+    ("gpu_h200/dkm_gpu_h200_rep", "Triton kernels, run 2 (another H200)", {}),
+    ("gpu_h100/dkm_gpu_h100", "device layout, before the kernels, run 1", {}),
+    ("gpu_h100/dkm_gpu_h100_rep", "device layout, before the kernels, run 2", {}),
+    ("gpu_h100/dkm_gpu_session_start", "before the device layout", {}),
+    ("dkm_gpu_h200", "an earlier session", {}),
 ]
+
+
+def _gpu_files():
+    """(result, the first two cells of a row of variant v) per GPU_RUNS file with LLaMA runs."""
+    for name, what, labels in GPU_RUNS:
+        g = _load(name)
+        if not g or not g.get("llama"):
+            continue
+
+        def head(v: str, g=g, what=what, labels=labels) -> list[str]:
+            if v in labels:
+                label = f"{what}: {labels[v]}"
+            else:
+                label = what + ("" if v == "auto" else f" (engine variant {v})")
+            return [g["device"].replace("NVIDIA ", ""), label]
+
+        yield g, head
+
+
+def gpu_pairs() -> str:
+    """The runs that also alternated plain and DKM steps (bench/dkm_gpu.py's pairs)."""
+    rows = []
+    for g, head in _gpu_files():
+        for v in g.get("variants", []):
+            res = g["llama"].get(f"pairs_{v}")
+            if res is None:
+                continue
+            rows.append(
+                [
+                    *head(v),
+                    f"{1e3 * res['plain_step_s']:.1f}",
+                    f"{1e3 * res['dkm_step_s']:.1f}",
+                    f"{res['step_ratio']:.2f}x",
+                    f"{res['pair_ratio_median']:.2f}x",
+                ]
+            )
+    if not rows:
+        return "(no alternated GPU runs)"
+    header = ["card", "code", "plain ms/step", "DKM ms/step", "step ratio", "median pair ratio"]
+    return (
+        "The same runs' step times with plain and DKM steps alternated in one process (a plain "
+        "and a DKM model side by side, 30 pairs after 3 warm-up pairs; medians), which the "
+        "machine's drift cannot bias:\n\n" + _table(header, rows)
+    )
 
 
 def gpu() -> str:
     """The GPU LLaMA DKM runs: step time and peak memory against plain training."""
     rows, checks = [], None
-    for name, what in GPU_RUNS:
-        g = _load(name)
-        if not g or not g.get("llama"):
-            continue
+    for g, head in _gpu_files():
         for v, dkm_run, plain in _gpu_runs(g):
             rows.append(
                 [
-                    g["device"].replace("NVIDIA ", ""),
-                    what + ("" if v == "auto" else f" (engine variant {v})"),
+                    *head(v),
                     f"{1e3 * plain['steady_step_s']:.1f}",
                     f"{1e3 * dkm_run['steady_step_s']:.1f}",
                     f"{dkm_run['steady_step_s'] / plain['steady_step_s']:.2f}x",
@@ -190,6 +257,9 @@ def gpu() -> str:
         "kernels), else the one plain run before all DKM runs of the process; first step: "
         "with Triton's compilation of the kernels (cold cache):\n\n" + _table(header, rows)
     )
+    pairs = gpu_pairs()
+    if rows and not pairs.startswith("(no"):
+        out += "\n\n" + pairs
     if checks:
         ok = sum(c["ok"] for c in checks[1])
         out += (

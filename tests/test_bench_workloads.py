@@ -220,22 +220,29 @@ def test_dkm_accuracy_records_every_batch_order():
 
 def test_gpu_bench_variants_set_and_restore_engine_settings():
     # bench/dkm_gpu.py runs each engine variant under module settings (the kernels' too, for
-    # "wide"); after a variant, also one that raised, the defaults are back for the next run
+    # "oldkernels"); after a variant, also one that raised, the defaults are back for the next run
     from bench import dkm_gpu as G
     from lightning_palettize import soft_kmeans as sk
 
     kernels = sk._triton()
     if kernels is None:
         pytest.skip("no Triton")
-    default = (kernels._NUM_WARPS, kernels._TILE_ENTRIES, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES)
-    with G.variant("wide"):
-        assert (kernels._NUM_WARPS, kernels._TILE_ENTRIES) == (16, 8192)
-        fill = sk._FULL_TABLES_FILL
-        assert fill == default[2]
+
+    from lightning_palettize.palettizers import dkm as dkm_mod
+
+    def settings():
+        return (kernels._LAUNCH, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES, dkm_mod._ROUND_GRAPHS)
+
+    default = settings()
+    with G.variant("oldkernels"):
+        assert kernels._LAUNCH == {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}
+        assert default[1] == sk._FULL_TABLES_FILL
+    with G.variant("graphs"):
+        assert dkm_mod._ROUND_GRAPHS is True
+        assert kernels._LAUNCH is default[0]
     with pytest.raises(RuntimeError, match="inside"), G.variant("compact"):
         assert sk._FULL_TABLES_FILL == 0.0
         raise RuntimeError("inside")
     with G.variant("torchloop"):
         assert not sk._TRITON_DEVICES
-    now = (kernels._NUM_WARPS, kernels._TILE_ENTRIES, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES)
-    assert now == default
+    assert settings() == default
