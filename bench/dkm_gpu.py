@@ -60,10 +60,14 @@ VARIANTS = {
     # "auto" with the fused kernels at their launch settings before bench/dkm_kernels.py's
     # sweep (8 warps, 4,096-entry tiles, sums reduced per tile)
     "oldkernels": {},
+    # "auto" with each row's codes split over programs in chunks of 8,192 (a launch per pass;
+    # the kernels are latency-bound at one program per row): not timed yet
+    "split": {},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
 KERNEL_SETTINGS = {
     "oldkernels": {"_LAUNCH": {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}},
+    "split": {"_SPLIT_CODES": 8192},
 }
 # settings of lightning_palettize.palettizers.dkm per variant
 DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}}

@@ -5,8 +5,9 @@ Linear weights at 4 bits per tensor (85 rows of 65,536 codes, K = 16, 3 iteratio
 DKMPalettizer defaults), centroids from each weight's quantiles. Each setting is
 ``WARPSxTILE:SUMS[:STAGES]`` (warps per program, (code, centroid) entries per tile, the sums per
 tile slot in registers "acc" or reduced per tile "tile", software-pipelining stages of the tile
-loops), the same for both kernels, or "default" (_dkm_triton._LAUNCH); its results are checked
-against the first setting's. Each kernel timed with CUDA events (median of ``--reps``).
+loops), the same for both kernels, or "default" (_dkm_triton._LAUNCH), optionally with "/N":
+each row's codes split in chunks of N over programs (_dkm_triton._SPLIT_CODES); its results are
+checked against the first setting's. Each kernel timed with CUDA events (median of ``--reps``).
 
     python bench/dkm_kernels.py [--configs 8x4096:tile,8x4096:acc,...] [--out FILE]
     python bench/dkm_kernels.py --small       (4 small rows: a dry run, e.g. in Triton's
@@ -30,8 +31,12 @@ from lightning_palettize import soft_kmeans as sk  # noqa: E402
 
 # WARPSxTILE:SUMS[:STAGES], the same for both kernels, or "default" (_dkm_triton._LAUNCH: the
 # forward at 16x4096:acc, the backward at 16x8192:tile, from the H200 sweeps in
-# bench/results/gpu_h200/dkm_kernels*.json). The pipelined ones (:2) are not timed yet.
-DEFAULT_CONFIGS = "default,8x4096:tile,16x8192:tile,16x4096:acc,16x8192:tile:2,16x4096:acc:2"
+# bench/results/gpu_h200/dkm_kernels*.json); "/N": rows split in chunks of N codes over
+# programs (_SPLIT_CODES). The pipelined (:2) and split ones are not timed yet.
+DEFAULT_CONFIGS = (
+    "default,default/16384,default/8192,default/4096,default/2048,8x4096:tile,"
+    "16x8192:tile:2,16x4096:acc:2"
+)
 
 
 def llama_weights(device: torch.device, small: bool) -> list[torch.Tensor]:
@@ -109,14 +114,16 @@ def main() -> None:
         "codes": v.shape[1],
         "configs": {},
     }
-    saved = kernels._LAUNCH
+    saved, saved_split = kernels._LAUNCH, kernels._SPLIT_CODES
     ref = None
     try:
         for spec in args.configs.split(","):
-            if spec == "default":
+            launch, _, split = spec.partition("/")
+            kernels._SPLIT_CODES = int(split or 0)
+            if launch == "default":
                 kernels._LAUNCH = saved
             else:
-                shape, sums, *stages = spec.split(":")
+                shape, sums, *stages = launch.split(":")
                 warps, tile = (int(x) for x in shape.split("x"))
                 one = (warps, tile, sums == "acc", int(stages[0]) if stages else 1)
                 kernels._LAUNCH = {"fwd": one, "bwd": one}
@@ -144,7 +151,7 @@ def main() -> None:
             out["configs"][spec] = row
             print(spec, {key: round(val, 4) for key, val in row.items()}, flush=True)
     finally:
-        kernels._LAUNCH = saved
+        kernels._LAUNCH, kernels._SPLIT_CODES = saved, saved_split
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("wrote", args.out)

@@ -91,6 +91,192 @@ def _tile(
     return offs, um, vv, ww, p, att, dmin, diff
 
 
+# -- the passes over a row's codes lo .. hi (a whole row, or a chunk of it when split) --------
+
+
+@triton.jit
+def _fwd_sums(
+    v_ptr, m_ptr, row, lo, hi, c, kidx, kmask, factor, prune, zinv, zt,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, TEST: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """One iteration's sums over codes lo .. hi for centroids c: sum_u A m (v - c), sum_u A m
+    [KP] float64, and the inertia's terms per tile slot [BU] float64 (with TEST)."""
+    s0 = tl.zeros([KP], dtype=tl.float64)
+    s1 = tl.zeros([KP], dtype=tl.float64)
+    if ACC:  # per tile slot, reduced after the pass
+        a0 = tl.zeros([BU, KP], dtype=tl.float64)
+        a1 = tl.zeros([BU, KP], dtype=tl.float64)
+    inertia = tl.zeros([BU], dtype=tl.float64)
+    for a in tl.range(lo, hi, BU, num_stages=STAGES):
+        _, _, _, mm, _, att, dmin, diff = _tile(
+            v_ptr, m_ptr, row, a, hi, c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        w = att * mm[:, None]
+        if ACC:
+            a0 += (w * diff).to(tl.float64)
+            a1 += w.to(tl.float64)
+        else:
+            s0 += tl.sum((w * diff).to(tl.float64), axis=0)
+            s1 += tl.sum(w.to(tl.float64), axis=0)
+        if TEST:
+            inertia += dmin.to(tl.float64) * mm.to(tl.float64)
+    if ACC:
+        s0 = tl.sum(a0, axis=0)
+        s1 = tl.sum(a1, axis=0)
+    return s0, s1, inertia
+
+
+@triton.jit
+def _fwd_step(c, s0, s1, inertia, t, T, eps, active, prev_in, kidx, EZ: tl.constexpr,
+              TEST: tl.constexpr):  # fmt: skip
+    """Iteration t's centroid update from its sums and the early-stopping test on its float32
+    inertia (the sum of ``inertia``): (new centroids, prev_c = c, last_c = new, last_it = t,
+    raw update, masses, active, prev_in)."""
+    cur = tl.sum(inertia, axis=0).to(tl.float32)
+    mass = s1.to(tl.float32)
+    raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
+    new = raw
+    if EZ:
+        new = tl.where(kidx == 0, 0.0, raw)
+    if TEST:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if t + 1 < T:
+            if t > 0:
+                active = (tl.abs(cur - prev_in) > eps).to(tl.int32)
+            prev_in = cur
+    last_it = t + tl.zeros([], dtype=tl.int32)  # (a tensor in the interpreter too)
+    return new, c, new, last_it, raw, mass, active, prev_in
+
+
+@triton.jit
+def _fwd_out(
+    v_ptr, y_ptr, row, lo, hi, prev_c, last_c, kidx, kmask, factor, prune, zinv, zt,
+    BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr, CLAMP: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """The output over codes lo .. hi: attention of prev_c, values last_c."""
+    for a in tl.range(lo, hi, BU, num_stages=STAGES):
+        offs, um, _, _, _, att, _, _ = _tile(
+            v_ptr, v_ptr, row, a, hi, prev_c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        tl.store(y_ptr + row + offs, tl.sum(att * last_c[None, :], axis=1), mask=um)
+
+
+@triton.jit
+def _bwd_last(
+    v_ptr, gs_ptr, row, lo, hi, prev_c, kidx, kmask, factor, prune, zinv, zt,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """d loss / d (the output's centroids) over codes lo .. hi: sum_u gsum_u A_uk, A from
+    prev_c [KP] float64."""
+    d_last = tl.zeros([KP], dtype=tl.float64)
+    if ACC:  # (as in _fwd_sums)
+        a_last = tl.zeros([BU, KP], dtype=tl.float64)
+    for a in tl.range(lo, hi, BU, num_stages=STAGES):
+        _, _, _, gg, _, att, _, _ = _tile(
+            v_ptr, gs_ptr, row, a, hi, prev_c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        if ACC:
+            a_last += (att * gg[:, None]).to(tl.float64)
+        else:
+            d_last += tl.sum((att * gg[:, None]).to(tl.float64), axis=0)
+    if ACC:
+        d_last = tl.sum(a_last, axis=0)
+    return d_last
+
+
+@triton.jit
+def _bwd_state(
+    c_hist, raw_hist, mass_hist, t, G, g, K, kidx, kmask, prev_c, with_out, grad_c,
+    EZ: tl.constexpr,
+):  # fmt: skip
+    """Iteration t's centroids (prev_c for the output's iteration) and raw update from the
+    forward's history, and (s_hat, g_in): the gradient grad_c of its new centroids through the
+    update's division by the mass, and the part that passes straight to its input centroids."""
+    c = tl.load(c_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+    c = tl.where(with_out, prev_c, c)
+    raw = tl.load(raw_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+    mass = tl.load(mass_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
+    gn = grad_c
+    if EZ:
+        gn = tl.where(kidx == 0, 0.0, gn)
+    filled = mass > 0.0
+    s_hat = tl.where(filled, gn / tl.where(filled, mass, 1.0), 0.0)
+    g_in = tl.where(filled, 0.0, gn)
+    return c, raw, s_hat, g_in
+
+
+@triton.jit
+def _bwd_sweep(
+    v_ptr, m_ptr, gs_ptr, h_ptr, r_ptr, row, lo, hi, c, s_hat, raw, last_c, with_out,
+    kidx, kmask, factor, prune, zinv, zt, two,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """One iteration's backward over codes lo .. hi: adds each code's r, writes its h (the
+    output's iteration, ``with_out``), returns the sums for the centroid gradient (acc, acc_o)
+    [KP] float64."""
+    srk = s_hat * raw
+    acc = tl.zeros([KP], dtype=tl.float64)
+    acc_o = tl.zeros([KP], dtype=tl.float64)
+    if ACC:
+        b_acc = tl.zeros([BU, KP], dtype=tl.float64)
+        b_out = tl.zeros([BU, KP], dtype=tl.float64)
+    for a in tl.range(lo, hi, BU, num_stages=STAGES):
+        offs, um, vv, mm, p, att, _, diff = _tile(
+            v_ptr, m_ptr, row, a, hi, c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP,
+        )  # fmt: skip
+        keep0 = tl.full([BU, KP], 1.0, tl.float32)
+        if KZ:  # slot 0's logit is a constant for a non-zero code
+            keep0 = tl.where((kidx == 0)[None, :] & (vv != 0.0)[:, None], 0.0, 1.0)
+        gr = vv[:, None] * s_hat[None, :] - srk[None, :]
+        if CLAMP:
+            gr = tl.where(p < zt, 0.0, gr)
+        direct = tl.sum(s_hat[None, :] * att, axis=1)
+        dot = tl.sum(gr * p, axis=1)
+        e = p * (gr - dot[:, None]) * keep0 * diff
+        if ACC:
+            b_acc += (e * mm[:, None]).to(tl.float64)
+        else:
+            acc += tl.sum((e * mm[:, None]).to(tl.float64), axis=0)
+        r_old = tl.load(r_ptr + row + offs, mask=um, other=0.0)
+        tl.store(r_ptr + row + offs, r_old + (direct - two * tl.sum(e, axis=1)), mask=um)
+        if with_out:
+            gg = tl.load(gs_ptr + row + offs, mask=um, other=0.0)
+            lk = tl.broadcast_to(last_c[None, :], [BU, KP])
+            if CLAMP:
+                lk = tl.where(p < zt, 0.0, lk)
+            dot_o = tl.sum(lk * p, axis=1)
+            e_o = p * (lk - dot_o[:, None]) * keep0 * diff
+            if ACC:
+                b_out += (e_o * gg[:, None]).to(tl.float64)
+            else:
+                acc_o += tl.sum((e_o * gg[:, None]).to(tl.float64), axis=0)
+            tl.store(h_ptr + row + offs, -two * tl.sum(e_o, axis=1), mask=um)
+    if ACC:
+        acc = tl.sum(b_acc, axis=0)
+        if with_out:
+            acc_o = tl.sum(b_out, axis=0)
+    return acc, acc_o
+
+
+@triton.jit
+def _bwd_next(g_in, acc, acc_o, two, with_out):
+    """The gradient of the previous iteration's centroids (the input of this one)."""
+    grad_c = g_in + (two * acc).to(tl.float32)
+    if with_out:
+        grad_c = grad_c + (two * acc_o).to(tl.float32)
+    return grad_c
+
+
+# -- one program per row ------------------------------------------------------------------------
+
+
 @triton.jit
 def _fwd_loop(
     v_ptr, m_ptr, c0_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
@@ -118,56 +304,22 @@ def _fwd_loop(
         raw = c
         mass = tl.zeros([KP], dtype=tl.float32)
         if active != 0:
-            s0 = tl.zeros([KP], dtype=tl.float64)
-            s1 = tl.zeros([KP], dtype=tl.float64)
-            if ACC:  # per tile slot, reduced after the pass
-                a0 = tl.zeros([BU, KP], dtype=tl.float64)
-                a1 = tl.zeros([BU, KP], dtype=tl.float64)
-            inertia = tl.zeros([BU], dtype=tl.float64)
-            for a in tl.range(0, U, BU, num_stages=STAGES):
-                _, _, _, mm, _, att, dmin, diff = _tile(
-                    v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
-                    BU, PRUNE, KZ, CLAMP,
-                )  # fmt: skip
-                w = att * mm[:, None]
-                if ACC:
-                    a0 += (w * diff).to(tl.float64)
-                    a1 += w.to(tl.float64)
-                else:
-                    s0 += tl.sum((w * diff).to(tl.float64), axis=0)
-                    s1 += tl.sum(w.to(tl.float64), axis=0)
-                if TEST:
-                    inertia += dmin.to(tl.float64) * mm.to(tl.float64)
-            if ACC:
-                s0 = tl.sum(a0, axis=0)
-                s1 = tl.sum(a1, axis=0)
-            mass = s1.to(tl.float32)
-            raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
-            new = raw
-            if EZ:
-                new = tl.where(kidx == 0, 0.0, raw)
-            prev_c = c
-            last_c = new
-            last_it = t
-            c = new
-            if TEST:  # noqa: SIM102 (a compile-time branch around a run-time one)
-                if t + 1 < T:
-                    cur = tl.sum(inertia, axis=0).to(tl.float32)
-                    if t > 0:
-                        active = (tl.abs(cur - prev_in) > eps).to(tl.int32)
-                    prev_in = cur
+            s0, s1, inertia = _fwd_sums(
+                v_ptr, m_ptr, row, 0, U, c, kidx, kmask, factor, prune, zinv, zt,
+                KP, BU, PRUNE, KZ, CLAMP, TEST, ACC, STAGES,
+            )  # fmt: skip
+            c, prev_c, last_c, last_it, raw, mass, active, prev_in = _fwd_step(
+                c, s0, s1, inertia, t, T, eps, active, prev_in, kidx, EZ, TEST
+            )
         tl.store(raw_hist + (t * G + g) * K + kidx, raw, mask=kmask)
         tl.store(mass_hist + (t * G + g) * K + kidx, mass, mask=kmask)
     tl.store(last_it_ptr + g, last_it.to(tl.int64))
     tl.store(prev_c_ptr + g * K + kidx, prev_c, mask=kmask)
     tl.store(last_c_ptr + g * K + kidx, last_c, mask=kmask)
-    # the output: attention of prev_c, values last_c
-    for a in tl.range(0, U, BU, num_stages=STAGES):
-        offs, um, _, _, _, att, _, _ = _tile(
-            v_ptr, v_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
-            BU, PRUNE, KZ, CLAMP,
-        )  # fmt: skip
-        tl.store(y_ptr + row + offs, tl.sum(att * last_c[None, :], axis=1), mask=um)
+    _fwd_out(
+        v_ptr, y_ptr, row, 0, U, prev_c, last_c, kidx, kmask, factor, prune, zinv, zt,
+        BU, PRUNE, KZ, CLAMP, STAGES,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -184,81 +336,177 @@ def _bwd_loop(
     n = tl.load(last_it_ptr + g).to(tl.int32)
     prev_c = tl.load(prev_c_ptr + g * K + kidx, mask=kmask, other=0.0)
     last_c = tl.load(last_c_ptr + g * K + kidx, mask=kmask, other=0.0)
-    # d loss / d (the output's centroids): sum_u gsum_u A_uk, A from prev_c
-    d_last = tl.zeros([KP], dtype=tl.float64)
-    if ACC:  # (as in _fwd_loop)
-        a_last = tl.zeros([BU, KP], dtype=tl.float64)
-    for a in tl.range(0, U, BU, num_stages=STAGES):
-        _, _, _, gg, _, att, _, _ = _tile(
-            v_ptr, gs_ptr, row, a, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
-            BU, PRUNE, KZ, CLAMP,
-        )  # fmt: skip
-        if ACC:
-            a_last += (att * gg[:, None]).to(tl.float64)
-        else:
-            d_last += tl.sum((att * gg[:, None]).to(tl.float64), axis=0)
-    if ACC:
-        d_last = tl.sum(a_last, axis=0)
+    d_last = _bwd_last(
+        v_ptr, gs_ptr, row, 0, U, prev_c, kidx, kmask, factor, prune, zinv, zt,
+        KP, BU, PRUNE, KZ, CLAMP, ACC, STAGES,
+    )  # fmt: skip
     grad_c = d_last.to(tl.float32)  # the last iteration's d loss / d new
     for i in range(0, n + 1):
         t = n - i
         with_out = i == 0
-        c = tl.load(c_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
-        c = tl.where(with_out, prev_c, c)
-        raw = tl.load(raw_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
-        mass = tl.load(mass_hist + (t * G + g) * K + kidx, mask=kmask, other=0.0)
-        gn = grad_c
-        if EZ:
-            gn = tl.where(kidx == 0, 0.0, gn)
-        filled = mass > 0.0
-        s_hat = tl.where(filled, gn / tl.where(filled, mass, 1.0), 0.0)
-        g_in = tl.where(filled, 0.0, gn)
-        srk = s_hat * raw
-        acc = tl.zeros([KP], dtype=tl.float64)
-        acc_o = tl.zeros([KP], dtype=tl.float64)
-        if ACC:
-            b_acc = tl.zeros([BU, KP], dtype=tl.float64)
-            b_out = tl.zeros([BU, KP], dtype=tl.float64)
-        for a in tl.range(0, U, BU, num_stages=STAGES):
-            offs, um, vv, mm, p, att, _, diff = _tile(
-                v_ptr, m_ptr, row, a, U, c, kidx, kmask, factor, prune, zinv, zt,
-                BU, PRUNE, KZ, CLAMP,
-            )  # fmt: skip
-            keep0 = tl.full([BU, KP], 1.0, tl.float32)
-            if KZ:  # slot 0's logit is a constant for a non-zero code
-                keep0 = tl.where((kidx == 0)[None, :] & (vv != 0.0)[:, None], 0.0, 1.0)
-            gr = vv[:, None] * s_hat[None, :] - srk[None, :]
-            if CLAMP:
-                gr = tl.where(p < zt, 0.0, gr)
-            direct = tl.sum(s_hat[None, :] * att, axis=1)
-            dot = tl.sum(gr * p, axis=1)
-            e = p * (gr - dot[:, None]) * keep0 * diff
-            if ACC:
-                b_acc += (e * mm[:, None]).to(tl.float64)
+        c, raw, s_hat, g_in = _bwd_state(
+            c_hist, raw_hist, mass_hist, t, G, g, K, kidx, kmask, prev_c, with_out, grad_c, EZ
+        )
+        acc, acc_o = _bwd_sweep(
+            v_ptr, m_ptr, gs_ptr, h_ptr, r_ptr, row, 0, U, c, s_hat, raw, last_c, with_out,
+            kidx, kmask, factor, prune, zinv, zt, two,
+            KP, BU, PRUNE, KZ, CLAMP, ACC, STAGES,
+        )  # fmt: skip
+        grad_c = _bwd_next(g_in, acc, acc_o, two, with_out)
+
+
+# -- split rows: a row's codes over several programs ------------------------------------------
+# One program per row walks 65,536 codes per pass at ~3.8 us a tile: with 85 rows on 132 SMs
+# the kernels are latency-bound. Split, each row's codes are cut in chunks of _SPLIT_CODES, one
+# program per (row, chunk), one launch per pass: a program writes its chunk's float64 partial
+# sums, and the next launch's programs each add up the row's partials (in chunk order, so all
+# of a row's programs get the same centroids) and replay the per-row recurrence (centroid
+# update, early stopping; in backward the centroid gradient) from them. 0: off.
+_SPLIT_CODES = 0
+
+
+@triton.jit
+def _replay_fwd(
+    part, part_in, c0_ptr, c_hist, raw_hist, mass_hist, g, G, P, K, T, t_end, eps, sel,
+    kidx, kmask, KP: tl.constexpr, EZ: tl.constexpr, TEST: tl.constexpr,
+):  # fmt: skip
+    """_fwd_loop's iteration state after iterations 0 .. t_end - 1 from their partial sums
+    (part [T, G, P, 2, KP], part_in [T, G, P] float64): (c, prev_c, last_c, last_it, active).
+    With ``sel`` == 0 (an integer) also write those iterations' c_hist / raw_hist / mass_hist
+    entries."""
+    store = kmask & (tl.zeros([KP], tl.int64) + sel == 0)  # (a vector: the interpreter's
+    # scalar-and-vector & gives ints, which it refuses as a mask)
+    c = tl.load(c0_ptr + g * K + kidx, mask=kmask, other=0.0)
+    prev_c = c + 0.0  # (copies: see _fwd_loop)
+    last_c = c + 0.0
+    active = 1
+    last_it = 0
+    prev_in = 0.0
+    for t in range(0, t_end):
+        tl.store(c_hist + (t * G + g) * K + kidx, c, mask=store)
+        raw = c
+        mass = tl.zeros([KP], dtype=tl.float32)
+        if active != 0:
+            s0 = tl.zeros([KP], dtype=tl.float64)
+            s1 = tl.zeros([KP], dtype=tl.float64)
+            inertia = tl.zeros([1], dtype=tl.float64)
+            for q in range(0, P):
+                base = ((t * G + g) * P + q).to(tl.int64)
+                s0 += tl.load(part + base * 2 * KP + kidx)
+                s1 += tl.load(part + base * 2 * KP + KP + kidx)
+                if TEST:
+                    inertia += tl.load(part_in + base + tl.arange(0, 1))
+            c, prev_c, last_c, last_it, raw, mass, active, prev_in = _fwd_step(
+                c, s0, s1, inertia, t, T, eps, active, prev_in, kidx, EZ, TEST
+            )
+        tl.store(raw_hist + (t * G + g) * K + kidx, raw, mask=store)
+        tl.store(mass_hist + (t * G + g) * K + kidx, mass, mask=store)
+    return c, prev_c, last_c, last_it, active
+
+
+@triton.jit
+def _chunk(K, U, CH, KP: tl.constexpr):
+    """This program's row g and chunk p, the centroid slots and their mask, the row's offset
+    and the chunk's codes lo .. hi."""
+    g = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    kidx = tl.arange(0, KP)
+    lo = p * CH
+    return g, p, kidx, kidx < K, g * U, lo, tl.minimum(lo + CH, U)
+
+
+@triton.jit
+def _fwd_pass(
+    v_ptr, m_ptr, c0_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
+    y_ptr, part, part_in, G, U, K, T, P, CH, t_now, factor, prune, zinv, zt, eps,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr, TEST: tl.constexpr, ACC: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """Iteration t_now (< T) of every row on chunk p of its codes: the chunk's partial sums; or,
+    with t_now == T, the output on the chunk (and, chunk 0, the row's state and history)."""
+    g, p, kidx, kmask, row, lo, hi = _chunk(K, U, CH, KP)
+    # (the history is written by chunk 0 of the output launch: p + T - t_now == 0)
+    c, prev_c, last_c, last_it, active = _replay_fwd(
+        part, part_in, c0_ptr, c_hist, raw_hist, mass_hist, g, G, P, K, T, t_now, eps,
+        p + (T - t_now), kidx, kmask, KP, EZ, TEST,
+    )  # fmt: skip
+    if t_now == T:
+        if p == 0:
+            tl.store(last_it_ptr + g, last_it.to(tl.int64))
+            tl.store(prev_c_ptr + g * K + kidx, prev_c, mask=kmask)
+            tl.store(last_c_ptr + g * K + kidx, last_c, mask=kmask)
+        _fwd_out(
+            v_ptr, y_ptr, row, lo, hi, prev_c, last_c, kidx, kmask, factor, prune, zinv, zt,
+            BU, PRUNE, KZ, CLAMP, STAGES,
+        )  # fmt: skip
+    elif active != 0:
+        s0, s1, inertia = _fwd_sums(
+            v_ptr, m_ptr, row, lo, hi, c, kidx, kmask, factor, prune, zinv, zt,
+            KP, BU, PRUNE, KZ, CLAMP, TEST, ACC, STAGES,
+        )  # fmt: skip
+        base = (t_now * G + g) * P + p
+        tl.store(part + base * 2 * KP + kidx, s0)
+        tl.store(part + base * 2 * KP + KP + kidx, s1)
+        tl.store(
+            part_in + base + tl.arange(0, 1), tl.sum(inertia, axis=0) + tl.zeros([1], tl.float64)
+        )
+
+
+@triton.jit
+def _bwd_pass(
+    v_ptr, m_ptr, gs_ptr, c_hist, raw_hist, mass_hist, last_it_ptr, prev_c_ptr, last_c_ptr,
+    h_ptr, r_ptr, part, G, U, K, T, P, CH, i_now, factor, prune, zinv, zt, two,
+    KP: tl.constexpr, BU: tl.constexpr, PRUNE: tl.constexpr, KZ: tl.constexpr,
+    CLAMP: tl.constexpr, EZ: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Pass i_now of _bwd_loop on chunk p of each row: i_now == -1 the output's centroid
+    gradient (partials in slot 0 of part [T + 2, G, P, KP]), i_now = i >= 0 the backward of
+    iteration last_it - i (partials in slot i + 1; the output term of pass 0 in slot T + 1),
+    writing the chunk's r (and h in pass 0). grad_c replayed from the earlier passes' partials."""
+    g, p, kidx, kmask, row, lo, hi = _chunk(K, U, CH, KP)
+    n = tl.load(last_it_ptr + g).to(tl.int32)
+    prev_c = tl.load(prev_c_ptr + g * K + kidx, mask=kmask, other=0.0)
+    last_c = tl.load(last_c_ptr + g * K + kidx, mask=kmask, other=0.0)
+    if i_now < 0:
+        d_last = _bwd_last(
+            v_ptr, gs_ptr, row, lo, hi, prev_c, kidx, kmask, factor, prune, zinv, zt,
+            KP, BU, PRUNE, KZ, CLAMP, ACC, STAGES,
+        )  # fmt: skip
+        tl.store(part + (g * P + p) * KP + kidx, d_last)
+    elif i_now <= n:
+        d_last = tl.zeros([KP], dtype=tl.float64)
+        for q in range(0, P):
+            d_last += tl.load(part + (g * P + q) * KP + kidx)
+        grad_c = d_last.to(tl.float32)
+        for i in range(0, i_now + 1):  # the passes before i_now replayed, then i_now itself
+            t = n - i
+            with_out = i == 0
+            c, raw, s_hat, g_in = _bwd_state(
+                c_hist, raw_hist, mass_hist, t, G, g, K, kidx, kmask, prev_c, with_out, grad_c, EZ
+            )
+            acc = tl.zeros([KP], dtype=tl.float64)
+            acc_o = tl.zeros([KP], dtype=tl.float64)
+            if i < i_now:
+                for q in range(0, P):
+                    acc += tl.load(part + (((i + 1) * G + g) * P + q) * KP + kidx)
+                    if with_out:
+                        acc_o += tl.load(part + (((T + 1) * G + g) * P + q) * KP + kidx)
             else:
-                acc += tl.sum((e * mm[:, None]).to(tl.float64), axis=0)
-            r_old = tl.load(r_ptr + row + offs, mask=um, other=0.0)
-            tl.store(r_ptr + row + offs, r_old + (direct - two * tl.sum(e, axis=1)), mask=um)
-            if with_out:
-                gg = tl.load(gs_ptr + row + offs, mask=um, other=0.0)
-                lk = tl.broadcast_to(last_c[None, :], [BU, KP])
-                if CLAMP:
-                    lk = tl.where(p < zt, 0.0, lk)
-                dot_o = tl.sum(lk * p, axis=1)
-                e_o = p * (lk - dot_o[:, None]) * keep0 * diff
-                if ACC:
-                    b_out += (e_o * gg[:, None]).to(tl.float64)
-                else:
-                    acc_o += tl.sum((e_o * gg[:, None]).to(tl.float64), axis=0)
-                tl.store(h_ptr + row + offs, -two * tl.sum(e_o, axis=1), mask=um)
-        if ACC:
-            acc = tl.sum(b_acc, axis=0)
-            if with_out:
-                acc_o = tl.sum(b_out, axis=0)
-        dc = (two * acc).to(tl.float32)
-        grad_c = g_in + dc
-        if with_out:
-            grad_c = grad_c + (two * acc_o).to(tl.float32)
+                acc, acc_o = _bwd_sweep(
+                    v_ptr, m_ptr, gs_ptr, h_ptr, r_ptr, row, lo, hi, c, s_hat, raw, last_c,
+                    with_out, kidx, kmask, factor, prune, zinv, zt, two,
+                    KP, BU, PRUNE, KZ, CLAMP, ACC, STAGES,
+                )  # fmt: skip
+                tl.store(part + (((i + 1) * G + g) * P + p) * KP + kidx, acc)
+                if with_out:
+                    tl.store(part + (((T + 1) * G + g) * P + p) * KP + kidx, acc_o)
+            grad_c = _bwd_next(g_in, acc, acc_o, two, with_out)
+
+
+def _split(u: int) -> int:
+    """Codes per program for rows of u codes (0: one program per row)."""
+    return _SPLIT_CODES if 0 < _SPLIT_CODES < u else 0
 
 
 def _shapes(k: int, tile: int) -> tuple[int, int]:
@@ -296,6 +544,18 @@ def fwd_loop(v: Tensor, m: Tensor, c: Tensor, ct: tuple, max_iter: int, epsilon:
     prev_c, last_c = v.new_empty(g, k), v.new_empty(g, k)
     last_it = torch.empty(g, dtype=torch.int64, device=v.device)
     y = v.new_empty(g, u)
+    ch = _split(u)
+    if ch:
+        pn = triton.cdiv(u, ch)
+        part = torch.empty(max_iter, g, pn, 2, consts["KP"], dtype=torch.float64, device=v.device)
+        part_in = torch.empty(max_iter, g, pn, dtype=torch.float64, device=v.device)
+        for t in range(max_iter + 1):  # the iterations, then the output
+            _fwd_pass[(g, pn)](
+                v, m, c, c_hist, raw_hist, mass_hist, last_it, prev_c, last_c, y, part, part_in,
+                g, u, k, max_iter, pn, ch, t, *scalars, epsilon,
+                TEST=epsilon >= 0 and max_iter > 1, **consts,
+            )  # fmt: skip
+        return y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist
     _fwd_loop[(g,)](
         v, m, c, c_hist, raw_hist, mass_hist, last_it, prev_c, last_c, y,
         g, u, k, max_iter, *scalars, epsilon,
@@ -312,6 +572,18 @@ def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: boo
     g, u = v.shape
     gsum = gsum.float().contiguous()
     h, r = v.new_zeros(g, u), v.new_zeros(g, u)
+    ch = _split(u)
+    if ch:
+        pn = triton.cdiv(u, ch)
+        t_max = state["c_hist"].shape[0]
+        part = torch.empty(t_max + 2, g, pn, consts["KP"], dtype=torch.float64, device=v.device)
+        for i in range(-1, t_max):  # the output's centroid gradient, then each iteration's
+            _bwd_pass[(g, pn)](
+                v, m, gsum, state["c_hist"], state["raw_hist"], state["mass_hist"],
+                state["last_it"], state["prev_c"], state["last_c"], h, r, part,
+                g, u, k, t_max, pn, ch, i, *scalars, two, **consts,
+            )  # fmt: skip
+        return h, r
     _bwd_loop[(g,)](
         v, m, gsum, state["c_hist"], state["raw_hist"], state["mass_hist"], state["last_it"],
         state["prev_c"], state["last_c"], h, r, g, u, k, *scalars, two, **consts,

@@ -2682,8 +2682,8 @@ class _GraphEntry:
                 "lightning_palettize: backward through a soft k-means round whose CUDA graph "
                 "was replayed since (a second backward with retain_graph=True after a later "
                 "forward): its saved state is overwritten. Run that loop without graphs "
-                "(soft_kmeans_batch(graphs=None); DKMPalettizer: lightning_palettize."
-                "soft_kmeans._GRAPH_DEVICES = frozenset())"
+                "(soft_kmeans_batch(graphs=None); DKMPalettizer: leave lightning_palettize."
+                "palettizers.dkm._ROUND_GRAPHS False, its default)"
             )
 
     def release(self, generation: int) -> None:
@@ -2720,7 +2720,7 @@ def _scalar_kmeans_forward(
     """The computation of :class:`_ScalarKMeans`'s forward: (outputs, new centroids, the
     attributes its backward reads, the tensors it saves). Apart from ``_Fields``, the same
     Python state whatever the values (a round on full code tables reads nothing back), so a
-    CUDA graph of it replays (see _RoundGraphs)."""
+    CUDA graph of it replays (see RoundGraphs)."""
     device = c0.device
     sync_free = _sync_free(device)
     items: list[_ScalarItem] = []

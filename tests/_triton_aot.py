@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 from lightning_palettize import _dkm_triton as kernels
 
-INTS = {"G", "U", "K", "T"}
+INTS = {"G", "U", "K", "T", "P", "CH", "t_now", "i_now"}
 FLOATS = {"factor", "prune", "zinv", "zt", "eps", "two"}
 # what _fwd_loop's loop over iterations carries from one iteration to the next. Triton's front
 # end leaves a name out when the body assigns it the object it held before the loop: with
@@ -52,7 +52,9 @@ def compile_one(fn, consts: dict, arch: int):
         elif name in FLOATS:
             sig[name] = "fp32"
         else:
-            sig[name] = "*i64" if name == "last_it_ptr" else "*fp32"
+            sig[name] = {"last_it_ptr": "*i64", "part": "*fp64", "part_in": "*fp64"}.get(
+                name, "*fp32"
+            )
     names = list(sig)
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}
@@ -91,7 +93,12 @@ def main(archs: list[int]) -> int:
     ]:
         ct = (k, 1.0, 0.5 if prune else 0.0, int(kz), 1.0, int(clamp), 0.0, None)
         for arch in archs:
-            for fn, kernel in ((kernels._fwd_loop, "fwd"), (kernels._bwd_loop, "bwd")):
+            for fn, kernel in (
+                (kernels._fwd_loop, "fwd"),
+                (kernels._bwd_loop, "bwd"),
+                (kernels._fwd_pass, "fwd"),  # (rows split over programs, _SPLIT_CODES)
+                (kernels._bwd_pass, "bwd"),
+            ):
                 consts = kernels._launch_args(ct, ez, kernel)[2]
                 if kernel == "fwd":
                     consts["TEST"] = test

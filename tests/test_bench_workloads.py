@@ -231,12 +231,20 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
     from lightning_palettize.palettizers import dkm as dkm_mod
 
     def settings():
-        return (kernels._LAUNCH, sk._FULL_TABLES_FILL, sk._TRITON_DEVICES, dkm_mod._ROUND_GRAPHS)
+        return (
+            kernels._LAUNCH,
+            kernels._SPLIT_CODES,
+            sk._FULL_TABLES_FILL,
+            sk._TRITON_DEVICES,
+            dkm_mod._ROUND_GRAPHS,
+        )
 
     default = settings()
     with G.variant("oldkernels"):
         assert kernels._LAUNCH == {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}
-        assert default[1] == sk._FULL_TABLES_FILL
+        assert default[2] == sk._FULL_TABLES_FILL
+    with G.variant("split"):
+        assert kernels._SPLIT_CODES == 8192
     with G.variant("graphs"):
         assert dkm_mod._ROUND_GRAPHS is True
         assert kernels._LAUNCH is default[0]

@@ -206,21 +206,21 @@ def _cfg(**kw) -> sk._Cfg:
     return sk._Cfg(**base)
 
 
+# kernel configurations on _segment's data: (the _cfg changes, whether its rows stop apart)
+_CASES = {
+    "dkm": ({}, True),
+    "enforce_zero": (dict(enforce_zero=True), False),
+    "prune": (dict(enforce_zero=True, prune_threshold=1e-6), True),
+    "clamp": (dict(clamp_attention=True), True),
+    "no_stop": (dict(epsilon=-1.0), False),
+    # slot 0 of a non-zero code (D = 1 / zero_threshold) keeps some attention: the
+    # exact-zero rule's softmax-gradient mask matters
+    "exact_zero_soft": (dict(enforce_zero=True, zero_threshold=0.5, tau=0.5, scale=50.0), False),
+}
+
+
 @needs_c
-@pytest.mark.parametrize(
-    "kw, apart",
-    [
-        ({}, True),
-        (dict(enforce_zero=True), False),
-        (dict(enforce_zero=True, prune_threshold=1e-6), True),
-        (dict(clamp_attention=True), True),
-        (dict(epsilon=-1.0), False),
-        # slot 0 of a non-zero code (D = 1 / zero_threshold) keeps some attention: the
-        # exact-zero rule's softmax-gradient mask matters
-        (dict(enforce_zero=True, zero_threshold=0.5, tau=0.5, scale=50.0), False),
-    ],
-    ids=["dkm", "enforce_zero", "prune", "clamp", "no_stop", "exact_zero_soft"],
-)
+@pytest.mark.parametrize("kw, apart", list(_CASES.values()), ids=list(_CASES))
 def test_triton_loop_equals_the_compiled_cpu_loop_group_by_group(kw, apart, kernels, monkeypatch):
     # per group the iterations it ran (early stopping on the float32 inertia test), the
     # centroids before / after its last one, each code's output and its backward (h, r): what
@@ -259,6 +259,40 @@ def test_triton_loop_equals_the_compiled_cpu_loop_group_by_group(kw, apart, kern
     for g, t_last in enumerate(it_c.tolist()):
         for t in range(t_last + 1):
             assert_close(st_t["c_hist"][t, g], st["c_hist"][t, g], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("kw, apart", list(_CASES.values()), ids=list(_CASES))
+def test_rows_split_over_programs_equal_one_program_per_row(kw, apart, kernels, monkeypatch):
+    # _SPLIT_CODES: each row's 700 codes in chunks of 256 (the last one short, the backward's
+    # 512-code tiles masked to the chunk), one program per chunk and a launch per pass, the
+    # row's sums added from the chunks' partials: the same iterations per row (rows 0 and 2
+    # stop early), history, output and backward as one program walking the whole row
+    kw = dict(kw)
+    scale = kw.pop("scale", 1.0)
+    cfg = _cfg(**kw)
+    v, m, c = _segment(3, cfg, scale, ragged=not cfg.clamp_attention)
+    gsum = torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
+    ct = sk._c_cfg(cfg, c.shape[1])
+
+    def run(split: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(kernels, "_SPLIT_CODES", split)
+        assert kernels._split(v.shape[1]) == split
+        vd, md = v.to(DEV), m.to(DEV)
+        out = kernels.fwd_loop(vd, md, c.to(DEV), ct, cfg.max_iter, cfg.epsilon, cfg.enforce_zero)
+        y, prev_c, last_c, last_it, c_hist, raw_hist, mass_hist = out
+        state = dict(v=vd, m=md, c_hist=c_hist, raw_hist=raw_hist, mass_hist=mass_hist,
+                     last_it=last_it, prev_c=prev_c, last_c=last_c)  # fmt: skip
+        h, r = kernels.bwd_loop(state, gsum.to(DEV), ct, 2.0 / cfg.tau, cfg.enforce_zero)
+        return [t.cpu() for t in (last_it, y, prev_c, last_c, c_hist, raw_hist, mass_hist, h, r)]
+
+    one, split = run(0), run(256)
+    assert torch.equal(split[0], one[0])
+    if apart:
+        assert len(set(one[0].tolist())) > 1, one[0]  # the premise: rows stop apart
+    for got, want in zip(split[1:7], one[1:7]):  # (sums in another order: float64 rounding)
+        assert_close(got, want, 1e-6, 1e-7)
+    assert_close(split[7], one[7], 1e-5, 1e-6)
+    assert_close(split[8], one[8], 1e-5, 1e-6)
 
 
 def test_triton_layout_reads_the_host_once(triton_layout):
@@ -382,4 +416,5 @@ def test_kernels_compile_for_cuda_without_a_gpu():
         [sys.executable, str(script), "90"], env=env, capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok _fwd_loop") == res.stdout.count("ok _bwd_loop") == 3, res.stdout
+    for name in ("_fwd_loop", "_bwd_loop", "_fwd_pass", "_bwd_pass"):
+        assert res.stdout.count(f"ok {name}") == 3, res.stdout
