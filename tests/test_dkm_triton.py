@@ -151,6 +151,31 @@ def test_triton_kernels_equal_the_torch_code(variant, triton_layout, monkeypatch
         assert_close(a[2], b[2], 1e-4, 1e-5)
 
 
+def test_split_rows_in_the_engine_equal_one_program_per_row(kernels, triton_layout, monkeypatch):
+    # the batch through soft_kmeans_batch with its longer code rows split over programs
+    # (_SPLIT_CODES 1,024: rows of 1,025+ codes split, shorter ones not): the outputs,
+    # centroids and gradients of one program per row, early stopping per group included
+    xs, cs = small_batch()
+    ws = weights(xs)
+    kw = dict(method="table", max_iter=8, epsilon=1e-7)
+    want = run_batch(xs, cs, ws, **kw)
+    split = []
+    fwd_loop = kernels.fwd_loop
+
+    def spy(v, *args):
+        split.append(kernels._split(v.shape[1]))
+        return fwd_loop(v, *args)
+
+    monkeypatch.setattr(kernels, "fwd_loop", spy)
+    monkeypatch.setattr(kernels, "_SPLIT_CODES", 1024)
+    got = run_batch(xs, cs, ws, **kw)
+    assert 1024 in split, split  # (the premise: some segment was split)
+    for a, b in zip(got, want):
+        assert_close(a[0], b[0], 1e-6, 1e-7)
+        assert_close(a[1], b[1], 1e-6, 1e-6)
+        assert_close(a[2], b[2], 1e-5, 1e-6)
+
+
 @pytest.mark.parametrize("kw", [dict(mode="hard"), dict(mode="gsm"), dict(lut_fn=fp16_ste)])
 def test_configurations_outside_the_kernels_run_the_torch_code(kw, triton_layout, monkeypatch):
     # modes with other attention (one-hot, Gumbel noise) and LUT functions: the torch code
