@@ -509,7 +509,14 @@ def main() -> None:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; expected some of {sorted(VARIANTS)}")
     kernels = sk._triton()
+    try:  # the host's CPU model and load too: the plain step is host-bound, so it sets the ratio
+        from bench._harness import environment
+
+        env = environment()
+    except Exception as err:
+        env = {"error": f"{type(err).__name__}: {err}"}
     out: dict = {
+        "env": env,
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "triton": kernels.triton.__version__ if kernels else None,
