@@ -134,14 +134,14 @@ def _fwd_step(c, s0, s1, inertia, t, T, eps, active, prev_in, kidx, EZ: tl.const
     """Iteration t's centroid update from its sums and the early-stopping test on its float32
     inertia (the sum of ``inertia``): (new centroids, prev_c = c, last_c = new, last_it = t,
     raw update, masses, active, prev_in)."""
-    cur = tl.sum(inertia, axis=0).to(tl.float32)
     mass = s1.to(tl.float32)
     raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
     new = raw
     if EZ:
         new = tl.where(kidx == 0, 0.0, raw)
     if TEST:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        if t + 1 < T:
+        if t + 1 < T:  # (the inertia reduced only where it is tested, as before the fold)
+            cur = tl.sum(inertia, axis=0).to(tl.float32)
             if t > 0:
                 active = (tl.abs(cur - prev_in) > eps).to(tl.int32)
             prev_in = cur
