@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.trace_gaps import summary as _gaps  # noqa: E402
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer  # noqa: E402
 from lightning_palettize import soft_kmeans as sk  # noqa: E402
 from lightning_palettize.kmeans import kmeans_1d, kmeans_vectors  # noqa: E402
@@ -63,11 +66,17 @@ VARIANTS = {
     # "auto" with each row's codes split over programs in chunks of 8,192 (a launch per pass;
     # the kernels are latency-bound at one program per row): not timed yet
     "split": {},
+    # "auto" with the element passes (codes, histogram, soft weight gather, gradient sums and
+    # gather) in the Triton element kernels: one launch per pass, no bins: not timed yet
+    "elems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
+    # both of the above
+    "splitelems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
 KERNEL_SETTINGS = {
     "oldkernels": {"_LAUNCH": {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}},
     "split": {"_SPLIT_CODES": 8192},
+    "splitelems": {"_SPLIT_CODES": 8192},
 }
 # settings of lightning_palettize.palettizers.dkm per variant
 DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}}
@@ -296,6 +305,17 @@ def _profiled(step, out_dir: Path | None, name: str) -> dict:
         torch.cuda.synchronize()
     table, counts = _profile_table(prof)
     (out_dir / f"prof_{name}.txt").write_text(table)
+    # the step's timeline (host ops, launches, kernels): where the GPU waits for the host and
+    # what runs after the host is done (bench/trace_gaps.py reads it)
+    trace = out_dir / f"trace_{name}.json"
+    try:
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+        counts.update(_gaps(f"{trace}.gz"))
+    except Exception as err:  # (a trace is a diagnostic: never fail the run over it)
+        print(f"trace {name}: {type(err).__name__}: {err}", flush=True)
     print(f"--- profile {name}: {counts}\n{table}", flush=True)
     return counts
 

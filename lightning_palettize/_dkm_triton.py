@@ -589,3 +589,127 @@ def bwd_loop(state: dict, gsum: Tensor, ct: tuple, two: float, enforce_zero: boo
         state["prev_c"], state["last_c"], h, r, g, u, k, *scalars, two, **consts,
     )  # fmt: skip
     return h, r
+
+
+# -- element passes -------------------------------------------------------------------------------
+# The per-element side of a round (soft_kmeans._scalar_kmeans_forward / _ScalarKMeans.backward on
+# the device layout): every element's 16-bit code, the codes' histogram, the soft weight
+# gathered from the per-code table, the per-code sums of the incoming gradient and the
+# gradient gathered back. The torch code writes each element's bin (an int32 per weight, kept
+# for backward), concatenates the tensors of a run into one (a copy of every weight, and of
+# every gradient twice), and gathers through the bins: ~15 launches and ~9 bytes of traffic a
+# weight per pass. Here each pass is one launch over every tensor of the round, reading the
+# weights where they are (a table of their addresses) and recomputing each code from the
+# weight and its group's scale, as the compiled CPU passes do (_dkm_cpu.c: hist, gather,
+# scatter, grad).
+
+_ELEM_BLOCK = 4096  # elements per program
+_ELEM_WARPS = 8
+# the passes (OP): HIST 0, GATHER 1, SCATTER 2, GRAD 3 (soft_kmeans._HIST ...)
+_STRIDE = (1 << 16) + 1  # a table row: 65,536 codes and the spare bin (soft_kmeans._STRIDE)
+
+
+@triton.jit
+def _elems(
+    blocks, info, xp, gp, scale, table, out,
+    OP: tl.constexpr, KZ: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = tl.load(blocks + 2 * pid).to(tl.int64)  # the tensor
+    b = tl.load(blocks + 2 * pid + 1).to(tl.int64)  # its block
+    n = tl.load(info + 4 * t)  # its elements
+    per = tl.load(info + 4 * t + 1)  # elements per LUT group
+    row0 = tl.load(info + 4 * t + 2)  # its first group's table row
+    start = tl.load(info + 4 * t + 3)  # its first element in ``out``
+    x_ptr = tl.load(xp + t).to(tl.pointer_type(tl.float32))
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if per >= n:  # one LUT group (a per-tensor LUT): one row, one scale, no division
+        row = tl.zeros([BLOCK], dtype=tl.int64) + row0
+        s = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(scale + row0)
+    else:
+        row = row0 + offs // per
+        s = tl.load(scale + row, mask=mask, other=1.0)
+    # the fp16 bit pattern of x * scale (round to nearest even, as torch's cast), + 2^15
+    half = (x * s).to(tl.float16)
+    bits = half.to(tl.int16, bitcast=True).to(tl.int32)
+    if KZ:  # a tiny non-zero weight takes the smallest subnormal of its sign, not zero
+        tiny = tl.where(x > 0, 1, -32767)
+        bits = tl.where((half == 0) & (x != 0), tiny, bits)
+    idx = row * STRIDE + (bits + 32768).to(tl.int64)
+    if OP == 0:
+        tl.atomic_add(table + idx, 1, mask=mask, sem="relaxed")
+    elif OP == 1:
+        y = tl.load(table + idx, mask=mask, other=0.0)
+        tl.store(out + start + offs, y, mask=mask)
+    else:
+        g_ptr = tl.load(gp + t).to(tl.pointer_type(tl.float32))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if OP == 2:
+            tl.atomic_add(table + idx, g, mask=mask, sem="relaxed")
+        else:  # table: (h, r) per code side by side
+            h = tl.load(table + 2 * idx, mask=mask, other=0.0)
+            r = tl.load(table + 2 * idx + 1, mask=mask, other=0.0)
+            tl.store(out + start + offs, g * h + r, mask=mask)
+
+
+_plans: dict[tuple, tuple[Tensor, Tensor]] = {}
+_PLANS_MAX = 16
+
+
+def elem_plan(
+    tensors: list[tuple[int, int, int, int]], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The launch plan of an element pass over ``tensors`` (per tensor: elements, elements
+    per LUT group, first table row, first element in the pass's output), cached: (blocks
+    [P, 2] int32: each program's tensor and block, info [T, 4] int64)."""
+    key = (device, tuple(tensors))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        info = torch.tensor(tensors, dtype=torch.int64).view(-1, 4)
+        nb = (info[:, 0] + _ELEM_BLOCK - 1) // _ELEM_BLOCK
+        item = torch.repeat_interleave(torch.arange(len(tensors)), nb)
+        first = torch.cumsum(nb, 0) - nb
+        block = torch.arange(item.numel()) - first[item]
+        blocks = torch.stack([item, block], 1).to(torch.int32)
+        plan = _plans[key] = (blocks.to(device), info.to(device))
+    return plan
+
+
+def elems(
+    op: int,
+    plan: tuple[Tensor, Tensor],
+    xp: Tensor,
+    scale: Tensor,
+    table: Tensor,
+    keep_zeros: bool,
+    gp: Tensor | None = None,
+    out: Tensor | None = None,
+) -> None:
+    """One element pass over the plan's tensors (``op``: 0 HIST, 1 GATHER, 2 SCATTER, 3 GRAD).
+
+    Args:
+        plan: :func:`elem_plan` of the tensors.
+        xp: int64 [T], each tensor's address (contiguous float32 weights, C order = its
+            [G, N] LUT groups).
+        scale: float32 [rows], each table row's scale (soft_kmeans._encode_many).
+        table: [rows * 65537]: HIST int32 counts (added to), GATHER float32 per-code values,
+            SCATTER float32 per-code sums (added to), GRAD float32 (h, r) pairs
+            ([rows * 65537, 2]).
+        keep_zeros: a non-zero weight never takes the zero code (enforce_zero).
+        gp: int64 [T], each tensor's incoming gradient's address (SCATTER, GRAD).
+        out: float32, each tensor's result at its start (GATHER: its soft weight, GRAD: its
+            gradient).
+    """
+    blocks, info = plan
+    if blocks.shape[0] == 0:
+        return
+    gp = xp if gp is None else gp
+    out = table if out is None else out
+    _elems[(blocks.shape[0],)](
+        blocks, info, xp, gp, scale, table, out,
+        OP=op, KZ=bool(keep_zeros), BLOCK=_ELEM_BLOCK, STRIDE=_STRIDE, num_warps=_ELEM_WARPS,
+    )  # fmt: skip

@@ -148,6 +148,12 @@ _TRITON_DEVICES = frozenset({"cuda"})
 # Device types whose rounds RoundGraphs captures in a graph and replays (the tests put "cpu"
 # here with an emulated graph). DKMPalettizer uses graphs only with dkm._ROUND_GRAPHS.
 _GRAPH_DEVICES = frozenset({"cuda"})
+# Device types whose scalar engine runs its element passes (codes, histogram, soft weight
+# gather, gradient sums and gather) in the Triton element kernels (_dkm_triton.elems: one
+# launch per pass for every table tensor of a round, codes recomputed from the weights, no
+# per-element bins kept). Empty by default: not yet timed on a GPU (bench/dkm_gpu.py variant
+# "elems" turns it on for "cuda"); tests add "cpu" to run them in Triton's interpreter.
+_TRITON_ELEM_DEVICES: frozenset[str] = frozenset()
 _triton_kernels = None  # the module, once imported; False: Triton is not installed
 
 
@@ -1101,6 +1107,21 @@ def _write_codes(dst: Tensor, f: Tensor, scale: Tensor, offset: Tensor | int, cf
         out.add_(offset)
 
 
+def _group_scales(flats: list[Tensor], device: torch.device) -> Tensor:
+    """The code scale of every LUT group of the [G_l, N_l] tensors, stacked [sum G_l]: a power
+    of two, exact, that puts the group's max |x| in [2^14, 2^15), where fp16 keeps 11 bits."""
+    sizes = [f.shape[0] for f in flats]
+    if not _host_layout(device) and all([s == 1 for s in sizes]) and len(flats) > 1:
+        # one launch for all the per-tensor maxima (a slow loop on the CPU)
+        amax = torch.stack(torch._foreach_norm(flats, float("inf"))).float().view(-1)
+    elif len(flats) == 1:
+        amax = _group_absmax(flats[0])
+    else:
+        amax = torch.cat([_group_absmax(f) for f in flats])
+    _, exponent = torch.frexp(amax)
+    return torch.ldexp(torch.ones_like(amax), (_TOP_EXPONENT - exponent).clamp(-126, 126))
+
+
 def _encode_many(
     flats: list[Tensor],
     cfg: _Cfg,
@@ -1121,16 +1142,7 @@ def _encode_many(
     """
     sizes = [f.shape[0] for f in flats]
     g = sum(sizes)
-    if not _host_layout(device) and all([s == 1 for s in sizes]) and len(flats) > 1:
-        # one launch for all the per-tensor maxima (a slow loop on the CPU)
-        amax = torch.stack(torch._foreach_norm(flats, float("inf"))).float().view(-1)
-    elif len(flats) == 1:
-        amax = _group_absmax(flats[0])
-    else:
-        amax = torch.cat([_group_absmax(f) for f in flats])
-    _, exponent = torch.frexp(amax)
-    # a power of two: exact, and max|x| lands in [2^14, 2^15) where fp16 keeps 11 bits
-    scale = torch.ldexp(torch.ones_like(amax), (_TOP_EXPONENT - exponent).clamp(-126, 126))
+    scale = _group_scales(flats, device)
     if c_codes:
         # one compiled pass per tensor: codes computed on the fly into the histogram, none
         # stored (the element passes recompute them from x)
@@ -2113,6 +2125,62 @@ def _triton_codes(cfg: _Cfg, k: int, device: torch.device) -> bool:
     return k <= 256 and _triton() is not None
 
 
+def _triton_elems(device: torch.device, flats: list[Tensor]) -> bool:
+    """Whether the element passes of these table tensors run in the Triton element kernels:
+    on a device in _TRITON_ELEM_DEVICES with the device layout and scatters outside torch's
+    deterministic mode (the kernels add with atomics), contiguous float32 weights."""
+    if device.type not in _TRITON_ELEM_DEVICES or not _sync_free_scatters(device):
+        return False
+    if _triton() is None:
+        return False
+    return all([f.dtype == torch.float32 and f.is_contiguous() for f in flats])
+
+
+_HIST, _GATHER, _SCATTER, _GRAD = range(4)  # the element passes (_dkm_triton.elems' ops)
+
+
+class _ElemPlan:
+    """The Triton element passes' view of a round's table tensors (see _dkm_triton.elems):
+    each tensor's (elements, elements per group, first table row, first element in the
+    round's stacked outputs), its address table, and the per-row scales."""
+
+    def __init__(self, flats: list[Tensor], items: list[_ScalarItem], scale: Tensor) -> None:
+        self.flats, self.items = flats, items
+        self.scale = scale.float().contiguous()
+
+    def launch(
+        self, op: int, table: Tensor, keep_zeros: bool, live=None, grads=None, out=None
+    ) -> bool:
+        """Run pass ``op`` over the tensors (only those with ``live[i]``, if given; ``grads``:
+        each tensor's incoming gradient, float32 and contiguous). False if the kernel fails
+        to build (see _triton_failed): the caller runs the torch passes, with :meth:`bins`."""
+        mod = _triton()
+        if mod is None:
+            return False
+        device = table.device
+        pick = [i for i in range(len(self.flats)) if live is None or live[i]]
+        spec = [
+            (self.flats[i].numel(), self.items[i].n, self.items[i].trow, self.items[i].start)
+            for i in pick
+        ]
+        plan = mod.elem_plan(spec, device)
+        xp = _index_tensor([self.flats[i].data_ptr() for i in pick], device)
+        gp = None
+        if grads is not None:
+            ptrs = torch.tensor([grads[i].data_ptr() for i in pick], dtype=torch.int64)
+            gp = ptrs.to(device, non_blocking=True)
+        try:
+            mod.elems(op, plan, xp, self.scale, table, keep_zeros, gp=gp, out=out)
+        except Exception as err:  # as in _scalar_forward_triton
+            _triton_failed("an element pass", err)
+            return False
+        return True
+
+    def bins(self, cfg: _Cfg) -> Tensor:
+        """Every element's bin, as the torch passes read them (_encode_many)."""
+        return _encode_many(self.flats, cfg, self.scale.device, False, True)[0]
+
+
 def _triton_failed(where: str, err: Exception) -> None:
     """Switch the Triton kernels off for this process (a Triton that cannot build them
     here): warn once; the torch code runs instead."""
@@ -2393,6 +2461,16 @@ def _run_pieces(items, live: list[bool] | None, gather) -> dict[int, Tensor]:
     return pieces
 
 
+def _split_tables(items, live: list[bool] | None, stacked: Tensor) -> dict[int, Tensor]:
+    """Per table item (in ``live``, if given), its piece of ``stacked``, the [elements] result
+    of every table item at its start."""
+    return {
+        i: stacked[it.start : it.start + it.g * it.n]
+        for i, it in enumerate(items)
+        if it.kind == "table" and (live is None or live[i])
+    }
+
+
 def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
     device = bins.device
@@ -2620,6 +2698,8 @@ class RoundGraphs:
             _all_codes_cache.get(device),
             _code_values_cache.get(device),
         ]
+        if _triton_kernels:  # the element passes' launch plans
+            keep.extend([t for plan in _triton_kernels._plans.values() for t in plan])
         graph = _new_graph(device)
         try:
             result = graph.capture(lambda: _scalar_kmeans_forward(cfg, kinds, gs, static_c0, xs))
@@ -2753,7 +2833,22 @@ def _scalar_kmeans_forward(
     c_elems = c_elems and all(
         f.dtype == torch.float32 and f.is_contiguous() and f.shape[1] < 1 << 31 for f in flats
     )
-    if flats:
+    # the Triton element passes (see _ElemPlan): as the compiled ones, no bins
+    eplan: _ElemPlan | None = None
+    if flats and not c_elems and _triton_elems(device, flats):
+        full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
+        eplan = _ElemPlan(
+            flats, [it for it in items if it.kind == "table"], _group_scales(flats, device)
+        )
+        counts = torch.zeros(n_tab * _STRIDE, dtype=torch.int32, device=device)
+        if eplan.launch(_HIST, counts, cfg.keep_zeros):
+            scale = eplan.scale
+            codes, values, mass, per_group, u_tab = _code_tables(
+                counts.view(n_tab, _STRIDE), scale, device, full
+            )
+        else:
+            eplan = None
+    if flats and eplan is None:
         full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
         bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
             flats, cfg, device, c_elems, full
@@ -2862,8 +2957,9 @@ def _scalar_kmeans_forward(
     outs = []
     y_full = None
     if n_tab:
-        # the compiled gather reads only the codes present (all written below)
-        y_full = c0.new_empty(n_tab * _STRIDE) if c_elems else c0.new_zeros(n_tab * _STRIDE)
+        # the compiled gathers read only the codes present (all written below)
+        gathered = c_elems or eplan is not None
+        y_full = c0.new_empty(n_tab * _STRIDE) if gathered else c0.new_zeros(n_tab * _STRIDE)
         table = y_full.view(n_tab, _STRIDE)
         if segments[0][3]:  # one stacked segment of every table
             _put_codes(table, codes, ys[0], codes.shape[1], c_elems)
@@ -2875,7 +2971,13 @@ def _scalar_kmeans_forward(
                     seg_y = ys[it.seg][it.srow : it.srow + it.g]
                     _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
     stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
-    if n_tab and not c_elems and not _host_layout(device):
+    if eplan is not None:  # every table tensor's soft weight in one pass
+        y_all = c0.new_empty(start)
+        if eplan.launch(_GATHER, y_full, cfg.keep_zeros, out=y_all):
+            stacked = _split_tables(items, None, y_all)
+        else:
+            bins, eplan = eplan.bins(cfg), None
+    if eplan is None and n_tab and not c_elems and not _host_layout(device):
         stacked = _run_pieces(items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi]))
     t_i = 0
     for i_x, (x, it) in enumerate(zip(xs, items)):
@@ -2914,6 +3016,7 @@ def _scalar_kmeans_forward(
     ctx.kinds_dtypes = [(x.shape, x.dtype) for x in xs]
     ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
     ctx.c_elems = c_elems
+    ctx.t_elems = eplan is not None
     # the baseline for writing each weight's gradient into its incoming one (measured once)
     ctx.grad_base = None
     c_any = c_elems or any([it.c_grid for it in items])
@@ -2924,7 +3027,7 @@ def _scalar_kmeans_forward(
         if it.kind == "grid":
             ctx.i_grid[i] = saved(it.flat)
             it.flat = None  # the saved tensor is backward's copy
-    if c_elems:
+    if c_elems or eplan is not None:
         ctx.i_scale = saved(scale)
         ctx.i_flats = [saved(f) for f in flats]
     return outs, new_c, ctx, saved.tensors
@@ -2977,7 +3080,7 @@ class _ScalarKMeans(torch.autograd.Function):
         bins, codes = tensors[ctx.i_bins], tensors[ctx.i_codes]
         device = tensors[ctx.seg_state[0][0]["v"]].device
         with _no_autocast(device):
-            c_elems = ctx.c_elems
+            c_elems, t_elems = ctx.c_elems, ctx.t_elems
             flat_g = [
                 _as(grads[i].reshape(-1), torch.float32) if live[i] else None
                 for i in range(len(items))
@@ -2985,17 +3088,29 @@ class _ScalarKMeans(torch.autograd.Function):
             for i, it in enumerate(items):
                 # the compiled element passes read rows (reshape keeps an expanded gradient a
                 # stride-0 view)
-                if live[i] and (it.c_grid or (c_elems and it.kind == "table")):
+                if live[i] and (it.c_grid or ((c_elems or t_elems) and it.kind == "table")):
                     flat_g[i] = flat_g[i].contiguous()
             gsum_tab = None
-            if c_elems:
+            eplan = t_live = t_grads = None
+            if c_elems or t_elems:
                 scale = tensors[ctx.i_scale]
                 xflat = [tensors[j] for j in ctx.i_flats]
                 t_of = {}  # item index -> its x among the table tensors
                 for i, it in enumerate(items):
                     if it.kind == "table":
                         t_of[i] = len(t_of)
+            if t_elems:
+                eplan = _ElemPlan(xflat, [items[i] for i in t_of], scale)
+                t_live = [live[i] for i in t_of]
+                t_grads = [flat_g[i] for i in t_of]
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
+                if eplan is not None:
+                    total = torch.zeros(n_tab * _STRIDE, device=device)
+                    kw = dict(live=t_live, grads=t_grads)
+                    if eplan.launch(_SCATTER, total, cfg.keep_zeros, **kw):
+                        gsum_tab = total.view(n_tab, _STRIDE).gather(1, codes)
+                    else:
+                        bins, eplan = eplan.bins(cfg), None
                 if c_elems:
                     # only the codes present are accumulated into and read back
                     acc = torch.empty(n_tab * _STRIDE, dtype=torch.float64, device=device)
@@ -3022,7 +3137,7 @@ class _ScalarKMeans(torch.autograd.Function):
                                 acc[it.trow * _STRIDE :].data_ptr(),
                             )
                     gsum_tab = acc.view(n_tab, _STRIDE).gather(1, codes).float()
-                else:
+                elif gsum_tab is None:
                     gsum_tab = _code_grad_sums(items, live, flat_g, bins, codes, n_tab)
             gflat = {i: tensors[j] for i, j in ctx.i_grid.items()}
             gsum_grid = {}
@@ -3065,10 +3180,10 @@ class _ScalarKMeans(torch.autograd.Function):
                             dst[:, : it.n] = flat_g[i].view(it.g, it.n)
                 hr.append(_scalar_backward(state, gsum, cfg))
             h_full = r_full = hr_full = None
-            if n_tab and c_elems:
+            if n_tab and (c_elems or t_elems):
                 # (h, r) side by side, one cache line per code, for the compiled gradient pass
                 hr_full = codes.new_empty((n_tab, _STRIDE, 2), dtype=torch.float32)
-                if not all(live[i] for i, it in enumerate(items) if it.kind == "table"):
+                if c_elems and not all(live[i] for i, it in enumerate(items) if it.kind == "table"):
                     hr_full.zero_()  # (rows of tensors without a gradient are never read)
                 h_tab, r_tab = hr_full[..., 0], hr_full[..., 1]
             elif n_tab:
@@ -3090,7 +3205,17 @@ class _ScalarKMeans(torch.autograd.Function):
                         _put_codes(h_tab[sl], codes[sl], hs, it.u, c_elems)
                         _put_codes(r_tab[sl], codes[sl], rs, it.u, c_elems)
             stacked = {}  # item index -> its gradient, gathered with its run's (device layout)
-            if n_tab and not c_elems and not _host_layout(device):
+            if eplan is not None and any(t_live):  # every table tensor's gradient in one pass
+                g_all = torch.empty(eplan.items[-1].start + eplan.flats[-1].numel(), device=device)
+                kw = dict(live=t_live, grads=t_grads, out=g_all)
+                if eplan.launch(_GRAD, hr_full, cfg.keep_zeros, **kw):
+                    stacked = _split_tables(items, live, g_all)
+                else:
+                    bins, eplan = eplan.bins(cfg), None
+            if hr_full is not None and not c_elems and eplan is None:
+                # (the element kernels failed to build: the torch passes read h and r apart)
+                h_full, r_full = hr_full[..., 0].reshape(-1), hr_full[..., 1].reshape(-1)
+            if eplan is None and n_tab and not c_elems and not _host_layout(device):
 
                 def run_grad(run: list[int], lo: int, hi: int) -> Tensor:
                     g_run = _cat([flat_g[i] for i in run])

@@ -40,13 +40,15 @@ def carried(ttir: str) -> int:
     return 0 if m is None else m.group(1).count("=")
 
 
-def compile_one(fn, consts: dict, arch: int):
+def compile_one(fn, consts: dict, arch: int, types: dict | None = None):
     consts = dict(consts)
     warps = consts.pop("num_warps")
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
             sig[name] = "constexpr"
+        elif types and name in types:
+            sig[name] = types[name]
         elif name in INTS:
             sig[name] = "i32"
         elif name in FLOATS:
@@ -118,7 +120,34 @@ def main(archs: list[int]) -> int:
                 except Exception as err:  # report every configuration
                     failed += 1
                     print("FAILED", name, f"{type(err).__name__}: {err}", flush=True)
+    failed += elements(archs)
     return 1 if failed else 0
+
+
+def elements(archs: list[int]) -> int:
+    """The element passes' kernel (_dkm_triton._elems), each pass with and without the
+    exact-zero rule: the number that failed."""
+    failed = 0
+    for arch in archs:
+        for op in range(4):
+            for kz in (False, True):
+                consts = dict(
+                    OP=op, KZ=kz, BLOCK=kernels._ELEM_BLOCK, STRIDE=kernels._STRIDE,
+                    num_warps=kernels._ELEM_WARPS,
+                )  # fmt: skip
+                types = dict(blocks="*i32", info="*i64", xp="*i64", gp="*i64")
+                types["table"] = "*i32" if op == 0 else "*fp32"
+                name = f"_elems sm_{arch} {consts}"
+                try:
+                    done = compile_one(kernels._elems, consts, arch, types)
+                    spilled = spills(done.asm["ptx"], arch)
+                    if spilled:
+                        raise AssertionError(f"ptxas spills {spilled} bytes of registers")
+                    print("ok", name, f"spills={spilled}", flush=True)
+                except Exception as err:
+                    failed += 1
+                    print("FAILED", name, f"{type(err).__name__}: {err}", flush=True)
+    return failed
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
             kernels._SPLIT_CODES,
             sk._FULL_TABLES_FILL,
             sk._TRITON_DEVICES,
+            sk._TRITON_ELEM_DEVICES,
             dkm_mod._ROUND_GRAPHS,
         )
 
@@ -253,4 +254,49 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
         raise RuntimeError("inside")
     with G.variant("torchloop"):
         assert not sk._TRITON_DEVICES
+    with G.variant("splitelems"):
+        assert kernels._SPLIT_CODES == 8192 and {"cuda"} == sk._TRITON_ELEM_DEVICES
+    with G.variant("elems"):
+        assert default[1] == kernels._SPLIT_CODES and {"cuda"} == sk._TRITON_ELEM_DEVICES
     assert settings() == default
+
+
+def test_trace_gaps_reads_idle_time_tail_and_marks_from_a_timeline(tmp_path):
+    # a two-kernel step: the second kernel waits for the host (a 350 us idle stretch, ended
+    # by the round's backward kernel launched inside "dkm_round") and runs past the host's
+    # last launch (the tail)
+    import gzip
+    import json
+
+    from bench import trace_gaps
+
+    def ev(cat, name, ts, dur, corr=None, tid=1):
+        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": {}}
+        if corr is not None:
+            e["args"]["correlation"] = corr
+        return e
+
+    events = [
+        ev("cpu_op", "aten::mm", 0, 100),
+        ev("cuda_runtime", "cudaLaunchKernel", 10, 5, corr=1),
+        ev("kernel", "nvjet_gemm", 20, 30, corr=1, tid=7),
+        ev("cpu_op", "dkm_round", 100, 300),
+        ev("cpu_op", "aten::empty", 380, 5),
+        ev("cuda_runtime", "cuLaunchKernel", 390, 5, corr=2),
+        ev("kernel", "_bwd_loop", 400, 500, corr=2, tid=7),
+        {"ph": "i", "name": "marker", "ts": 5},
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = trace_gaps.summary(path)
+    assert got["step_ms"] == 0.9
+    assert got["gpu_busy_ms"] == 0.53 and got["gpu_idle_ms"] == 0.35
+    assert got["host_issue_ms"] == 0.395 and got["after_host_ms"] == 0.505
+    assert got["gaps"] == [
+        {"at_ms": 0.05, "ms": 0.35, "next_kernel": "_bwd_loop", "launched_in": "dkm_round"}
+    ]
+    assert got["marks"] == {
+        "round_backward": {"first_ms": 0.4, "last_end_ms": 0.9, "device_ms": 0.5}
+    }
+    assert trace_gaps.summary(path, min_gap_us=400)["gaps"] == []

@@ -389,42 +389,48 @@ def test_full_code_tables_in_the_kernels_hold_absent_codes_at_zero(triton_layout
         assert_close(a, b, 1e-4, 1e-5)
 
 
+def train():
+    """A DKM run (prepare, 4 steps with an optimizer, finalize) of a small MLP on DEV: the
+    losses and the palettized weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    ).to(DEV)
+    cfg = {"global_config": {"n_bits": 3, "weight_threshold": 0, "milestone": 1}}
+    pal = DKMPalettizer(model, cfg)
+    model = pal.prepare()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 96, generator=torch.Generator().manual_seed(1)).to(DEV)
+    yt = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)).to(DEV)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), yt)
+        loss.backward()
+        opt.step()
+        pal.step()
+        losses.append(loss.item())
+    final = pal.finalize()
+    return losses, [final[i].weight.detach() for i in (0, 2)]
+
+
+def same_training(got, want, tol: float) -> None:
+    """Two train() runs: losses within ``tol`` (relative), palettized weights of at most 8
+    values within 10 x tol relative, tol absolute."""
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(want[0]), rtol=tol, atol=0)
+    for a, b in zip(got[1], want[1], strict=True):
+        assert a.unique().numel() <= 8
+        assert_close(a, b, 10 * tol, tol)
+
+
 def test_dkm_training_with_triton_kernels_equals_the_torch_code(triton_layout, monkeypatch):
     # a DKM run (prepare, steps with an optimizer, finalize) through the kernels: the losses
     # and the palettized weights of the torch code's run
-    def train():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
-        ).to(DEV)
-        cfg = {"global_config": {"n_bits": 3, "weight_threshold": 0, "milestone": 1}}
-        pal = DKMPalettizer(model, cfg)
-        model = pal.prepare()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        x = torch.randn(32, 96, generator=torch.Generator().manual_seed(1)).to(DEV)
-        yt = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)).to(DEV)
-        losses = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), yt)
-            loss.backward()
-            opt.step()
-            pal.step()
-            losses.append(loss.item())
-        final = pal.finalize()
-        return losses, [final[i].weight.detach() for i in (0, 2)]
-
     monkeypatch.setattr(sk, "_TABLE_MIN_GROUP", {"cpu": 1, "cuda": 1})  # the table engine here
-    got_losses, got_w = train()
+    got = train()
     assert triton_layout.fwd >= 3 and triton_layout.bwd >= 3
     monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
-    want_losses, want_w = train()
-    torch.testing.assert_close(
-        torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0
-    )
-    for a, b in zip(got_w, want_w):
-        assert a.unique().numel() <= 8
-        assert_close(a, b, 1e-4, 1e-5)
+    same_training(got, train(), 1e-5)
 
 
 @pytest.mark.skipif(
@@ -443,3 +449,171 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("_fwd_loop", "_bwd_loop", "_fwd_pass", "_bwd_pass"):
         assert res.stdout.count(f"ok {name}") == 3, res.stdout
+    assert res.stdout.count("ok _elems") == 8, res.stdout
+
+
+# -- the element passes in Triton (_dkm_triton.elems) --------------------------------------------
+
+
+@pytest.fixture
+def elem_layout(kernels, monkeypatch):
+    """The device layout with the Triton element passes on DEV and the per-code passes in
+    torch ops (quick in the interpreter); returns the list of passes run (their op codes).
+    The torch element passes are this layout with ``_TRITON_ELEM_DEVICES`` emptied."""
+    if DEV.type == "cpu":
+        monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+        monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    monkeypatch.setattr(sk, "_TRITON_DEVICES", frozenset())
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset({DEV.type}))
+    ran: list[int] = []
+    elems = kernels.elems
+
+    def counted(op, *a, **k):
+        ran.append(op)
+        return elems(op, *a, **k)
+
+    monkeypatch.setattr(kernels, "elems", counted)
+    return ran
+
+
+def _same_results(got, want, exact: bool = True) -> None:
+    """Outputs and centroids: equal (the same codes, tables and gathers); gradients: equal up
+    to the order of the per-code sums (atomic adds) and one rounding of g * h + r."""
+    for a, b in zip(got, want, strict=True):
+        if exact:
+            assert torch.equal(a[0], b[0])
+            assert torch.equal(a[1], b[1])
+        else:
+            assert_close(a[0], b[0], 1e-6, 1e-7)
+            assert_close(a[1], b[1], 1e-6, 1e-7)
+        if a[2] is None or b[2] is None:
+            assert a[2] is None and b[2] is None
+        else:
+            assert_close(a[2], b[2], 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("variant", ["dkm", "enforce_zero", "prune", "early_stop"])
+def test_element_kernels_equal_the_torch_element_passes(variant, full, elem_layout, monkeypatch):
+    # every element pass of a batch (tables of G = 1, 2, 3 groups, exact tensors beside them)
+    # in one launch each, no bins: the torch passes' outputs, centroids and gradients
+    monkeypatch.setattr(sk, "_full_tables", lambda *args: full)
+    kw = dict(method="table", **VARIANTS[variant])
+    xs, cs = small_batch()
+    ws = weights(xs)
+    got = run_batch(xs, cs, ws, **kw)
+    assert elem_layout == [0, 1, 2, 3]  # HIST, GATHER; SCATTER, GRAD
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    want = run_batch(xs, cs, ws, **kw)
+    assert elem_layout == [0, 1, 2, 3]
+    _same_results(got, want)
+
+
+def test_element_kernels_skip_the_tensors_without_a_gradient(elem_layout, monkeypatch):
+    # inputs that need no gradient get none and take no part in the backward passes (their
+    # table rows of h and r are never written or read)
+    monkeypatch.setattr(sk, "_full_tables", lambda *args: True)
+    xs, cs = small_batch()
+    ws = weights(xs)
+
+    def go():
+        leaves = [x.detach().clone().requires_grad_(i % 2 == 0) for i, x in enumerate(xs)]
+        res = sk.soft_kmeans_batch(leaves, cs, method="table")
+        loss = sum([(o * w).sum() for (o, _), w in zip(res, ws)])
+        want = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad(loss, want))
+        return [
+            (o.detach(), c, next(grads) if x.requires_grad else None)
+            for (o, c), x in zip(res, leaves)
+        ]
+
+    got = go()
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    _same_results(got, go())
+
+
+def _tricky_weights() -> list[torch.Tensor]:
+    """Weights whose codes are easy to get wrong: zeros of both signs, values below fp16's
+    smallest subnormal after scaling, subnormal ties, round-half-even ties in several binades,
+    the largest magnitude, and groups of another scale in the same tensor."""
+    s = 2.0**14  # the scale of a group whose max |x| is 1.0 (soft_kmeans._group_scales)
+    special = [0.0, -0.0, 1.0, -1.0, 3 * 2.0**-40, -(2.0**-41), 2.0**-38, 1.5 * 2.0**-38]
+    special += [2.5 * 2.0**-38, (1024 + 0.5) / s, (1025 + 0.5) / s, -(2048 + 1.0) / s]
+    special += [(16384 + 8.0) / s, (4096 + 2.0) / s, -(512 + 0.25) / s, 1e-30]
+    gen = torch.Generator().manual_seed(9)
+    a = torch.tensor(special + (0.3 * torch.randn(200, generator=gen)).clamp(-1, 1).tolist())
+    b = torch.cat([a, a * 2.0**-9]).view(2, -1)  # two groups: scales 2^14 and 2^23
+    c = torch.tensor(special[:8] * 3).view(3, 8) * torch.tensor([[1.0], [2.0**-5], [2.0**6]])
+    return [a.view(1, -1), b.contiguous(), c.contiguous()]
+
+
+@pytest.mark.parametrize("keep_zeros", [False, True])
+def test_element_kernel_codes_equal_the_torch_codes(keep_zeros, kernels):
+    # the four passes on hand-picked values against the torch code's bins (_encode_many):
+    # histogram, gather through a table, per-code gradient sums, gathered gradient
+    flats = [f.to(DEV) for f in _tricky_weights()]
+    cfg = sk._Cfg(1e-4, 1, 0.0, "dkm", keep_zeros, 0.0, 1e-7, None, False)
+    bins, scale, *_ = sk._encode_many([f.cpu() for f in flats], cfg, torch.device("cpu"))
+    rows = sum([f.shape[0] for f in flats])
+    size = rows * sk._STRIDE
+    items, trow, start = [], 0, 0
+    for f in flats:
+        items.append(sk._ScalarItem("table", f.shape[0], f.shape[1], 0, trow, start))
+        trow, start = trow + f.shape[0], start + f.numel()
+    plan = sk._ElemPlan(flats, items, sk._group_scales(flats, DEV))
+    assert torch.equal(plan.scale.cpu(), scale)
+    counts = torch.zeros(size, dtype=torch.int32, device=DEV)
+    assert plan.launch(sk._HIST, counts, keep_zeros)
+    assert torch.equal(counts.cpu().long(), torch.bincount(bins.long(), minlength=size))
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(size, generator=gen)
+    y = torch.empty(start, device=DEV)
+    assert plan.launch(sk._GATHER, table.to(DEV), keep_zeros, out=y)
+    assert torch.equal(y.cpu(), table[bins.long()])
+    g = torch.randn(start, generator=gen)
+    grads = [p.to(DEV) for p in g.split([f.numel() for f in flats])]
+    total = torch.zeros(size, device=DEV)
+    assert plan.launch(sk._SCATTER, total, keep_zeros, grads=grads)
+    want = torch.zeros(size).index_add_(0, bins.long(), g)
+    assert_close(total.cpu(), want, 1e-6, 1e-6)
+    hr = torch.randn(size, 2, generator=gen)
+    out = torch.empty(start, device=DEV)
+    assert plan.launch(sk._GRAD, hr.to(DEV), keep_zeros, grads=grads, out=out)
+    assert_close(out.cpu(), g * hr[bins.long(), 0] + hr[bins.long(), 1], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2, 3])
+def test_an_element_kernel_that_fails_to_build_falls_back_to_the_torch_passes(
+    failing, kernels, elem_layout, monkeypatch
+):
+    # a pass whose kernel cannot build: one warning, the torch passes from there on (the
+    # bins recomputed from the weights when the pass is not the first), the same results
+    monkeypatch.setattr(sk, "_triton_kernels", kernels)  # (restored after the test)
+    monkeypatch.setattr(sk, "_full_tables", lambda *args: True)
+    elems = kernels.elems
+
+    def breaks(op, *a, **k):
+        if op == failing:
+            raise RuntimeError("PTX assembly failed")
+        return elems(op, *a, **k)
+
+    monkeypatch.setattr(kernels, "elems", breaks)
+    xs, cs = small_batch()
+    ws = weights(xs)
+    with pytest.warns(RuntimeWarning, match="Triton DKM kernels failed in an element pass"):
+        got = run_batch(xs, cs, ws, method="table")
+    assert sk._triton() is None
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    _same_results(got, run_batch(xs, cs, ws, method="table"))
+
+
+def test_dkm_training_with_element_kernels_equals_the_torch_passes(elem_layout, monkeypatch):
+    # DKM steps (an optimizer moving the weights, so codes and tables change) and finalize:
+    # the torch element passes' losses and palettized weights
+    monkeypatch.setattr(sk, "_TABLE_MIN_GROUP", {"cpu": 1, "cuda": 1})
+
+    got = train()
+    assert elem_layout.count(0) >= 3 and elem_layout.count(3) >= 3
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    same_training(got, train(), 1e-6)

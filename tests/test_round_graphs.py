@@ -10,6 +10,7 @@ change under it, and the comparisons with the eager runs would see it.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -94,7 +95,19 @@ def _equal(a, b) -> None:
         assert torch.equal(ga, gb)
 
 
-def test_batch_calls_capture_once_then_replay_with_the_eager_results(graph_layout):
+@pytest.mark.parametrize("elements", ["torch", "triton"])
+def test_batch_calls_capture_once_then_replay_with_the_eager_results(elements, graph_layout):
+    if elements == "triton":  # the element passes in Triton's kernels (interpreter on the CPU)
+        if os.environ.get("TRITON_INTERPRET") != "1" or sk._triton() is None:
+            pytest.skip("no Triton interpreter here")
+        graph_layout.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset({"cpu"}))
+        graph_layout.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    ran = []
+    if elements == "triton":
+        elems = sk._triton().elems
+        graph_layout.setattr(
+            sk._triton(), "elems", lambda op, *a, **k: ran.append(op) or elems(op, *a, **k)
+        )
     xs, cs = _batch()
     eager = _call(xs, cs, None)
     leaves = [x.detach().clone().requires_grad_() for x in xs]  # the same storage every call
@@ -105,6 +118,9 @@ def test_batch_calls_capture_once_then_replay_with_the_eager_results(graph_layou
         assert graphs.captures == (i >= 1)  # eager once, captured at the second call
         assert graphs.replays == max(0, i)
     assert len(EmulatedGraph.made) == 1
+    # the element passes: 4 a call (2 forward, 2 backward); the capturing call's forward
+    # ran twice (captured, then replayed), each replay reruns the forward's 2
+    assert len(ran) == (0 if elements == "torch" else 2 * 4 + (2 + 2 + 2) + 2 * (2 + 2))
 
 
 def test_a_replay_waits_while_the_previous_results_are_alive(graph_layout):
