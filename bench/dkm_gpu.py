@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +72,9 @@ VARIANTS = {
     "elems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
     # both of the above
     "splitelems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
+    # "elems" with the rounds' forward replayed from CUDA graphs: without the int32 bins the
+    # graph's kept soft weights may no longer raise the peak (graphs alone: +0.45 GiB)
+    "graphselems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
 KERNEL_SETTINGS = {
@@ -79,7 +83,7 @@ KERNEL_SETTINGS = {
     "splitelems": {"_SPLIT_CODES": 8192},
 }
 # settings of lightning_palettize.palettizers.dkm per variant
-DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}}
+DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}, "graphselems": {"_ROUND_GRAPHS": True}}
 
 
 @contextlib.contextmanager
@@ -105,6 +109,30 @@ def variant(name: str):
         patched(dkm_mod, **DKM_SETTINGS.get(name, {})),
     ):
         yield
+
+
+@contextlib.contextmanager
+def launches():
+    """Counts the calls of the Triton kernels' entry points (fwd_loop, bwd_loop, elems) and
+    records the warnings raised meanwhile: which code a variant really ran (a kernel that
+    fails to build warns once and switches the kernels off for the rest of the process)."""
+    kernels = sk._triton()
+    counts: dict = {"fwd_loop": 0, "bwd_loop": 0, "elems": 0}
+    names = list(counts) if kernels else []
+
+    def counted(name, fn):
+        def call(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+
+        return call
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with patched(kernels, **{n: counted(n, getattr(kernels, n)) for n in names}):
+            yield counts
+    counts["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:300] for w in caught})
+    counts["triton_on"] = sk._triton() is not None
 
 
 DEV = "cuda"  # the LLaMA and micro sections' device (a CPU dry run of this script sets "cpu")
@@ -396,13 +424,13 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-        model, pal, one, prepare_s = trainer(name)
-        times, losses = [], []
-
-        for _ in range(steps):
-            secs, loss = _cuda_timed(one)
-            times.append(secs)
-            losses.append(loss.item())
+        with launches() as calls:
+            model, pal, one, prepare_s = trainer(name)
+            times, losses = [], []
+            for _ in range(steps):
+                secs, loss = _cuda_timed(one)
+                times.append(secs)
+                losses.append(loss.item())
         peak = torch.cuda.max_memory_allocated() - base_mem
         # (a CUDA graph's pool stays reserved between steps; reported beside the allocations)
         peak_reserved = torch.cuda.max_memory_reserved() - base_mem
@@ -413,6 +441,7 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
             "peak_mem_GiB": peak / 2**30,
             "peak_reserved_GiB": peak_reserved / 2**30,
             "losses": losses,
+            "kernel_calls": calls,  # over the run's steps
         }
         if pal is not None:
             n_pal = sum(1 for n, _ in model.named_modules() if n.endswith("_dkm"))

@@ -7,7 +7,9 @@ the device layout, the way CUDA runs it; a TorchDispatchMode counts the ops of t
 of the backward. Variants: "triton" (the fused Triton kernels, run in Triton's interpreter
 here; the kernels' own work is not counted: on a GPU it is two launches per width bucket),
 "triton_full" (the same with every group's code table all 65,536 codes, as the 134M model's
-are; the kernels stubbed) and "torchloop" (the per-code passes in torch ops). "launching"
+are; the kernels stubbed), "triton_full_elems" (and the element passes in the Triton element
+kernels, run in the interpreter, not counted: four launches a round) and "torchloop" (the
+per-code passes in torch ops). "launching"
 excludes views and allocations. One more step is run under ``sys.setprofile``: its Python
 function calls and the builtins called from Python ("py_calls", "c_calls"; the interpreter
 runs no Triton kernel meanwhile).
@@ -185,9 +187,15 @@ def main() -> None:
         "torchloop": (frozenset(), 1.0, kernels),
         "triton": (frozenset({"cpu"}), 1.0, kernels),
         "triton_full": (frozenset({"cpu"}), float("inf"), stubs),
+        # and the element passes in the Triton element kernels (four launches a round, not
+        # counted here, plus a copy of the gradients' address table in backward)
+        "triton_full_elems": (frozenset({"cpu"}), float("inf"), stubs),
     }
+    elems = mod._elems
+    mod._elems = _Uncounted(elems)
     for name, (devices, fill, (fwd, bwd)) in variants.items():
         sk._TRITON_DEVICES, sk._FULL_TABLES_FILL = devices, fill
+        sk._TRITON_ELEM_DEVICES = frozenset({"cpu"}) if name.endswith("_elems") else frozenset()
         mod._fwd_loop, mod._bwd_loop = _Uncounted(fwd), _Uncounted(bwd)
         out[name] = count(True)
     plain = out["plain"]

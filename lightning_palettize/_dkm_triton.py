@@ -611,7 +611,7 @@ _STRIDE = (1 << 16) + 1  # a table row: 65,536 codes and the spare bin (soft_kme
 
 @triton.jit
 def _elems(
-    blocks, info, xp, gp, scale, table, out,
+    blocks, info, xp, gp, scale, table, outp,
     OP: tl.constexpr, KZ: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -620,7 +620,6 @@ def _elems(
     n = tl.load(info + 4 * t)  # its elements
     per = tl.load(info + 4 * t + 1)  # elements per LUT group
     row0 = tl.load(info + 4 * t + 2)  # its first group's table row
-    start = tl.load(info + 4 * t + 3)  # its first element in ``out``
     x_ptr = tl.load(xp + t).to(tl.pointer_type(tl.float32))
     offs = b * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -642,7 +641,8 @@ def _elems(
         tl.atomic_add(table + idx, 1, mask=mask, sem="relaxed")
     elif OP == 1:
         y = tl.load(table + idx, mask=mask, other=0.0)
-        tl.store(out + start + offs, y, mask=mask)
+        o_ptr = tl.load(outp + t).to(tl.pointer_type(tl.float32))
+        tl.store(o_ptr + offs, y, mask=mask)
     else:
         g_ptr = tl.load(gp + t).to(tl.pointer_type(tl.float32))
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -651,7 +651,8 @@ def _elems(
         else:  # table: (h, r) per code side by side
             h = tl.load(table + 2 * idx, mask=mask, other=0.0)
             r = tl.load(table + 2 * idx + 1, mask=mask, other=0.0)
-            tl.store(out + start + offs, g * h + r, mask=mask)
+            o_ptr = tl.load(outp + t).to(tl.pointer_type(tl.float32))
+            tl.store(o_ptr + offs, g * h + r, mask=mask)
 
 
 _plans: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -662,8 +663,8 @@ def elem_plan(
     tensors: list[tuple[int, int, int, int]], device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """The launch plan of an element pass over ``tensors`` (per tensor: elements, elements
-    per LUT group, first table row, first element in the pass's output), cached: (blocks
-    [P, 2] int32: each program's tensor and block, info [T, 4] int64)."""
+    per LUT group, first table row, first element among the plan's tensors stacked), cached:
+    (blocks [P, 2] int32: each program's tensor and block, info [T, 4] int64)."""
     key = (device, tuple(tensors))
     plan = _plans.get(key)
     if plan is None:
@@ -680,36 +681,37 @@ def elem_plan(
 
 
 def elems(
-    op: int,
+    kind: int,
     plan: tuple[Tensor, Tensor],
     xp: Tensor,
     scale: Tensor,
     table: Tensor,
     keep_zeros: bool,
     gp: Tensor | None = None,
-    out: Tensor | None = None,
+    outp: Tensor | None = None,
 ) -> None:
-    """One element pass over the plan's tensors (``op``: 0 HIST, 1 GATHER, 2 SCATTER, 3 GRAD).
+    """One element pass over the plan's tensors (``kind``: 0 HIST, 1 GATHER, 2 SCATTER,
+    3 GRAD).
 
     Args:
         plan: :func:`elem_plan` of the tensors.
         xp: int64 [T], each tensor's address (contiguous float32 weights, C order = its
             [G, N] LUT groups).
-        scale: float32 [rows], each table row's scale (soft_kmeans._encode_many).
+        scale: float32 [rows], each table row's scale (soft_kmeans._group_scales).
         table: [rows * 65537]: HIST int32 counts (added to), GATHER float32 per-code values,
             SCATTER float32 per-code sums (added to), GRAD float32 (h, r) pairs
             ([rows * 65537, 2]).
         keep_zeros: a non-zero weight never takes the zero code (enforce_zero).
         gp: int64 [T], each tensor's incoming gradient's address (SCATTER, GRAD).
-        out: float32, each tensor's result at its start (GATHER: its soft weight, GRAD: its
-            gradient).
+        outp: int64 [T], the address each tensor's result goes to (contiguous float32;
+            GATHER: its soft weight, GRAD: its gradient).
     """
     blocks, info = plan
     if blocks.shape[0] == 0:
         return
     gp = xp if gp is None else gp
-    out = table if out is None else out
+    outp = xp if outp is None else outp
     _elems[(blocks.shape[0],)](
-        blocks, info, xp, gp, scale, table, out,
-        OP=op, KZ=bool(keep_zeros), BLOCK=_ELEM_BLOCK, STRIDE=_STRIDE, num_warps=_ELEM_WARPS,
+        blocks, info, xp, gp, scale, table, outp,
+        OP=kind, KZ=bool(keep_zeros), BLOCK=_ELEM_BLOCK, STRIDE=_STRIDE, num_warps=_ELEM_WARPS,
     )  # fmt: skip

@@ -2139,6 +2139,12 @@ def _triton_elems(device: torch.device, flats: list[Tensor]) -> bool:
 _HIST, _GATHER, _SCATTER, _GRAD = range(4)  # the element passes (_dkm_triton.elems' ops)
 
 
+def _address_table(ptrs: list[int], device: torch.device) -> Tensor:
+    """The addresses as an int64 tensor on ``device`` (an asynchronous copy: no wait for the
+    device's queue; not inside a CUDA graph capture)."""
+    return torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
+
+
 class _ElemPlan:
     """The Triton element passes' view of a round's table tensors (see _dkm_triton.elems):
     each tensor's (elements, elements per group, first table row, first element in the
@@ -2152,8 +2158,10 @@ class _ElemPlan:
         self, op: int, table: Tensor, keep_zeros: bool, live=None, grads=None, out=None
     ) -> bool:
         """Run pass ``op`` over the tensors (only those with ``live[i]``, if given; ``grads``:
-        each tensor's incoming gradient, float32 and contiguous). False if the kernel fails
-        to build (see _triton_failed): the caller runs the torch passes, with :meth:`bins`."""
+        each tensor's incoming gradient, float32 and contiguous; ``out``: where the results
+        go, one contiguous float32 tensor per tensor run, or every table tensor's stacked in
+        one at its start). False if the kernel fails to build (see _triton_failed): the
+        caller runs the torch passes, with :meth:`bins`."""
         mod = _triton()
         if mod is None:
             return False
@@ -2165,12 +2173,15 @@ class _ElemPlan:
         ]
         plan = mod.elem_plan(spec, device)
         xp = _index_tensor([self.flats[i].data_ptr() for i in pick], device)
-        gp = None
+        gp = outp = None
         if grads is not None:
-            ptrs = torch.tensor([grads[i].data_ptr() for i in pick], dtype=torch.int64)
-            gp = ptrs.to(device, non_blocking=True)
+            gp = _address_table([grads[i].data_ptr() for i in pick], device)
+        if isinstance(out, Tensor):  # (computed on the device: no copy, a graph can hold it)
+            outp = plan[1][:, 3].mul(out.element_size()).add_(out.data_ptr())
+        elif out is not None:
+            outp = _address_table([o.data_ptr() for o in out], device)
         try:
-            mod.elems(op, plan, xp, self.scale, table, keep_zeros, gp=gp, out=out)
+            mod.elems(op, plan, xp, self.scale, table, keep_zeros, gp=gp, outp=outp)
         except Exception as err:  # as in _scalar_forward_triton
             _triton_failed("an element pass", err)
             return False
@@ -2179,6 +2190,11 @@ class _ElemPlan:
     def bins(self, cfg: _Cfg) -> Tensor:
         """Every element's bin, as the torch passes read them (_encode_many)."""
         return _encode_many(self.flats, cfg, self.scale.device, False, True)[0]
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is being captured in a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _triton_failed(where: str, err: Exception) -> None:
@@ -2656,7 +2672,7 @@ class RoundGraphs:
             return None
         if not _full_tables(device, c0.shape[1], cfg, c0.shape[0], sum([x.numel() for x in xs])):
             return None  # compacted tables: their sizes are read back each round
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if _capturing(device):
             return None  # inside someone else's capture: theirs records the eager ops
         key = (
             device,
@@ -2972,9 +2988,13 @@ def _scalar_kmeans_forward(
                     _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
     stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
     if eplan is not None:  # every table tensor's soft weight in one pass
-        y_all = c0.new_empty(start)
-        if eplan.launch(_GATHER, y_full, cfg.keep_zeros, out=y_all):
-            stacked = _split_tables(items, None, y_all)
+        if _capturing(device):  # stacked, their addresses computed on the device
+            dst = c0.new_empty(start)
+            y_outs = list(_split_tables(items, None, dst).values())
+        else:  # each in its own memory, freed once its module is done with it
+            y_outs = dst = [c0.new_empty(f.shape) for f in flats]
+        if eplan.launch(_GATHER, y_full, cfg.keep_zeros, out=dst):
+            stacked = dict(zip([i for i, it in enumerate(items) if it.kind == "table"], y_outs))
         else:
             bins, eplan = eplan.bins(cfg), None
     if eplan is None and n_tab and not c_elems and not _host_layout(device):

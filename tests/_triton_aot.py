@@ -135,7 +135,7 @@ def elements(archs: list[int]) -> int:
                     OP=op, KZ=kz, BLOCK=kernels._ELEM_BLOCK, STRIDE=kernels._STRIDE,
                     num_warps=kernels._ELEM_WARPS,
                 )  # fmt: skip
-                types = dict(blocks="*i32", info="*i64", xp="*i64", gp="*i64")
+                types = dict(blocks="*i32", info="*i64", xp="*i64", gp="*i64", outp="*i64")
                 types["table"] = "*i32" if op == 0 else "*fp32"
                 name = f"_elems sm_{arch} {consts}"
                 try:

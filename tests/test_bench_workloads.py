@@ -256,6 +256,8 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
         assert not sk._TRITON_DEVICES
     with G.variant("splitelems"):
         assert kernels._SPLIT_CODES == 8192 and {"cuda"} == sk._TRITON_ELEM_DEVICES
+    with G.variant("graphselems"):
+        assert dkm_mod._ROUND_GRAPHS is True and {"cuda"} == sk._TRITON_ELEM_DEVICES
     with G.variant("elems"):
         assert default[1] == kernels._SPLIT_CODES and {"cuda"} == sk._TRITON_ELEM_DEVICES
     assert settings() == default
