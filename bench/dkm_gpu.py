@@ -49,7 +49,8 @@ VARIANTS = {
     # tables, the fused Triton kernels (before commit "DKM round graphs off", "auto" replayed
     # the rounds from CUDA graphs and "eager" was this; the json files of that session say so)
     "auto": {},
-    # "auto" with each round's forward replayed from a CUDA graph (DKM's _ROUND_GRAPHS)
+    # "auto" with each round's forward replayed from a CUDA graph (DKM's _ROUND_GRAPHS; the
+    # soft weights gathered after each replay through the bins the graph keeps)
     "graphs": {},
     "grid": {"_GRID_AUTO_DEVICES": frozenset({"cuda"})},  # "auto" as on the CPU: the grid
     "dense": {"_TABLE_MIN_GROUP": {"cpu": 1 << 16, "cuda": 1 << 62}},  # the element engine
@@ -72,8 +73,9 @@ VARIANTS = {
     "elems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
     # both of the above
     "splitelems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
-    # "elems" with the rounds' forward replayed from CUDA graphs: without the int32 bins the
-    # graph's kept soft weights may no longer raise the peak (graphs alone: +0.45 GiB)
+    # "elems" with the rounds' forward replayed from CUDA graphs (the graph now stops at the
+    # per-code outputs and the soft weights are gathered after each replay in fresh memory;
+    # graphs holding the soft weights cost +0.45 GiB peak on the H200)
     "graphselems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)

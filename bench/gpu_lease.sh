@@ -9,7 +9,7 @@
 # packed into one file at the end (a lease returns at most 8 files).
 #   bash bench/gpu_lease.sh [dkm_gpu.py arguments...]
 # Next lease (the variants not timed yet; ~4 min):
-#   bash bench/gpu_lease.sh --variants auto,elems,split,splitelems,graphselems --micro auto,elems,split \
+#   bash bench/gpu_lease.sh --variants auto,elems,split,splitelems,graphs,graphselems --micro auto,elems,split \
 #     --steps 30 --profile "$OUT/prof"
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=.

@@ -2159,9 +2159,9 @@ class _ElemPlan:
     ) -> bool:
         """Run pass ``op`` over the tensors (only those with ``live[i]``, if given; ``grads``:
         each tensor's incoming gradient, float32 and contiguous; ``out``: where the results
-        go, one contiguous float32 tensor per tensor run, or every table tensor's stacked in
-        one at its start). False if the kernel fails to build (see _triton_failed): the
-        caller runs the torch passes, with :meth:`bins`."""
+        go, one contiguous float32 tensor per tensor the pass runs over, or one tensor with
+        every table tensor's results stacked, each at its start). False if the kernel fails
+        to build (see _triton_failed): the caller runs the torch passes, with :meth:`bins`."""
         mod = _triton()
         if mod is None:
             return False
@@ -2487,6 +2487,42 @@ def _split_tables(items, live: list[bool] | None, stacked: Tensor) -> dict[int, 
     }
 
 
+def _gather_tables(items, eplan, y_full: Tensor, bins: Tensor | None, cfg: _Cfg):
+    """Every table item's soft weight [G * N] from the per-code outputs ``y_full`` (device
+    layout): one Triton element pass (``eplan``), else one gather per run of tensors and per
+    other tensor through the bins. Returns (item index -> soft weight, bins, eplan): a kernel
+    that fails to build leaves eplan None and the bins computed."""
+    device = y_full.device
+    tables = [i for i, it in enumerate(items) if it.kind == "table"]
+    if eplan is not None:
+        if _capturing(device):  # stacked, their addresses computed on the device
+            total = sum([items[i].g * items[i].n for i in tables])
+            dst = y_full.new_empty(total)
+            ys = list(_split_tables(items, None, dst).values())
+        else:  # each in its own memory, freed once its module is done with it
+            ys = dst = [y_full.new_empty(items[i].g * items[i].n) for i in tables]
+        if eplan.launch(_GATHER, y_full, cfg.keep_zeros, out=dst):
+            return dict(zip(tables, ys)), bins, eplan
+        bins, eplan = eplan.bins(cfg), None
+    got = _run_pieces(items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi]))
+    for i in tables:
+        if i not in got:
+            it = items[i]
+            got[i] = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
+    return got, bins, eplan
+
+
+def _deferred_outputs(outs: list, fields: _Fields, saved: list) -> list[Tensor]:
+    """``outs`` of a ``defer`` forward with its table tensors' soft weights gathered now (in
+    fresh memory, outside any graph)."""
+    eplan, y_full = fields.gather
+    got, _, _ = _gather_tables(fields.items, eplan, y_full, saved[fields.i_bins], fields.cfg)
+    return [
+        _as(got[i].view(shape), dtype) if out is None else out
+        for i, (out, (shape, dtype)) in enumerate(zip(outs, fields.kinds_dtypes))
+    ]
+
+
 def _code_grad_sums(items, live, flat_g, bins, codes, n_tab) -> Tensor:
     """gsum [G_tab, U]: per code, the sum of its elements' incoming gradients."""
     device = bins.device
@@ -2603,25 +2639,29 @@ class RoundGraphs:
     _full_tables) a round reads nothing back and its shapes follow from the tensors' shapes
     alone, so its forward is captured once in a CUDA graph and each later round with the same
     tensors (same storage, shape and dtype, same configuration) is one copy of the centroids
-    and one graph launch. Pass one instance to every call of a training loop; any other round
-    (grid or dense engines, compacted tables, a stream that is being captured) runs eagerly.
-    :class:`DKMPalettizer` uses one only with ``palettizers.dkm._ROUND_GRAPHS`` (off: on an
-    H200 it saved ~3 ms of host time per LLaMA step but no measurable step time, and its
-    outputs stay allocated between steps; README, GPU benchmark).
+    and one graph launch; the soft weights are then gathered from the graph's per-code outputs
+    into fresh memory (one pass with the Triton element kernels, else a gather per run of
+    tensors), so the graph keeps no weight-sized tensor between steps. Pass one instance to
+    every call of a training loop; any other round (grid or dense engines, compacted tables,
+    a stream that is being captured) runs eagerly. :class:`DKMPalettizer` uses one only with
+    ``palettizers.dkm._ROUND_GRAPHS`` (off: on an H200 it saved ~3 ms of host time per LLaMA
+    step but no measurable step time, measured when the graph still held the soft weights;
+    README, GPU benchmark).
 
-    Replays write into the same memory: the tensors a replay returned, and the state its
+    Replays write into the same memory: the centroids a replay returned, and the state its
     backward reads, are overwritten by the next replay. A call therefore replays only once
-    every tensor the previous replay returned has been freed and its backward has run (or
-    its autograd graph was freed); otherwise it runs eagerly. A second backward through a
-    replayed round (``retain_graph=True``) after a later replay raises an error instead of
-    using overwritten state.
+    every tensor the previous replay returned from the graph's memory has been freed and its
+    backward has run (or its autograd graph was freed); otherwise it runs eagerly. A second
+    backward through a replayed round (``retain_graph=True``) after a later replay raises an
+    error instead of using overwritten state.
 
     The first call with given tensors runs eagerly (it compiles the kernels and fills the
     caches a capture must not allocate), the second captures and replays, the later ones
     replay. A capture that fails (e.g. a ``lut_fn`` that reads a value back) warns once and
     that batch runs eagerly from then on. At most ``max_graphs`` graphs are kept, each with
-    its memory pool (the forward's outputs and the state its backward needs): a DKM round
-    makes one batch per configuration, so keep it above the number of configurations.
+    its memory pool (the per-code outputs, the new centroids and the state the backward
+    needs): a DKM round makes one batch per configuration, so keep it above the number of
+    configurations.
 
     Args:
         max_graphs: graphs kept (least recently used dropped first), >= 1.
@@ -2718,7 +2758,9 @@ class RoundGraphs:
             keep.extend([t for plan in _triton_kernels._plans.values() for t in plan])
         graph = _new_graph(device)
         try:
-            result = graph.capture(lambda: _scalar_kmeans_forward(cfg, kinds, gs, static_c0, xs))
+            result = graph.capture(
+                lambda: _scalar_kmeans_forward(cfg, kinds, gs, static_c0, xs, defer=True)
+            )
             graph.replay()  # (capturing ran nothing)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -2761,10 +2803,13 @@ class _GraphEntry:
     def hand_out(self, ctx) -> tuple:
         """The replayed results for ``ctx``: fresh tensors over the graph's memory."""
         self.generation += 1
-        outs = [o.detach() for o in self.outs]
+        outs = [None if o is None else o.detach() for o in self.outs]
         new_c = self.new_c.detach()
-        self.handed = [weakref.ref(t) for t in outs]
+        # (only the graph's memory: the soft weights gathered after it are fresh tensors)
+        self.handed = [weakref.ref(t) for t in outs if t is not None]
         self.handed.append(weakref.ref(new_c))
+        if self.fields.gather is not None:
+            outs = _deferred_outputs(outs, self.fields, self.saved)
         self.backward_ran = False
         self.ctx_ref = weakref.ref(ctx) if any(ctx.needs_input_grad) else None
         fields = _Fields()
@@ -2811,12 +2856,16 @@ class _Fields:
 
 
 def _scalar_kmeans_forward(
-    cfg, kinds, gs, c0: Tensor, xs
-) -> tuple[list[Tensor], Tensor, _Fields, list]:
+    cfg, kinds, gs, c0: Tensor, xs, defer: bool = False
+) -> tuple[list[Tensor | None], Tensor, _Fields, list]:
     """The computation of :class:`_ScalarKMeans`'s forward: (outputs, new centroids, the
     attributes its backward reads, the tensors it saves). Apart from ``_Fields``, the same
     Python state whatever the values (a round on full code tables reads nothing back), so a
-    CUDA graph of it replays (see RoundGraphs)."""
+    CUDA graph of it replays (see RoundGraphs).
+
+    ``defer`` (the device layout): the table tensors' outputs are left out (None) and
+    gathered afterwards by :func:`_deferred_outputs`, from the per-code outputs the fields
+    keep (``gather``): a graph of the round then holds no soft weight in its memory."""
     device = c0.device
     sync_free = _sync_free(device)
     items: list[_ScalarItem] = []
@@ -2986,23 +3035,18 @@ def _scalar_kmeans_forward(
                     sl = slice(it.trow, it.trow + it.g)
                     seg_y = ys[it.seg][it.srow : it.srow + it.g]
                     _put_codes(table[sl], codes[sl], seg_y, it.u, c_elems)
-    stacked = {}  # item index -> its soft weight, gathered with its run's (device layout)
-    if eplan is not None:  # every table tensor's soft weight in one pass
-        if _capturing(device):  # stacked, their addresses computed on the device
-            dst = c0.new_empty(start)
-            y_outs = list(_split_tables(items, None, dst).values())
-        else:  # each in its own memory, freed once its module is done with it
-            y_outs = dst = [c0.new_empty(f.shape) for f in flats]
-        if eplan.launch(_GATHER, y_full, cfg.keep_zeros, out=dst):
-            stacked = dict(zip([i for i, it in enumerate(items) if it.kind == "table"], y_outs))
-        else:
-            bins, eplan = eplan.bins(cfg), None
-    if eplan is None and n_tab and not c_elems and not _host_layout(device):
-        stacked = _run_pieces(items, None, lambda run, lo, hi: y_full.index_select(0, bins[lo:hi]))
+    stacked = {}  # item index -> its soft weight (device layout: every table tensor's)
+    device_tables = bool(n_tab) and not c_elems and not _host_layout(device)
+    defer = defer and device_tables
+    if device_tables and not defer:
+        stacked, bins, eplan = _gather_tables(items, eplan, y_full, bins, cfg)
     t_i = 0
     for i_x, (x, it) in enumerate(zip(xs, items)):
         if i_x in stacked:
             flat = stacked.pop(i_x)
+        elif it.kind == "table" and defer:
+            outs.append(None)  # (_deferred_outputs)
+            continue
         elif it.kind == "table" and c_elems:
             flat = _outputs.take(("y", t_i, it.n), (it.g, it.n), device)
             _dkm_cpu.gather(
@@ -3037,6 +3081,7 @@ def _scalar_kmeans_forward(
     ctx.i_bins, ctx.i_codes = saved(bins), saved(codes)
     ctx.c_elems = c_elems
     ctx.t_elems = eplan is not None
+    ctx.gather = (eplan, y_full) if defer else None
     # the baseline for writing each weight's gradient into its incoming one (measured once)
     ctx.grad_base = None
     c_any = c_elems or any([it.c_grid for it in items])
@@ -3121,6 +3166,8 @@ class _ScalarKMeans(torch.autograd.Function):
                         t_of[i] = len(t_of)
             if t_elems:
                 eplan = _ElemPlan(xflat, [items[i] for i in t_of], scale)
+                if _capturing(device):  # (the gradients' address tables need a copy)
+                    bins, eplan = eplan.bins(cfg), None
                 t_live = [live[i] for i in t_of]
                 t_grads = [flat_g[i] for i in t_of]
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
@@ -3668,8 +3715,9 @@ def soft_kmeans_batch(
             generator, method, clamp_attention: as :func:`soft_kmeans`.
         graphs: a :class:`RoundGraphs` kept across the calls of a training loop: on CUDA a
             batch that reads nothing back (full code tables) is captured once and replayed
-            (the returned tensors are then the graph's memory, overwritten by its next
-            replay, which waits until they are freed). None: always eager.
+            (the returned centroids are then the graph's memory, overwritten by its next
+            replay, which waits until they are freed; the soft weights are gathered into
+            fresh memory after each replay). None: always eager.
 
     Returns:
         one (x_hat, new_centroids) per input, as :func:`soft_kmeans` returns them.

@@ -617,3 +617,22 @@ def test_dkm_training_with_element_kernels_equals_the_torch_passes(elem_layout, 
     assert elem_layout.count(0) >= 3 and elem_layout.count(3) >= 3
     monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
     same_training(got, train(), 1e-6)
+
+
+def test_element_kernels_inside_a_cuda_graph_capture_copy_no_address_table(
+    elem_layout, monkeypatch
+):
+    # in someone else's capture (a whole training step in a CUDA graph) no host-to-device copy
+    # may run: the soft weights are gathered into one stacked tensor (their addresses computed
+    # on the device) and the backward takes the torch passes (the gradients' addresses would
+    # need a copy); the results are the torch passes'
+    monkeypatch.setattr(sk, "_full_tables", lambda *args: True)
+    xs, cs = small_batch()
+    ws = weights(xs)
+    copies = []
+    monkeypatch.setattr(sk, "_address_table", lambda *a: copies.append(a))
+    monkeypatch.setattr(sk, "_capturing", lambda device: True)
+    got = run_batch(xs, cs, ws, method="table")
+    assert elem_layout == [0, 1] and copies == []
+    monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    _same_results(got, run_batch(xs, cs, ws, method="table"))
