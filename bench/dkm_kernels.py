@@ -84,6 +84,80 @@ def _timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def elements(weights: list[torch.Tensor], cfg, reps: int) -> dict:
+    """The element passes of a round over these weights (one LUT group each), in the torch
+    code (int32 bins, runs of tensors concatenated) and in the Triton element kernels
+    (soft_kmeans._TRITON_ELEM_DEVICES): forward = scales, codes, histogram and tables, then
+    the soft-weight gather; backward = per-code gradient sums, then the gradient gather.
+    Each pair is checked equal (gathers exactly, sums to float rounding)."""
+    device = weights[0].device
+    flats = [w.reshape(1, -1) for w in weights]
+    items, start = [], 0
+    for t, f in enumerate(flats):
+        items.append(sk._ScalarItem("table", 1, f.shape[1], t, t, start))
+        start += f.numel()
+    n_tab = len(flats)
+    gen = torch.Generator().manual_seed(3)
+    y_full = torch.randn(n_tab * sk._STRIDE, generator=gen).to(device)
+    hr = torch.randn(n_tab, sk._STRIDE, 2, generator=gen).to(device)
+    grads = [torch.randn(f.shape[1], generator=gen).to(device) for f in flats]
+    live = [True] * n_tab
+    res, got = {}, {}
+
+    def torch_fwd():
+        bins, _, codes, *_ = sk._encode_many(flats, cfg, device, False, True)
+        return bins, codes
+
+    def torch_bwd(bins, codes):
+        gsum = sk._code_grad_sums(items, live, grads, bins, codes, n_tab)
+        h, r = hr[..., 0].reshape(-1), hr[..., 1].reshape(-1)
+        out = sk._run_pieces(
+            items,
+            live,
+            lambda run, lo, hi: sk._gather_grad(
+                h, r, bins[lo:hi], torch.cat([grads[i] for i in run])
+            ),
+        )
+        for i, it in enumerate(items):
+            if i not in out:
+                out[i] = sk._gather_grad(h, r, bins[it.start : it.start + it.n], grads[i])
+        return gsum, out
+
+    def triton_fwd():
+        plan = sk._ElemPlan(flats, items, sk._group_scales(flats, device))
+        counts = torch.zeros(n_tab * sk._STRIDE, dtype=torch.int32, device=device)
+        assert plan.launch(sk._HIST, counts, cfg.keep_zeros)
+        sk._code_tables(counts.view(n_tab, sk._STRIDE), plan.scale, device, True)
+        return plan
+
+    def triton_bwd(plan, codes):
+        total = torch.zeros(n_tab * sk._STRIDE, device=device)
+        assert plan.launch(sk._SCATTER, total, cfg.keep_zeros, grads=grads)
+        gsum = total.view(n_tab, sk._STRIDE).gather(1, codes)
+        out = torch.empty(start, device=device)
+        assert plan.launch(sk._GRAD, hr, cfg.keep_zeros, grads=grads, out=out)
+        return gsum, sk._split_tables(items, None, out)
+
+    res["torch_codes_ms"], (bins, codes) = _timed(torch_fwd, reps)
+    res["torch_gather_ms"], got["torch_y"] = _timed(
+        lambda: sk._gather_tables(items, None, y_full, bins, cfg)[0], reps
+    )
+    res["torch_backward_ms"], got["torch_g"] = _timed(lambda: torch_bwd(bins, codes), reps)
+    res["triton_codes_ms"], plan = _timed(triton_fwd, reps)
+    res["triton_gather_ms"], got["triton_y"] = _timed(
+        lambda: sk._gather_tables(items, plan, y_full, None, cfg)[0], reps
+    )
+    res["triton_backward_ms"], got["triton_g"] = _timed(lambda: triton_bwd(plan, codes), reps)
+    res["gather_equal"] = all(
+        torch.equal(got["torch_y"][i], got["triton_y"][i]) for i in range(n_tab)
+    )
+    res["gsum_max_rel_diff"] = _rel(got["triton_g"][0], got["torch_g"][0])
+    res["grad_max_rel_diff"] = max(
+        _rel(got["triton_g"][1][i], got["torch_g"][1][i]) for i in range(n_tab)
+    )
+    return res
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -94,6 +168,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--small", action="store_true")
     p.add_argument("--out", default="bench/results/dkm_kernels.json")
+    p.add_argument("--no-elements", action="store_true", help="skip the element passes' timing")
     args = p.parse_args()
     kernels = sk._triton()
     if kernels is None:
@@ -104,7 +179,8 @@ def main() -> None:
         "bench", device, 1e-4, max_iter, epsilon, "dkm", False, 0.0, 1e-7, None, None, "table",
         False,
     )[0]  # fmt: skip
-    v, m, c = tables(llama_weights(device, args.small), k, cfg)
+    weights = llama_weights(device, args.small)
+    v, m, c = tables(weights, k, cfg)
     gsum = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(device)
     gsum = gsum * (m > 0)
     ct = sk._c_cfg(cfg, k)
@@ -152,6 +228,13 @@ def main() -> None:
             print(spec, {key: round(val, 4) for key, val in row.items()}, flush=True)
     finally:
         kernels._LAUNCH, kernels._SPLIT_CODES = saved, saved_split
+    if not args.no_elements:
+        try:
+            out["elements"] = elements(weights, cfg, args.reps)
+            print("elements", out["elements"], flush=True)
+        except Exception as err:  # (recorded; the kernel timings above stand)
+            out["elements"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            print("elements failed:", out["elements"]["error"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("wrote", args.out)

@@ -302,3 +302,29 @@ def test_trace_gaps_reads_idle_time_tail_and_marks_from_a_timeline(tmp_path):
         "round_backward": {"first_ms": 0.4, "last_end_ms": 0.9, "device_ms": 0.5}
     }
     assert trace_gaps.summary(path, min_gap_us=400)["gaps"] == []
+
+
+def test_dkm_kernels_elements_section_compares_the_two_element_passes(monkeypatch):
+    # bench/dkm_kernels.py's element-pass timing: the torch passes and the Triton element
+    # kernels (Triton's interpreter here) on the same weights, their results compared
+    from bench import dkm_kernels as K
+    from lightning_palettize import soft_kmeans as sk
+
+    if sk._triton() is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no Triton interpreter here")
+    monkeypatch.setattr(sk, "_host_layout", lambda device: False)
+    monkeypatch.setattr(sk, "_sync_free", lambda device: True)
+    cfg = sk._make_cfg(
+        "t", torch.device("cpu"), 1e-4, 3, 1e-4, "dkm", False, 0.0, 1e-7, None, None, "table",
+        False,
+    )[0]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    weights = [0.02 * torch.randn(s, generator=gen) for s in [(60, 50), (40, 30), (500, 20)]]
+    res = K.elements(weights, cfg, reps=1)
+    assert res["gather_equal"]
+    assert res["gsum_max_rel_diff"] < 1e-5 and res["grad_max_rel_diff"] < 1e-5
+    assert {k for k in res if k.endswith("_ms")} == {
+        f"{side}_{part}_ms"
+        for side in ("torch", "triton")
+        for part in ("codes", "gather", "backward")
+    }
