@@ -111,31 +111,17 @@ def elements(weights: list[torch.Tensor], cfg, reps: int) -> dict:
     def torch_bwd(bins, codes):
         gsum = sk._code_grad_sums(items, live, grads, bins, codes, n_tab)
         h, r = hr[..., 0].reshape(-1), hr[..., 1].reshape(-1)
-        out = sk._run_pieces(
-            items,
-            live,
-            lambda run, lo, hi: sk._gather_grad(
-                h, r, bins[lo:hi], torch.cat([grads[i] for i in run])
-            ),
-        )
-        for i, it in enumerate(items):
-            if i not in out:
-                out[i] = sk._gather_grad(h, r, bins[it.start : it.start + it.n], grads[i])
-        return gsum, out
+        return gsum, sk._gather_grads(items, live, h, r, bins, grads)
 
     def triton_fwd():
         plan = sk._ElemPlan(flats, items, sk._group_scales(flats, device))
-        counts = torch.zeros(n_tab * sk._STRIDE, dtype=torch.int32, device=device)
-        assert plan.launch(sk._HIST, counts, cfg.keep_zeros)
-        sk._code_tables(counts.view(n_tab, sk._STRIDE), plan.scale, device, True)
+        assert plan.code_tables(cfg.keep_zeros, True) is not None
         return plan
 
     def triton_bwd(plan, codes):
-        total = torch.zeros(n_tab * sk._STRIDE, device=device)
-        assert plan.launch(sk._SCATTER, total, cfg.keep_zeros, grads=grads)
-        gsum = total.view(n_tab, sk._STRIDE).gather(1, codes)
-        out = torch.empty(start, device=device)
-        assert plan.launch(sk._GRAD, hr, cfg.keep_zeros, grads=grads, out=out)
+        gsum = plan.grad_sums(codes, cfg.keep_zeros, live, grads)
+        out = plan.grads(hr, cfg.keep_zeros, live, grads)
+        assert gsum is not None and out is not None
         return gsum, sk._split_tables(items, None, out)
 
     res["torch_codes_ms"], (bins, codes) = _timed(torch_fwd, reps)

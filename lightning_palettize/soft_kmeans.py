@@ -2187,6 +2187,31 @@ class _ElemPlan:
             return False
         return True
 
+    def code_tables(self, keep_zeros: bool, full: bool) -> tuple | None:
+        """The histogram pass, then _code_tables' (codes, values, mass, per_group, U); None
+        if the kernel fails to build."""
+        rows, device = self.scale.numel(), self.scale.device
+        counts = torch.zeros(rows * _STRIDE, dtype=torch.int32, device=device)
+        if not self.launch(_HIST, counts, keep_zeros):
+            return None
+        return _code_tables(counts.view(rows, _STRIDE), self.scale, device, full)
+
+    def grad_sums(self, codes: Tensor, keep_zeros: bool, live, grads) -> Tensor | None:
+        """gsum [rows, U] (as _code_grad_sums) from one pass; None if the kernel fails."""
+        rows = self.scale.numel()
+        total = torch.zeros(rows * _STRIDE, device=self.scale.device)
+        if not self.launch(_SCATTER, total, keep_zeros, live=live, grads=grads):
+            return None
+        return total.view(rows, _STRIDE).gather(1, codes)
+
+    def grads(self, hr: Tensor, keep_zeros: bool, live, grads) -> Tensor | None:
+        """Every (live) tensor's gradient g * h + r from the (h, r) pairs ``hr``, stacked at
+        its start (see _split_tables); None if the kernel fails."""
+        out = torch.empty(sum([f.numel() for f in self.flats]), device=self.scale.device)
+        if not self.launch(_GRAD, hr, keep_zeros, live=live, grads=grads, out=out):
+            return None
+        return out
+
     def bins(self, cfg: _Cfg) -> Tensor:
         """Every element's bin, as the torch passes read them (_encode_many)."""
         return _encode_many(self.flats, cfg, self.scale.device, False, True)[0]
@@ -2510,6 +2535,23 @@ def _gather_tables(items, eplan, y_full: Tensor, bins: Tensor | None, cfg: _Cfg)
             it = items[i]
             got[i] = y_full.index_select(0, bins[it.start : it.start + it.g * it.n])
     return got, bins, eplan
+
+
+def _gather_grads(items, live, h_full, r_full, bins: Tensor, flat_g: list) -> dict[int, Tensor]:
+    """Every live table item's gradient g * h[bins] + r[bins] (device layout): one gather per
+    run of tensors (their gradients concatenated) and per other tensor."""
+    got = _run_pieces(
+        items,
+        live,
+        lambda run, lo, hi: _gather_grad(
+            h_full, r_full, bins[lo:hi], _cat([flat_g[i] for i in run])
+        ),
+    )
+    for i, it in enumerate(items):
+        if it.kind == "table" and live[i] and i not in got:
+            sl = bins[it.start : it.start + it.g * it.n]
+            got[i] = _gather_grad(h_full, r_full, sl, flat_g[i])
+    return got
 
 
 def _deferred_outputs(outs: list, fields: _Fields, saved: list) -> list[Tensor]:
@@ -2900,21 +2942,18 @@ def _scalar_kmeans_forward(
     )
     # the Triton element passes (see _ElemPlan): as the compiled ones, no bins
     eplan: _ElemPlan | None = None
+    full = bool(flats) and _full_tables(device, c0.shape[1], cfg, n_tab, start)
     if flats and not c_elems and _triton_elems(device, flats):
-        full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
         eplan = _ElemPlan(
             flats, [it for it in items if it.kind == "table"], _group_scales(flats, device)
         )
-        counts = torch.zeros(n_tab * _STRIDE, dtype=torch.int32, device=device)
-        if eplan.launch(_HIST, counts, cfg.keep_zeros):
-            scale = eplan.scale
-            codes, values, mass, per_group, u_tab = _code_tables(
-                counts.view(n_tab, _STRIDE), scale, device, full
-            )
-        else:
+        tabs = eplan.code_tables(cfg.keep_zeros, full)
+        if tabs is None:
             eplan = None
+        else:
+            scale = eplan.scale
+            codes, values, mass, per_group, u_tab = tabs
     if flats and eplan is None:
-        full = _full_tables(device, c0.shape[1], cfg, n_tab, start)
         bins, scale, codes, values, mass, per_group, u_tab = _encode_many(
             flats, cfg, device, c_elems, full
         )
@@ -3172,11 +3211,8 @@ class _ScalarKMeans(torch.autograd.Function):
                 t_grads = [flat_g[i] for i in t_of]
             if n_tab and any(live[i] for i, it in enumerate(items) if it.kind == "table"):
                 if eplan is not None:
-                    total = torch.zeros(n_tab * _STRIDE, device=device)
-                    kw = dict(live=t_live, grads=t_grads)
-                    if eplan.launch(_SCATTER, total, cfg.keep_zeros, **kw):
-                        gsum_tab = total.view(n_tab, _STRIDE).gather(1, codes)
-                    else:
+                    gsum_tab = eplan.grad_sums(codes, cfg.keep_zeros, t_live, t_grads)
+                    if gsum_tab is None:
                         bins, eplan = eplan.bins(cfg), None
                 if c_elems:
                     # only the codes present are accumulated into and read back
@@ -3273,22 +3309,16 @@ class _ScalarKMeans(torch.autograd.Function):
                         _put_codes(r_tab[sl], codes[sl], rs, it.u, c_elems)
             stacked = {}  # item index -> its gradient, gathered with its run's (device layout)
             if eplan is not None and any(t_live):  # every table tensor's gradient in one pass
-                g_all = torch.empty(eplan.items[-1].start + eplan.flats[-1].numel(), device=device)
-                kw = dict(live=t_live, grads=t_grads, out=g_all)
-                if eplan.launch(_GRAD, hr_full, cfg.keep_zeros, **kw):
-                    stacked = _split_tables(items, live, g_all)
-                else:
+                g_all = eplan.grads(hr_full, cfg.keep_zeros, t_live, t_grads)
+                if g_all is None:
                     bins, eplan = eplan.bins(cfg), None
+                else:
+                    stacked = _split_tables(items, live, g_all)
             if hr_full is not None and not c_elems and eplan is None:
                 # (the element kernels failed to build: the torch passes read h and r apart)
                 h_full, r_full = hr_full[..., 0].reshape(-1), hr_full[..., 1].reshape(-1)
             if eplan is None and n_tab and not c_elems and not _host_layout(device):
-
-                def run_grad(run: list[int], lo: int, hi: int) -> Tensor:
-                    g_run = _cat([flat_g[i] for i in run])
-                    return _gather_grad(h_full, r_full, bins[lo:hi], g_run)
-
-                stacked = _run_pieces(items, live, run_grad)
+                stacked = _gather_grads(items, live, h_full, r_full, bins, flat_g)
             for i, it in enumerate(items):
                 if not live[i]:
                     continue
