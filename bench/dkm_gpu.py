@@ -77,15 +77,31 @@ VARIANTS = {
     # per-code outputs and the soft weights are gathered after each replay in fresh memory;
     # graphs holding the soft weights cost +0.45 GiB peak on the H200)
     "graphselems": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
+    # "auto" with each round split into 4 chunks of consecutive layers, each its own node
+    # (DKM's _ROUND_CHUNKS): a chunk's backward runs when its layers' gradients are in, inside
+    # the model's backward, instead of all of it on the step's tail: not timed yet
+    "chunks": {},
+    # "splitelems" in 4 and 8 chunks (a chunk's latency-bound kernels cost as much as the whole
+    # round's unless each row's codes are split over programs)
+    "chunked": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
+    "chunked8": {"_TRITON_ELEM_DEVICES": frozenset({"cuda"})},
 }
 # settings of lightning_palettize._dkm_triton per variant (its launch reads them at each call)
 KERNEL_SETTINGS = {
     "oldkernels": {"_LAUNCH": {"fwd": (8, 4096, False, 1), "bwd": (8, 4096, False, 1)}},
     "split": {"_SPLIT_CODES": 8192},
     "splitelems": {"_SPLIT_CODES": 8192},
+    "chunked": {"_SPLIT_CODES": 8192},
+    "chunked8": {"_SPLIT_CODES": 8192},
 }
 # settings of lightning_palettize.palettizers.dkm per variant
-DKM_SETTINGS = {"graphs": {"_ROUND_GRAPHS": True}, "graphselems": {"_ROUND_GRAPHS": True}}
+DKM_SETTINGS = {
+    "graphs": {"_ROUND_GRAPHS": True},
+    "graphselems": {"_ROUND_GRAPHS": True},
+    "chunks": {"_ROUND_CHUNKS": 4},
+    "chunked": {"_ROUND_CHUNKS": 4},
+    "chunked8": {"_ROUND_CHUNKS": 8},
+}
 
 
 @contextlib.contextmanager

@@ -8,9 +8,9 @@
 # $OUT (the lease's output folder), else bench/results/gpu; a --profile folder under it is
 # packed into one file at the end (a lease returns at most 8 files).
 #   bash bench/gpu_lease.sh [dkm_gpu.py arguments...]
-# Next lease (the variants not timed yet; ~4 min):
-#   bash bench/gpu_lease.sh --variants auto,elems,split,splitelems,graphs,graphselems --micro auto,elems,split \
-#     --steps 30 --profile "$OUT/prof"
+# Next lease (the variants not timed yet; ~8 min, timeout_s 570):
+#   bash bench/gpu_lease.sh --variants auto,elems,splitelems,chunks,chunked,chunked8,graphselems \
+#     --micro auto,elems,split --steps 30 --profile "$OUT/prof"
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=.
 OUT=${OUT:-bench/results/gpu}
@@ -23,7 +23,7 @@ mkdir -p "$OUT"
   date +%T
   timeout 150 python3 bench/dkm_kernels.py --out "$OUT/dkm_kernels.json"
   date +%T
-  timeout 300 python3 bench/dkm_gpu.py --out "$OUT/dkm_gpu.json" "$@"
+  timeout 330 python3 bench/dkm_gpu.py --out "$OUT/dkm_gpu.json" "$@"
   date +%T
   timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_kmeans.py \
     tests/test_palette.py tests/test_sensitivity.py tests/test_soft_kmeans.py tests/test_dkm.py \

@@ -238,6 +238,7 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
             sk._TRITON_DEVICES,
             sk._TRITON_ELEM_DEVICES,
             dkm_mod._ROUND_GRAPHS,
+            dkm_mod._ROUND_CHUNKS,
         )
 
     default = settings()
@@ -260,6 +261,11 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
         assert dkm_mod._ROUND_GRAPHS is True and {"cuda"} == sk._TRITON_ELEM_DEVICES
     with G.variant("elems"):
         assert default[1] == kernels._SPLIT_CODES and {"cuda"} == sk._TRITON_ELEM_DEVICES
+    with G.variant("chunks"):
+        assert dkm_mod._ROUND_CHUNKS == 4 and default[1] == kernels._SPLIT_CODES
+    with G.variant("chunked8"):
+        assert dkm_mod._ROUND_CHUNKS == 8 and kernels._SPLIT_CODES == 8192
+        assert {"cuda"} == sk._TRITON_ELEM_DEVICES
     assert settings() == default
 
 

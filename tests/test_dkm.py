@@ -571,6 +571,16 @@ def _train(monkeypatch, batched, config=_MIXED, steps=3, alone=False):
     return losses, alone_out, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _same_runs(got, want, rtol: float, atol: float) -> None:
+    """Two _train runs: the same losses, outputs of the module run alone, and state."""
+    torch.testing.assert_close(torch.stack(got[0]), torch.stack(want[0]), rtol=rtol, atol=atol)
+    for x, y in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    assert got[2].keys() == want[2].keys()
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=rtol, atol=atol, msg=k)
+
+
 def _device_layout(monkeypatch):
     """The kernel's GPU code path (stacked tables, sync-free early stopping), on the CPU."""
     from lightning_palettize import soft_kmeans as sk
@@ -589,12 +599,7 @@ def test_batched_rounds_train_like_weight_by_weight(monkeypatch, layout):
     if layout == "device":
         _device_layout(monkeypatch)
     a = _train(monkeypatch, batched=True, alone=True)
-    b = _train(monkeypatch, batched=False, alone=True)
-    torch.testing.assert_close(torch.stack(a[0]), torch.stack(b[0]), rtol=1e-5, atol=1e-6)
-    for x, y in zip(a[1], b[1]):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    for k in b[2]:
-        torch.testing.assert_close(a[2][k], b[2][k], rtol=1e-5, atol=1e-6, msg=k)
+    _same_runs(a, _train(monkeypatch, batched=False, alone=True), rtol=1e-5, atol=1e-6)
 
 
 def test_rounds_batch_every_weight_in_one_call(monkeypatch):
@@ -633,6 +638,62 @@ def test_rounds_batch_every_weight_in_one_call(monkeypatch):
         prepared.eval()
         prepared(x)  # eval: hard assignment per module, no round
     assert calls == [5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("layout", ["host", "device"])
+@pytest.mark.parametrize("n_chunks", [2, 3])
+def test_chunked_rounds_train_like_one_round(monkeypatch, layout, n_chunks):
+    # dkm._ROUND_CHUNKS: each chunk of consecutive members its own round and node
+    from lightning_palettize.palettizers import dkm
+
+    if layout == "device":
+        _device_layout(monkeypatch)
+    one = _train(monkeypatch, batched=True, alone=True)
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+    _same_runs(_train(monkeypatch, batched=True, alone=True), one, rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_rounds_run_each_chunks_backward_when_its_gradients_are_in(monkeypatch):
+    from lightning_palettize.palettizers import dkm
+
+    _device_layout(monkeypatch)
+    calls = []
+    real = dkm.soft_kmeans_batch
+    monkeypatch.setattr(
+        dkm, "soft_kmeans_batch", lambda xs, cs, **kw: calls.append(len(xs)) or real(xs, cs, **kw)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    model = pal.prepare(inplace=True)
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def order(n_chunks):
+        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+        log, handles = [], []
+        for name, t in [("x", x)] + [(f"w{i}", m.weight) for i, m in enumerate(model)]:
+            handles.append(t.register_post_accumulate_grad_hook(lambda _, n=name: log.append(n)))
+        calls.clear()
+        model(x).sum().backward()
+        pal.step()
+        for h in handles:
+            h.remove()
+        return log, list(calls)
+
+    log, rounds = order(1)  # one round: every weight gradient after the first layer's input's
+    assert rounds == [6] and log.index("x") < min(log.index(f"w{i}") for i in range(6)), log
+    log, rounds = order(3)  # chunks {0, 1}, {2, 3}, {4, 5}, each when its gradients are in
+    assert rounds == [2, 2, 2], rounds
+    at = {n: log.index(n) for n in log}
+    assert max(at["w4"], at["w5"]) < min(at["w2"], at["w3"]), log
+    assert max(at["w2"], at["w3"]) < at["x"] < min(at["w0"], at["w1"]), log
+    # members in their order, about equal numbers of elements per chunk
+    uneven = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 16), nn.Linear(16, 16))
+    uneven = DKMPalettizer(uneven, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    group = uneven.prepare(inplace=True)[0].weight_dkm._group
+    assert list(group._chunks(2).values()) == [0, 1, 1]  # 16,384 | 4,096 + 256 elements
+    assert list(group._chunks(3).values()) == [0, 2, 2]  # (the first member's share: 2 chunks)
+    assert list(group._chunks(1).values()) == [0, 0, 0]
 
 
 def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):

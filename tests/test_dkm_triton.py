@@ -608,14 +608,21 @@ def test_an_element_kernel_that_fails_to_build_falls_back_to_the_torch_passes(
     _same_results(got, run_batch(xs, cs, ws, method="table"))
 
 
-def test_dkm_training_with_element_kernels_equals_the_torch_passes(elem_layout, monkeypatch):
+@pytest.mark.parametrize("n_chunks", [1, 2])
+def test_dkm_training_with_element_kernels_equals_the_torch_passes(
+    elem_layout, monkeypatch, n_chunks
+):
     # DKM steps (an optimizer moving the weights, so codes and tables change) and finalize:
-    # the torch element passes' losses and palettized weights
-    monkeypatch.setattr(sk, "_TABLE_MIN_GROUP", {"cpu": 1, "cuda": 1})
+    # the torch element passes' losses and palettized weights (in one round; with 2 chunks
+    # each layer is a round of its own: dkm._ROUND_CHUNKS)
+    from lightning_palettize.palettizers import dkm
 
+    monkeypatch.setattr(sk, "_TABLE_MIN_GROUP", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
     got = train()
-    assert elem_layout.count(0) >= 3 and elem_layout.count(3) >= 3
+    assert elem_layout.count(0) >= 3 * n_chunks and elem_layout.count(3) >= 3 * n_chunks
     monkeypatch.setattr(sk, "_TRITON_ELEM_DEVICES", frozenset())
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", 1)
     same_training(got, train(), 1e-6)
 
 

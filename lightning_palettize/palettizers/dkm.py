@@ -72,6 +72,16 @@ _DEFAULTS = ModuleDKMPalettizerConfig()
 # (every soft weight, held between steps) raised the peak memory 0.45 GiB (1.16x plain
 # instead of 1.08x). See the README's GPU section.
 _ROUND_GRAPHS = False
+# Split each round into this many chunks of consecutive members (in the order they joined,
+# which prepare makes the model's module order), each computed when its first member is
+# called and one autograd node of its own. One round's node runs its backward only after the
+# first layer's weight gradient, so on a device all of it sits on the step's tail, between the
+# last weight gradient and the optimizer; a chunk's node runs as soon as the gradients of its
+# own layers are in (the engine runs ready nodes latest-created first), so only the first
+# chunk's backward is left on the tail and the others fill the backward's idle device time.
+# It costs each chunk the round's fixed launches. 1 (one round): not timed on a GPU yet (the
+# bench's "chunked" variants); on the CPU, where nothing overlaps, one round is cheapest.
+_ROUND_CHUNKS = 1
 
 
 def _check_supported_options(cfg: ModuleDKMPalettizerConfig, where: str) -> None:
@@ -203,6 +213,8 @@ class _DKMGroup:
         self._served: dict[int, _Served] = {}  # the soft weight each member last returned
         self._serial = 0
         self._again: set[int] = set()  # members seen called again at one weight version
+        # (_ROUND_CHUNKS, member -> its chunk) while the members are unchanged
+        self._chunk_of: tuple[int, dict[int, int]] | None = None
         # CUDA graphs of the rounds' forward, when _ROUND_GRAPHS (the same weights every step)
         self._graphs = RoundGraphs()
 
@@ -221,10 +233,12 @@ class _DKMGroup:
         if entry is not None and entry[0]() is fp and entry[1]() is module:
             return False
         self._members[id(fp)] = (weakref.ref(fp), weakref.ref(module))
+        self._chunk_of = None
         return True
 
     def leave(self, fp: FakePalettize) -> None:
         self._members.pop(id(fp), None)
+        self._chunk_of = None
         self._pending.pop(id(fp), None)
         self._served.pop(id(fp), None)
         self._again.discard(id(fp))
@@ -304,11 +318,16 @@ class _DKMGroup:
     ) -> tuple[Tensor, int | None]:
         todo: dict[tuple, list[tuple[FakePalettize, Tensor]]] = {}
         todo.setdefault((weight.device, _batch_key(fp.cfg)), []).append((fp, weight))
+        chunks = self._chunks(_ROUND_CHUNKS) if _ROUND_CHUNKS > 1 else None
+        chunk = chunks.get(id(fp)) if chunks is not None else None
         for key, (fp_ref, mod_ref) in list(self._members.items()):
             other, mod = fp_ref(), mod_ref()
             if other is None or mod is None:
                 del self._members[key]
+                self._chunk_of = None
                 continue
+            if chunks is not None and chunks.get(key) != chunk:
+                continue  # another chunk's round computes it when its first member is called
             if other is fp or not (other.training and other.is_enabled):
                 continue
             attached = mod._modules.get(f"{other.param_name}_dkm") is other
@@ -345,6 +364,23 @@ class _DKMGroup:
                 else:
                     self._pending[id(m)] = _Pending(w, self._key(m, w), soft, cent, token)
         return mine  # (soft_weight drops the pending results with the kept ones)
+
+    def _chunks(self, n_chunks: int) -> dict[int, int]:
+        """Member id -> chunk index: ``n_chunks`` runs of consecutive members (join order) with
+        about equal numbers of weight elements (recomputed when the members change)."""
+        if self._chunk_of is None or self._chunk_of[0] != n_chunks:
+            sizes = []
+            for key, (fp_ref, mod_ref) in self._members.items():
+                fp, mod = fp_ref(), mod_ref()
+                alive = fp is not None and mod is not None
+                sizes.append((key, fp.live_weight(mod)[1].numel() if alive else 0))
+            total, before, chunk_of = max(1, sum(n for _, n in sizes)), 0, {}
+            for key, n in sizes:
+                # (a member's chunk: where its first element falls among equal shares)
+                chunk_of[key] = min(n_chunks - 1, before * n_chunks // total)
+                before += n
+            self._chunk_of = (n_chunks, chunk_of)
+        return self._chunk_of[1]
 
     def _node_hooks(self, outs: list[Tensor]) -> list[int | None]:
         """Per output, the token of a pre-hook on its autograd node (one per distinct node: the
