@@ -8,8 +8,9 @@ of the backward. Variants: "triton" (the fused Triton kernels, run in Triton's i
 here; the kernels' own work is not counted: on a GPU it is two launches per width bucket),
 "triton_full" (the same with every group's code table all 65,536 codes, as the 134M model's
 are; the kernels stubbed), "triton_full_elems" (and the element passes in the Triton element
-kernels, run in the interpreter, not counted: four launches a round) and "torchloop" (the
-per-code passes in torch ops). "launching"
+kernels, run in the interpreter, not counted: four launches a round), "..._chunks4" /
+"..._chunks8" (that in 4 / 8 rounds per step, DKM's _ROUND_CHUNKS: what chunks cost the host)
+and "torchloop" (the per-code passes in torch ops). "launching"
 excludes views and allocations. One more step is run under ``sys.setprofile``: its Python
 function calls and the builtins called from Python ("py_calls", "c_calls"; the interpreter
 runs no Triton kernel meanwhile).
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_palettize import DKMPalettizer  # noqa: E402
 from lightning_palettize import soft_kmeans as sk  # noqa: E402
+from lightning_palettize.palettizers import dkm as dkm_mod  # noqa: E402
 
 # ops that launch no kernel on a GPU
 NO_LAUNCH = {
@@ -190,12 +192,16 @@ def main() -> None:
         # and the element passes in the Triton element kernels (four launches a round, not
         # counted here, plus a copy of the gradients' address table in backward)
         "triton_full_elems": (frozenset({"cpu"}), float("inf"), stubs),
+        # and each round in 4 / 8 chunks of layers (each chunk's fixed launches)
+        "triton_full_elems_chunks4": (frozenset({"cpu"}), float("inf"), stubs),
+        "triton_full_elems_chunks8": (frozenset({"cpu"}), float("inf"), stubs),
     }
     elems = mod._elems
     mod._elems = _Uncounted(elems)
     for name, (devices, fill, (fwd, bwd)) in variants.items():
         sk._TRITON_DEVICES, sk._FULL_TABLES_FILL = devices, fill
-        sk._TRITON_ELEM_DEVICES = frozenset({"cpu"}) if name.endswith("_elems") else frozenset()
+        sk._TRITON_ELEM_DEVICES = frozenset({"cpu"}) if "_elems" in name else frozenset()
+        dkm_mod._ROUND_CHUNKS = int(name.partition("_chunks")[2] or 1)
         mod._fwd_loop, mod._bwd_loop = _Uncounted(fwd), _Uncounted(bwd)
         out[name] = count(True)
     plain = out["plain"]

@@ -696,6 +696,53 @@ def test_chunked_rounds_run_each_chunks_backward_when_its_gradients_are_in(monke
     assert list(group._chunks(1).values()) == [0, 0, 0]
 
 
+def test_chunked_rounds_in_a_llama_run_inside_its_backward(monkeypatch):
+    # the GPU benchmark's model shape, small: with one round every Linear's weight gradient
+    # arrives after the layers' backward has passed layer 1; in 4 chunks the last chunk's
+    # (the last layer's MLP and the LM head) before the last layer's own norm's
+    transformers = pytest.importorskip("transformers")
+    from lightning_palettize.palettizers import dkm
+
+    _device_layout(monkeypatch)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=500,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    pal = DKMPalettizer(model, {"module_type_configs": {"Linear": {"n_bits": 4}}})
+    model = pal.prepare(inplace=True)
+    tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(1))
+    watched = [
+        (name, mod.weight)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) or name.endswith("input_layernorm")
+    ]
+
+    def order(n_chunks):
+        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+        log = []
+        hooks = [
+            w.register_post_accumulate_grad_hook(lambda _, n=n: log.append(n)) for n, w in watched
+        ]
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        for h in hooks:
+            h.remove()
+        return {n: i for i, n in enumerate(log)}
+
+    linears = [n for n, w in watched if "norm" not in n]
+    one = order(1)
+    assert min(one[n] for n in linears) > one["model.layers.1.input_layernorm"], one
+    at = order(4)
+    last = at["model.layers.3.input_layernorm"]
+    assert max(at["lm_head"], at["model.layers.3.mlp.down_proj"]) < last, at
+    assert at.keys() == one.keys()
+
+
 def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
     # on a GPU every host read is a sync: the enabled flag and the step counters live on the
     # host, early stopping is sync-free, and a round reads back only its table sizes
