@@ -366,7 +366,7 @@ def _profiled(step, out_dir: Path | None, name: str) -> dict:
     return counts
 
 
-def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
+def llama(steps: int, variants: list[str], prof_dir: Path | None, save=lambda out: None) -> dict:
     from transformers import LlamaForCausalLM
 
     cfg = _llama_config()
@@ -506,21 +506,21 @@ def llama(steps: int, variants: list[str], prof_dir: Path | None) -> dict:
             flush=True,
         )
         before = after
-    # the step ratios again, plain and DKM steps alternated (see pairs): robust to the drift
-    for v in variants:
+        # the step ratio again, plain and DKM steps alternated (see pairs): robust to the drift
         try:
             res = out[f"pairs_{v}"] = pairs(v, steps)
         except Exception:
             out[f"pairs_{v}_error"] = traceback.format_exc()
             print(out[f"pairs_{v}_error"], flush=True)
             torch.cuda.empty_cache()
-            continue
-        print(
-            f"{v} alternated with plain ({steps} pairs): step {res['dkm_step_s'] * 1e3:.1f} ms "
-            f"vs plain {res['plain_step_s'] * 1e3:.1f} ms: {res['step_ratio']:.2f}x (median of "
-            f"the pairs' ratios {res['pair_ratio_median']:.2f}x)",
-            flush=True,
-        )
+        else:
+            print(
+                f"{v} alternated with plain ({steps} pairs): step {res['dkm_step_s'] * 1e3:.1f} "
+                f"ms vs plain {res['plain_step_s'] * 1e3:.1f} ms: {res['step_ratio']:.2f}x "
+                f"(median of the pairs' ratios {res['pair_ratio_median']:.2f}x)",
+                flush=True,
+            )
+        save(out)  # (a lease's time limit keeps the variants done so far)
     return out
 
 
@@ -591,15 +591,21 @@ def main() -> None:
     }
     if micro_variants:
         sections.append(("micro", lambda: micro(micro_variants, args.profile)))
-    sections.append(("llama", lambda: llama(args.steps, variants, args.profile)))
+
+    def save(part: dict | None = None, name: str = "llama") -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps(out if part is None else {**out, name: part}, indent=1)
+        )
+
+    sections.append(("llama", lambda: llama(args.steps, variants, args.profile, save)))
     for name, fn in sections:
         try:
             out[name] = fn()
         except Exception:
             out[f"{name}_error"] = traceback.format_exc()
             print(out[f"{name}_error"], flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        save()
     print("wrote", args.out)
 
 
