@@ -180,6 +180,9 @@ class _DKMGroup:
     without a pending result, in one :func:`soft_kmeans_batch` call per configuration (one
     autograd node, a few dozen kernels, instead of hundreds per weight). The other members'
     results wait here; each member's own hook takes its result and writes its new centroids.
+    With ``_ROUND_CHUNKS`` > 1 a round covers only the chunk of consecutive members (join
+    order) of the member that starts it, so each chunk's backward runs when its own layers'
+    gradients are in.
 
     A pending result is used at most once and only for the exact state it was computed from:
     the same weight tensor at the same version counter and storage, the same centroids and
