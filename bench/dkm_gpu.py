@@ -98,9 +98,9 @@ KERNEL_SETTINGS = {
 DKM_SETTINGS = {
     "graphs": {"_ROUND_GRAPHS": True},
     "graphselems": {"_ROUND_GRAPHS": True},
-    "chunks": {"_ROUND_CHUNKS": 4},
-    "chunked": {"_ROUND_CHUNKS": 4},
-    "chunked8": {"_ROUND_CHUNKS": 8},
+    "chunks": {"_ROUND_CHUNKS": {"cuda": 4}},
+    "chunked": {"_ROUND_CHUNKS": {"cuda": 4}},
+    "chunked8": {"_ROUND_CHUNKS": {"cuda": 8}},
 }
 
 

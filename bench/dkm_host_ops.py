@@ -201,7 +201,7 @@ def main() -> None:
     for name, (devices, fill, (fwd, bwd)) in variants.items():
         sk._TRITON_DEVICES, sk._FULL_TABLES_FILL = devices, fill
         sk._TRITON_ELEM_DEVICES = frozenset({"cpu"}) if "_elems" in name else frozenset()
-        dkm_mod._ROUND_CHUNKS = int(name.partition("_chunks")[2] or 1)
+        dkm_mod._ROUND_CHUNKS = {"cpu": int(name.partition("_chunks")[2] or 1)}
         mod._fwd_loop, mod._bwd_loop = _Uncounted(fwd), _Uncounted(bwd)
         out[name] = count(True)
     plain = out["plain"]

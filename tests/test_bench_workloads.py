@@ -262,9 +262,9 @@ def test_gpu_bench_variants_set_and_restore_engine_settings():
     with G.variant("elems"):
         assert default[1] == kernels._SPLIT_CODES and {"cuda"} == sk._TRITON_ELEM_DEVICES
     with G.variant("chunks"):
-        assert dkm_mod._ROUND_CHUNKS == 4 and default[1] == kernels._SPLIT_CODES
+        assert dkm_mod._ROUND_CHUNKS == {"cuda": 4} and default[1] == kernels._SPLIT_CODES
     with G.variant("chunked8"):
-        assert dkm_mod._ROUND_CHUNKS == 8 and kernels._SPLIT_CODES == 8192
+        assert dkm_mod._ROUND_CHUNKS == {"cuda": 8} and kernels._SPLIT_CODES == 8192
         assert {"cuda"} == sk._TRITON_ELEM_DEVICES
     assert settings() == default
 

@@ -649,7 +649,7 @@ def test_chunked_rounds_train_like_one_round(monkeypatch, layout, n_chunks):
     if layout == "device":
         _device_layout(monkeypatch)
     one = _train(monkeypatch, batched=True, alone=True)
-    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": n_chunks})
     _same_runs(_train(monkeypatch, batched=True, alone=True), one, rtol=1e-6, atol=1e-7)
 
 
@@ -669,7 +669,7 @@ def test_chunked_rounds_run_each_chunks_backward_when_its_gradients_are_in(monke
     x = torch.randn(4, 64, requires_grad=True)
 
     def order(n_chunks):
-        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": n_chunks})
         log, handles = [], []
         for name, t in [("x", x)] + [(f"w{i}", m.weight) for i, m in enumerate(model)]:
             handles.append(t.register_post_accumulate_grad_hook(lambda _, n=name: log.append(n)))
@@ -724,7 +724,7 @@ def test_chunked_rounds_in_a_llama_run_inside_its_backward(monkeypatch):
     ]
 
     def order(n_chunks):
-        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", n_chunks)
+        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": n_chunks})
         log = []
         hooks = [
             w.register_post_accumulate_grad_hook(lambda _, n=n: log.append(n)) for n, w in watched

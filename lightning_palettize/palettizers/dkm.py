@@ -72,16 +72,17 @@ _DEFAULTS = ModuleDKMPalettizerConfig()
 # (every soft weight, held between steps) raised the peak memory 0.45 GiB (1.16x plain
 # instead of 1.08x). See the README's GPU section.
 _ROUND_GRAPHS = False
-# Split each round into this many chunks of consecutive members (in the order they joined,
-# which prepare makes the model's module order), each computed when its first member is
-# called and one autograd node of its own. One round's node runs its backward only after the
-# first layer's weight gradient, so on a device all of it sits on the step's tail, between the
-# last weight gradient and the optimizer; a chunk's node runs as soon as the gradients of its
-# own layers are in (the engine runs ready nodes latest-created first), so only the first
-# chunk's backward is left on the tail and the others fill the backward's idle device time.
-# It costs each chunk the round's fixed launches. 1 (one round): not timed on a GPU yet (the
-# bench's "chunked" variants); on the CPU, where nothing overlaps, one round is cheapest.
-_ROUND_CHUNKS = 1
+# Per device type (absent: 1): split each round into this many chunks of consecutive members
+# (in the order they joined, which prepare makes the model's module order), each computed
+# when its first member is called and one autograd node of its own. One round's node runs its
+# backward only after the first layer's weight gradient, so on a device all of it sits on the
+# step's tail, between the last weight gradient and the optimizer; a chunk's node runs as soon
+# as the gradients of its own layers are in (the engine runs ready nodes latest-created
+# first), so only the first chunk's backward is left on the tail and the others fill the
+# backward's idle device time. It costs each chunk the round's fixed launches. Empty (one
+# round everywhere): not timed on a GPU yet (the bench's "chunk" variants set {"cuda": 4 or
+# 8}); on the CPU, where nothing overlaps, one round is cheapest.
+_ROUND_CHUNKS: dict[str, int] = {}
 
 
 def _check_supported_options(cfg: ModuleDKMPalettizerConfig, where: str) -> None:
@@ -180,9 +181,9 @@ class _DKMGroup:
     without a pending result, in one :func:`soft_kmeans_batch` call per configuration (one
     autograd node, a few dozen kernels, instead of hundreds per weight). The other members'
     results wait here; each member's own hook takes its result and writes its new centroids.
-    With ``_ROUND_CHUNKS`` > 1 a round covers only the chunk of consecutive members (join
-    order) of the member that starts it, so each chunk's backward runs when its own layers'
-    gradients are in.
+    With ``_ROUND_CHUNKS[device type]`` > 1 a round covers only the chunk of consecutive
+    members (join order) of the member that starts it, so each chunk's backward runs when its
+    own layers' gradients are in.
 
     A pending result is used at most once and only for the exact state it was computed from:
     the same weight tensor at the same version counter and storage, the same centroids and
@@ -216,7 +217,7 @@ class _DKMGroup:
         self._served: dict[int, _Served] = {}  # the soft weight each member last returned
         self._serial = 0
         self._again: set[int] = set()  # members seen called again at one weight version
-        # (_ROUND_CHUNKS, member -> its chunk) while the members are unchanged
+        # (number of chunks, member -> its chunk) while the members are unchanged
         self._chunk_of: tuple[int, dict[int, int]] | None = None
         # CUDA graphs of the rounds' forward, when _ROUND_GRAPHS (the same weights every step)
         self._graphs = RoundGraphs()
@@ -321,7 +322,8 @@ class _DKMGroup:
     ) -> tuple[Tensor, int | None]:
         todo: dict[tuple, list[tuple[FakePalettize, Tensor]]] = {}
         todo.setdefault((weight.device, _batch_key(fp.cfg)), []).append((fp, weight))
-        chunks = self._chunks(_ROUND_CHUNKS) if _ROUND_CHUNKS > 1 else None
+        n_chunks = _ROUND_CHUNKS.get(weight.device.type, 1)
+        chunks = self._chunks(n_chunks) if n_chunks > 1 else None
         chunk = chunks.get(id(fp)) if chunks is not None else None
         for key, (fp_ref, mod_ref) in list(self._members.items()):
             other, mod = fp_ref(), mod_ref()
