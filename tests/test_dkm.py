@@ -762,6 +762,31 @@ def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
     assert reads == [1, 1], reads
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_chunked_rounds_read_the_device_once_per_chunk_only_with_compacted_tables(
+    monkeypatch, full
+):
+    # a read in a chunk's round, mid-forward, would stall the host behind the device on a GPU
+    # (and with it the overlap chunks are for): full code tables (the 134M LLaMA's) read
+    # nothing, compacted ones their sizes once per chunk
+    from lightning_palettize import soft_kmeans as sk
+    from lightning_palettize.palettizers import dkm
+
+    _device_layout(monkeypatch)
+    if full:
+        monkeypatch.setattr(sk, "_full_tables", lambda *args: True)
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": 3})
+    model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(6)])
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
+    model = pal.prepare(inplace=True)
+    x = torch.randn(8, 300)
+    model(x).sum().backward()
+    with _HostReads() as mode:
+        model(x).sum().backward()
+        pal.step()
+    assert mode.count == (0 if full else 3)
+
+
 class _Looped(nn.Module):
     """One Linear applied twice per forward, as a loop or a siamese pair would."""
 
