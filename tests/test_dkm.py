@@ -653,23 +653,35 @@ def test_chunked_rounds_train_like_one_round(monkeypatch, layout, n_chunks):
     _same_runs(_train(monkeypatch, batched=True, alone=True), one, rtol=1e-6, atol=1e-7)
 
 
-def test_chunked_rounds_run_each_chunks_backward_when_its_gradients_are_in(monkeypatch):
+@pytest.mark.parametrize(
+    "dev",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_chunked_rounds_run_each_chunks_backward_when_its_gradients_are_in(monkeypatch, dev):
+    # (on CUDA the autograd engine's device thread runs the nodes: the same order)
     from lightning_palettize.palettizers import dkm
 
-    _device_layout(monkeypatch)
+    if dev == "cpu":
+        _device_layout(monkeypatch)
     calls = []
     real = dkm.soft_kmeans_batch
     monkeypatch.setattr(
         dkm, "soft_kmeans_batch", lambda xs, cs, **kw: calls.append(len(xs)) or real(xs, cs, **kw)
     )
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]).to(dev)
     pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
     model = pal.prepare(inplace=True)
-    x = torch.randn(4, 64, requires_grad=True)
+    x = torch.randn(4, 64, device=dev, requires_grad=True)
 
     def order(n_chunks):
-        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": n_chunks})
+        monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {dev: n_chunks})
         log, handles = [], []
         for name, t in [("x", x)] + [(f"w{i}", m.weight) for i, m in enumerate(model)]:
             handles.append(t.register_post_accumulate_grad_hook(lambda _, n=name: log.append(n)))
