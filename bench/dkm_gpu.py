@@ -592,11 +592,11 @@ def main() -> None:
     if micro_variants:
         sections.append(("micro", lambda: micro(micro_variants, args.profile)))
 
-    def save(part: dict | None = None, name: str = "llama") -> None:
+    def save(llama_part: dict | None = None) -> None:
+        """Write the results so far (with the LLaMA section's part while it runs)."""
+        done = out if llama_part is None else {**out, "llama": llama_part}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps(out if part is None else {**out, name: part}, indent=1)
-        )
+        Path(args.out).write_text(json.dumps(done, indent=1))
 
     sections.append(("llama", lambda: llama(args.steps, variants, args.profile, save)))
     for name, fn in sections:

@@ -759,19 +759,22 @@ def test_training_forward_reads_the_device_a_fixed_number_of_times(monkeypatch):
     # on a GPU every host read is a sync: the enabled flag and the step counters live on the
     # host, early stopping is sync-free, and a round reads back only its table sizes
     _device_layout(monkeypatch)
-    reads = []
-    for depth in (2, 6):
-        model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(depth)])
-        pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
-        model = pal.prepare(inplace=True)
-        x = torch.randn(8, 300)
-        model(x).sum().backward()
-        with _HostReads() as mode:
-            model(x).sum().backward()
-            pal.step()
-            assert pal.steps == 1
-        reads.append(mode.count)
+    reads = [_second_step_reads(depth) for depth in (2, 6)]
     assert reads == [1, 1], reads
+
+
+def _second_step_reads(depth: int) -> int:
+    """Host reads of the second DKM training step of ``depth`` 300x300 Linears (4 bits)."""
+    model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(depth)])
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
+    model = pal.prepare(inplace=True)
+    x = torch.randn(8, 300)
+    model(x).sum().backward()
+    with _HostReads() as mode:
+        model(x).sum().backward()
+        pal.step()
+        assert pal.steps == 1
+    return mode.count
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -788,15 +791,7 @@ def test_chunked_rounds_read_the_device_once_per_chunk_only_with_compacted_table
     if full:
         monkeypatch.setattr(sk, "_full_tables", lambda *args: True)
     monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": 3})
-    model = nn.Sequential(*[nn.Linear(300, 300) for _ in range(6)])
-    pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
-    model = pal.prepare(inplace=True)
-    x = torch.randn(8, 300)
-    model(x).sum().backward()
-    with _HostReads() as mode:
-        model(x).sum().backward()
-        pal.step()
-    assert mode.count == (0 if full else 3)
+    assert _second_step_reads(6) == (0 if full else 3)
 
 
 class _Looped(nn.Module):
