@@ -29,6 +29,7 @@ import enum
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import IO, Any, ClassVar, TypeVar
@@ -585,6 +586,81 @@ def _type_key_name(key: type | str) -> str:
     return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
 
 
+def _class_named_by(key: type | str) -> type | None:
+    """The class a module_type_configs key names, where that is known without the model.
+
+    A class is itself; a string is matched the way selection matches it against torch.nn
+    classes (``"Linear"``, ``"torch.nn.Linear"``, ``"torch.nn.modules.linear.Linear"``), or is a
+    dotted path to a class of a module already imported (nothing is imported). Other strings
+    (e.g. the bare name of a user's class) give None: only the model can resolve them.
+    """
+    if isinstance(key, type):
+        return key
+    # selection imports this module, so import its resolver here, when both are loaded
+    from lightning_palettize.selection import _class_keys, _torch_nn_classes
+
+    for klass in _torch_nn_classes():
+        if key in _class_keys(klass):
+            return klass
+    module_name, _, attr = key.rpartition(".")
+    found = getattr(sys.modules.get(module_name), attr, None) if module_name else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _same_class(a: type | str, b: type | str) -> bool:
+    """Whether two module_type_configs keys name the same class (so one replaces the other)."""
+    if a == b:
+        return True
+    from lightning_palettize.selection import _class_keys
+
+    class_a, class_b = _class_named_by(a), _class_named_by(b)
+    if class_a is not None and class_b is not None:
+        return class_a is class_b
+    if class_a is not None:  # b: a string only the model can resolve, e.g. "MyLinear"
+        return b in _class_keys(class_a)
+    if class_b is not None:
+        return a in _class_keys(class_b)
+    return False
+
+
+def _dkm_default_table() -> dict[type, ModuleDKMPalettizerConfig]:
+    """coremltools' default DKM scheme (plus the ConvTranspose layers), as module_type_configs
+    entries written the way coremltools writes them."""
+    return {
+        cls: ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=1)
+        for cls, bits in DKM_DEFAULT_N_BITS.items()
+    }
+
+
+def _type_label(value: Any, cls: type) -> str:
+    """The type name of ``value`` for an error; module-qualified if only named like ``cls``."""
+    kind = type(value)
+    if kind.__name__ == cls.__name__ and not isinstance(value, cls):
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return kind.__name__
+
+
+def _expected_class(value: Any, cls: type) -> str:
+    """``cls`` named for an error: module-qualified when ``value``'s class has the same name."""
+    if type(value).__name__ == cls.__name__ and not isinstance(value, cls):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return cls.__name__
+
+
+def _from_coremltools(value: Any, cls: type[_Config]) -> _Config | None:
+    """Convert a coremltools config object into ``cls`` through its ``as_dict()``.
+
+    Only an object whose class has ``cls``'s name (coremltools' class of the same config) and an
+    ``as_dict`` method is converted; anything else gives None, for the caller's own error.
+    """
+    if type(value).__name__ != cls.__name__ or isinstance(value, cls):
+        return None
+    as_dict = getattr(value, "as_dict", None)
+    if not callable(as_dict):
+        return None
+    return cls.from_dict(as_dict())
+
+
 @dataclasses.dataclass(eq=False)
 class _PalettizerConfig:
     """Shared machinery of the three top-level configs."""
@@ -598,11 +674,14 @@ class _PalettizerConfig:
     module_name_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # coremltools fills its defaults in when a config is *created* empty (DKM: the per-type
-        # table into module_type_configs; PTP/SKM: a default global_config), so they survive
-        # later set_module_name / set_global calls. We keep that as a flag instead (as_dict stays
-        # as the user wrote it) and apply it in selection.resolve_module_config.
-        object.__setattr__(self, "_built_empty", self.is_unset())
+        # As coremltools: a config *created* with nothing set gets the palettizer's defaults
+        # written in, as ordinary entries that later set_* calls replace and as_dict writes out.
+        if self.is_unset():
+            self._write_defaults()
+
+    def _write_defaults(self) -> None:
+        # PTP / SKM: the default module config as global_config (DKM overrides this).
+        self.global_config = self._module_config()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Normalise on every assignment (in __init__ and later): dicts become module configs.
@@ -615,8 +694,16 @@ class _PalettizerConfig:
             value = types
         elif name == "module_name_configs":
             names: dict[str, Any] = {}
+            given: dict[str, Any] = {}
             for key, item in self._mapping(value, name).items():
-                names[self._name_key(key)] = self._module_value(item, f"{name}[{key!r}]")
+                text = self._name_key(key)
+                if text in names:
+                    raise ValueError(
+                        f"{type(self).__name__}.module_name_configs: keys {given[text]!r} and "
+                        f"{key!r} both name {text!r}; keep one"
+                    )
+                given[text] = key
+                names[text] = self._module_value(item, f"{name}[{text!r}]")
             value = names
         elif name in self._extra_checks:
             try:
@@ -644,14 +731,22 @@ class _PalettizerConfig:
         value = _unwrap(value)
         if value is None or isinstance(value, self._module_config):
             return value
-        if isinstance(value, Mapping):
-            try:
+        try:
+            if isinstance(value, Mapping):
                 return self._module_config.from_dict(value)
-            except ValueError as error:
-                raise ValueError(f"{owner}.{where}: {error}") from None
+            # coremltools' module config of the same name, converted through its as_dict()
+            converted = _from_coremltools(value, self._module_config)
+        except ValueError as error:
+            raise ValueError(f"{owner}.{where}: {error}") from None
+        if converted is not None:
+            return converted
         if self._allow_lists and isinstance(value, (list, tuple)):
             return self._tiers(value, where)
-        raise _bad_value(owner, where, value, self._accepted())
+        expected = self._accepted().replace(
+            self._module_config.__name__, _expected_class(value, self._module_config), 1
+        )
+        message = f"{owner}.{where}: got {value!r} ({_type_label(value, self._module_config)})"
+        raise ValueError(f"{message}; expected {expected}")
 
     def _tiers(self, items: list | tuple, where: str) -> list[Any]:
         owner = type(self).__name__
@@ -690,6 +785,8 @@ class _PalettizerConfig:
     def _put_type(self, types: dict[Any, Any], key: Any, value: Any) -> None:
         key = self._type_key(key)
         for existing in types:
+            # Spellings that only resolution can tie to one class ("Linear" and nn.Linear) are
+            # reported by selection, naming the class; set_module_type replaces them.
             if _type_key_name(existing) == _type_key_name(key):
                 raise ValueError(
                     f"{type(self).__name__}.module_type_configs: keys {existing!r} and {key!r} "
@@ -699,8 +796,16 @@ class _PalettizerConfig:
 
     def _name_key(self, key: Any) -> str:
         owner = type(self).__name__
+        if _is_int(key):
+            # YAML / OmegaConf read nn.Sequential child names (``0: null``) as ints
+            key = str(key)
         if not isinstance(key, str):
-            raise _bad_value(owner, "module_name_configs", key, "str keys (module name regexes)")
+            raise _bad_value(
+                owner,
+                "module_name_configs",
+                key,
+                "str keys (module name regexes) or int keys (child indices such as 0, read as '0')",
+            )
         try:
             re.compile(key)
         except re.error as error:
@@ -742,7 +847,12 @@ class _PalettizerConfig:
         """Return the config as plain YAML/JSON-serialisable data.
 
         Class keys of ``module_type_configs`` become dotted paths such as
-        ``"torch.nn.modules.linear.Linear"``; module configs become dicts.
+        ``"torch.nn.modules.linear.Linear"``; module configs become dicts. The defaults written
+        in at creation are ordinary entries, so they are written out too (as coremltools does)
+        and ``from_dict(config.as_dict())`` palettizes exactly what ``config`` does. A config
+        with nothing configured at all (:meth:`is_unset`: it palettizes nothing) is written with
+        the catch-all ``module_name_configs`` entry ``{".*": None}``, because plain data with
+        nothing set means "the defaults" when loaded.
         """
 
         def plain(value: Any) -> Any:
@@ -759,12 +869,15 @@ class _PalettizerConfig:
                 key: plain(value) for key, value in self.module_name_configs.items()
             },
         }
+        if self.is_unset():
+            data["module_name_configs"] = {".*": None}
         for f in dataclasses.fields(self)[3:]:
             data[f.name] = getattr(self, f.name)
         return data
 
     def __eq__(self, other: object) -> bool:
-        # Compare the plain form, so nn.Linear and "torch.nn.modules.linear.Linear" keys agree.
+        # Compare the plain form, so nn.Linear and "torch.nn.modules.linear.Linear" keys agree
+        # (and equal configs palettize the same: the defaults are entries, see as_dict).
         if type(other) is not type(self):
             return NotImplemented
         return self.as_dict() == other.as_dict()
@@ -773,6 +886,10 @@ class _PalettizerConfig:
 
     def set_global(self: _Top, global_config: Any) -> _Top:
         """Set the config for every module not matched by name or type (``None``: none).
+
+        It replaces the default ``global_config`` that PTP / SKM configs created empty hold, so
+        ``PostTrainingPalettizerConfig().set_global(None)`` palettizes nothing (as in
+        coremltools). DKM's default table is in ``module_type_configs`` and stays.
 
         Returns:
             self, for chaining.
@@ -783,6 +900,11 @@ class _PalettizerConfig:
     def set_module_type(self: _Top, object_type: type | str, opt_config: Any) -> _Top:
         """Set (or replace) the config for a module class or class name (``None``: skip it).
 
+        An existing key that names the same class is replaced, whatever its spelling:
+        ``nn.Linear``, ``"Linear"``, ``"torch.nn.Linear"`` and
+        ``"torch.nn.modules.linear.Linear"`` are one key (and so are a user's class, its
+        ``__name__`` and its dotted path).
+
         Returns:
             self, for chaining.
         """
@@ -790,14 +912,16 @@ class _PalettizerConfig:
         types = {
             existing: value
             for existing, value in self.module_type_configs.items()
-            if _type_key_name(existing) != _type_key_name(key)
+            if not _same_class(existing, key)
         }
         self._put_type(types, key, opt_config)
         self.module_type_configs = types
         return self
 
-    def set_module_name(self: _Top, module_name: str, opt_config: Any) -> _Top:
+    def set_module_name(self: _Top, module_name: str | int, opt_config: Any) -> _Top:
         """Set (or replace) the config for modules whose qualified name fully matches a regex.
+
+        An int (a child index of ``nn.Sequential``, as YAML reads ``0:``) is taken as its string.
 
         Returns:
             self, for chaining.
@@ -809,25 +933,30 @@ class _PalettizerConfig:
         return self
 
     def fills_defaults(self) -> bool:
-        """True when the config was created with nothing set: as in coremltools, the
-        palettizer's defaults then apply to every module that a later ``set_module_name`` /
-        ``set_module_type`` call does not configure (DKM: its per-type default table, which also
-        wins over a later ``set_global``; PTP/SKM: a default ``global_config`` until
-        ``set_global`` replaces it).
+        """True when the config holds the palettizer's defaults, as one created with nothing set
+        does: as in coremltools they are written in at creation (PTP/SKM: the default module
+        config as ``global_config``; DKM: coremltools' per-type table in
+        ``module_type_configs``), so they apply to every module that a later
+        ``set_module_name`` / ``set_module_type`` call does not configure, until replaced.
 
         Returns:
-            Whether the config was created with nothing set.
+            Whether the default entries are there (all of them, unchanged).
 
         Example:
             >>> DKMPalettizerConfig().set_module_name("head", None).fills_defaults()
             True
             >>> DKMPalettizerConfig(module_name_configs={"head": None}).fills_defaults()
             False
+            >>> PostTrainingPalettizerConfig().set_global(None).fills_defaults()
+            False
         """
-        return self._built_empty
+        return self.global_config == self._module_config()
 
     def is_unset(self) -> bool:
-        """True when nothing is configured: the palettizer's own defaults then apply."""
+        """True when nothing is configured (no global, type or name entry): nothing is
+        palettized. A config created so gets the defaults instead (:meth:`fills_defaults`); it is
+        unset only once they are removed, e.g. ``PostTrainingPalettizerConfig().set_global(None)``.
+        """
         return (
             self.global_config is None
             and not self.module_type_configs
@@ -847,8 +976,11 @@ class DKMPalettizerConfig(_PalettizerConfig):
 
     Each value is a :class:`ModuleDKMPalettizerConfig`, a dict of its arguments, ``None`` (do not
     palettize) or a list of configs tiered by ``weight_threshold`` (the largest threshold that
-    every weight of the module exceeds wins). With nothing set at all, coremltools' default
-    table applies: :data:`DKM_DEFAULT_N_BITS` bits, ``weight_threshold=2048``.
+    every weight of the module exceeds wins). Created with nothing set, the config gets
+    coremltools' default table written into ``module_type_configs`` (as coremltools does):
+    one entry per class of :data:`DKM_DEFAULT_N_BITS` with its bits and
+    ``weight_threshold=2048``. ``set_global`` leaves those entries alone; ``set_module_type``
+    replaces one.
 
     Example:
         >>> import torch.nn as nn
@@ -864,6 +996,20 @@ class DKMPalettizerConfig(_PalettizerConfig):
     module_type_configs: dict[type | str, Any] = dataclasses.field(default_factory=dict)
     module_name_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def _write_defaults(self) -> None:
+        self.module_type_configs = _dkm_default_table()
+
+    def fills_defaults(self) -> bool:
+        """True when ``module_type_configs`` holds coremltools' default entry, unchanged, for
+        every class of :data:`DKM_DEFAULT_N_BITS` (see the base class)."""
+        types = self.module_type_configs
+        missing = object()
+        for cls, default in _dkm_default_table().items():
+            found = next((v for k, v in types.items() if _same_class(k, cls)), missing)
+            if found != default:
+                return False
+        return True
+
 
 @dataclasses.dataclass(eq=False)
 class PostTrainingPalettizerConfig(_PalettizerConfig):
@@ -871,7 +1017,9 @@ class PostTrainingPalettizerConfig(_PalettizerConfig):
 
     Same arguments as coremltools' ``PostTrainingPalettizerConfig``; values are
     :class:`ModulePostTrainingPalettizerConfig`, dicts of its arguments, or ``None`` (skip).
-    With nothing set at all, every supported module gets the default module config (4 bits).
+    Created with nothing set, the config gets the default module config (4 bits) as
+    ``global_config`` (as coremltools does), so every supported module not configured later by
+    name or type gets it; ``set_global(None)`` removes it.
     """
 
     _module_config: ClassVar[type[_ModuleConfig]] = ModulePostTrainingPalettizerConfig
@@ -886,8 +1034,9 @@ class SKMPalettizerConfig(_PalettizerConfig):
     """Which modules sensitive k-means palettizes, and how.
 
     Same arguments as coremltools' ``SKMPalettizerConfig``; values are
-    :class:`ModuleSKMPalettizerConfig`, dicts of its arguments, or ``None`` (skip). With nothing
-    set at all, every supported module gets the default module config (4 bits).
+    :class:`ModuleSKMPalettizerConfig`, dicts of its arguments, or ``None`` (skip). Created
+    with nothing set, the config gets the default module config (4 bits) as ``global_config``
+    (as coremltools does); ``set_global(None)`` removes it.
 
     Args:
         calibration_nsamples: number of calibration items used to estimate sensitivity (>= 1).
@@ -909,9 +1058,10 @@ def load_config(obj: Any, cls: type[_Config]) -> _Config:
     """Turn whatever a user or a CLI handed us into a config of class ``cls``.
 
     Args:
-        obj: an instance of ``cls`` (returned as is), a dict (nested dicts fine), an omegaconf
-            ``DictConfig``, a YAML file path (``str`` or ``pathlib.Path``), a text stream of
-            YAML, or ``None`` (the defaults, ``cls()``).
+        obj: an instance of ``cls`` (returned as is), coremltools' config object of the same
+            class name (converted through its ``as_dict()``), a dict (nested dicts fine), an
+            omegaconf ``DictConfig``, a YAML file path (``str`` or ``pathlib.Path``), a text
+            stream of YAML, or ``None`` (the defaults, ``cls()``).
         cls: one of the six config classes of this module.
 
     Returns:
@@ -932,11 +1082,14 @@ def load_config(obj: Any, cls: type[_Config]) -> _Config:
         return obj
     if obj is None:
         return cls()
+    converted = _from_coremltools(obj, cls)
+    if converted is not None:
+        return converted
     if isinstance(obj, (Mapping, DictConfig)):
         return cls.from_dict(obj)
     if isinstance(obj, (str, os.PathLike)) or hasattr(obj, "read"):
         return cls.from_yaml(obj)
     raise TypeError(
-        f"load_config: got {type(obj).__name__}; expected a {cls.__name__}, a dict, an omegaconf "
-        "DictConfig, a YAML path (str or pathlib.Path), a text stream, or None"
+        f"load_config: got {_type_label(obj, cls)}; expected a {_expected_class(obj, cls)}, "
+        "a dict, an omegaconf DictConfig, a YAML path (str or pathlib.Path), a text stream, or None"
     )

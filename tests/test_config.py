@@ -117,8 +117,12 @@ def test_arguments_names_order_and_defaults_match_coremltools(cls):
 @pytest.mark.parametrize("cls", list(REFERENCE_SIGNATURES), ids=lambda c: c.__name__)
 def test_constructed_defaults_match_coremltools(cls):
     instance = cls()
+    # a top-level config created empty gets the palettizer's defaults written in (as in
+    # coremltools; test_config_created_empty_holds_the_defaults_as_entries checks them)
+    written = {"global_config", "module_type_configs"} if cls in TOP_CLASSES else set()
     for name, expected in reference_arguments(cls):
-        assert getattr(instance, name) == expected, name
+        if name not in written:
+            assert getattr(instance, name) == expected, name
     # positional order works like coremltools' attrs __init__
     assert cls(*[getattr(instance, n) for n, _ in reference_arguments(cls)]) == instance
 
@@ -142,12 +146,13 @@ def test_dkm_n_bits_default_is_resolved_per_type():
 
 
 @pytest.mark.parametrize("cls", TOP_CLASSES, ids=lambda c: c.__name__)
-def test_top_level_default_sets_nothing(cls):
-    config = cls()
-    assert config.global_config is None
-    assert config.module_type_configs == {} and config.module_name_configs == {}
-    assert config.is_unset()
+def test_top_level_created_empty_is_never_unset(cls):
+    # created empty, it holds the defaults; unset only once they are removed
+    assert not cls().is_unset()
     assert not cls(module_name_configs={"fc": None}).is_unset()
+    emptied = cls(module_name_configs={"fc": None})
+    emptied.module_name_configs = {}
+    assert emptied.is_unset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -640,9 +645,9 @@ def test_top_level_value_and_key_validation(cls):
     with pytest.raises(ValueError, match=re.escape("key 'fc[' is not a valid regex")):
         cls(module_name_configs={"fc[": None})
     with pytest.raises(
-        ValueError, match=re.escape(f"{name}.module_name_configs: got 3 (int); expected str keys")
+        ValueError, match=re.escape(f"{name}.module_name_configs: got b'3' (bytes); expected str")
     ):
-        cls(module_name_configs={3: None})
+        cls(module_name_configs={b"3": None})
     with pytest.raises(
         ValueError,
         match=re.escape(
@@ -894,3 +899,346 @@ def test_configs_survive_deepcopy_and_pickle(key):
     config = SAMPLES[key]
     assert copy.deepcopy(config) == config
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults written in at creation (as coremltools does), and round trips that keep behaviour
+
+
+def _selected(config, model=None):
+    from lightning_palettize.selection import select_weights
+
+    if model is None:
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Conv1d(64, 64, 1))
+    supported = {nn.Linear: ("weight",), nn.Conv1d: ("weight",)}
+    return {s.qualified_name: s.config.n_bits for s in select_weights(model, config, supported)}
+
+
+@pytest.mark.parametrize("cls", [PostTrainingPalettizerConfig, SKMPalettizerConfig])
+def test_set_global_none_on_a_config_created_empty_palettizes_nothing(cls):
+    assert _selected(cls()) == {"0.weight": 4, "2.weight": 4, "3.weight": 4}
+    assert _selected(cls().set_global(None)) == {}
+    config = cls()
+    config.global_config = None
+    assert _selected(config) == {}
+    # what is set by name or type still applies
+    assert _selected(cls().set_global(None).set_module_type(nn.Linear, {"n_bits": 2})) == {
+        "0.weight": 2,
+        "2.weight": 2,
+    }
+
+
+def test_dkm_set_global_none_keeps_the_default_table_like_coremltools():
+    # coremltools writes DKM's defaults into module_type_configs, which set_global leaves alone
+    assert _selected(DKMPalettizerConfig().set_global(None)) == {
+        "0.weight": 4,
+        "2.weight": 4,
+        "3.weight": 2,
+    }
+
+
+@pytest.mark.parametrize("cls", TOP_CLASSES, ids=lambda c: c.__name__)
+def test_config_created_empty_holds_the_defaults_as_entries(cls):
+    config = cls()
+    if cls is DKMPalettizerConfig:
+        assert config.global_config is None
+        assert config.module_type_configs == {
+            klass: ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=1)
+            for klass, bits in DKM_DEFAULT_N_BITS.items()
+        }
+    else:
+        assert config.global_config == cls._module_config()
+        assert config.module_type_configs == {}
+    assert config.module_name_configs == {}
+    assert config.fills_defaults() and not config.is_unset()
+    # only a config created with nothing set gets them
+    assert not cls(module_name_configs={"fc": None}).fills_defaults()
+    assert cls(module_name_configs={"fc": None}).global_config is None
+
+
+ROUND_TRIPS = {
+    "ptp-name-none": lambda: PostTrainingPalettizerConfig().set_module_name("0", None),
+    "skm-name-none": lambda: SKMPalettizerConfig().set_module_name("0", None),
+    "dkm-name-none": lambda: DKMPalettizerConfig().set_module_name("0", None),
+    "dkm-set-global": lambda: DKMPalettizerConfig().set_global({"n_bits": 3}),
+    "dkm-set-type": lambda: DKMPalettizerConfig().set_module_type("Linear", {"n_bits": 3}),
+    "ptp-global-none": lambda: PostTrainingPalettizerConfig().set_global(None),
+    "skm-global-none": lambda: SKMPalettizerConfig().set_global(None),
+    "dkm-cleared": lambda: DKMPalettizerConfig(module_type_configs={}).set_module_type(
+        nn.Conv1d, None
+    ),
+}
+
+
+@pytest.mark.parametrize("key", list(ROUND_TRIPS))
+def test_round_trip_through_as_dict_keeps_behaviour(key):
+    config = ROUND_TRIPS[key]()
+    data = config.as_dict()
+    for again in (
+        type(config).from_dict(data),
+        type(config).from_yaml(io.StringIO(yaml.safe_dump(data))),
+        type(config).from_dict(json.loads(json.dumps(data))),
+    ):
+        assert again == config
+        assert again.as_dict() == data
+        assert _selected(again) == _selected(config)
+
+
+def test_round_trip_cases_differ_from_the_defaults():
+    # the round-trip cases above are not trivially "the defaults again"
+    assert _selected(ROUND_TRIPS["ptp-name-none"]()) == {"2.weight": 4, "3.weight": 4}
+    assert _selected(ROUND_TRIPS["dkm-set-global"]()) == {
+        "0.weight": 4,
+        "2.weight": 4,
+        "3.weight": 2,
+    }
+    assert _selected(ROUND_TRIPS["dkm-set-type"]()) == {"0.weight": 3, "2.weight": 3, "3.weight": 2}
+    assert _selected(ROUND_TRIPS["ptp-global-none"]()) == {}
+
+
+def test_equality_follows_behaviour():
+    assert PostTrainingPalettizerConfig() == PostTrainingPalettizerConfig(global_config={})
+    assert PostTrainingPalettizerConfig() != PostTrainingPalettizerConfig().set_global(None)
+    assert DKMPalettizerConfig() != DKMPalettizerConfig().set_module_type(nn.Linear, None)
+    assert DKMPalettizerConfig().set_global({"n_bits": 3}) != DKMPalettizerConfig(
+        global_config={"n_bits": 3}
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# module_type_configs keys that name the same class
+
+
+def test_set_module_type_replaces_every_spelling_of_the_same_class():
+    for spelling in ("Linear", "torch.nn.Linear", "torch.nn.modules.linear.Linear", nn.Linear):
+        config = PostTrainingPalettizerConfig().set_module_type(nn.Linear, {"n_bits": 4})
+        config.set_module_type(spelling, {"n_bits": 2})
+        assert list(config.module_type_configs) == [spelling]
+        assert _selected(config) == {"0.weight": 2, "2.weight": 2, "3.weight": 4}
+        config.set_module_type(nn.Linear, {"n_bits": 3})  # and back
+        assert list(config.module_type_configs) == [nn.Linear]
+    # a class of the user's: by class, bare name or dotted path
+    config = PostTrainingPalettizerConfig().set_module_type(MyLinear, {"n_bits": 4})
+    config.set_module_type("MyLinear", {"n_bits": 2})
+    assert config.module_type_configs == {"MyLinear": ModulePostTrainingPalettizerConfig(n_bits=2)}
+    config.set_module_type(f"{__name__}.MyLinear", None)
+    assert config.module_type_configs == {f"{__name__}.MyLinear": None}
+    # different classes stay apart, also a subclass and its base
+    config.set_module_type(nn.Linear, {"n_bits": 3}).set_module_type("Conv1d", None)
+    assert len(config.module_type_configs) == 3
+
+
+def test_dkm_set_module_type_by_name_replaces_the_default_entry():
+    config = DKMPalettizerConfig().set_module_type("Linear", {"n_bits": 3})
+    assert "Linear" in config.module_type_configs and nn.Linear not in config.module_type_configs
+    assert _selected(config) == {"0.weight": 3, "2.weight": 3, "3.weight": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# int module_name_configs keys (YAML / OmegaConf read nn.Sequential child names as ints)
+
+
+@pytest.mark.parametrize("cls", TOP_CLASSES, ids=lambda c: c.__name__)
+def test_int_module_name_keys_are_read_as_strings(cls):
+    text = "global_config: {n_bits: 2}\nmodule_name_configs:\n  0: null\n  2: {n_bits: 3}\n"
+    from_yaml = cls.from_yaml(io.StringIO(text))
+    from_omegaconf = cls.from_dict(OmegaConf.create(text))
+    assert from_yaml == from_omegaconf
+    assert list(from_yaml.module_name_configs) == ["0", "2"]
+    assert from_yaml.module_name_configs["0"] is None
+    assert _selected(
+        from_yaml, nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    ) == {
+        "1.weight": 2,
+        "2.weight": 3,
+    }
+    assert list(cls().set_module_name(1, None).module_name_configs) == ["1"]
+    with pytest.raises(ValueError, match=re.escape("keys '0' and 0 both name '0'; keep one")):
+        cls(module_name_configs={"0": None, 0: None})
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{cls.__name__}.module_name_configs: got 1.5 (float); expected str keys")
+        + ".*or int keys",
+    ):
+        cls(module_name_configs={1.5: None})
+    with pytest.raises(ValueError, match=re.escape("got True (bool); expected str keys")):
+        cls().set_module_name(True, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# coremltools config objects
+
+
+def _coremltools_palettization():
+    pytest.importorskip("coremltools")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import coremltools.optimize.torch.palettization as ctp
+    return ctp
+
+
+def test_coremltools_top_level_objects_load_and_behave_the_same():
+    ctp = _coremltools_palettization()
+    pairs = [
+        (ctp.PostTrainingPalettizerConfig(), PostTrainingPalettizerConfig()),
+        (ctp.SKMPalettizerConfig(), SKMPalettizerConfig()),
+        (ctp.DKMPalettizerConfig(), DKMPalettizerConfig()),
+        (
+            ctp.PostTrainingPalettizerConfig().set_module_name("0", None),
+            PostTrainingPalettizerConfig().set_module_name("0", None),
+        ),
+        (
+            ctp.DKMPalettizerConfig().set_global(ctp.ModuleDKMPalettizerConfig(n_bits=3)),
+            DKMPalettizerConfig().set_global({"n_bits": 3}),
+        ),
+        (
+            ctp.PostTrainingPalettizerConfig.from_dict(
+                {
+                    "global_config": {
+                        "n_bits": 2,
+                        "lut_dtype": "int8",
+                        "granularity": "per_grouped_channel",
+                        "group_size": 4,
+                    },
+                    "module_type_configs": {"Linear": {"n_bits": 3}},
+                }
+            ),
+            PostTrainingPalettizerConfig(
+                global_config={
+                    "n_bits": 2,
+                    "lut_dtype": "int8",
+                    "granularity": "per_grouped_channel",
+                    "group_size": 4,
+                },
+                module_type_configs={nn.Linear: {"n_bits": 3}},
+            ),
+        ),
+        (
+            ctp.SKMPalettizerConfig(calibration_nsamples=16),
+            SKMPalettizerConfig(calibration_nsamples=16),
+        ),
+    ]
+    for theirs, ours in pairs:
+        loaded = load_config(theirs, type(ours))
+        assert type(loaded) is type(ours)
+        assert _selected(loaded) == _selected(ours)
+        if isinstance(ours, DKMPalettizerConfig):
+            # our default table also covers the ConvTranspose layers, coremltools' does not
+            for extra in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+                del ours.module_type_configs[extra]
+        assert loaded == ours
+        # the defaults written at creation agree with coremltools' as plain data too
+        assert type(ours).from_dict(theirs.as_dict()) == ours
+
+
+def test_coremltools_module_configs_are_accepted_everywhere_a_module_config_is():
+    ctp = _coremltools_palettization()
+    theirs = ctp.ModulePostTrainingPalettizerConfig(n_bits=2, enable_per_channel_scale=True)
+    ours = ModulePostTrainingPalettizerConfig(n_bits=2, enable_per_channel_scale=True)
+    assert load_config(theirs, ModulePostTrainingPalettizerConfig) == ours
+    config = PostTrainingPalettizerConfig(global_config=theirs)
+    config.set_module_type(nn.Linear, theirs).set_module_name("0", theirs)
+    assert config.global_config == ours
+    assert config.module_type_configs[nn.Linear] == ours
+    assert config.module_name_configs["0"] == ours
+    dkm = DKMPalettizerConfig().set_global(
+        [
+            ctp.ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=10),
+            ctp.ModuleDKMPalettizerConfig(n_bits=4, weight_threshold=100),
+        ]
+    )
+    assert [t.n_bits for t in dkm.global_config] == [2, 4]
+    skm = SKMPalettizerConfig(global_config=ctp.ModuleSKMPalettizerConfig(n_bits=3))
+    assert skm.global_config == ModuleSKMPalettizerConfig(n_bits=3)
+    # a coremltools config of another class is still refused, naming both classes
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "PostTrainingPalettizerConfig.global_config: got ModuleDKMPalettizerConfig("
+        )
+        + ".*expected a ModulePostTrainingPalettizerConfig",
+    ):
+        PostTrainingPalettizerConfig(global_config=ctp.ModuleDKMPalettizerConfig())
+    with pytest.raises(TypeError, match="got PostTrainingPalettizerConfig; expected a DKMPalett"):
+        load_config(ctp.PostTrainingPalettizerConfig(), DKMPalettizerConfig)
+    # values coremltools lets through are validated by ours, with the path
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "PostTrainingPalettizerConfig.global_config: "
+            "ModulePostTrainingPalettizerConfig.n_bits: got 9 (int); expected an int in 1..8"
+        ),
+    ):
+        PostTrainingPalettizerConfig(global_config=ctp.ModulePostTrainingPalettizerConfig(n_bits=9))
+    with pytest.raises(ValueError, match=re.escape("palett_tau: got 0.0 (float)")):
+        load_config(
+            ctp.DKMPalettizerConfig(global_config=ctp.ModuleDKMPalettizerConfig(palett_tau=0.0)),
+            DKMPalettizerConfig,
+        )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda lib, module: lib.PostTrainingPalettizerConfig().set_global(None),
+        lambda lib, module: lib.SKMPalettizerConfig().set_global(None),
+        lambda lib, module: lib.DKMPalettizerConfig().set_global(None),
+        lambda lib, module: lib.PostTrainingPalettizerConfig().set_module_name("0", None),
+        lambda lib, module: lib.SKMPalettizerConfig().set_module_name("0", None),
+        lambda lib, module: lib.DKMPalettizerConfig().set_module_name("0", None),
+        lambda lib, module: lib.DKMPalettizerConfig().set_global(
+            module(lib.ModuleDKMPalettizerConfig, n_bits=3)
+        ),
+        lambda lib, module: (
+            lib.PostTrainingPalettizerConfig()
+            .set_global(None)
+            .set_module_type(nn.Conv1d, module(lib.ModulePostTrainingPalettizerConfig, n_bits=2))
+        ),
+    ],
+    ids=[
+        "ptp-global-none",
+        "skm-global-none",
+        "dkm-global-none",
+        "ptp-name-none",
+        "skm-name-none",
+        "dkm-name-none",
+        "dkm-set-global",
+        "ptp-global-none-type",
+    ],
+)
+def test_configs_created_empty_select_what_coremltools_selects(build):
+    ctp = _coremltools_palettization()
+    import lightning_palettize.config as ours_lib
+
+    ours = build(ours_lib, lambda cls, **kw: kw)
+    theirs = build(ctp, lambda cls, **kw: cls(**kw))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Conv1d(64, 64, 1))
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            found = theirs.get_module_config(name, module)
+            if found is not None:
+                expected[f"{name}.weight"] = found.n_bits
+    assert _selected(ours, model) == expected
+    # and both survive a plain-data round trip unchanged
+    assert _selected(type(ours).from_dict(ours.as_dict()), model) == expected
+
+
+def test_same_named_object_without_as_dict_gets_a_clear_error():
+    # A class named like ours but from elsewhere, without as_dict(): the message says whose.
+    PostTrainingPalettizerConfig_ = type("PostTrainingPalettizerConfig", (), {})
+    ModulePostTrainingPalettizerConfig_ = type("ModulePostTrainingPalettizerConfig", (), {})
+    with pytest.raises(
+        TypeError,
+        match=re.escape(f"load_config: got {__name__}.PostTrainingPalettizerConfig; expected a ")
+        + re.escape("lightning_palettize.config.PostTrainingPalettizerConfig"),
+    ):
+        load_config(PostTrainingPalettizerConfig_(), PostTrainingPalettizerConfig)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"({__name__}.ModulePostTrainingPalettizerConfig); expected a ")
+        + re.escape("lightning_palettize.config.ModulePostTrainingPalettizerConfig"),
+    ):
+        PostTrainingPalettizerConfig(global_config=ModulePostTrainingPalettizerConfig_())
