@@ -69,8 +69,9 @@ class KMeansResult:
 
     Attributes:
         centroids: ``[G, K]`` (1-D) or ``[G, K, d]`` float32. In 1-D the centroids of a group are
-            sorted ascending; when a group has fewer than K distinct values the tail repeats its
-            largest centroid (no assignment points at those slots).
+            sorted ascending; a slot no value is assigned to (a group with fewer than K distinct
+            values, or zero weights that leave nothing to split) repeats the centroid before it,
+            so with fewer than K distinct values the tail repeats the largest centroid.
         labels: ``[G, N]`` uint8 (K <= 256) or int64 index of each value's centroid.
         inertia: ``[G]`` float64 weighted squared error of each group, as the solver measured
             it (on the bins it clustered).
@@ -299,13 +300,15 @@ def _solve_bins(
     sw, sx, sxx = seg(bins.weight), seg(bins.wsum), seg(bins.wsq)
     sc, sv = seg(bins.count), seg(bins.value * bins.count)
     nonempty = sc > 0
+    # Each cluster from its own bins: weighted mean, or the plain mean of a weightless one.
     cent = torch.where(sw > 0, sx / sw.clamp_min(1e-300), sv / sc.clamp_min(1))
     inertia = torch.where(nonempty, (sxx - 2 * cent * sx + cent * cent * sw).clamp_min(0), 0)
-    # Empty tail slots repeat the last real centroid (keeps each LUT sorted).
-    nreal = nonempty.sum(dim=1, keepdim=True).clamp_min(1)
-    tail = torch.arange(k, device=dev).unsqueeze(0) >= nreal
-    last = torch.gather(cent, 1, nreal - 1)
-    cent = torch.where(tail, last.expand_as(cent), cent)
+    # Empty slots (anywhere: with weightless bins the DP may leave some between real clusters)
+    # repeat the nearest real centroid before them, as clusters_from_prefix in _kmeans1d.c
+    # does; the first cluster always holds a bin. Keeps each LUT sorted.
+    slot = torch.arange(k, device=dev).unsqueeze(0)
+    src = torch.where(nonempty, slot, 0).cummax(dim=1).values
+    cent = torch.gather(cent, 1, src)
     return starts, cent, inertia.sum(dim=1), sc
 
 
@@ -330,9 +333,9 @@ def kmeans_1d(
         ValueError: on a wrong shape, non-finite values or negative weights.
 
     Example:
-        >>> r = kmeans_1d(torch.tensor([[0.0, 0.1, 1.0, 1.1]]), 2)
+        >>> r = kmeans_1d(torch.tensor([[0.0, 0.125, 1.0, 1.125]]), 2)
         >>> r.centroids
-        tensor([[0.0500, 1.0500]])
+        tensor([[0.0625, 1.0625]])
     """
     fused = not exact and _fused_ok(x, k)
     _check_input(x, k, weights, 2, values=not fused)

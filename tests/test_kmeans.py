@@ -273,6 +273,82 @@ def test_weighted_zero_weights_never_nan():
         assert torch.isfinite(r.inertia).all()
 
 
+# The paths that run the torch program: float64 input, and (as on CUDA) fp32 without the fused
+# CPU kernels, in exact and fast mode; "fused" is the compiled CPU kernel they must agree with.
+_ZERO_WEIGHT_PATHS = ["float64", "torch-exact", "torch-fast", "fused-exact", "fused-fast"]
+
+
+def _run_path(monkeypatch, path, x, k, w):
+    import lightning_palettize.kmeans as km
+
+    if path.startswith("torch"):
+        monkeypatch.setattr(km, "_FUSED_CPU", False)
+    xin = x.double() if path == "float64" else x.float()
+    return kmeans_1d(xin, k, w, exact=not path.endswith("fast"))
+
+
+@pytest.mark.parametrize("path", _ZERO_WEIGHT_PATHS)
+def test_1d_zero_importances_equal_brute_force(monkeypatch, path):
+    """Zero importances let the DP leave empty clusters between real ones; every centroid is
+    still its own cluster's mean and empty slots repeat the one before (LUT stays sorted)."""
+    # the reviewer's case: the empty slots sit between the two real clusters
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    w = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    r = _run_path(monkeypatch, path, x, 4, w)
+    assert r.centroids.tolist() == [[0.0, 0.0, 0.0, 2.0]]
+    assert _sse(x, w, r)[0].item() == 0.0
+    gen = torch.Generator().manual_seed(8)
+    for trial in range(60):
+        n = int(torch.randint(2, 10, (1,), generator=gen))
+        # multiples of 1/16 below 4: exact in fp16 codes too, so fast mode is exact; ties
+        x = torch.round(torch.randn(1, n, generator=gen) * 16).clamp(-63, 63) / 16
+        w = torch.rand(1, n, generator=gen) + 0.05  # float32: what the fused kernel reads
+        w[torch.rand(1, n, generator=gen) < 0.5] = 0.0
+        if trial % 10 == 0:
+            w.zero_()
+        for k in (2, 3, 4, 6, 8):
+            r = _run_path(monkeypatch, path, x, k, w)
+            best = _brute_force(x[0].double().numpy(), w[0].double().numpy(), k)
+            assert r.inertia[0].item() == pytest.approx(best, rel=1e-9, abs=1e-12), (trial, k)
+            assert _sse(x, w, r)[0].item() == pytest.approx(best, rel=1e-9, abs=1e-12), (trial, k)
+            assert torch.all(r.centroids[:, 1:] >= r.centroids[:, :-1]), (trial, k)
+            assert int(r.labels.max()) < k
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_torch_program_equals_fused_kernel_with_many_zero_weights(monkeypatch, exact):
+    """The torch program (float64 input; fp32 on CUDA) and the compiled CPU kernel agree with
+    zero importances: every weighted value gets the same centroid and the same error. (Which
+    empty-cost slot a weightless value lands in is a tie either may break its own way.)"""
+    import lightning_palettize.kmeans as km
+
+    gen = torch.Generator().manual_seed(9)
+    for trial in range(40):
+        g, n = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(2, 400, (1,)))
+        k = (2, 4, 8, 16, 64)[trial % 5]
+        x = torch.randn(g, n, generator=gen)
+        if trial % 3 == 0:
+            x = torch.round(x * 4) / 4  # duplicates
+        w = torch.rand(g, n, generator=gen)
+        w[torch.rand(g, n, generator=gen) < 0.6] = 0.0
+        if trial % 7 == 0:
+            w[0] = 0.0  # a group without weight
+        fused = kmeans_1d(x, k, w, exact=exact)
+        with monkeypatch.context() as mp:
+            mp.setattr(km, "_FUSED_CPU", False)
+            refs = [kmeans_1d(x, k, w, exact=exact)]
+        if exact:
+            refs.append(kmeans_1d(x.double(), k, w, exact=True))
+        pos = w > 0
+        want = torch.gather(fused.centroids, 1, fused.labels.long())[pos]
+        for ref in refs:
+            got = torch.gather(ref.centroids, 1, ref.labels.long())[pos]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(_sse(x, w, ref), _sse(x, w, fused), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(ref.inertia, fused.inertia, rtol=1e-9, atol=1e-11)
+            assert torch.all(ref.centroids[:, 1:] >= ref.centroids[:, :-1])
+
+
 def test_weights_pull_centroids():
     x = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
     heavy = torch.tensor([[1.0, 1.0, 100.0, 1.0]])

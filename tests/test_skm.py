@@ -520,3 +520,97 @@ def test_default_kmeans_equals_full_exact_dp(kind, n_bits, groups):
     e_auto = _weighted_sse(w, auto[0].weight, s)
     e_exact = _weighted_sse(w, exact[0].weight, s)
     assert e_auto == pytest.approx(e_exact, rel=1e-12)
+
+
+def _layer(w):
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    return nn.Sequential(layer)
+
+
+def _auto_and_exact(w, fisher, cfg):
+    model = _layer(w)
+    auto = _quiet(SKMPalettizer(model, cfg), sensitivity={"0.weight": fisher})
+    exact = _quiet(SKMPalettizer(model, cfg), sensitivity={"0.weight": fisher}, exact_kmeans=True)
+    return auto[0].weight.detach(), exact[0].weight.detach()
+
+
+@pytest.mark.parametrize(
+    ("distinct", "n_bits"),
+    [(2, 4), (3, 2), (4, 2), (4, 4), (7, 3), (8, 2), (15, 3), (15, 4)],
+)
+def test_default_kmeans_with_few_distinct_values_is_exact(distinct, n_bits):
+    # 65,536 values per LUT: the default two-level path. With few distinct values (a weight
+    # palettized before, ternary or integer weights) level 1 has at most k blocks; it crashed
+    # (an index past the end of the values) and could miss the optimum.
+    g = torch.Generator().manual_seed(distinct * 10 + n_bits)
+    w = (torch.randint(0, distinct, (128, 512), generator=g) - distinct // 2).float() * 0.03
+    fisher = torch.rand(128, 512, generator=g) ** 2
+    s = normalize_sensitivity(fisher)
+    auto, exact = _auto_and_exact(w, fisher, _cfg(n_bits))
+    # the optimum by brute force over the distinct values (each carrying its summed weight)
+    u, inv = torch.unique(w, return_inverse=True)
+    su = torch.zeros(len(u), dtype=torch.float64).index_add_(0, inv.flatten(), s.double().flatten())
+    best = _brute_force(u, su, 2**n_bits)
+    for got in (auto, exact):
+        assert _weighted_sse(w, got, s) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    if distinct <= 2**n_bits:
+        # (the exact kernel centres its sums: a cluster of zeros comes back as ~1e-18)
+        torch.testing.assert_close(auto, w, rtol=0, atol=1e-15)
+
+
+def test_default_kmeans_on_a_weight_palettized_before():
+    # the reviewer's repro: a 2-bit palettized layer re-palettized by SKM at 4 bits
+    from lightning_palettize import PostTrainingPalettizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 128, bias=False))
+    small = PostTrainingPalettizer(model, {"global_config": {"n_bits": 2}}).compress(progress=False)
+    fisher = {"0.weight": torch.rand(128, 512)}
+    out = _quiet(SKMPalettizer(small, _cfg(4)), sensitivity=fisher)
+    assert torch.equal(out[0].weight, small[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("case", "seed", "n_bits"),
+    [("one_code", 7, 2), ("one_code", 2, 3), ("bulk_and_far", 2, 2), ("bulk_and_far", 3, 3)],
+)
+def test_default_kmeans_when_level1_does_not_resolve_the_values(case, seed, n_bits):
+    # All values within one 16-bit code (level 1: one block; the default was ~200x worse than
+    # exact at 2 bits), or that bulk next to a few far values (level 1 spends its clusters on
+    # the far values; the bulk's split lies far from every level-1 boundary).
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 + torch.randn(128, 512, generator=g) * 1e-6
+    fisher = torch.exp(torch.randn(128, 512, generator=g) * 8)
+    if case == "bulk_and_far":
+        w.view(-1)[:12] = torch.linspace(-2, 3, 12)
+    s = normalize_sensitivity(fisher)
+    auto, exact = _auto_and_exact(w, fisher, _cfg(n_bits))
+    e_exact = _weighted_sse(w, exact, s)  # ~1e-13: no absolute tolerance
+    assert _weighted_sse(w, auto, s) == pytest.approx(e_exact, rel=1e-12, abs=0)
+
+
+def test_default_kmeans_mixes_exact_and_two_level_groups():
+    # one LUT group with few distinct values (the exact DP), one ordinary (the two levels)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 512, generator=g) * 0.02
+    w[:128] = torch.randint(-3, 4, (128, 512), generator=g).float() * 0.01
+    fisher = torch.rand(256, 512, generator=g)
+    s = normalize_sensitivity(fisher)
+    cfg = _cfg(4, granularity="per_grouped_channel", group_size=128)
+    auto, exact = _auto_and_exact(w, fisher, cfg)
+    torch.testing.assert_close(auto[:128], w[:128], rtol=0, atol=1e-15)
+    assert _weighted_sse(w[128:], auto[128:], s[128:]) == pytest.approx(
+        _weighted_sse(w[128:], exact[128:], s[128:]), rel=1e-12, abs=0
+    )
+
+
+def test_touches_edge_ignores_empty_clusters_at_the_end():
+    from lightning_palettize.palettizers.skm import _touches_edge
+
+    cuts = torch.zeros(1, 8, dtype=torch.long)
+    cuts[0, 2:5] = 1
+    # clusters 2 and 3 are empty (start == n): no index past the end, and not an edge
+    assert not _touches_edge(torch.tensor([[3, 8, 8]]), cuts, 8)
+    assert _touches_edge(torch.tensor([[2, 8, 8]]), cuts, 8)  # no cut allowed before position 1

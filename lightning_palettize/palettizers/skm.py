@@ -56,6 +56,9 @@ _EXACT_MAX_WORK = 1 << 25
 # Sorted positions on each side of a level-1 boundary where level 2 may move it: N / (16 (K-1))
 # within [32, 1024] (MiniLM's exact boundaries lie within ~500 positions of the code ones).
 _WINDOW_MIN, _WINDOW_MAX = 32, 1024
+# Level 1 must resolve the values: groups where the spread of the values inside their level-1
+# blocks exceeds this fraction of the level-1 cost take the exact DP (see _kmeans_two_level).
+_LEVEL1_MAX_SPREAD = 1e-3
 _LUT_QDTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -639,7 +642,11 @@ def _kmeans_two_level(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tens
     solves it exactly over single values within a window around each level-1 boundary, the rest
     merged into blocks. Level 2 contains the level-1 solution, so it is never worse; while one
     of its boundaries touches a window's edge the windows widen x4, and where level 1 would not
-    shrink the problem (small groups) or the windows cover it, the plain exact DP runs.
+    shrink the problem (small groups) or the windows cover it, the plain exact DP runs. So do the
+    groups that level 1 does not resolve: it leaves a cluster without weight (at most k blocks,
+    e.g. fewer distinct values than k; level 2 could not grow such a cluster from its
+    boundaries), or the values' spread inside its blocks exceeds ``_LEVEL1_MAX_SPREAD`` of its
+    cost (the optimum may split a block far from every level-1 boundary).
     """
     g_total, n = x.shape
     dev = x.device
@@ -655,29 +662,62 @@ def _kmeans_two_level(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tens
     cuts[:, 1:] = codes[:, 1:] != codes[:, :-1]
     del codes
     window = min(max(n // (16 * max(k - 1, 1)), _WINDOW_MIN), _WINDOW_MAX)
-    if 2 * int(cuts.sum(dim=1).max()) > n or 4 * window * (k - 1) >= n:
-        r = kmeans_1d(x, k, w, exact=True)
-        return r.centroids, r.labels
+    ncuts = cuts.sum(dim=1)
+    if 2 * int(ncuts.max()) > n or 4 * window * (k - 1) >= n:
+        return _exact(x, w, k)
     xs = xs.double()
-    labels, r = _solve_blocks(xs, ws, cuts, k)
+    labels, r, (within, cluster_w) = _solve_blocks(xs, ws, cuts, k, stats=True)
+    # Level 2 only moves the level-1 boundaries, so level 1 must already resolve the values.
+    # It does not where it leaves a cluster without weight (at most k blocks: few distinct
+    # codes, e.g. a weight palettized before, ternary or integer values, or values packed into
+    # a few codes): such a cluster has no place to grow from. Nor where the values' spread
+    # inside their blocks is a sizeable part of the level-1 cost (values sharing a code that
+    # the optimum splits, e.g. a narrow bulk next to a few far values; ~1e-5 on real and random
+    # weights). Such groups get the exact DP (cheap when they hold few distinct values); one
+    # host sync for the whole batch.
+    degenerate = (ncuts < k) | (cluster_w <= 0).any(dim=1)
+    degenerate |= within > _LEVEL1_MAX_SPREAD * (r.inertia + within)
+    del cluster_w, ncuts, within
+    n_degenerate = int(degenerate.sum())
+    if n_degenerate == g_total:
+        return _exact(x, w, k)
+    rows = None
+    if n_degenerate:
+        rows = (~degenerate).nonzero().squeeze(1)
+        xs, ws, perm, labels = xs[rows], ws[rows], perm[rows], labels[rows]
     while True:
         cuts = _near(_starts(labels, k), window, n)
-        labels, r = _solve_blocks(xs, ws, cuts, k)
+        labels, r, _ = _solve_blocks(xs, ws, cuts, k)
         if not _touches_edge(_starts(labels, k), cuts, n):
             break
         window *= 4
         if 4 * window * (k - 1) >= n:
-            r = kmeans_1d(x, k, w, exact=True)
-            return r.centroids, r.labels
+            return _exact(x, w, k)
     # Centroids from the values themselves (float64 sums), empty clusters from the DP.
-    flat = (labels + torch.arange(g_total, device=dev).unsqueeze(1) * k).reshape(-1)
-    cw = torch.zeros(g_total * k, dtype=torch.float64, device=dev)
-    cx = torch.zeros_like(cw).index_add_(0, flat, (ws * xs).reshape(-1)).view(g_total, k)
-    cw = cw.index_add_(0, flat, ws.reshape(-1)).view(g_total, k)
+    g_two = xs.shape[0]
+    flat = (labels + torch.arange(g_two, device=dev).unsqueeze(1) * k).reshape(-1)
+    cw = torch.zeros(g_two * k, dtype=torch.float64, device=dev)
+    cx = torch.zeros_like(cw).index_add_(0, flat, (ws * xs).reshape(-1)).view(g_two, k)
+    cw = cw.index_add_(0, flat, ws.reshape(-1)).view(g_two, k)
     cent = torch.where(cw > 0, cx / cw.clamp_min(1e-300), r.centroids.double()).float()
-    out = torch.empty((g_total, n), dtype=torch.uint8, device=dev)
+    out = torch.empty((g_two, n), dtype=torch.uint8, device=dev)
     out.scatter_(1, perm, labels.to(torch.uint8))
-    return cent, out
+    if rows is None:
+        return cent, out
+    # the degenerate groups exactly, the others from the two levels
+    bad = degenerate.nonzero().squeeze(1)
+    cent_bad, out_bad = _exact(x[bad], None if w is None else w[bad], k)
+    cent_all = torch.empty((g_total, k), dtype=torch.float32, device=dev)
+    out_all = torch.empty((g_total, n), dtype=torch.uint8, device=dev)
+    cent_all[rows], out_all[rows] = cent, out
+    cent_all[bad], out_all[bad] = cent_bad, out_bad
+    return cent_all, out_all
+
+
+def _exact(x: Tensor, w: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """The DP over every distinct value (the reference the two levels match)."""
+    r = kmeans_1d(x, k, w, exact=True)
+    return r.centroids, r.labels
 
 
 def _sort(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -691,9 +731,14 @@ def _sort(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.gather(x, 1, perm), perm
 
 
-def _solve_blocks(xs: Tensor, ws: Tensor, cuts: Tensor, k: int) -> tuple[Tensor, Any]:
+def _solve_blocks(
+    xs: Tensor, ws: Tensor, cuts: Tensor, k: int, stats: bool = False
+) -> tuple[Tensor, Any, tuple[Tensor, Tensor] | None]:
     """Exact DP over the blocks of sorted values that ``cuts`` (1 = a block starts here)
-    delimit. Returns each sorted value's label and the DP result over the blocks."""
+    delimit. Returns each sorted value's label, the DP result over the blocks and, with
+    ``stats``, per group the weighted squared error of the values around their blocks' means
+    (the cost the blocks hide from the DP) ``[G]`` and the weight of each cluster ``[G, k]``
+    (else None)."""
     g_total, n = xs.shape
     block = torch.cumsum(cuts, dim=1)
     m = int(block[:, -1].max()) + 1
@@ -712,7 +757,15 @@ def _solve_blocks(xs: Tensor, ws: Tensor, cuts: Tensor, k: int) -> tuple[Tensor,
         value = torch.where(sw > 0, value, sx / count.clamp_min(1))
         value = torch.where(count > 0, value, xs[:, -1:])
     r = kmeans_1d(value, k, sw, exact=True)
-    return torch.gather(r.labels.long(), 1, block), r
+    labels = torch.gather(r.labels.long(), 1, block)
+    if not stats:
+        return labels, r, None
+    d = xs - torch.gather(value, 1, block)
+    within = d.mul_(d).mul_(ws).sum(dim=1)
+    del d
+    cluster_w = torch.zeros(g_total, k, dtype=torch.float64, device=xs.device)
+    cluster_w.scatter_add_(1, r.labels.long(), sw)
+    return labels, r, (within, cluster_w)
 
 
 def _starts(sorted_labels: Tensor, k: int) -> Tensor:
@@ -738,6 +791,7 @@ def _touches_edge(starts: Tensor, cuts: Tensor, n: int) -> bool:
     inner = (starts > 0) & (starts < n)
     allowed = torch.nn.functional.pad(cuts, (1, 1), value=1)  # index j: cut before j - 1
     allowed[:, 1] = 1
+    # empty clusters at the end start at n: clamp before gathering (``inner`` drops them)
     before = torch.gather(allowed, 1, starts)
-    after = torch.gather(allowed, 1, starts + 2)
+    after = torch.gather(allowed, 1, (starts + 2).clamp_max(n + 1))
     return bool((inner & ((before == 0) | (after == 0))).any())
