@@ -25,7 +25,9 @@ File layout (safetensors metadata key ``"lightning_palettize"`` holds the JSON h
   layout and dtypes and the user's metadata.
 
 :func:`export_coreml` traces and converts with coremltools (optional extra ``coreml``) and
-checks that every palettized weight became a ``constexpr_lut_to_dense`` op.
+checks that every palettized weight became a ``constexpr_lut_to_dense`` op. It refuses what
+Core ML cannot express: 5- and 7-bit palettes (3-bit before iOS18) and outliers (unless
+``allow_outliers=True``), which ``save_palettized`` stores exactly.
 
 Example:
     >>> import tempfile, os, torch
@@ -92,6 +94,12 @@ _CHUNK = 1 << 22  # distance-matrix elements per step of the nearest-entry searc
 # More than this fraction of outliers in one weight means it no longer holds LUT values.
 _OUTLIER_WARN_FRACTION = 0.05
 _COREML_LUT_OP = "constexpr_lut_to_dense"
+# Index widths Core ML's constexpr_lut_to_dense takes (coremltools 9.0: the iOS16 op wants a
+# LUT of 2, 4, 16, 64 or 256 entries; the iOS18 op's indices are uint1/2/3/4/6/8).
+_COREML_BITS_IOS16 = frozenset({1, 2, 4, 6, 8})
+_COREML_BITS_IOS18 = frozenset({1, 2, 3, 4, 6, 8})
+# A weight element farther than this many ulps from its LUT value is an outlier for Core ML.
+_COREML_RTOL_ULPS = 4
 _QUANTIZED_LUT_PASS = "common::canonicalize_quantized_lut_pattern"
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -343,32 +351,46 @@ def _lut_from_codes(
     return (q * qscale.to(work)).to(dtype)
 
 
-def _encode_weight(
-    wkey: str, weight: Tensor, fields: _Fields
-) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """One palettized weight -> (file tensors, header entry, summary row)."""
+@dataclass
+class _Fit:
+    """A palettized weight matched against its own ``_COREML_`` palette."""
+
+    weight: Tensor  # detached, on the CPU
+    values: dict[str, Tensor]  # the _COREML_ fields, on the CPU
+    layout: Layout
+    n_bits: int
+    indices: Tensor  # uint8 [G, N], each element's (vector's) nearest entry
+    outlier_index: Tensor  # flat positions the palette does not reproduce bit for bit
+    outlier_rebuilt: Tensor  # what the palette gives there instead
+
+
+def _fit_palette(caller: str, wkey: str, weight: Tensor, fields: _Fields) -> _Fit:
+    """Recover ``wkey``'s palette (layout, n_bits, indices) and the elements it misses.
+
+    Raises:
+        ValueError: prefixed with ``caller`` and naming ``wkey`` when the ``_COREML_`` buffers
+            do not describe a palette of the weight.
+    """
     weight = weight.detach().cpu()
     if not weight.dtype.is_floating_point:
         raise ValueError(
-            f"save_palettized: {wkey} has a _COREML_ lut but dtype {weight.dtype}; only floating "
+            f"{caller}: {wkey} has a _COREML_ lut but dtype {weight.dtype}; only floating "
             "weights can be palettized."
         )
     values = {f: t.detach().cpu() for f, t in fields.tensors.items()}
     bad = [f for f in values if not _FIELD_NAME.fullmatch(f)]
     if bad:
-        raise ValueError(
-            f"save_palettized: {wkey} has _COREML_ field names {bad} with odd characters."
-        )
+        raise ValueError(f"{caller}: {wkey} has _COREML_ field names {bad} with odd characters.")
     lut_buf = values[_LUT]
     if not lut_buf.dtype.is_floating_point:
         raise ValueError(
-            f"save_palettized: {wkey}: _COREML_ lut has dtype {lut_buf.dtype}; expected a float."
+            f"{caller}: {wkey}: _COREML_ lut has dtype {lut_buf.dtype}; expected a float."
         )
     vector_axis = values.get(_VECTOR_AXIS)
     if vector_axis is not None and vector_axis.numel() != 1:
-        raise ValueError(f"save_palettized: {wkey}: _COREML_ vector_axis must be a scalar.")
+        raise ValueError(f"{caller}: {wkey}: _COREML_ vector_axis must be a scalar.")
     layout, n_bits = _layout_from_lut(
-        f"save_palettized: {wkey}",
+        f"{caller}: {wkey}",
         tuple(weight.shape),
         tuple(lut_buf.shape),
         None if vector_axis is None else int(vector_axis),
@@ -378,7 +400,7 @@ def _encode_weight(
         want = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         if tuple(scale.shape) != want or not scale.dtype.is_floating_point:
             raise ValueError(
-                f"save_palettized: {wkey}: _COREML_ palettization_scale has shape "
+                f"{caller}: {wkey}: _COREML_ palettization_scale has shape "
                 f"{tuple(scale.shape)} ({scale.dtype}); expected a float tensor of shape {want}."
             )
 
@@ -392,7 +414,20 @@ def _encode_weight(
     rebuilt = _dequantize(layout, n_bits, lut_buf, indices, scale, weight.dtype)
     flat = weight.reshape(-1)
     outlier_index = (_bits(rebuilt).reshape(-1) != _bits(flat)).nonzero().reshape(-1)
-    del rebuilt
+    outlier_rebuilt = rebuilt.reshape(-1)[outlier_index]
+    return _Fit(weight, values, layout, n_bits, indices, outlier_index, outlier_rebuilt)
+
+
+def _encode_weight(
+    wkey: str, weight: Tensor, fields: _Fields
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """One palettized weight -> (file tensors, header entry, summary row)."""
+    fit = _fit_palette("save_palettized", wkey, weight, fields)
+    weight, values, layout, n_bits = fit.weight, fit.values, fit.layout, fit.n_bits
+    indices, outlier_index = fit.indices, fit.outlier_index
+    lut_buf = values[_LUT]
+    g, k, d = layout.num_groups, 1 << n_bits, layout.cluster_dim
+    flat = weight.reshape(-1)
     n_outliers = outlier_index.numel()
     if n_outliers > _OUTLIER_WARN_FRACTION * flat.numel():
         warnings.warn(
@@ -986,6 +1021,8 @@ class _CoreMLWeight:
     shape: tuple[int, ...]
     needs_ios18: list[str]
     quantized_vectors: bool
+    n_bits: int | None  # None for a malformed LUT, which _fit_palette reports
+    fields: _Fields
 
 
 def _coreml_weights(model: nn.Module) -> dict[str, _CoreMLWeight]:
@@ -1011,8 +1048,101 @@ def _coreml_weights(model: nn.Module) -> dict[str, _CoreMLWeight]:
             reasons.append(f"vectors of {lut.shape[-1]}")
         if _SCALE in t:
             reasons.append("per-channel scale")
-        out[wkey] = _CoreMLWeight(tuple(weight.shape), reasons, vector and _QSCALE in t)
+        # lut is [blocks per axis..., 2**n_bits, vector length] (the last dim may be absent)
+        entries = int(lut.shape[weight.dim()]) if lut.dim() > weight.dim() else 0
+        n_bits = entries.bit_length() - 1 if entries > 1 and entries & (entries - 1) == 0 else None
+        out[wkey] = _CoreMLWeight(
+            tuple(weight.shape), reasons, vector and _QSCALE in t, n_bits, fields
+        )
     return out
+
+
+def _check_index_widths(weights: Mapping[str, _CoreMLWeight], ios18: bool, target: str) -> None:
+    """Raise, naming the weights, when Core ML's LUT op cannot take their index width."""
+    allowed = _COREML_BITS_IOS18 if ios18 else _COREML_BITS_IOS16
+    bad: dict[int, list[str]] = {}
+    for wkey, info in weights.items():
+        if info.n_bits is not None and info.n_bits not in allowed:
+            bad.setdefault(info.n_bits, []).append(wkey)
+    if not bad:
+        return
+    listed = "; ".join(f"{sorted(w)} use {n} bits" for n, w in sorted(bad.items()))
+    widths = ", ".join(map(str, sorted(allowed)))
+    hint = (
+        " (iOS18 adds 3 bits: use ct.target.iOS18)"
+        if not ios18 and all(n in _COREML_BITS_IOS18 for n in bad)
+        else "; re-palettize them with one of these n_bits (save_palettized stores any 1..8)"
+    )
+    raise ValueError(
+        f"export_coreml: Core ML's {_COREML_LUT_OP} at minimum_deployment_target={target} takes "
+        f"{widths}-bit indices only, but {listed}{hint}."
+    )
+
+
+def _check_outliers(
+    weights: Mapping[str, _CoreMLWeight], state: Mapping[str, Tensor], allow: bool
+) -> None:
+    """Raise (or warn, if ``allow``) naming the weights whose LUT does not reproduce them.
+
+    An element counts when it differs from what its palette gives by more than the weight
+    dtype's rounding (a few ulps; -0.0 against 0.0 does not count), as SKM's outliers do.
+    """
+    lossy: dict[str, tuple[int, int, float]] = {}
+    for wkey, info in weights.items():
+        try:
+            fit = _fit_palette("export_coreml", wkey, state[wkey], info.fields)
+        except ValueError as err:  # a layout save_palettized lacks; coremltools may know it
+            warnings.warn(
+                f"{err} Its outliers cannot be checked; coremltools converts it as its "
+                f"{COREML_PREFIX} buffers say.",
+                stacklevel=3,
+            )
+            continue
+        if not fit.outlier_index.numel():
+            continue
+        flat = fit.weight.reshape(-1)
+        want = flat[fit.outlier_index].float()
+        got = fit.outlier_rebuilt.float()
+        rtol = _COREML_RTOL_ULPS * torch.finfo(fit.weight.dtype).eps
+        close = (want - got).abs() <= rtol * torch.maximum(want.abs(), got.abs())
+        far = ~close  # NaN and inf mismatches count too
+        count = int(far.sum())
+        if count:
+            worst = (want - got)[far].abs().nan_to_num(nan=float("inf")).max()
+            scale = flat.float().abs().nan_to_num(nan=0.0, posinf=0.0).max().clamp_min(1e-30)
+            lossy[wkey] = (count, flat.numel(), float(worst / scale))
+    if not lossy:
+        return
+    listed = ", ".join(
+        f"{w!r} ({c} of {n} elements, off by up to {r:.1%} of max|w|)"
+        for w, (c, n, r) in lossy.items()
+    )
+    problem = (
+        f"export_coreml: {len(lossy)} palettized weight(s) hold elements their LUT does not "
+        f"reproduce: {listed}. "
+        f"These outliers (e.g. SKM's outlier_fraction > 0, or weights changed after "
+        f"palettization) are not representable in Core ML's {_COREML_LUT_OP}: coremltools "
+        "would silently replace each with its nearest LUT entry."
+    )
+    if allow:
+        warnings.warn(f"{problem} Converting anyway (allow_outliers=True).", stacklevel=3)
+        return
+    raise ValueError(
+        f"{problem} Re-run SKM with outlier_fraction=0 for a Core ML model, keep the outliers "
+        "with save_palettized (stored sparsely, restored exactly), or pass "
+        "allow_outliers=True to accept the lossy conversion."
+    )
+
+
+@contextlib.contextmanager
+def _modes_restored(model: nn.Module) -> Iterator[None]:
+    """Put back every submodule's own train/eval mode afterwards, on error too."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _mil_ops(block: Any) -> Iterator[Any]:
@@ -1076,13 +1206,17 @@ def export_coreml(
     *,
     minimum_deployment_target: Any = None,
     convert_kwargs: dict | None = None,
+    allow_outliers: bool = False,
 ) -> Any:
     """Convert a palettized model to a Core ML ML program with LUT-compressed weights.
 
-    The model is traced with ``torch.jit.trace`` (eval mode, no grad; train mode is restored
-    afterwards) and converted with ``coremltools.convert(..., convert_to="mlprogram")``, which
-    turns each weight's ``_COREML_`` buffers into a ``constexpr_lut_to_dense`` op. The result is
-    then checked: every palettized weight must have become such an op.
+    Before converting, every palettized weight is checked against what Core ML can express:
+    its index width (``n_bits``) and whether its LUT reproduces it. Then the model is traced
+    with ``torch.jit.trace`` (eval mode, no grad; each submodule's own train/eval mode is
+    restored afterwards, on error too) and converted with
+    ``coremltools.convert(..., convert_to="mlprogram")``, which turns each weight's
+    ``_COREML_`` buffers into a ``constexpr_lut_to_dense`` op. The result is then checked:
+    every palettized weight must have become such an op.
 
     Args:
         model: a palettized model (after a palettizer, or :func:`load_palettized`).
@@ -1090,21 +1224,29 @@ def export_coreml(
             shapes become the Core ML input shapes unless ``convert_kwargs`` gives ``inputs``.
         path: optional ``*.mlpackage`` destination.
         minimum_deployment_target: a ``coremltools.target``; default ``iOS18``, needed for
-            grouped LUTs, vectors, per-channel scales and quantized LUTs. ``iOS16`` / ``iOS17``
-            work for per-tensor scalar LUTs only; older targets would silently drop the LUTs.
+            grouped LUTs, vectors, per-channel scales, quantized LUTs and 3-bit indices.
+            ``iOS16`` / ``iOS17`` work for per-tensor scalar LUTs of 1, 2, 4, 6 or 8 bits only;
+            older targets would silently drop the LUTs. No target takes 5- or 7-bit palettes
+            (valid in torch and in :func:`save_palettized`, but not in Core ML).
         convert_kwargs: extra ``coremltools.convert`` arguments (``inputs``, ``outputs``,
             ``compute_precision``, ``pass_pipeline``, ``skip_model_load``...).
             ``skip_model_load`` defaults to True off macOS, where models cannot be loaded.
+        allow_outliers: weight elements the LUT does not reproduce (SKM's outliers with
+            ``outlier_fraction > 0``, or weights edited after palettization) cannot be
+            expressed by ``constexpr_lut_to_dense``: coremltools replaces each with its
+            nearest LUT entry. By default that is an error; True converts anyway, with a
+            warning naming the weights.
 
     Returns:
         The ``coremltools.models.MLModel``.
 
     Raises:
         ImportError: without coremltools (``pip install 'lightning-palettize[coreml]'``).
-        ValueError: for a model without palettized weights, a deployment target that cannot
-            express them (naming the weights), a bad ``path`` or ``convert_kwargs``, or a
-            conversion in which some palettized weights (named) did not become
-            ``constexpr_lut_to_dense`` ops.
+        ValueError: for a model without palettized weights, a deployment target or index
+            width (5 or 7 bits; 3 bits before iOS18) that Core ML cannot express (naming the
+            weights), weights with outliers (named; see ``allow_outliers``), a bad ``path`` or
+            ``convert_kwargs``, or a conversion in which some palettized weights (named) did
+            not become ``constexpr_lut_to_dense`` ops. The model's modes are unchanged.
 
     Example:
         >>> import torch
@@ -1152,6 +1294,8 @@ def export_coreml(
                 f"export_coreml: minimum_deployment_target={target_name} supports per-tensor "
                 f"scalar LUTs only, but {sorted(needy)} need iOS18 ({needy}); use ct.target.iOS18."
             )
+    _check_index_widths(weights, target >= ct.target.iOS18, target_name)
+    _check_outliers(weights, model.state_dict(), allow_outliers)
     if "inputs" not in kwargs:
         kwargs["inputs"] = [
             ct.TensorType(shape=tuple(t.shape), dtype=_coreml_dtype(t)) for t in inputs
@@ -1163,13 +1307,9 @@ def export_coreml(
         pipeline.remove_passes([_QUANTIZED_LUT_PASS])
         kwargs["pass_pipeline"] = pipeline
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _mha_fastpath_off():
-            traced = torch.jit.trace(model, inputs)
-    finally:
-        model.train(was_training)
+    with _modes_restored(model), torch.no_grad(), _mha_fastpath_off():
+        model.eval()
+        traced = torch.jit.trace(model, inputs)
     mlmodel = ct.convert(traced, convert_to="mlprogram", minimum_deployment_target=target, **kwargs)
     ops = [op for op in _mil_ops(mlmodel._mil_program.functions["main"])
            if op.op_type == _COREML_LUT_OP]  # fmt: skip

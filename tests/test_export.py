@@ -557,3 +557,62 @@ def test_export_coreml_without_coremltools_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)
     with pytest.raises(ImportError, match=re.escape("pip install 'lightning-palettize[coreml]'")):
         export_coreml(model, torch.randn(1, 8, 8, 8))
+
+
+def _skm_with_outliers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    sensitivity = {"0.weight": torch.rand(32, 64) ** 8}
+    cfg = {"global_config": {"n_bits": 4, "outlier_fraction": 0.02}}
+    return SKMPalettizer(model, cfg).compress(sensitivity=sensitivity, progress=False)
+
+
+def test_export_coreml_refuses_outliers_unless_allowed(ct, monkeypatch):
+    model = _skm_with_outliers()
+    convert = ct.convert
+    monkeypatch.setattr(ct, "convert", lambda *a, **k: pytest.fail("converted a lossy model"))
+    with pytest.raises(ValueError, match=r"'0\.weight' \(40 of 2048 elements") as info:
+        export_coreml(model, torch.randn(1, 64))
+    assert "outlier_fraction=0" in str(info.value) and "save_palettized" in str(info.value)
+    monkeypatch.setattr(ct, "convert", convert)
+    with pytest.warns(UserWarning, match=r"'0\.weight'.*allow_outliers=True"):
+        mlmodel = export_coreml(model, torch.randn(1, 64), allow_outliers=True)
+    assert len(_lut_ops(mlmodel)) == 1
+
+
+@pytest.mark.parametrize(
+    ("n_bits", "target", "needle"),
+    [(5, "iOS18", "5 bits"), (7, "iOS16", "7 bits"), (3, "iOS16", "use ct.target.iOS18"),
+     (3, "iOS17", "use ct.target.iOS18")],
+)  # fmt: skip
+def test_export_coreml_refuses_index_widths_before_converting(n_bits, target, needle, ct,
+                                                              monkeypatch):  # fmt: skip
+    model = PostTrainingPalettizer(_mlp(), {"global_config": {"n_bits": n_bits}})
+    model = model.compress(progress=False)
+    monkeypatch.setattr(ct, "convert", lambda *a, **k: pytest.fail("reached coremltools"))
+    with pytest.raises(ValueError, match=re.escape("['0.weight', '2.weight'] use")) as info:
+        export_coreml(model, torch.randn(1, 16), minimum_deployment_target=ct.target[target])
+    assert needle in str(info.value) and target in str(info.value)
+
+
+def test_export_coreml_index_widths_core_ml_takes(ct):
+    for n_bits, target in ((3, ct.target.iOS18), (6, ct.target.iOS16)):
+        model = PostTrainingPalettizer(nn.Sequential(nn.Linear(16, 8)),
+                                       {"global_config": {"n_bits": n_bits}})  # fmt: skip
+        mlmodel = export_coreml(model.compress(progress=False), torch.randn(1, 16),
+                                minimum_deployment_target=target)  # fmt: skip
+        assert [op.lut.shape[-2] if op.lut.rank > 1 else op.lut.shape[0]
+                for op in _lut_ops(mlmodel)] == [2**n_bits]  # fmt: skip
+
+
+def test_export_coreml_restores_each_submodules_mode(ct):
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    model = PostTrainingPalettizer(model, {"global_config": {"n_bits": 2}}).compress(progress=False)
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    modes = [m.training for m in model.modules()]
+    assert len(_lut_ops(export_coreml(model, torch.randn(2, 16)))) == 2
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(RuntimeError):  # wrong input width: tracing fails
+        export_coreml(model, torch.randn(2, 15))
+    assert [m.training for m in model.modules()] == modes
