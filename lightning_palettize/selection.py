@@ -9,8 +9,10 @@ Resolution follows coremltools (``get_module_config``), with subclass matching a
    The first hit wins, so an exact subclass key beats its base and subclasses of ``nn.Linear``
    get the Linear config.
 3. ``global_config``.
-4. With nothing configured at all: DKM uses coremltools' default table
-   (:data:`~lightning_palettize.config.DKM_DEFAULT_N_BITS`), PTP / SKM the default module config.
+4. No match: the module is left alone. (A config created with nothing set holds the defaults
+   as entries, as in coremltools: DKM the default table of
+   :data:`~lightning_palettize.config.DKM_DEFAULT_N_BITS` in ``module_type_configs``, PTP / SKM
+   the default module config as ``global_config``.)
 
 A ``None`` found at any step means "do not palettize" and ends the search.
 
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from lightning_palettize.config import (
     DKM_DEFAULT_N_BITS,
@@ -134,6 +137,8 @@ def select_weights(
     model: nn.Module,
     config: PalettizerConfig,
     supported: Mapping[type[nn.Module], Sequence[str]],
+    *,
+    pruned_ok: bool = False,
 ) -> list[WeightSelection]:
     """List the weights of ``model`` to palettize, in ``model.named_modules()`` order.
 
@@ -147,14 +152,20 @@ def select_weights(
         supported: module class -> names of its palettizable parameters; names missing or
             ``None`` on a module are skipped. The most specific class (first in the module's
             MRO) wins, then any other ``isinstance`` match.
+        pruned_ok: accept a weight that ``torch.nn.utils.prune`` (or the legacy
+            ``spectral_norm``) recomputes from ``<name>_orig`` in a forward pre-hook (DKM
+            palettizes ``<name>_orig`` under the hook); otherwise such a weight is an error.
 
     Returns:
         One :class:`WeightSelection` per palettized weight.
 
     Raises:
         ValueError: if a ``module_name_configs`` key matches no module name (a typo would
-            otherwise silently palettize nothing), or a string ``module_type_configs`` key names
-            no class in ``torch.nn`` or in the model.
+            otherwise silently palettize nothing), a string ``module_type_configs`` key names
+            no class in ``torch.nn`` or in the model, or a selected weight is not a parameter
+            or buffer of its module but computed in forward (``torch.nn.utils.parametrize``,
+            ``weight_norm``, pruning without ``pruned_ok``): palettizing it would only
+            overwrite a temporary.
         TypeError: if ``config`` or ``supported`` has the wrong type.
 
     Example:
@@ -181,7 +192,10 @@ def select_weights(
         present = [
             param
             for param in _supported_params(module, supported)
-            if isinstance(getattr(module, param, None), torch.Tensor)
+            # (a parametrized weight is not computed here: spectral_norm's would update its
+            # power-iteration buffers; _check_stored rejects it below)
+            if parametrize.is_parametrized(module, param)
+            or isinstance(getattr(module, param, None), torch.Tensor)
         ]
         if not present:
             continue
@@ -189,12 +203,44 @@ def select_weights(
         if module_config is None:
             continue
         for param in present:
+            _check_stored(module, name, param, pruned_ok)
             tensor_id = id(getattr(module, param))
             if tensor_id in seen:
                 continue
             seen.add(tensor_id)
             selections.append(WeightSelection(name, module, param, module_config))
     return selections
+
+
+def _check_stored(module: nn.Module, module_name: str, param: str, pruned_ok: bool) -> None:
+    """Raise unless ``module.<param>`` is stored on the module (a parameter or buffer), or
+    recomputed from ``<param>_orig`` by pruning when ``pruned_ok``."""
+    if param in module._parameters or param in module._buffers:
+        return
+    where = f"{module_name + '.' if module_name else ''}{param}"
+    exclude = f"or exclude the module (module_name_configs={{{module_name!r}: None}})"
+    if parametrize.is_parametrized(module, param):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[param])
+        raise ValueError(
+            f"{where} ({type(module).__name__}): the weight is computed by a parametrization "
+            f"({kinds}), so palettizing it would only overwrite a temporary; remove it first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(module, {param!r})) {exclude}"
+        )
+    if f"{param}_orig" in module._parameters:
+        if pruned_ok:
+            return
+        raise ValueError(
+            f"{where} ({type(module).__name__}): the weight is recomputed from {param}_orig "
+            f"in forward (torch.nn.utils.prune or spectral_norm), so palettizing it would only "
+            f"overwrite a temporary; make it permanent first "
+            f"(torch.nn.utils.prune.remove(module, {param!r})) {exclude}"
+        )
+    raise ValueError(
+        f"{where} ({type(module).__name__}): the weight is neither a parameter nor a buffer "
+        f"of the module but computed in forward (e.g. torch.nn.utils.weight_norm, from "
+        f"{param}_g and {param}_v), so palettizing it would only overwrite a temporary; "
+        f"remove the reparametrization first (torch.nn.utils.remove_weight_norm) {exclude}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +253,17 @@ def _weights(module: nn.Module, param_names: Sequence[str] | None) -> list[torch
             for n, p in module.named_parameters(recurse=False)
             if n.endswith("weight") and p is not None
         ]
-    weights = [getattr(module, n, None) for n in param_names]
+    weights = [_read_weight(module, n) for n in param_names]
     return [w for w in weights if isinstance(w, torch.Tensor)]
+
+
+def _read_weight(module: nn.Module, name: str) -> Any:
+    """``module.<name>``, or for a parametrized weight (not computed: that could update the
+    parametrization's state) its largest original tensor, which has its size."""
+    if parametrize.is_parametrized(module, name):
+        originals = module.parametrizations[name]._parameters.values()
+        return max([p for p in originals if p is not None], key=torch.Tensor.numel, default=None)
+    return getattr(module, name, None)
 
 
 def _class_keys(klass: type) -> list[Any]:
@@ -248,7 +303,7 @@ def has_type_config(config: PalettizerConfig, cls: type) -> bool:
     Example:
         >>> from torch import nn
         >>> from lightning_palettize import DKMPalettizerConfig
-        >>> cfg = DKMPalettizerConfig().set_module_type("Linear", {"n_bits": 3})
+        >>> cfg = DKMPalettizerConfig(module_type_configs={"Linear": {"n_bits": 3}})
         >>> has_type_config(cfg, nn.Linear), has_type_config(cfg, nn.Conv2d)
         (True, False)
     """

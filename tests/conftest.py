@@ -17,3 +17,13 @@ from lightning_palettize import _progress
 def _progress_without_delay(monkeypatch):
     """Progress bars show at once, so tests can check that long work reports progress."""
     monkeypatch.setattr(_progress, "DELAY_S", 0.0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module of small tensors: OpenMP on a shared 2-vCPU box only
+    adds jitter (and minutes). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

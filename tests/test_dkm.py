@@ -18,13 +18,8 @@ from lightning_palettize.palettizers.dkm import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: OpenMP on a shared 2-vCPU box only adds jitter (and minutes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fp16_exact(module):

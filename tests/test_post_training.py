@@ -402,3 +402,61 @@ def test_batched_planning_equals_one_weight_at_a_time(monkeypatch):
     for (name, a), b in zip(out_together.state_dict().items(), out_alone.state_dict().values()):
         assert torch.equal(a, b), name
     assert together.report().to_table() == alone.report().to_table()
+
+
+def _unchanged(model, before):
+    state = model.state_dict()
+    return state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in state)
+
+
+def test_per_channel_scale_with_quantized_lut_fails_before_any_write():
+    # the coremltools converter rejects the pair; the error names the weight and comes before
+    # the first weight is written (it used to come from the metadata, mid-write)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+    before = copy.deepcopy(model.state_dict())
+    cfg = {
+        "global_config": {"n_bits": 2},
+        "module_name_configs": {
+            "1": {"n_bits": 2, "enable_per_channel_scale": True, "lut_dtype": "int8"}
+        },
+    }
+    with pytest.raises(ValueError, match="1.weight: enable_per_channel_scale=True with lut_dtype"):
+        PostTrainingPalettizer(model, cfg).compress(inplace=True, progress=False)
+    assert _unchanged(model, before)
+
+
+def test_non_finite_weight_error_names_the_weight():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[3, 1] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"2.weight \(32, 128\): contains NaN or Inf"):
+        PostTrainingPalettizer(model).compress(inplace=True, progress=False)
+    assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "reparametrize, match",
+    [
+        (lambda m: nn.utils.parametrizations.weight_norm(m), "parametrization"),
+        (lambda m: nn.utils.parametrizations.spectral_norm(m), "parametrization"),
+        (lambda m: nn.utils.weight_norm(m), "neither a parameter nor a buffer"),
+        (lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", 0.5), "prune.remove"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_weight_computed_in_forward_is_rejected(reparametrize, match):
+    # palettizing it would write into a temporary the next forward recomputes (coremltools
+    # raises too); the error says how to make the weight a parameter or exclude the module
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    reparametrize(model[1])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match) as err:
+        PostTrainingPalettizer(model).compress(inplace=True, progress=False)
+    assert "1.weight" in str(err.value) and "{'1': None}" in str(err.value)
+    assert _unchanged(model, before)
+    excluded = PostTrainingPalettizer(
+        model, {"global_config": {"n_bits": 4}, "module_name_configs": {"1": None}}
+    )
+    excluded.compress(inplace=True, progress=False)  # (legacy weight_norm: no deepcopy)
+    assert [row.name for row in excluded.report().rows] == ["0.weight"]

@@ -127,13 +127,8 @@ def assert_nontrivial(grad, w):
     assert grad.norm() > 0.02 * w.norm(), (grad.norm(), w.norm())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: OpenMP on a shared 2-vCPU box only adds jitter
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

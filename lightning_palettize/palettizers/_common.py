@@ -29,6 +29,7 @@ __all__ = [
     "palettize_many",
     "scaled_groups",
     "build_palette",
+    "check_coreml_options",
     "attach_coreml_metadata",
     "strip_coreml_metadata",
     "set_metadata_version",
@@ -273,9 +274,33 @@ def build_palette(
     )
 
 
-def attach_coreml_metadata(module: nn.Module, param_name: str, palette: Palette) -> None:
-    """Register the ``_COREML_/<param>/<field>`` buffers coremltools' converter reads."""
-    for field, value in palette.coreml_metadata().items():
+def check_coreml_options(sel: WeightSelection) -> None:
+    """Raise, before anything is computed or written, for a module config whose palette
+    :meth:`Palette.coreml_metadata` would refuse: a per-channel scale with a quantized LUT
+    (the coremltools converter rejects that joint compression)."""
+    cfg = sel.config
+    lut = getattr(cfg, "lut_dtype", None)
+    if getattr(cfg, "enable_per_channel_scale", False) and (
+        lut in (torch.int8, torch.uint8) or (isinstance(lut, str) and lut in _LUT_QDTYPES)
+    ):
+        raise ValueError(
+            f"{sel.qualified_name}: enable_per_channel_scale=True with lut_dtype={lut!r}: Core ML "
+            "conversion cannot combine a per-channel scale with a quantized LUT (coremltools' "
+            "converter rejects the joint compression); accepted: enable_per_channel_scale=False, "
+            "or a float lut_dtype"
+        )
+
+
+def attach_coreml_metadata(
+    module: nn.Module,
+    param_name: str,
+    palette: Palette,
+    metadata: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Register the ``_COREML_/<param>/<field>`` buffers coremltools' converter reads
+    (``metadata``: ``palette.coreml_metadata()`` computed beforehand)."""
+    metadata = palette.coreml_metadata() if metadata is None else metadata
+    for field, value in metadata.items():
         module.register_buffer(f"{COREML_PREFIX}/{param_name}/{field}", value.cpu())
 
 
@@ -339,7 +364,13 @@ def compress_model(
     selections = select_weights(model, config, supported)
     layouts = []
     for sel in selections:
+        check_coreml_options(sel)
         weight = getattr(sel.module, sel.param_name)
+        if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"{sel.qualified_name} {tuple(weight.shape)}: contains NaN or Inf values; "
+                "cannot cluster them"
+            )
         layouts.append(layout_for(weight, sel.config, sel.qualified_name))
     results: list[PalettizedWeight] = []
     with Progress(len(selections), desc, "weight", enabled=progress) as bar:
@@ -358,12 +389,14 @@ def compress_model(
                 bar.update(len(batch))
                 batch, size = [], 0
 
+    # the Core ML metadata too before anything is written (it validates the palette)
+    metas = [res.palette.coreml_metadata() for res in results]
     target = model if inplace else copy_model(model)
     # Map each selection's module to its counterpart in the target.
     modules = dict(target.named_modules(remove_duplicate=False))
     rows = []
     with torch.no_grad():
-        for res in results:
+        for res, meta in zip(results, metas):
             sel = res.selection
             module = modules[sel.module_name] if sel.module_name else target
             param = getattr(module, sel.param_name)
@@ -378,7 +411,7 @@ def compress_model(
             if res.outliers is not None:
                 param.data[res.outliers] = original[res.outliers]
                 n_out = int(res.outliers.sum())
-            attach_coreml_metadata(module, sel.param_name, res.palette)
+            attach_coreml_metadata(module, sel.param_name, res.palette, meta)
             layout = res.palette.layout
             rows.append(
                 ReportRow(

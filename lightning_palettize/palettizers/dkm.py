@@ -25,11 +25,13 @@ from torch import Tensor, nn
 
 from lightning_palettize import soft_kmeans as _sk
 from lightning_palettize.config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_config
-from lightning_palettize.kmeans import kmeans
+from lightning_palettize.kmeans import kmeans, kmeans_vectors
 from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
+from lightning_palettize.palettizers._collapse import repair_collapsed_centroids
 from lightning_palettize.palettizers._common import (
     KMEANS_SUPPORTED,
     attach_coreml_metadata,
+    check_coreml_options,
     layout_for,
     set_metadata_version,
 )
@@ -92,6 +94,22 @@ def _check_supported_options(cfg: ModuleDKMPalettizerConfig, where: str) -> None
             raise ValueError(
                 f"{where}: {key}={value!r} is not supported by DKMPalettizer ({why}); "
                 f"accepted: {default!r}"
+            )
+
+
+def _check_module(module: nn.Module, where: str) -> None:
+    """Reject module settings DKM's shadowed weight cannot serve."""
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            raise ValueError(
+                f"{where}: nn.Embedding(sparse=True) is not supported by DKMPalettizer (the "
+                "soft k-means needs the whole weight's dense gradient); accepted: sparse=False"
+            )
+        if module.max_norm is not None:
+            raise ValueError(
+                f"{where}: nn.Embedding(max_norm={module.max_norm!r}) is not supported by "
+                "DKMPalettizer (it renormalizes the weight in place in forward, which would "
+                "write into the soft-palettized weight); accepted: max_norm=None"
             )
 
 
@@ -521,7 +539,10 @@ class FakePalettize(nn.Module):
             self.scale.copy_(channel_scale(w, cfg.per_channel_scaling_factor_scheme))
             w = w / self.scale
         x = self.layout.to_groups(w)
-        cent = kmeans(x, 1 << cfg.n_bits).centroids.float()  # sorted for d == 1
+        if x.shape[-1] == 1:  # the exact optimum, sorted (kmeans_n_init: nothing to restart)
+            cent = kmeans(x, 1 << cfg.n_bits).centroids.float()
+        else:  # k-means++ restarts, the best inertia per group kept
+            cent = kmeans_vectors(x, 1 << cfg.n_bits, n_init=cfg.kmeans_n_init).centroids.float()
         if cfg.enforce_zero:
             # the centroid nearest 0 moves to slot 0 and becomes exactly 0
             near = cent.norm(dim=-1).argmin(dim=1)
@@ -615,11 +636,14 @@ class FakePalettize(nn.Module):
         if not self.is_enabled:  # a host-side flag: no device sync per forward
             return
         name, weight = self.live_weight(module)
+        module.__dict__[name] = self._value(module, weight)
+
+    def _value(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """The palettized value of ``weight`` (the parameter of ``module`` this palettizes)."""
         if self.training:
             # batched with the model's other weights (see _DKMGroup)
-            module.__dict__[name] = self._group.soft_weight(self, module, weight)
-        else:
-            module.__dict__[name] = self(weight)
+            return self._group.soft_weight(self, module, weight)
+        return self(weight)
 
     _shadow_eagerly = torch.compiler.disable(_shadow)
 
@@ -632,13 +656,29 @@ class FakePalettize(nn.Module):
             self._group = group
         module.add_module(f"{self.param_name}_dkm", self)
         self._group.join(self, module)
-        module.register_forward_pre_hook(self.pre_hook)
+        # first, so that a hook registered before prepare that reads the weight (pruning's
+        # or spectral_norm's, recomputing it from <param>_orig) sees the palettized value
+        module.register_forward_pre_hook(self.pre_hook, prepend=True)
         module.register_forward_hook(self.post_hook)
 
+    def add_reader(
+        self, module: nn.Module, reader: nn.Module, holder: nn.Module, name: str | None
+    ) -> None:
+        """Also palettize the weight (of ``module``) for ``reader``, a module whose forward
+        reads it without calling ``module``: its forward hooks shadow ``holder.<name>`` with
+        the palettized value. ``nn.MultiheadAttention`` reads ``out_proj.weight`` (holder
+        ``module``, name ``None``: the weight's own); a tied weight is ``reader.<name>``
+        (holder ``reader``)."""
+        hooks = _ReaderHooks(self, module, holder, name)
+        reader.register_forward_pre_hook(hooks.pre_hook, prepend=True)
+        reader.register_forward_hook(hooks.post_hook)
+        self.__dict__.setdefault("_readers", []).append(reader)
+
     def detach_from(self, module: nn.Module) -> None:
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
-                del hooks[key]
+        for owner in [module, *self.__dict__.pop("_readers", [])]:
+            for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
+                for key in [k for k, h in hooks.items() if _hook_owner(h) is self]:
+                    del hooks[key]
         module.__dict__.pop(self.live_weight(module)[0], None)
         self._group.leave(self)
         delattr(module, f"{self.param_name}_dkm")
@@ -665,6 +705,56 @@ class FakePalettize(nn.Module):
             lut_qscale=qscale,
             lut_zero_point=zp,
             dtype=weight.dtype,
+        )
+
+
+class _ReaderHooks:
+    """Forward hooks on a module that reads a palettized weight it does not own (see
+    :meth:`FakePalettize.add_reader`): shadow ``holder.<name>`` with the palettized value for
+    the duration of the reader's forward."""
+
+    def __init__(self, fp: FakePalettize, module: nn.Module, holder: nn.Module, name: str | None):
+        self.fp, self.module, self.holder, self.name = fp, module, holder, name
+
+    def pre_hook(self, reader: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._shadow_eagerly()
+        else:
+            self._shadow()
+
+    def _shadow(self) -> None:
+        fp = self.fp
+        if not fp.is_enabled:
+            return
+        name, weight = fp.live_weight(self.module)
+        name = name if self.name is None else self.name
+        if self.holder._parameters.get(name) is weight:  # (not untied since)
+            self.holder.__dict__[name] = fp._value(self.module, weight)
+
+    _shadow_eagerly = torch.compiler.disable(_shadow)
+
+    def post_hook(self, reader: nn.Module, args: Any, output: Any) -> None:
+        name = self.fp.live_weight(self.module)[0] if self.name is None else self.name
+        self.holder.__dict__.pop(name, None)
+
+
+def _hook_owner(hook: Any) -> FakePalettize | None:
+    """The FakePalettize a forward hook belongs to (its own or a reader's), else None."""
+    owner = getattr(hook, "__self__", None)
+    return owner.fp if isinstance(owner, _ReaderHooks) else owner
+
+
+def _repair_collapsed(fps: list[FakePalettize]) -> None:
+    """coremltools' ``palett_cluster_tol`` rule on the enabled weights' centroids: where a LUT
+    group has fewer distinct centroids than ``K * (1 - tol)``, one copy of each duplicated
+    centroid moves halfway to the next distinct one (coremltools applies it at every training
+    forward; centroids here move once per weight version, so it runs once per ``step()`` and
+    when centroids are initialized at ``prepare``). Identical centroids would otherwise get
+    identical updates forever (a LayerNorm weight of ones, a weight with fewer distinct values
+    than K). No host read: a fixed number of launches per (K, d) batch."""
+    if fps:
+        repair_collapsed_centroids(
+            [fp._buffers["centroids"] for fp in fps], [fp.cfg.palett_cluster_tol for fp in fps]
         )
 
 
@@ -715,6 +805,26 @@ def _attached(model: nn.Module) -> list[tuple[nn.Module, FakePalettize]]:
         if children:
             children.reverse()  # popped in registration order
             stack += children
+    return out
+
+
+def _weight_readers(model: nn.Module, built: list[tuple[nn.Module, FakePalettize]]):
+    """(fp, its module, reader, holder, name) for every module of ``model`` whose forward reads
+    a prepared weight without calling the weight's module (see FakePalettize.add_reader):
+    ``nn.MultiheadAttention`` (its ``out_proj.weight``) and modules sharing a tied parameter
+    (select_weights lists a shared weight once, for its first module)."""
+    by_module = {id(module): fp for module, fp in built}
+    by_weight = {id(fp.live_weight(module)[1]): (module, fp) for module, fp in built}
+    out = []
+    for _, reader in model.named_modules():
+        if isinstance(reader, nn.MultiheadAttention):
+            fp = by_module.get(id(reader.out_proj))
+            if fp is not None:
+                out.append((fp, reader.out_proj, reader, reader.out_proj, None))
+        for name, param in reader._parameters.items():
+            module, fp = by_weight.get(id(param), (None, None))
+            if fp is not None and module is not reader:
+                out.append((fp, module, reader, reader, name))
     return out
 
 
@@ -804,15 +914,27 @@ class DKMPalettizer:
             The prepared model (in train mode).
 
         Raises:
-            ValueError: naming the weight when its shape does not fit the config, or for an
-                unsupported option; the model is then unchanged.
+            ValueError: naming the weight when its shape does not fit the config, for an
+                unsupported option or module setting (``nn.Embedding(sparse=True)`` or
+                ``max_norm``, a per-channel scale with an int8/uint8 LUT), a weight computed
+                in forward by a parametrization, non-finite values, or a model already
+                prepared; the model is then unchanged.
         """
-        selections = select_weights(self._model, self._config, DKM_SUPPORTED)
+        prepared = [f"{name}.{fp.param_name}" for name, _, _, fp in _fake_palettizers(self._model)]
+        if prepared:
+            raise ValueError(
+                f"prepare: the model is already prepared for DKM ({', '.join(prepared[:3])}"
+                f"{', ...' if len(prepared) > 3 else ''}); finalize it first, or prepare the "
+                "original model"
+            )
+        selections = select_weights(self._model, self._config, DKM_SUPPORTED, pruned_ok=True)
         plans = []
         for sel in selections:
             weight = getattr(sel.module, sel.param_name)
             where = f"{sel.qualified_name} {tuple(weight.shape)}"
             _check_supported_options(sel.config, where)
+            _check_module(sel.module, where)
+            check_coreml_options(sel)
             cfg = sel.config
             if cfg.cluster_dim > 1 and cfg.enable_per_channel_scale:
                 raise ValueError(
@@ -822,14 +944,25 @@ class DKMPalettizer:
             plans.append((sel, layout_for(weight, cfg, sel.qualified_name)))
         target = self._model if inplace else copy.deepcopy(self._model)
         modules = dict(target.named_modules(remove_duplicate=False))
-        group = _DKMGroup()
+        # every k-means first (it may fail on a weight, e.g. NaN), then attach: a failed
+        # prepare(inplace=True) leaves the model as it was
+        built = []
         for sel, layout in plans:
             module = modules[sel.module_name] if sel.module_name else target
             weight = getattr(module, sel.param_name)
             fp = FakePalettize(weight, layout, sel.config, sel.param_name)
             if sel.config.milestone == 0:
-                fp.initialize(weight)
+                try:
+                    fp.initialize(weight)
+                except (ValueError, RuntimeError) as err:
+                    raise type(err)(f"{sel.qualified_name}: {err}") from err
+            built.append((module, fp))
+        _repair_collapsed([fp for _, fp in built if fp.is_enabled])
+        group = _DKMGroup()
+        for module, fp in built:
             fp.attach(module, group)
+        for fp, module, reader, holder, name in _weight_readers(target, built):
+            fp.add_reader(module, reader, holder, name)
         target.train()
         self._prepared = target
         return target
@@ -870,6 +1003,7 @@ class DKMPalettizer:
             if not fp.is_enabled and step >= fp.cfg.milestone:
                 fp.initialize(fp.live_weight(module)[1])
                 started.append(fp)
+        _repair_collapsed([fp for _, fp in members if fp.is_enabled])
         return started
 
     @property
@@ -897,14 +1031,18 @@ class DKMPalettizer:
         model = self._require_prepared() if model is None else model
         target = model if inplace else copy.deepcopy(model)
         any_palette = False
+        # every palette and its metadata first: an error leaves an inplace model as it was
+        todo = []
         for _, module, pname, fp in list(_fake_palettizers(target)):
             live = fp.live_weight(module)[1]
             palette = fp.to_palette(live) if fp.is_enabled else None
+            todo.append((module, pname, fp, live, palette, palette and palette.coreml_metadata()))
+        for module, pname, fp, live, palette, meta in todo:
             fp.detach_from(module)
             if palette is not None:
                 with torch.no_grad():
                     palette.dequantize(out=live.data)
-                attach_coreml_metadata(module, pname, palette)
+                attach_coreml_metadata(module, pname, palette, meta)
                 any_palette = True
         if any_palette:
             set_metadata_version(target)

@@ -1,0 +1,233 @@
+"""DKMPalettizer on weights read by more than their own module's forward (MultiheadAttention's
+out_proj, tied weights), reparametrized weights, and prepare's all-or-nothing rules."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from lightning_palettize import DKMPalettizer, strip_coreml_metadata
+from lightning_palettize.palettizers.dkm import _fake_palettizers, _hook_owner
+
+_CFG = {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+
+
+def _train(pal, model, batch, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = model(batch).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pal.step()
+
+
+def _hooks(model):
+    return [
+        (name, h)
+        for name, m in model.named_modules()
+        for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+    ]
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def _out_proj_weights_seen(monkeypatch):
+    """The out_proj weight every multi_head_attention_forward call gets."""
+    seen = []
+    real = nn.functional.multi_head_attention_forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[11] if len(args) > 11 else kwargs["out_proj_weight"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "multi_head_attention_forward", spy)
+    return seen
+
+
+def test_multihead_attention_out_proj_is_palettized_in_training_and_eval(monkeypatch):
+    # MultiheadAttention reads out_proj.weight itself and never calls out_proj: the weight
+    # must still be soft-palettized in training and hard-assigned in eval, as finalize does
+    torch.manual_seed(0)
+    pal = DKMPalettizer(_Attention(), _CFG)
+    model = pal.prepare()
+    x = torch.randn(2, 5, 32)
+    seen = _out_proj_weights_seen(monkeypatch)
+    model(x).sum().backward()
+    raw = model.mha.out_proj.weight
+    assert seen[-1] is not raw and seen[-1].grad_fn is not None
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+    _train(pal, model, x)
+    model.eval()
+    y = model(x)  # (with autograd on: the python path, which the spy sees)
+    assert len(torch.unique(seen[-1])) <= 4
+    with torch.no_grad():
+        y_fast = model(x)  # MultiheadAttention's fused inference path
+    final = pal.finalize()
+    with torch.no_grad():
+        assert torch.allclose(y, final(x), atol=1e-6)
+        assert torch.allclose(y_fast, final(x), atol=1e-6)
+    assert _hooks(final) == []
+
+
+def test_transformer_encoder_layer_eval_equals_finalize():
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    pal = DKMPalettizer(layer, _CFG)
+    model = pal.prepare()
+    x = torch.randn(2, 6, 32)
+    _train(pal, model, x)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    final = pal.finalize()
+    assert torch.allclose(y, final(x), atol=1e-5)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens))
+
+
+def test_tied_weight_is_palettized_for_every_module_using_it():
+    # select_weights lists a shared weight once (for emb); head reads the same parameter and
+    # must see the same palettized value, or training and eval differ from finalize's model
+    torch.manual_seed(2)
+    pal = DKMPalettizer(_Tied(), _CFG)
+    model = pal.prepare()
+    tokens = torch.arange(10)
+    seen = []
+    model.head.register_forward_hook(lambda m, a, o: seen.append(m.weight), prepend=True)
+    model(tokens)
+    assert seen[-1] is not model.emb.weight and seen[-1].grad_fn is not None
+    _train(pal, model, tokens)
+    model.eval()
+    with torch.no_grad():
+        y = model(tokens)
+    assert len(torch.unique(seen[-1])) <= 4
+    final = pal.finalize()
+    assert torch.allclose(y, final(tokens), atol=1e-6)
+    assert [name for name, _ in _hooks(final)] == ["head"]  # only the test's own spy
+    fresh = _Tied()
+    fresh.load_state_dict(strip_coreml_metadata(copy.deepcopy(final)).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_model_keeps_its_readers_on_its_own_palettizers(how):
+    torch.manual_seed(3)
+    pal = DKMPalettizer(_Tied(), _CFG)
+    model = pal.prepare()
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    (fp_copy,) = [fp for *_, fp in _fake_palettizers(copied)]
+    owners = {_hook_owner(h) for name, h in _hooks(copied) if name == "head"}
+    assert owners == {fp_copy}
+    copied.eval()
+    model.eval()
+    tokens = torch.arange(7)
+    with torch.no_grad():
+        assert torch.equal(copied(tokens), model(tokens))
+        copied.emb.weight.mul_(2.0)  # the copy's own weight: only its outputs move
+        assert not torch.equal(copied(tokens), model(tokens))
+
+
+def test_pruning_applied_before_prepare_sees_the_palettized_weight():
+    # pruning's pre-hook recomputes weight from weight_orig; DKM's hook runs first, so the
+    # pruned weight is the palettized one times the mask (as when pruning after prepare)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 64))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 3, "weight_threshold": 0}})
+    pal.prepare(inplace=True)
+    seen = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(m.weight), prepend=True)
+    model.eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y = model(x)
+    assert len(torch.unique(seen[-1])) <= 8 + 1  # the LUT's values and the pruned zeros
+    assert torch.allclose(y, pal.finalize(inplace=True)(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)), "parametrization"),
+        (lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32)), "parametrization"),
+        (lambda: nn.utils.weight_norm(nn.Linear(32, 32)), "neither a parameter nor a buffer"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reparametrized_weight_is_rejected_and_model_left_as_is(make, match):
+    model = nn.Sequential(make(), nn.Linear(32, 32))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match) as err:
+        DKMPalettizer(model, _CFG).prepare(inplace=True)
+    assert "0.weight" in str(err.value) and "module_name_configs={'0': None}" in str(err.value)
+    assert list(_fake_palettizers(model)) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs", [{"sparse": True}, {"max_norm": 1.0}])
+def test_embedding_options_dkm_cannot_serve_are_rejected(kwargs):
+    key = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"0.weight.*{key}="):
+        DKMPalettizer(nn.Sequential(nn.Embedding(100, 16, **kwargs)), _CFG).prepare()
+
+
+def test_preparing_a_prepared_model_raises():
+    model = nn.Sequential(nn.Linear(32, 64))
+    pal = DKMPalettizer(model, _CFG)
+    pal.prepare(inplace=True)
+    hooks = _hooks(model)
+    with pytest.raises(ValueError, match=r"already prepared for DKM \(0.weight\)"):
+        pal.prepare(inplace=True)
+    with pytest.raises(ValueError, match="already prepared"):
+        DKMPalettizer(model, _CFG).prepare()
+    assert _hooks(model) == hooks
+
+
+def test_failed_prepare_leaves_the_model_as_it_was():
+    # the second weight's k-means fails after the first one's succeeded
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="1.weight: .*NaN"):
+        DKMPalettizer(model, _CFG).prepare(inplace=True)
+    assert [n for n, _ in model.named_modules()] == names
+    assert _hooks(model) == []
+
+
+def test_per_channel_scale_with_a_quantized_lut_is_rejected_at_prepare():
+    # Core ML's converter refuses the pair: say so before training, naming the weight
+    cfg = {
+        "global_config": {"n_bits": 2, "weight_threshold": 0},
+        "module_name_configs": {
+            "1": {
+                "n_bits": 2,
+                "weight_threshold": 0,
+                "enable_per_channel_scale": True,
+                "lut_dtype": "i8",
+            }
+        },
+    }
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="1.weight: enable_per_channel_scale=True with lut_dtype"):
+        DKMPalettizer(model, cfg).prepare(inplace=True)
+    assert _hooks(model) == []
