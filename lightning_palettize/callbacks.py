@@ -268,9 +268,19 @@ def _reset_metrics(pl_module: nn.Module) -> None:
             module.reset()
 
 
-def _to_module_device(pl_module: LightningModule, batch: Any) -> Any:
-    # The module's own transfer hooks, to wherever the module is now (CPU in on_fit_end).
-    return pl_module._apply_batch_transfer_handler(batch, device=pl_module.device)
+def _to_module_device(
+    trainer: "Trainer", pl_module: LightningModule, batch: Any, dataloader_idx: int = 0
+) -> Any:
+    """What Lightning's loops do to a batch before a step: the precision plugin's input
+    conversion (``"bf16-true"`` / ``"16-true"`` / ``"64-true"`` cast float inputs to the module's
+    dtype), then the module's own transfer hooks, to wherever the module is now (CPU in
+    ``on_fit_end``)."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is not None:
+        batch = plugin.convert_input(batch)
+    return pl_module._apply_batch_transfer_handler(
+        batch, device=pl_module.device, dataloader_idx=dataloader_idx
+    )
 
 
 def _dataloader(trainer: "Trainer", kind: Literal["train", "val"], owner: str, what: str) -> Any:
@@ -324,7 +334,7 @@ def _evaluate(trainer: "Trainer", pl_module: LightningModule, dataloader: Iterab
                     capture.batch_size = extract_batch_size(batch)
                 except Exception:  # batch of an unknown structure: count batches instead
                     capture.batch_size = 1
-                pl_module.validation_step(_to_module_device(pl_module, batch), index)
+                pl_module.validation_step(_to_module_device(trainer, pl_module, batch), index)
         return capture.results()
     finally:
         _reset_metrics(pl_module)
@@ -928,7 +938,7 @@ class SKMPalettizationCallback(_PalettizationPass):
         user_loss = self._loss_fn
 
         def loss_fn(module: nn.Module, batch: Any) -> Tensor:
-            batch = _to_module_device(pl_module, batch)
+            batch = _to_module_device(trainer, pl_module, batch)
             with _step_context(trainer, True):
                 if user_loss is not None:
                     return user_loss(module, batch)

@@ -3642,6 +3642,9 @@ def _run_many(xs, centroids, cfg, gen, method, fn="soft_kmeans", groups=None, gr
     output has xs[i]'s shape: the node then takes and returns the weights as they are, with no
     view node per weight on either side of it (``soft_kmeans_batch(groups=...)``).
     """
+    # the k-means runs in float32 and the compiled kernels read the centroids as float32
+    # (a model cast to half after prepare once handed them fp16 buffers)
+    centroids = [c if c.dtype == torch.float32 else c.float() for c in centroids]
     if groups is None:
         gs = [x.shape[0] for x in xs]
         shapes = [tuple(x.shape) for x in xs]

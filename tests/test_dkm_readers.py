@@ -1,5 +1,6 @@
 """DKMPalettizer on weights read by more than their own module's forward (MultiheadAttention's
-out_proj, tied weights), reparametrized weights, and prepare's all-or-nothing rules."""
+out_proj, tied weights), reparametrized weights, casts after prepare, and prepare's all-or-nothing
+rules."""
 
 import copy
 import pickle
@@ -231,3 +232,43 @@ def test_per_channel_scale_with_a_quantized_lut_is_rejected_at_prepare():
     with pytest.raises(ValueError, match="1.weight: enable_per_channel_scale=True with lut_dtype"):
         DKMPalettizer(model, cfg).prepare(inplace=True)
     assert _hooks(model) == []
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_model_cast_after_prepare_keeps_float32_kmeans_state(cast):
+    # Lightning's "16-true" casts the module after the callback prepared it: the centroids
+    # stay float32 with their values (fp16 buffers once reached the compiled kernels, which
+    # read float32, and corrupted the heap)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    cfg = {"global_config": {"n_bits": 2, "weight_threshold": 0, "enable_per_channel_scale": True}}
+    pal = DKMPalettizer(model, cfg)
+    pal.prepare(inplace=True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "_dkm." in k}
+    getattr(model, cast)()
+    state = {k: v for k, v in model.state_dict().items() if "_dkm." in k}
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in state.items())
+    assert model[0].weight.dtype == getattr(torch, "float16" if cast == "half" else cast)
+    x = torch.randn(8, 16, dtype=model[0].weight.dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = model(x).float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pal.step()
+    assert model[0].weight_dkm.centroids.dtype == torch.float32
+    final = pal.finalize(inplace=True)
+    assert final[0].weight.dtype == model[2].weight.dtype
+    assert len(torch.unique(final[0].weight)) <= 4 * 32  # 4 LUT values times a scale per row
+
+
+def test_soft_kmeans_takes_centroids_of_any_float_dtype():
+    from lightning_palettize.soft_kmeans import soft_kmeans
+
+    torch.manual_seed(7)
+    x = 0.02 * torch.randn(1, 5000, 1)
+    c = torch.quantile(x.view(-1), torch.linspace(0, 1, 4)).view(1, 4, 1).half().float()
+    want = soft_kmeans(x, c)
+    got = soft_kmeans(x, c.half())
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])

@@ -499,6 +499,18 @@ class FakePalettize(nn.Module):
             self._group = _DKMGroup()
         self._enabled_seen = self._steps_seen = None
 
+    def _apply(self, fn, recurse: bool = True):
+        # the k-means state stays float32 whatever the model is cast to (.half(), Lightning's
+        # "16-true"): only the device follows, so no precision is lost and the kernels get
+        # the float32 centroids they read
+        kept = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        out = super()._apply(fn, recurse)
+        for key, old in kept.items():
+            new = self._buffers[key]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[key] = old.to(device=new.device)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._enabled_seen = self._steps_seen = None  # re-read once from the loaded buffers
