@@ -17,7 +17,6 @@ from lightning_palettize.palettizers.dkm import (
     load_prepared_state_dict,
 )
 
-
 # small tensors: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_palettize.palettizers._collapse import repair_collapsed_centroids
 
-
 # small tensors: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
