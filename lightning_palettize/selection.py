@@ -139,11 +139,13 @@ def select_weights(
     supported: Mapping[type[nn.Module], Sequence[str]],
     *,
     pruned_ok: bool = False,
+    attention_owns_out_proj: bool = False,
 ) -> list[WeightSelection]:
     """List the weights of ``model`` to palettize, in ``model.named_modules()`` order.
 
     Every module that is an instance of a key of ``supported`` is visited on its own, even when
-    it is a child of a selected module (``nn.MultiheadAttention.out_proj`` is an ``nn.Linear``).
+    it is a child of a selected module (``nn.MultiheadAttention.out_proj`` is an ``nn.Linear``;
+    unless ``attention_owns_out_proj``).
     A weight shared by several modules (tied embeddings) is listed once, for the first module.
 
     Args:
@@ -155,6 +157,9 @@ def select_weights(
         pruned_ok: accept a weight that ``torch.nn.utils.prune`` (or the legacy
             ``spectral_norm``) recomputes from ``<name>_orig`` in a forward pre-hook (DKM
             palettizes ``<name>_orig`` under the hook); otherwise such a weight is an error.
+        attention_owns_out_proj: coremltools' DKM rule: ``nn.MultiheadAttention.out_proj.weight``
+            belongs to the attention module (its config, which the ``weight_threshold`` test
+            applies to all of the attention's weights) and is not visited as a Linear.
 
     Returns:
         One :class:`WeightSelection` per palettized weight.
@@ -188,7 +193,16 @@ def select_weights(
 
     selections: list[WeightSelection] = []
     seen: set[int] = set()
+    owned = set()
+    if attention_owns_out_proj:
+        owned = {
+            id(m.out_proj)
+            for _, m in named
+            if isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, nn.Module)
+        }
     for name, module in named:
+        if id(module) in owned:
+            continue  # (its attention module's)
         present = [
             param
             for param in _supported_params(module, supported)
@@ -199,16 +213,21 @@ def select_weights(
         ]
         if not present:
             continue
-        module_config = resolve_module_config(config, name, module, param_names=present)
+        held = [(name, module, param) for param in present]
+        names = list(present)  # (relative to module: the weight_threshold test reads them)
+        if id(getattr(module, "out_proj", None)) in owned:
+            held.append((f"{name}.out_proj" if name else "out_proj", module.out_proj, "weight"))
+            names.append("out_proj.weight")
+        module_config = resolve_module_config(config, name, module, param_names=names)
         if module_config is None:
             continue
-        for param in present:
-            _check_stored(module, name, param, pruned_ok)
-            tensor_id = id(getattr(module, param))
+        for owner_name, owner, param in held:
+            _check_stored(owner, owner_name, param, pruned_ok)
+            tensor_id = id(getattr(owner, param))
             if tensor_id in seen:
                 continue
             seen.add(tensor_id)
-            selections.append(WeightSelection(name, module, param, module_config))
+            selections.append(WeightSelection(owner_name, owner, param, module_config))
     return selections
 
 
@@ -258,8 +277,12 @@ def _weights(module: nn.Module, param_names: Sequence[str] | None) -> list[torch
 
 
 def _read_weight(module: nn.Module, name: str) -> Any:
-    """``module.<name>``, or for a parametrized weight (not computed: that could update the
-    parametrization's state) its largest original tensor, which has its size."""
+    """``module.<name>`` (a dotted name reads a submodule's), or for a parametrized weight (not
+    computed: that could update the parametrization's state) its largest original tensor,
+    which has its size."""
+    if "." in name:
+        path, name = name.rsplit(".", 1)
+        module = module.get_submodule(path)
     if parametrize.is_parametrized(module, name):
         originals = module.parametrizations[name]._parameters.values()
         return max([p for p in originals if p is not None], key=torch.Tensor.numel, default=None)

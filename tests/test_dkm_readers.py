@@ -272,3 +272,41 @@ def test_soft_kmeans_takes_centroids_of_any_float_dtype():
     want = soft_kmeans(x, c)
     got = soft_kmeans(x, c.half())
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_meta_weights_are_rejected_naming_the_weight():
+    from lightning_palettize import PostTrainingPalettizer
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"0.weight \(32, 32\): the weight is on the meta device"):
+        DKMPalettizer(model, _CFG).prepare(inplace=True)
+    assert _hooks(model) == []
+    with pytest.raises(ValueError, match="0.weight .*meta device"):
+        PostTrainingPalettizer(model).compress(inplace=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "dim, config, want",
+    [
+        (32, None, {}),  # out_proj's 1,024 elements are under the 2,048 threshold: none
+        (64, None, {"mha.in_proj_weight": 2, "mha.out_proj.weight": 2}),  # MHA's default
+        (
+            64,
+            {"module_type_configs": {nn.MultiheadAttention: {"n_bits": 3}}},
+            {"mha.in_proj_weight": 3, "mha.out_proj.weight": 3},
+        ),
+        (64, {"module_type_configs": {nn.Linear: {"n_bits": 6}, nn.MultiheadAttention: None}}, {}),
+    ],
+)
+def test_attention_config_covers_out_proj_as_in_coremltools(dim, config, want):
+    # coremltools' DKM: out_proj.weight is one of the attention's weights (its config; every
+    # weight must pass weight_threshold), never a Linear of its own
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(dim, 4, batch_first=True)
+
+    pal = DKMPalettizer(Attention(), config)
+    model = pal.prepare()
+    assert {f"{n}.{fp.param_name}": fp.n_bits for n, _, _, fp in _fake_palettizers(model)} == want

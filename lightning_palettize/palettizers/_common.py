@@ -30,6 +30,7 @@ __all__ = [
     "scaled_groups",
     "build_palette",
     "check_coreml_options",
+    "check_materialized",
     "attach_coreml_metadata",
     "strip_coreml_metadata",
     "set_metadata_version",
@@ -291,6 +292,17 @@ def check_coreml_options(sel: WeightSelection) -> None:
         )
 
 
+def check_materialized(sel: WeightSelection, weight: Tensor) -> None:
+    """Raise, naming the weight, when it has no values yet (meta device: the k-means needs
+    them)."""
+    if weight.is_meta:
+        raise ValueError(
+            f"{sel.qualified_name} {tuple(weight.shape)}: the weight is on the meta device; "
+            "palettization clusters its values: load or initialize the weights first "
+            "(e.g. model.to_empty(device=...) and then load_state_dict)"
+        )
+
+
 def attach_coreml_metadata(
     module: nn.Module,
     param_name: str,
@@ -366,6 +378,7 @@ def compress_model(
     for sel in selections:
         check_coreml_options(sel)
         weight = getattr(sel.module, sel.param_name)
+        check_materialized(sel, weight)
         if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
             raise ValueError(
                 f"{sel.qualified_name} {tuple(weight.shape)}: contains NaN or Inf values; "

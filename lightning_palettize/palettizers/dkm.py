@@ -32,6 +32,7 @@ from lightning_palettize.palettizers._common import (
     KMEANS_SUPPORTED,
     attach_coreml_metadata,
     check_coreml_options,
+    check_materialized,
     layout_for,
     set_metadata_version,
 )
@@ -939,7 +940,9 @@ class DKMPalettizer:
                 f"{', ...' if len(prepared) > 3 else ''}); finalize it first, or prepare the "
                 "original model"
             )
-        selections = select_weights(self._model, self._config, DKM_SUPPORTED, pruned_ok=True)
+        selections = select_weights(
+            self._model, self._config, DKM_SUPPORTED, pruned_ok=True, attention_owns_out_proj=True
+        )
         plans = []
         for sel in selections:
             weight = getattr(sel.module, sel.param_name)
@@ -947,6 +950,7 @@ class DKMPalettizer:
             _check_supported_options(sel.config, where)
             _check_module(sel.module, where)
             check_coreml_options(sel)
+            check_materialized(sel, weight)
             cfg = sel.config
             if cfg.cluster_dim > 1 and cfg.enable_per_channel_scale:
                 raise ValueError(
