@@ -310,3 +310,80 @@ def test_attention_config_covers_out_proj_as_in_coremltools(dim, config, want):
     pal = DKMPalettizer(Attention(), config)
     model = pal.prepare()
     assert {f"{n}.{fp.param_name}": fp.n_bits for n, _, _, fp in _fake_palettizers(model)} == want
+
+
+def _ckpt_run(layers, x, ckpt, steps=3):
+    from torch.utils.checkpoint import checkpoint
+
+    model = copy.deepcopy(layers)
+    pal = DKMPalettizer(model, _CFG)
+    pal.prepare(inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    for _ in range(steps):
+        h = x
+        for layer in model:
+            h = checkpoint(layer, h, use_reentrant=False) if ckpt else layer(h)
+        opt.zero_grad()
+        h.square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        pal.step()
+    return grads, [layer.weight_dkm.centroids.clone() for layer in model]
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks):
+    # non-reentrant checkpointing (transformers' default): the batched round is computed in
+    # the first layer's region; its recomputation is served the very soft weights of the
+    # forward, so gradients and centroids equal those of the run without checkpointing
+    from lightning_palettize.palettizers import dkm
+
+    monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": chunks} if chunks > 1 else {})
+    torch.manual_seed(8)
+    layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(3)])
+    x = torch.randn(8, 32)
+    want, want_c = _ckpt_run(layers, x, ckpt=False)
+    got, got_c = _ckpt_run(layers, x, ckpt=True)
+    for w_step, g_step in zip(want, got):
+        assert all(torch.equal(w, g) for w, g in zip(w_step, g_step))
+    assert all(torch.equal(w, g) for w, g in zip(want_c, got_c))
+
+
+def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(9)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+    )
+    base = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 12))
+
+    def run(ckpt):
+        model = copy.deepcopy(base)
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.config.use_cache = False
+        pal = DKMPalettizer(model, {**_CFG, "module_type_configs": {"LlamaRMSNorm": None}})
+        pal.prepare(inplace=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        grads = []
+        for _ in range(2):
+            loss = model(ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            opt.step()
+            pal.step()
+        return grads
+
+    want, got = run(False), run(True)
+    assert [len(g) for g in want] == [len(g) for g in got]
+    for w_step, g_step in zip(want, got):
+        assert all(torch.equal(w, g) for w, g in zip(w_step, g_step))

@@ -296,10 +296,22 @@ class _DKMGroup:
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
             self._again.add(id(fp))  # called again: hold its soft weights from now on
-        soft, token = self._compute(fp, module, weight)
+        hooks = _checkpoint_hooks()
+        if hooks is None:
+            soft, token = self._compute(fp, module, weight)
+        else:
+            # inside a non-reentrant activation-checkpoint region, whose recomputation must
+            # save the same tensors as this forward: the round keeps its own saved tensors
+            # (outside the region), and the soft weight is held until backward reaches it, so
+            # the recomputed region is served this very tensor (same values, no new round)
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            try:
+                soft, token = self._compute(fp, module, weight)
+            finally:
+                torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
         if fp.cfg.palett_mode != "gsm" and soft.requires_grad:
             # kept until a backward pass reaches it (its graph is being freed then)
-            strong = id(fp) in self._again
+            strong = id(fp) in self._again or hooks is not None
             if token is None or strong:
                 # a hook of its own: a held soft weight is dropped as soon as backward reaches
                 # it, rather than when the round's node runs (a weight-sized tensor kept alive
@@ -427,6 +439,15 @@ class _DKMGroup:
     def _drop_after_backward(self) -> None:
         # runs inside the backward pass: drop what is left once it has finished
         torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+
+
+def _checkpoint_hooks() -> tuple[Any, Any] | None:
+    """The saved-tensor hooks of a non-reentrant ``torch.utils.checkpoint`` region being run
+    forward, if they are the innermost ones, else None."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", ""):
+        return hooks
+    return None
 
 
 def _round_inputs(members: list[tuple[FakePalettize, Tensor]]):
