@@ -25,6 +25,7 @@ anywhere. Inside a LightningModule, :func:`restore_palettization` in ``on_load_c
 makes plain ``load_from_checkpoint`` work for both.
 """
 
+import importlib
 import io
 import logging
 import os
@@ -39,11 +40,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from typing_extensions import override
 
@@ -74,6 +79,12 @@ log = logging.getLogger(__name__)
 _DKM_STATE_KIND = "lightning_palettize.dkm"
 _DKM_KEY = re.compile(r"(^|\.)[^.]+_dkm\.(centroids|scale|enabled|steps)$")
 _MOMENTS = ("fit_end", "validate_start", "test_start", "predict_start")
+# the Trainer stage (``setup(stage=...)``) each moment happens in
+_MOMENT_STAGE = {"fit_end": "fit", "validate_start": "validate", "test_start": "test"}
+_MOMENT_STAGE["predict_start"] = "predict"
+# set on an exception raised by the user's code we call (training_step, loss_fn), so that it is
+# not relabelled as a configuration error
+_USER_CODE = "_lightning_palettize_user_code"
 # Strategies that shard parameters: a per-weight LUT needs the whole weight on every rank.
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -106,6 +117,28 @@ def _check_choice(owner: str, key: str, value: Any, choices: tuple[str, ...]) ->
     return value
 
 
+def _import_object(owner: str, key: str, path: str) -> Any:
+    """``"pkg.mod.attr"`` or ``"pkg.mod:attr"`` (attr may be dotted: ``"mod:Cls.fn"``)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise _bad(
+            owner, key, path, "a callable, or its import path 'pkg.module.name' / 'pkg.module:name'"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as error:
+        raise MisconfigurationException(
+            f"{owner}: {key}={path!r} cannot be imported ({type(error).__name__}: {error}); "
+            "accepted: the import path of a callable, 'pkg.module.name' or 'pkg.module:name', "
+            "importable from the running process (check sys.path / PYTHONPATH)"
+        ) from error
+    return obj
+
+
 def _load(owner: str, config: Any, cls: type) -> Any:
     try:
         return load_config(config, cls)
@@ -119,7 +152,27 @@ def _reject_sharded(trainer: "Trainer", owner: str) -> None:
         raise MisconfigurationException(
             f"{owner}: strategy {type(strategy).__name__} shards parameters, which palettization "
             "does not support yet (every rank needs whole weights to cluster them); accepted: "
-            "single-device or DDP strategies ('auto', 'ddp', 'ddp_spawn', 'ddp_fork', ...)"
+            "single-device or DDP strategy='ddp'"
+        )
+
+
+def _reject_spawn(trainer: "Trainer", owner: str) -> None:
+    """ddp_spawn / ddp_fork / ddp_notebook: the palettized module stays in the worker processes.
+
+    Lightning sends the workers' weights back to the main process with a non-strict
+    ``load_state_dict`` into the main process's (never palettized) module, which drops the
+    ``_COREML_`` metadata, and no callback hook runs in the main process afterwards (the
+    callback's report stays in the workers too).
+    """
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise MisconfigurationException(
+            f"{owner}: strategy {type(trainer.strategy).__name__} with start method "
+            f"{launcher._start_method!r} (ddp_spawn / ddp_fork / ddp_notebook) runs the Trainer "
+            "in worker processes and hands at most the weights back, so the main process would "
+            "lose the "
+            "Core ML metadata (_COREML_ buffers) and the palettization report; accepted: "
+            "strategy='ddp' (the main process is rank 0), or a single device"
         )
 
 
@@ -212,17 +265,31 @@ def _publish(
 class _LogCapture:
     """Stands in for ``LightningModule.log`` / ``log_dict`` while we run validation_step ourselves.
 
-    torchmetrics objects are kept and computed once at the end (so the module's own metrics,
-    with their own reduction, give the number); plain values are averaged over samples.
+    torchmetrics objects are kept and computed at the end of each dataloader (so the module's
+    own metrics, with their own reduction, give the number); plain values are averaged over
+    samples. With several dataloaders every name gets Lightning's ``/dataloader_idx_N`` suffix
+    (unless logged with ``add_dataloader_idx=False``).
     """
 
     def __init__(self) -> None:
         self.metrics: dict[str, Any] = {}
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.done: dict[str, float] = {}
         self.batch_size = 1
+        self.suffix = ""
 
-    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **_: Any):
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *args: Any,
+        batch_size: int | None = None,
+        add_dataloader_idx: bool = True,
+        **_: Any,
+    ) -> None:
+        if add_dataloader_idx:
+            name += self.suffix
         if isinstance(value, Metric):
             self.metrics[name] = value
             return
@@ -232,14 +299,26 @@ class _LogCapture:
 
     def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
         for name, value in dictionary.items():
-            self.log(name, value, batch_size=kwargs.get("batch_size"))
+            self.log(
+                name,
+                value,
+                batch_size=kwargs.get("batch_size"),
+                add_dataloader_idx=kwargs.get("add_dataloader_idx", True),
+            )
 
-    def results(self) -> dict[str, float]:
-        out = {name: self.sums[name] / max(self.counts[name], 1) for name in self.sums}
+    def end_dataloader(self) -> None:
+        """Compute (and forget) the torchmetrics objects logged from the dataloader just run."""
         for name, metric in self.metrics.items():
             value = metric.compute()
             if isinstance(value, Tensor) and value.numel() == 1:  # scalar metrics only
-                out[name] = float(value)
+                self.done[name] = float(value)
+            metric.reset()
+        self.metrics = {}
+
+    def results(self) -> dict[str, float]:
+        self.end_dataloader()
+        out = {name: self.sums[name] / max(self.counts[name], 1) for name in self.sums}
+        out.update(self.done)
         return out
 
 
@@ -278,6 +357,7 @@ def _to_module_device(
     plugin = getattr(trainer, "precision_plugin", None)
     if plugin is not None:
         batch = plugin.convert_input(batch)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
     return pl_module._apply_batch_transfer_handler(
         batch, device=pl_module.device, dataloader_idx=dataloader_idx
     )
@@ -321,24 +401,85 @@ def _step_context(trainer: "Trainer", train: bool) -> Iterator[None]:
         yield
 
 
-def _evaluate(trainer: "Trainer", pl_module: LightningModule, dataloader: Iterable[Any]) -> dict:
-    """Run ``validation_step`` over ``dataloader`` in eval mode; the logged values, reduced."""
+def _val_loaders(dataloader: Any, from_trainer: bool) -> list[Iterable[Any]]:
+    """The dataloaders of a validation source, in Lightning's order (``dataloader_idx``).
+
+    From the Trainer, a list/tuple/dict is several dataloaders (as in Lightning's loops), and a
+    ``CombinedLoader`` is flattened. A ``compare_dataloader`` given to the callback is one
+    iterable of batches, unless it is a ``CombinedLoader`` or a list/tuple/dict of DataLoaders.
+    """
+    if isinstance(dataloader, CombinedLoader):
+        return list(dataloader.flattened)
+    values = list(dataloader.values()) if isinstance(dataloader, Mapping) else dataloader
+    if isinstance(dataloader, (list, tuple, Mapping)) and (
+        from_trainer or (values and all(isinstance(v, DataLoader) for v in values))
+    ):
+        return list(values)
+    return [dataloader]
+
+
+def _evaluate(
+    trainer: "Trainer", pl_module: LightningModule, dataloader: Any, from_trainer: bool = True
+) -> dict:
+    """Run ``validation_step`` over the dataloader(s) in eval mode; the logged values, reduced.
+
+    Several dataloaders are run one after the other, as Lightning's validation loop does:
+    ``validation_step(batch, batch_idx, dataloader_idx)`` and per-dataloader metric names
+    (``<name>/dataloader_idx_<N>``).
+    """
+    loaders = _val_loaders(dataloader, from_trainer)
+    several = len(loaders) > 1
+    if several and not is_param_in_hook_signature(pl_module.validation_step, "dataloader_idx"):
+        raise MisconfigurationException(
+            f"compare=True: there are {len(loaders)} validation dataloaders but "
+            f"{type(pl_module).__name__}.validation_step() has no `dataloader_idx` argument; "
+            "add `dataloader_idx=0` to its signature, or pass compare_dataloader=<one loader>"
+        )
     capture = _LogCapture()
     was_training = pl_module.training
     pl_module.eval()
     _reset_metrics(pl_module)
     try:
         with torch.no_grad(), _module_logging(pl_module, capture), _step_context(trainer, False):
-            for index, batch in enumerate(dataloader):
-                try:
-                    capture.batch_size = extract_batch_size(batch)
-                except Exception:  # batch of an unknown structure: count batches instead
-                    capture.batch_size = 1
-                pl_module.validation_step(_to_module_device(trainer, pl_module, batch), index)
+            for loader_idx, loader in enumerate(loaders):
+                capture.suffix = f"/dataloader_idx_{loader_idx}" if several else ""
+                for index, batch in enumerate(loader):
+                    try:
+                        capture.batch_size = extract_batch_size(batch)
+                    except Exception:  # batch of an unknown structure: count batches instead
+                        capture.batch_size = 1
+                    batch = _to_module_device(trainer, pl_module, batch, loader_idx)
+                    if several:
+                        pl_module.validation_step(batch, index, loader_idx)
+                    else:
+                        pl_module.validation_step(batch, index)
+                capture.end_dataloader()
         return capture.results()
     finally:
         _reset_metrics(pl_module)
         pl_module.train(was_training)
+
+
+class _TrainBatches:
+    """The batches ``training_step`` gets from the Trainer's training data (re-iterable).
+
+    Several train dataloaders (a list/tuple/dict) are combined as Lightning combines them (its
+    default mode ``"max_size_cycle"``: each batch is a list/dict with one batch per
+    dataloader); a ``CombinedLoader`` keeps its own mode.
+    """
+
+    def __init__(self, dataloader: Any) -> None:
+        if isinstance(dataloader, (list, tuple, Mapping)):
+            dataloader = CombinedLoader(dataloader, "max_size_cycle")
+        self.dataloader = dataloader
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.dataloader
+        if not isinstance(loader, CombinedLoader):
+            yield from loader
+            return
+        for item in loader:  # (batch, batch_idx, dataloader_idx)
+            yield item[0]
 
 
 def _broadcast_from_rank_zero(trainer: "Trainer", pl_module: nn.Module, keys: list[str]) -> None:
@@ -424,9 +565,11 @@ class PalettizationCallback(Callback):
     ``on_fit_end``, and set ``enforce_zero: true`` so pruned zeros keep an exact zero centroid.
     While both are active, the pruning mask is applied on top of the palettized weight.
 
-    Distributed: DDP (``ddp``, ``ddp_spawn``, ...) is supported; the centroids are broadcast
-    from rank 0 whenever weights start palettizing, and DDP keeps the buffers in sync. FSDP,
-    DeepSpeed and ModelParallel are rejected in ``setup``.
+    Distributed: DDP (``strategy="ddp"``) is supported; the centroids are broadcast from rank 0
+    whenever weights start palettizing, and DDP keeps the buffers in sync. ``ddp_spawn`` /
+    ``ddp_fork`` / ``ddp_notebook`` are rejected in ``setup``: they hand only the weights back to
+    the main process, which would lose the ``_COREML_`` metadata and the report. FSDP,
+    DeepSpeed and ModelParallel are rejected in ``setup`` too.
 
     Args:
         config: a :class:`~lightning_palettize.DKMPalettizerConfig`, a dict of its arguments, an
@@ -515,6 +658,7 @@ class PalettizationCallback(Callback):
         if stage != TrainerFn.FITTING.value:
             return
         _reject_sharded(trainer, self._OWNER)
+        _reject_spawn(trainer, self._OWNER)
         if is_overridden("configure_model", pl_module):
             rank_zero_warn(
                 f"{self._OWNER}: the module overrides configure_model(); it is called now, before "
@@ -542,21 +686,23 @@ class PalettizationCallback(Callback):
 
     @override
     def on_train_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
-        """Called when training begins (loops already restored): align DKM with global_step."""
+        """Called when training begins (loops already restored): align DKM with global_step.
+
+        With ``milestone_epochs``, also the epoch milestone: a checkpoint saved on the last
+        batch of epoch ``E - 1`` resumes at ``current_epoch == E`` without Lightning calling
+        ``on_train_epoch_start`` for it, so epoch ``E`` starts here (at the same global step
+        as in the uninterrupted run).
+        """
         self._last_step = trainer.global_step
         if self._milestone_epochs is None:
             self._advance(trainer, pl_module)
+        else:
+            self._start_epoch_milestone(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         """Called when a training epoch begins: start the epoch milestone, if there is one."""
-        if (
-            self._milestone_epochs is not None
-            and self._epoch_start_step is None
-            and trainer.current_epoch >= self._milestone_epochs
-        ):
-            self._epoch_start_step = trainer.global_step
-            self._advance(trainer, pl_module)
+        self._start_epoch_milestone(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -611,6 +757,8 @@ class PalettizationCallback(Callback):
         pl_module.train(was_training)
         if not self._keep_metadata:
             strip_coreml_metadata(pl_module)
+        # trainer.test/validate/predict(ckpt_path=<a ModelCheckpoint file, mid-DKM>) next
+        _palettize_on_load(pl_module, self._effective.as_dict(), self._keep_metadata)
         self._palettizer, self._report = None, report
         _publish(
             trainer,
@@ -638,6 +786,15 @@ class PalettizationCallback(Callback):
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _start_epoch_milestone(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        if (
+            self._milestone_epochs is not None
+            and self._epoch_start_step is None
+            and trainer.current_epoch >= self._milestone_epochs
+        ):
+            self._epoch_start_step = trainer.global_step
+            self._advance(trainer, pl_module)
+
     def _advance(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         """Set the DKM step from trainer.global_step; sync newly initialised centroids."""
         if self._palettizer is None:
@@ -659,6 +816,60 @@ class PalettizationCallback(Callback):
     def _sync_dkm_state(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         keys = [k for k in pl_module.state_dict() if _DKM_KEY.search(k)]
         _broadcast_from_rank_zero(trainer, pl_module, keys)
+
+
+class _PalettizeOnLoad:
+    """``load_state_dict`` pre-hook of a finalized module: palettize a mid-DKM state_dict on load.
+
+    The checkpoints ModelCheckpoint writes during fit are mid-DKM (``<param>_dkm.*`` keys), the
+    module after fit is finalized (``_COREML_`` keys): ``trainer.test(ckpt_path="best")`` would
+    load one into the other. With this hook the module is prepared with the DKM config, loads
+    the checkpoint's DKM state, and is finalized again, i.e. it gets the hard-palettized weights
+    of that checkpoint and their ``_COREML_`` metadata; the load then goes on with that state.
+    """
+
+    def __init__(self, config: Mapping[str, Any], keep_metadata: bool) -> None:
+        self.config = dict(config)
+        self.keep_metadata = keep_metadata
+
+    def __call__(
+        self, module: nn.Module, state_dict: dict, prefix: str, _meta: Any, strict: bool, *_: Any
+    ) -> None:
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not any(_DKM_KEY.search(k) for k in own) or _fake_palettizers(module):
+            return
+        was_training = module.training
+        strip_coreml_metadata(module)
+        palettizer = DKMPalettizer(module, self.config)
+        palettizer.prepare(inplace=True)
+        module.load_state_dict(own, strict=strict)  # mid-DKM into prepared: its own structure
+        palettizer.finalize(module, inplace=True)
+        if not self.keep_metadata:
+            strip_coreml_metadata(module)
+        module.train(was_training)
+        for key in own:
+            del state_dict[prefix + key]
+        state_dict.update({prefix + k: v for k, v in module.state_dict().items()})
+
+
+_ON_LOAD_ATTR = "_lightning_palettize_on_load"
+
+
+def _palettize_on_load(module: nn.Module, config: Mapping[str, Any], keep_metadata: bool) -> None:
+    """Register (or update) the :class:`_PalettizeOnLoad` hook of ``module``."""
+    hook = module.__dict__.get(_ON_LOAD_ATTR)
+    if isinstance(hook, _PalettizeOnLoad):
+        hook.config, hook.keep_metadata = dict(config), keep_metadata
+        return
+    hook = _PalettizeOnLoad(config, keep_metadata)
+    module.register_load_state_dict_pre_hook(hook)
+    module.__dict__[_ON_LOAD_ATTR] = hook
+
+
+def _is_finalized(module: nn.Module) -> bool:
+    return not _fake_palettizers(module) and any(
+        COREML_PREFIX in name for name, _ in module.named_buffers()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,8 +932,10 @@ class _PalettizationPass(Callback):
 
     @override
     def setup(self, trainer: "Trainer", pl_module: LightningModule, stage: str) -> None:
-        """Called when fit/validate/test/predict begins: reject sharded strategies early."""
+        """Called when fit/validate/test/predict begins: reject unsupported strategies early."""
         _reject_sharded(trainer, self._OWNER)
+        if stage == _MOMENT_STAGE[self._when]:
+            _reject_spawn(trainer, self._OWNER)
 
     @override
     def on_fit_end(self, trainer: "Trainer", pl_module: LightningModule) -> None:
@@ -757,15 +970,18 @@ class _PalettizationPass(Callback):
             return
         compare_loader = None
         before: dict[str, float] = {}
+        from_trainer = self._compare_dataloader is None
         if self._compare:
             compare_loader = self._compare_dataloader
-            if compare_loader is None:
+            if from_trainer:
                 compare_loader = _dataloader(trainer, "val", self._OWNER, "compare=True")
-            before = _evaluate(trainer, pl_module, compare_loader)
+            before = _evaluate(trainer, pl_module, compare_loader, from_trainer)
         was_training = pl_module.training
         try:
             report = self._compress(trainer, pl_module)
         except ValueError as error:
+            if getattr(error, _USER_CODE, False):  # the user's training_step / loss_fn: as is
+                raise
             raise MisconfigurationException(f"{self._OWNER}: {error}") from error
         pl_module.train(was_training)
         keys = [row.name for row in report.rows]
@@ -775,7 +991,7 @@ class _PalettizationPass(Callback):
             strip_coreml_metadata(pl_module)
         extra: dict[str, float] = {}
         if self._compare:
-            after = _evaluate(trainer, pl_module, compare_loader)
+            after = _evaluate(trainer, pl_module, compare_loader, from_trainer)
             prefix = f"palettization/{self._KIND}"
             for name in before:
                 if name in after:
@@ -917,8 +1133,16 @@ class SKMPalettizationCallback(_PalettizationPass):
         owner = self._OWNER
         if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
             raise _bad(owner, "calibration_dataloader", calibration_dataloader, "an iterable")
+        if isinstance(loss_fn, str):
+            loss_fn = _import_object(owner, "loss_fn", loss_fn)
         if loss_fn is not None and not callable(loss_fn):
-            raise _bad(owner, "loss_fn", loss_fn, "a callable loss_fn(module, batch) or None")
+            raise _bad(
+                owner,
+                "loss_fn",
+                loss_fn,
+                "a callable loss_fn(module, batch), its import path ('pkg.mod.fn' or "
+                "'pkg.mod:fn'), or None",
+            )
         if sensitivity is not None and not isinstance(sensitivity, (str, os.PathLike)):
             raise _bad(owner, "sensitivity", sensitivity, "a sensitivity file path or None")
         self._calibration_dataloader = calibration_dataloader
@@ -927,22 +1151,50 @@ class SKMPalettizationCallback(_PalettizationPass):
         self._per_sample = _check_bool(owner, "per_sample", per_sample)
 
     @override
+    def setup(self, trainer: "Trainer", pl_module: LightningModule, stage: str) -> None:
+        """Called when fit/validate/test/predict begins: reject what cannot calibrate, early."""
+        super().setup(trainer, pl_module, stage)
+        if stage == _MOMENT_STAGE[self._when]:
+            self._check_calibration(pl_module)
+
+    def _check_calibration(self, pl_module: LightningModule) -> None:
+        # With manual optimization training_step runs its own backward and optimizer steps:
+        # calling it for calibration would train the model (and backward twice).
+        if (
+            self._sensitivity is None
+            and self._loss_fn is None
+            and not pl_module.automatic_optimization
+        ):
+            raise MisconfigurationException(
+                f"{self._OWNER}: {type(pl_module).__name__} uses manual optimization "
+                "(automatic_optimization=False), so its training_step steps its optimizers and "
+                "cannot give the calibration loss; accepted: pass loss_fn=fn with "
+                "fn(module, batch) -> scalar loss tensor (or a precomputed sensitivity=...)"
+            )
+
+    @override
     def _compress(self, trainer: "Trainer", pl_module: LightningModule) -> PalettizationReport:
+        self._check_calibration(pl_module)
         palettizer = SKMPalettizer(pl_module, self._config)
         if self._sensitivity is not None:
             palettizer.compress(inplace=True, sensitivity=self._sensitivity, progress=False)
             return palettizer.report()
         loader = self._calibration_dataloader
         if loader is None:
-            loader = _dataloader(trainer, "train", self._OWNER, "calibration")
+            loader = _TrainBatches(_dataloader(trainer, "train", self._OWNER, "calibration"))
         user_loss = self._loss_fn
 
         def loss_fn(module: nn.Module, batch: Any) -> Tensor:
             batch = _to_module_device(trainer, pl_module, batch)
             with _step_context(trainer, True):
-                if user_loss is not None:
-                    return user_loss(module, batch)
-                return _loss_of(module.training_step(batch, 0))
+                try:
+                    if user_loss is not None:
+                        return user_loss(module, batch)
+                    output = module.training_step(batch, 0)
+                except Exception as error:
+                    setattr(error, _USER_CODE, True)
+                    raise
+                return _loss_of(output)
 
         # Calibration needs autograd even inside trainer.test / predict (inference mode).
         with torch.inference_mode(False), torch.enable_grad(), _module_logging(pl_module, None):
@@ -1003,6 +1255,11 @@ def restore_palettization(
                 "restore_palettization: the state_dict was saved mid-DKM but the checkpoint has "
                 "no PalettizationCallback state; pass config=<the DKM config>"
             )
+        if _is_finalized(module):
+            # finalized module, mid-DKM checkpoint: palettize the checkpoint's state on load
+            config = load_config(config, DKMPalettizerConfig).as_dict()
+            _palettize_on_load(module, config, keep_metadata=True)
+            return module
         was_training = module.training
         DKMPalettizer(module, config).prepare(inplace=True)
         module.train(was_training)

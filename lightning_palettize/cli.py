@@ -100,10 +100,19 @@ _SHORTCUTS = {
     "per_channel_scale": "enable_per_channel_scale",
     "lut_dtype": "lut_dtype",
 }
-# One lut_dtype vocabulary on the command line, spelled as each palettizer config wants it.
-_DKM_LUT_DTYPES = {"int8": "i8", "uint8": "u8", "fp32": "f32", "float32": "f32",
-                   "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}  # fmt: skip
-_KMEANS_LUT_DTYPES = {"f32": None, "fp32": None, "float32": None}
+# The lut_dtype shortcut: what each algorithm accepts, spelled as its palettizer config wants
+# it. DKM stores the LUT as f32, f16, bf16, i8 or u8; PTP/SKM (coremltools' k-means) keep a
+# float LUT (f32) or quantize it to int8 / uint8: no f16 / bf16 there.
+_DKM_LUT_DTYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "f16": "f16", "fp16": "f16",
+                   "float16": "f16", "bf16": "bf16", "bfloat16": "bf16", "i8": "i8",
+                   "int8": "i8", "u8": "u8", "uint8": "u8"}  # fmt: skip
+_KMEANS_LUT_DTYPES = {"f32": None, "fp32": None, "float32": None, "i8": "int8", "int8": "int8",
+                      "u8": "uint8", "uint8": "uint8"}  # fmt: skip
+_LUT_DTYPES_ACCEPTED = {
+    "dkm": "f32, f16, bf16, int8/i8 or uint8/u8",
+    "ptp": "f32 (a float LUT), int8/i8 or uint8/u8 (f16/bf16 LUTs are DKM only)",
+    "skm": "f32 (a float LUT), int8/i8 or uint8/u8 (f16/bf16 LUTs are DKM only)",
+}
 # Phase epochs come from experiment.warmup_epochs and algorithm.epochs, not from trainer.
 _PHASE_KEYS = ("max_epochs", "min_epochs")
 
@@ -142,9 +151,14 @@ def palettizer_config(cfg: DictConfig) -> Any:
                 "null; set algorithm.global_config instead of null"
             )
         for key, value in shortcuts.items():
-            if key == "lut_dtype" and isinstance(value, str):
+            if key == "lut_dtype":
                 table = _DKM_LUT_DTYPES if algo.name == "dkm" else _KMEANS_LUT_DTYPES
-                value = table.get(value.lower(), value)
+                if not isinstance(value, str) or value.lower() not in table:
+                    raise ConfigError(
+                        f"lut_dtype: got {value!r}; algorithm={algo.name} accepts "
+                        f"{_LUT_DTYPES_ACCEPTED[algo.name]}"
+                    )
+                value = table[value.lower()]
             data["global_config"][_SHORTCUTS[key]] = value
     if algo.name == "skm" and algo.get("calibration_nsamples") is not None:
         data["calibration_nsamples"] = algo.calibration_nsamples

@@ -1,18 +1,23 @@
-"""PalettizationCallback under DDP: 2 CPU processes (gloo, ddp_spawn)."""
+"""PalettizationCallback under DDP: 2 CPU processes (gloo, strategy="ddp" in a script)."""
 
 from __future__ import annotations
 
 import csv
 import glob
 import os
+import subprocess
+import sys
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from test_callbacks_models import BoringModule, LUTRecorder, trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from test_callbacks_models import DKM_CFG, BoringModule, LUTRecorder, trainer
 
-from lightning_palettize.callbacks import PalettizationCallback
+from lightning_palettize.callbacks import (
+    PalettizationCallback,
+    PostTrainingPalettizationCallback,
+    SKMPalettizationCallback,
+)
 
 # net.0 starts at prepare (same weights on every rank and in a single process), net.2 after
 # two optimizer steps (DDP-averaged weights).
@@ -23,23 +28,17 @@ CONFIG = {
 
 
 @pytest.mark.slow
-def test_ddp_luts_identical_on_ranks_and_report_logged_once(tmp_path, capfd):
-    pl.seed_everything(0, verbose=False)
+def test_ddp_luts_identical_on_ranks_and_report_logged_once(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "_ddp_fit.py")
+    run = subprocess.run(
+        [sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
     model = BoringModule(n_batches=4)
+    model.load_state_dict(torch.load(tmp_path / "initial.pt"))
     single_model = BoringModule(n_batches=4)
     single_model.load_state_dict(model.state_dict())
-
-    logger = CSVLogger(tmp_path / "logs", name="ddp")
-    ddp = trainer(
-        strategy="ddp_spawn",
-        devices=2,
-        max_epochs=2,
-        logger=logger,
-        log_every_n_steps=1,
-        callbacks=[PalettizationCallback(CONFIG), LUTRecorder(str(tmp_path))],
-    )
-    ddp.fit(model)
-    out = capfd.readouterr()
+    main = torch.load(tmp_path / "main.pt")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     # identical LUTs (and enabled flags) on both ranks at every step
@@ -61,7 +60,11 @@ def test_ddp_luts_identical_on_ranks_and_report_logged_once(tmp_path, capfd):
         assert torch.equal(final0[k], final1[k]), k
     assert len(torch.unique(final0["net.0.weight"])) <= 4
     assert len(torch.unique(final0["net.2.weight"])) <= 8
-    assert torch.equal(model.net[0].weight.detach(), final0["net.0.weight"])
+    # the main process (rank 0) keeps the finalized module, its metadata and the report
+    assert main["state"].keys() == final0.keys() and main["report"]
+    assert any("_COREML_" in k for k in final0)
+    for k in final0:
+        assert torch.equal(main["state"][k], final0[k]), k
 
     # at the milestone where the weights are the same (prepare), a single process agrees
     single_dir = tmp_path / "single"
@@ -84,8 +87,19 @@ def test_ddp_luts_identical_on_ranks_and_report_logged_once(tmp_path, capfd):
     # steps 1-4 (log_every_n_steps=1) and the final report at step 4, each written once
     steps = [r["step"] for r in rows if r.get("palettization/dkm/bytes_after")]
     assert steps == ["1", "2", "3", "4", "4"]
-    assert (
-        out.err.count("PalettizationCallback: palettized 2 weight(s)")
-        + out.out.count("PalettizationCallback: palettized 2 weight(s)")
-        == 1
-    )
+    assert (run.stderr + run.stdout).count("PalettizationCallback: palettized 2 weight(s)") == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawning_strategies_rejected_at_setup(strategy):
+    # the main process would get the weights back without _COREML_ buffers and report
+    t = trainer(strategy=strategy, devices=2)
+    model = BoringModule()
+    callbacks = [
+        (PalettizationCallback(DKM_CFG), "fit"),
+        (PostTrainingPalettizationCallback(when="test_start"), "test"),
+        (SKMPalettizationCallback(when="fit_end"), "fit"),
+    ]
+    for callback, stage in callbacks:
+        with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+            callback.setup(t, model, stage)

@@ -165,6 +165,34 @@ def test_shortcuts_reach_every_algorithm():
     assert skm.global_config.enable_per_channel_scale is True
     float_lut = palettizer_config(_compose("algorithm=ptp", "lut_dtype=f32"))
     assert float_lut.global_config.lut_dtype is None
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "value", "expected"),
+    [
+        ("dkm", "f32", "f32"),
+        ("dkm", "f16", "f16"),
+        ("dkm", "bf16", "bf16"),
+        ("dkm", "int8", "i8"),
+        ("dkm", "u8", "u8"),
+        ("ptp", "f32", None),
+        ("ptp", "i8", "int8"),
+        ("ptp", "uint8", "uint8"),
+        ("skm", "u8", "uint8"),
+        ("skm", "float32", None),
+    ],
+)
+def test_lut_dtype_shortcut_accepts_what_the_docs_list(algorithm, value, expected):
+    pcfg = palettizer_config(_compose(f"algorithm={algorithm}", f"lut_dtype={value}"))
+    assert pcfg.global_config.lut_dtype == expected
+
+
+@pytest.mark.parametrize(("algorithm", "value"), [("ptp", "f16"), ("skm", "bf16"), ("dkm", "i4")])
+def test_lut_dtype_shortcut_names_what_each_algorithm_accepts(algorithm, value):
+    with pytest.raises(ConfigError, match=f"algorithm={algorithm} accepts") as info:
+        palettizer_config(_compose(f"algorithm={algorithm}", f"lut_dtype={value}"))
+    assert f"lut_dtype: got {value!r}" in str(info.value)
+    assert ("bf16" in str(info.value)) == (algorithm == "dkm") or "DKM only" in str(info.value)
     # Trainer settings and output folder are plain overrides.
     cfg = _compose("trainer.precision=bf16-mixed", "output_dir=somewhere")
     assert (cfg.trainer.precision, cfg.output_dir) == ("bf16-mixed", "somewhere")
