@@ -387,3 +387,31 @@ def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch):
     assert [len(g) for g in want] == [len(g) for g in got]
     for w_step, g_step in zip(want, got):
         assert all(torch.equal(w, g) for w, g in zip(w_step, g_step))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_finalizes_to_a_lut_in_its_dtype(dtype, tmp_path):
+    # the LUT holds the values the weights hold, so the artifact stores it in the weight's
+    # dtype and reaches the ideal size
+    from lightning_palettize import load_palettized, save_palettized
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(64, 256)).to(dtype)
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
+    pal.prepare(inplace=True)
+    model.eval()
+    x = torch.randn(4, 64, dtype=dtype)
+    with torch.no_grad():
+        y = model(x)
+    final = pal.finalize(inplace=True)
+    lut = final[0].get_buffer("_COREML_/weight/lut")
+    assert torch.equal(lut, lut.to(dtype).float())
+    assert set(torch.unique(final[0].weight).float().tolist()) <= set(lut.view(-1).tolist())
+    with torch.no_grad():
+        assert torch.equal(y, final(x))
+    path = tmp_path / "m.safetensors"
+    summary = save_palettized(final, path)
+    loaded = load_palettized(path, nn.Sequential(nn.Linear(64, 256)).to(dtype))
+    assert torch.equal(loaded[0].weight, final[0].weight)
+    weight = summary["weights"]["0.weight"]
+    assert weight["bytes"] == weight["ideal_bytes"] == 256 * 64 // 2 + 16 * 2  # a half LUT

@@ -249,6 +249,98 @@ def test_4bit_file_is_within_10_percent_of_ideal(tmp_path):
         assert summary["file_bytes"] < summary["dense_bytes"] / 7
 
 
+class _HalfNet(nn.Module):
+    """Linear, Conv2d and Embedding whose output channels divide by 4 (group_size 4)."""
+
+    def __init__(self, seed=0, rows=64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(16, rows)
+        self.conv = nn.Conv2d(8, 16, 3)
+        self.emb = nn.Embedding(rows // 2, 16)
+
+
+HALF_LAYOUTS = {
+    "per_tensor": {},
+    "group1": {"granularity": "per_grouped_channel", "group_size": 1},
+    "group4": {"granularity": "per_grouped_channel", "group_size": 4},
+}
+
+
+@pytest.mark.parametrize("n_bits", [2, 4, 5])
+@pytest.mark.parametrize("layout", HALF_LAYOUTS.values(), ids=HALF_LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_file_stores_the_lut_in_the_weight_dtype(dtype, layout, n_bits, tmp_path):
+    cfg = {"global_config": {"n_bits": n_bits, **layout}}
+    model = PostTrainingPalettizer(_HalfNet().to(dtype), cfg).compress(progress=False)
+    path = tmp_path / "half.safetensors"
+    summary = save_palettized(model, path)
+    assert sorted(summary["weights"]) == ["conv.weight", "emb.weight", "lin.weight"]
+    for name, row in summary["weights"].items():
+        numel = torch.tensor(row["shape"]).prod().item()
+        ideal = -(-numel * n_bits // 8) + row["num_luts"] * 2**n_bits * 2  # 2-byte entries
+        assert row["ideal_bytes"] == ideal, name
+        assert row["bytes"] == ideal, (name, row)  # no overhead left: indices + LUT
+        assert row["outliers"] == 0, name
+    # what remains: the fp16 biases and the int64 _COREML_/metadata_version, stored as they
+    # are, and the JSON header
+    assert summary["bytes"] == summary["ideal_bytes"] + summary["other_bytes"]
+    assert summary["other_bytes"] == 2 * (64 + 16) + 8
+    with safe_open(path, "pt") as f:
+        header = json.loads(f.metadata()["lightning_palettize"])
+        for name in summary["weights"]:
+            assert f.get_tensor(f"palette/{name}/lut").dtype == dtype, name
+            lut = header["palettized"][name]["lut"]
+            assert (lut["dtype"], lut["storage"]) == ("float32", str(dtype)[6:]), name
+    # the _COREML_ lut stays float32 (as coremltools writes it) and comes back bit for bit
+    assert getattr(model.lin, "_COREML_/weight/lut").dtype == torch.float32
+    fresh = load_palettized(path, _HalfNet(seed=1).to(dtype))
+    _assert_bit_identical(model, fresh)
+
+
+def test_half_precision_5bit_grouped_file_is_smaller_than_dense(tmp_path):
+    # the reviewer's case: with float32 LUTs (32 entries * 4 bytes per 4 rows of 16) the
+    # palettized rows took 168 bytes against 128 dense, and this file (36,936 bytes) was larger
+    # than the dense fp16 state_dict's (28,304); with fp16 LUTs they take 104 (file 24,392)
+    dense = _HalfNet(rows=512).half()
+    cfg = {"n_bits": 5, "granularity": "per_grouped_channel", "group_size": 4}
+    model = PostTrainingPalettizer(dense, {"global_config": cfg}).compress(progress=False)
+    summary = save_palettized(model, tmp_path / "small.safetensors")
+    save_file(dense.state_dict(), tmp_path / "dense.safetensors")
+    dense_file = os.path.getsize(tmp_path / "dense.safetensors")
+    assert summary["bytes"] == summary["ideal_bytes"] + summary["other_bytes"]
+    assert summary["palettized_bytes"] == (128 + 64) * 104 + 4 * (32 * 2 + 4 * 72 * 5 // 8)
+    assert summary["bytes"] < 0.8 * summary["dense_bytes"], summary
+    assert summary["file_bytes"] < 0.9 * dense_file, (summary["file_bytes"], dense_file)
+    fresh = load_palettized(tmp_path / "small.safetensors", _HalfNet(seed=1, rows=512).half())
+    _assert_bit_identical(model, fresh)
+
+
+@pytest.mark.parametrize("name", ["scale", "int8_lut", "uint8_lut_grouped", "vectors_axis1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_scales_quantized_luts_and_vectors(name, dtype, tmp_path):
+    model = _palettized(CONFIGS[name], dtype)
+    summary = _round_trip(model, tmp_path, _Net(seed=1).to(dtype))
+    for key, row in summary["weights"].items():
+        weight = model.get_parameter(key)
+        if name == "scale":  # plus the float32 per-channel scale, C_0 * 4 bytes
+            assert row["bytes"] == row["ideal_bytes"] + weight.shape[0] * 4, key
+        elif name == "vectors_axis1":
+            assert row["bytes"] == row["ideal_bytes"], key
+        else:  # 1-byte codes instead of 2-byte entries, plus the LUTs' quantization params
+            assert row["bytes"] < row["ideal_bytes"], key
+
+
+def test_fp32_lut_is_not_rounded(tmp_path):
+    model = _palettized(CONFIGS["per_tensor_4bit"])
+    lut = getattr(model.lin, "_COREML_/weight/lut")
+    assert not torch.equal(lut, lut.half().float())  # k-means centroids, full precision
+    path = tmp_path / "fp32.safetensors"
+    save_palettized(model, path)
+    with safe_open(path, "pt") as f:
+        assert f.get_tensor("palette/lin.weight/lut").dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- bad files
 
 
@@ -616,3 +708,18 @@ def test_export_coreml_restores_each_submodules_mode(ct):
     with pytest.raises(RuntimeError):  # wrong input width: tracing fails
         export_coreml(model, torch.randn(2, 15))
     assert [m.training for m in model.modules()] == modes
+
+
+def test_export_coreml_fp16_lut_is_the_torch_lut(ct):
+    # a half-precision palette's float32 LUT holds fp16 values: Core ML's float16 program
+    # (its lut cast to fp16) uses exactly the values the fp16 torch weights hold
+    model = PostTrainingPalettizer(_ConvNet().half(), {"global_config": {"n_bits": 4}})
+    model = model.compress(progress=False).float()
+    ops = _lut_ops(export_coreml(model, torch.randn(1, 8, 8, 8)))
+    assert len(ops) == 3
+    luts = {tuple(op.outputs[0].shape): op.lut.val for op in ops}
+    for module in (model.conv, model.fc1, model.fc2):
+        want = getattr(module, "_COREML_/weight/lut").reshape(-1)
+        got = torch.from_numpy(luts[tuple(module.weight.shape)].astype("float32")).reshape(-1)
+        assert torch.equal(got, want)
+        assert set(module.weight.unique().tolist()) <= set(want.tolist())

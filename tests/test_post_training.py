@@ -460,3 +460,54 @@ def test_weight_computed_in_forward_is_rejected(reparametrize, match):
     )
     excluded.compress(inplace=True, progress=False)  # (legacy weight_norm: no deepcopy)
     assert [row.name for row in excluded.report().rows] == ["0.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_lut_holds_the_weights_values(dtype):
+    # the float32 LUT of a half-precision weight is rounded to its dtype: its entries are the
+    # values the weight holds (so the compact file stores it at 2 bytes an entry), and without
+    # a scale the weight is what the unrounded LUT gave (its rounding to the dtype)
+    from lightning_palettize.kmeans import kmeans_many
+    from lightning_palettize.palette import Layout, Palette
+    from lightning_palettize.palettizers._common import scaled_groups
+
+    model = _mlp().to(dtype)
+    cfg = {"global_config": {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 4}}
+    out = PostTrainingPalettizer(model, cfg).compress(progress=False)
+    lut = getattr(out[0], "_COREML_/weight/lut")
+    assert lut.dtype == torch.float32 and lut.shape == (32, 1, 16, 1)
+    assert torch.equal(lut, lut.to(dtype).float())
+    weight = out[0].weight.float()
+    for group in range(32):
+        rows = weight[4 * group : 4 * group + 4]
+        assert set(rows.unique().tolist()) <= set(lut[group].reshape(-1).tolist())
+    layout = Layout((128, 64), "per_grouped_channel", 4)
+    x, _ = scaled_groups(model[0].weight, layout, None)
+    found = kmeans_many([x], [16], [None], exact=False)[0]
+    unrounded = Palette(layout, 4, found.centroids.float().contiguous(),
+                        found.labels.to(torch.uint8), dtype=dtype)  # fmt: skip
+    assert torch.equal(unrounded.dequantize().view(torch.int16), out[0].weight.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_scale_and_quantized_luts(dtype):
+    model = _mlp().to(dtype)
+    scaled = PostTrainingPalettizer(
+        model, {"global_config": {"n_bits": 4, "enable_per_channel_scale": True}}
+    ).compress(progress=False)
+    lut = getattr(scaled[0], "_COREML_/weight/lut")
+    scale = getattr(scaled[0], "_COREML_/weight/palettization_scale")
+    assert torch.equal(lut, lut.to(dtype).float())  # rounded in the scaled domain
+    assert scale.dtype == torch.float32
+    values = (scale * lut.reshape(1, 16)).to(dtype)  # each row: its scale times the LUT
+    assert all(
+        set(row.tolist()) <= set(v.tolist()) for row, v in zip(scaled[0].weight.float(), values)
+    )
+    # a quantized LUT stays code * quantization_scale in float32, as coremltools has it
+    quantized = PostTrainingPalettizer(
+        model, {"global_config": {"n_bits": 4, "lut_dtype": "int8"}}
+    ).compress(progress=False)
+    lut = getattr(quantized[0], "_COREML_/weight/lut")
+    qscale = getattr(quantized[0], "_COREML_/weight/quantization_scale")
+    codes = torch.round(lut / qscale)
+    assert torch.equal(codes * qscale, lut) and codes.abs().max() == 127

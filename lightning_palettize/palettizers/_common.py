@@ -256,12 +256,24 @@ def build_palette(
     lut_dtype: str | None,
 ) -> Palette:
     """The :class:`Palette` of clustered ``weight``: centroids ``[G, K, d]`` become the LUT
-    (8-bit quantized when ``lut_dtype`` is ``"int8"``/``"uint8"``), labels the indices."""
+    (8-bit quantized when ``lut_dtype`` is ``"int8"``/``"uint8"``), labels the indices.
+
+    For a half-precision weight (float16 / bfloat16) a float LUT is rounded to the weight's
+    dtype (and held in float32, as :class:`Palette` and the ``_COREML_`` lut buffer want): its
+    entries are then exactly the values the dense weight holds, and
+    :func:`~lightning_palettize.export.save_palettized` stores the LUT losslessly at 2 bytes an
+    entry. Without a per-channel scale the dense weight is unchanged by this (it is the LUT
+    rounded to its dtype either way); with one, each element is ``scale * lut`` rounded once
+    more, as Core ML's float16 program computes it from its float16 LUT. Quantized LUTs are
+    left as they are (their entries are ``code * quantization_scale`` in float32).
+    """
     lut = centroids.float()
     qdtype = qscale = zero_point = None
     if lut_dtype is not None:
         qdtype = _LUT_QDTYPES[lut_dtype]
         lut, qscale, zero_point = quantize_lut(lut, qdtype)
+    elif weight.dtype.is_floating_point and weight.dtype.itemsize < lut.dtype.itemsize:
+        lut = lut.to(weight.dtype).float()
     return Palette(
         layout,
         n_bits,

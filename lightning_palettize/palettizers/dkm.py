@@ -729,6 +729,10 @@ class FakePalettize(nn.Module):
             lut, qscale, zp = quantize_lut(lut, qdtype)
         elif cfg.lut_dtype in ("f16", "bf16"):
             lut = lut.to(torch.float16 if cfg.lut_dtype == "f16" else torch.bfloat16).float()
+        if qdtype is None and weight.dtype in (torch.float16, torch.bfloat16):
+            # the values a half-precision weight holds (as build_palette does): the artifact
+            # then stores the LUT in the weight's dtype, exactly
+            lut = lut.to(weight.dtype).float()
         return Palette(
             self.layout,
             cfg.n_bits,
