@@ -296,7 +296,9 @@ class _DKMGroup:
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
             self._again.add(id(fp))  # called again: hold its soft weights from now on
-        hooks = _checkpoint_hooks()
+        hooks = _top_saved_tensors_hooks(False)  # (inline: this runs per weight and step)
+        if hooks is not None and "_checkpoint_hook" not in getattr(hooks[0], "__qualname__", ""):
+            hooks = None  # not a checkpoint region's (e.g. torch.autograd.graph.save_on_cpu)
         if hooks is None:
             soft, token = self._compute(fp, module, weight)
         else:
@@ -441,13 +443,9 @@ class _DKMGroup:
         torch.autograd.Variable._execution_engine.queue_callback(self.clear)
 
 
-def _checkpoint_hooks() -> tuple[Any, Any] | None:
-    """The saved-tensor hooks of a non-reentrant ``torch.utils.checkpoint`` region being run
-    forward, if they are the innermost ones, else None."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", ""):
-        return hooks
-    return None
+# The innermost saved-tensor hooks (None outside any): a non-reentrant torch.utils.checkpoint
+# region's pack hook is a local function of its _checkpoint_hook class
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _round_inputs(members: list[tuple[FakePalettize, Tensor]]):
@@ -670,7 +668,10 @@ class FakePalettize(nn.Module):
         if not self.is_enabled:  # a host-side flag: no device sync per forward
             return
         name, weight = self.live_weight(module)
-        module.__dict__[name] = self._value(module, weight)
+        if self.training:  # (as _value, inline: this runs per weight and forward)
+            module.__dict__[name] = self._group.soft_weight(self, module, weight)
+        else:
+            module.__dict__[name] = self(weight)
 
     def _value(self, module: nn.Module, weight: Tensor) -> Tensor:
         """The palettized value of ``weight`` (the parameter of ``module`` this palettizes)."""
