@@ -353,3 +353,41 @@ def test_dkm_applies_the_rule_at_prepare_and_at_every_step():
         cent.copy_(initial)  # collapsed again: the next step() repairs them
     pal.step()
     assert _same_bits(cent, _coremltools(initial, 0.0))
+
+
+def test_a_plan_runs_the_rule_again_on_the_same_buffers():
+    from lightning_palettize.palettizers._collapse import plan_repair
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = [_tensor(gen, 3, 8, 1), _tensor(gen, 2, 8, 2), _tensor(gen, 4, 4, 1)]
+    want = [t.clone() for t in tensors]
+    plan = plan_repair(tensors, [0.0, 0.3, 0.0])
+    for _ in range(3):  # the rule moves one duplicate per value per call: several calls differ
+        for w, tol in zip(want, [0.0, 0.3, 0.0]):
+            w.copy_(_coremltools(w, tol))
+        plan.run()
+        assert all(_same_bits(t, w) for t, w in zip(tensors, want))
+
+
+def test_dkm_steps_reuse_one_repair_plan(monkeypatch):
+    from lightning_palettize import DKMPalettizer
+    from lightning_palettize.palettizers import _collapse, dkm
+
+    calls = []
+    real = _collapse.plan_repair
+    monkeypatch.setattr(dkm, "plan_repair", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dkm, "_REPAIR_PLAN", [None, None])
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    pal = DKMPalettizer(model, {"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    pal.prepare(inplace=True)
+    for _ in range(3):
+        model(torch.randn(2, 16)).sum().backward()
+        pal.step()
+    assert len(calls) == 1  # prepare's; the steps run the same plan
+    fp = model[0].weight_dkm
+    collapsed = torch.zeros_like(fp.centroids)
+    collapsed[0, :, 0] = torch.tensor([0.0, 1.0, 1.0, 3.0])
+    fp._buffers["centroids"] = collapsed  # a new buffer object: a new plan that repairs it
+    pal.step()
+    assert len(calls) == 2
+    assert fp.centroids.flatten().tolist() == [0.0, 2.0, 1.0, 3.0]

@@ -27,7 +27,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-__all__ = ["repair_collapsed_centroids"]
+__all__ = ["repair_collapsed_centroids", "plan_repair", "RepairPlan"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -92,6 +92,28 @@ def repair_collapsed_centroids(
         >>> c.flatten().tolist()
         [0.0, 2.0, 1.0, 3.0]
     """
+    plan_repair(centroids, tol).run()
+
+
+class RepairPlan:
+    """:func:`repair_collapsed_centroids` with its per-tensor checks and batching done once:
+    ``run()`` applies the rule to the same buffers again (a training loop's step), paying only
+    the per-batch ops. Build it with :func:`plan_repair`; valid while the buffers are the same
+    tensor objects (in-place updates are fine)."""
+
+    def __init__(self, batches: list[tuple[list[Tensor], int | Tensor, int, int]]) -> None:
+        self.batches = batches
+
+    def run(self) -> None:
+        with torch.no_grad():
+            for tensors, limits, k, d in self.batches:
+                _repair_batch(tensors, limits, k, d)
+
+
+def plan_repair(centroids: Sequence[Tensor], tol: float | Sequence[float] = 0.0) -> RepairPlan:
+    """Check and batch the arguments of :func:`repair_collapsed_centroids` once (same
+    arguments and errors); ``plan_repair(c, tol).run()`` is ``repair_collapsed_centroids(c,
+    tol)``."""
     tensors = list(centroids)
     tols = _check(tensors, tol)
     batches: dict[tuple, list[tuple[Tensor, int]]] = {}
@@ -102,9 +124,11 @@ def repair_collapsed_centroids(
             continue  # a group always has n >= 1 distinct values: nothing can change
         # for an integer n: n < limit  <=>  n < ceil(limit)
         batches.setdefault((c.device, c.dtype, k, c.shape[2]), []).append((c, math.ceil(limit)))
-    with torch.no_grad():
-        for (_, _, k, d), items in batches.items():
-            _repair_batch([c for c, _ in items], [m for _, m in items], k, d)
+    plan = []
+    for (_, _, k, d), items in batches.items():
+        tensors = [c for c, _ in items]
+        plan.append((tensors, _row_limits(tensors, [m for _, m in items]), k, d))
+    return RepairPlan(plan)
 
 
 def _check(tensors: list[Tensor], tol: float | Sequence[float]) -> list[float]:
@@ -146,8 +170,9 @@ def _row_limits(tensors: list[Tensor], limits: list[int]) -> int | Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _repair_batch(tensors: list[Tensor], limits: list[int], k: int, d: int) -> None:
-    """All tensors share device, dtype, K and d; `limits` holds each tensor's integer m."""
+def _repair_batch(tensors: list[Tensor], limits: int | Tensor, k: int, d: int) -> None:
+    """All tensors share device, dtype, K and d; ``limits``: the `n < m` threshold of every
+    group (see _row_limits)."""
     x = torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # [N, K, d]
     n_rows = x.shape[0]
     xf = x.float()  # coremltools compares C.float(); a no-op for float32
@@ -183,7 +208,7 @@ def _repair_batch(tensors: list[Tensor], limits: list[int], k: int, d: int) -> N
     else:
         neighbour = s.gather(1, nxt.unsqueeze(2).expand(n_rows, k, d))
     midpoint = 0.5 * (s + neighbour)  # coremltools' float32 0.5 * (U_j + U_{j+1})
-    move = dup_first & (n_distinct < _row_limits(tensors, limits))
+    move = dup_first & (n_distinct < limits)
     if d > 1:
         move = move.unsqueeze(2)
     moved_sorted = torch.where(move, midpoint, s)

@@ -27,7 +27,7 @@ from lightning_palettize import soft_kmeans as _sk
 from lightning_palettize.config import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_config
 from lightning_palettize.kmeans import kmeans, kmeans_vectors
 from lightning_palettize.palette import Layout, Palette, channel_scale, quantize_lut
-from lightning_palettize.palettizers._collapse import repair_collapsed_centroids
+from lightning_palettize.palettizers._collapse import plan_repair
 from lightning_palettize.palettizers._common import (
     KMEANS_SUPPORTED,
     attach_coreml_metadata,
@@ -791,10 +791,19 @@ def _repair_collapsed(fps: list[FakePalettize]) -> None:
     when centroids are initialized at ``prepare``). Identical centroids would otherwise get
     identical updates forever (a LayerNorm weight of ones, a weight with fewer distinct values
     than K). No host read: a fixed number of launches per (K, d) batch."""
-    if fps:
-        repair_collapsed_centroids(
-            [fp._buffers["centroids"] for fp in fps], [fp.cfg.palett_cluster_tol for fp in fps]
-        )
+    if not fps:
+        return
+    bufs = [fp._buffers["centroids"] for fp in fps]
+    tols = [fp.cfg.palett_cluster_tol for fp in fps]
+    key = (list(map(id, bufs)), tols)  # (the plan holds the buffers: their ids stay theirs)
+    if _REPAIR_PLAN[0] != key:  # the checks and batching once per set of buffers, not per step
+        _REPAIR_PLAN[:] = [key, plan_repair(bufs, tols)]
+    _REPAIR_PLAN[1].run()
+
+
+# the last _repair_collapsed call's (key, RepairPlan): a training loop repairs the same buffers
+# every step
+_REPAIR_PLAN: list[Any] = [None, None]
 
 
 @torch.no_grad()
