@@ -115,11 +115,15 @@ def resolve_module_config(
             f"{', '.join(c.__name__ for c in _TOP_LEVEL)}"
         )
     weights = _weights(module, param_names)
+    # (_module_value: a raw dict or list put into the config's dicts after it was built gets
+    # the validation the setters give, or a clear error; a built config passes through)
     for pattern, value in config.module_name_configs.items():
         if re.fullmatch(pattern, name):
+            value = config._module_value(value, f"module_name_configs[{pattern!r}]")
             return _finish(value, module, weights)
     found, value = _match_type(config, type(module))
     if found:
+        value = config._module_value(value, f"module_type_configs[{type(module).__name__!r}]")
         return _finish(value, module, weights)
     dkm = isinstance(config, DKMPalettizerConfig)
     if dkm and config.fills_defaults() and _dkm_default_n_bits(type(module)) is not None:
@@ -127,7 +131,7 @@ def resolve_module_config(
         # created empty (so it also beats a later set_global)
         return _finish(ModuleDKMPalettizerConfig(), module, weights)
     if config.global_config is not None:
-        return _finish(config.global_config, module, weights)
+        return _finish(config._module_value(config.global_config, "global_config"), module, weights)
     if dkm or not config.fills_defaults():
         return None
     return _finish(config._module_config(), module, weights)

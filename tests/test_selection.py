@@ -465,3 +465,18 @@ def test_bad_arguments_raise_type_error():
         select_weights(nn.Linear(2, 2), PTP(), {nn.Linear: "weight"})
     with pytest.raises(TypeError, match="expected one of"):
         resolve_module_config(MPTP(), "fc", nn.Linear(2, 2))
+
+
+def test_raw_dicts_put_into_a_built_config_are_validated_at_resolution():
+    # the setters validate; a dict assigned into the config's dicts afterwards used to fail
+    # with AttributeError deep in the palettizer
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    config = PTP()
+    config.module_name_configs["0"] = {"n_bits": 3}
+    assert bits(select_weights(model, config, SUPPORTED)) == {"0.weight": 3, "1.weight": 4}
+    config.module_name_configs["0"] = {"n_bitz": 3}
+    with pytest.raises(ValueError, match=r"module_name_configs\['0'\].*'n_bitz'.*did you mean"):
+        select_weights(model, config, SUPPORTED)
+    dkm = DKMPalettizerConfig()
+    dkm.module_type_configs[nn.Linear] = [{"n_bits": 3, "weight_threshold": 0}]
+    assert bits(select_weights(model, dkm, SUPPORTED)) == {"0.weight": 3, "1.weight": 3}
