@@ -277,3 +277,24 @@ def test_value_error_of_training_step_is_not_relabelled():
     with pytest.raises(ValueError, match="user bug") as info:
         t.test(model, verbose=False)
     assert not isinstance(info.value, MisconfigurationException)
+
+
+def test_dkm_fit_resumed_from_a_plain_checkpoint_starts_from_its_weights(tmp_path):
+    # fine-tuning with DKM from an fp32 run's checkpoint via ckpt_path: the callback prepares
+    # before the restore, and the centroids then start from the restored weights
+    from lightning_palettize.kmeans import kmeans
+
+    torch.manual_seed(0)
+    first = trainer(max_steps=8)
+    plain = BoringModule()
+    first.fit(plain, boring_data())
+    path = tmp_path / "plain.ckpt"
+    first.save_checkpoint(path)
+    config = {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+    callback = PalettizationCallback(config, finalize_on_fit_end=False)
+    module = BoringModule()
+    trainer(max_steps=8, callbacks=[callback]).fit(module, boring_data(), ckpt_path=path)
+    fp = module.net[0].weight_dkm  # max_steps reached at once: restored, not trained
+    weight = torch.load(path, weights_only=False)["state_dict"]["net.0.weight"]
+    assert torch.equal(module.net[0].weight.detach(), weight)
+    assert torch.equal(fp.centroids, kmeans(fp.layout.to_groups(weight), 4).centroids.float())

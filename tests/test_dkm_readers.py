@@ -415,3 +415,34 @@ def test_half_precision_model_finalizes_to_a_lut_in_its_dtype(dtype, tmp_path):
     assert torch.equal(loaded[0].weight, final[0].weight)
     weight = summary["weights"]["0.weight"]
     assert weight["bytes"] == weight["ideal_bytes"] == 256 * 64 // 2 + 16 * 2  # a half LUT
+
+
+def test_pretrained_weights_loaded_after_prepare_start_the_centroids():
+    # coremltools initializes at the first palettized forward; here prepare does (milestone 0),
+    # so a plain state_dict loaded afterwards re-starts the centroids from the loaded weights,
+    # and a strict load passes. A DKM state_dict, or one without the weight, keeps the state.
+    from lightning_palettize.kmeans import kmeans
+
+    torch.manual_seed(11)
+    pretrained = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64))
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64))
+    cfg = {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+    pal = DKMPalettizer(model, {**cfg, "module_name_configs": {"1": {"milestone": 2}}})
+    pal.prepare(inplace=True)
+    fresh = DKMPalettizer(pretrained, cfg).prepare()
+    model.load_state_dict(pretrained.state_dict())  # strict
+    fp0, fp1 = model[0].weight_dkm, model[1].weight_dkm
+    assert torch.equal(fp0.centroids, fresh[0].weight_dkm.centroids)
+    want = kmeans(fp0.layout.to_groups(pretrained[0].weight.detach()), 4).centroids
+    assert torch.equal(fp0.centroids, want.float())
+    assert not fp1.is_enabled and int(fp1.steps) == 0  # not started: starts at its milestone
+    mid = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        fp0.centroids.add_(1.0)
+    model.load_state_dict(mid)  # a DKM state_dict: its own centroids
+    assert torch.equal(fp0.centroids, mid["0.weight_dkm.centroids"])
+    before = fp0.centroids.clone()
+    model.load_state_dict({"1.bias": torch.zeros(64)}, strict=False)  # no weight: state kept
+    assert torch.equal(fp0.centroids, before)
+    final = pal.finalize(inplace=True)
+    assert all(len(m._load_state_dict_pre_hooks) == 0 for m in final.modules())

@@ -535,6 +535,28 @@ class FakePalettize(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._enabled_seen = self._steps_seen = None  # re-read once from the loaded buffers
 
+    @torch.no_grad()
+    def _owner_load_pre_hook(self, module: nn.Module, state_dict, prefix: str, *args) -> None:
+        """A load_state_dict pre-hook of the owning module. A state_dict without this weight's
+        DKM state but with the weight itself (pretrained weights loaded after ``prepare``, a
+        plain checkpoint resumed by a Trainer): centroids already started come from the loaded
+        weight, as if it had been there at ``prepare``; the rest of the state stays. The state
+        is put into ``state_dict``, so a strict load passes."""
+        own = f"{prefix}{self.param_name}_dkm."
+        if module._modules.get(f"{self.param_name}_dkm") is not self:
+            return
+        if any(own + name in state_dict for name in self._buffers):
+            return  # a DKM state_dict: loaded as it is
+        keys = [prefix + self.param_name, f"{prefix}{self.param_name}_orig"]
+        weight = next((state_dict[k] for k in keys if k in state_dict), None)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != self.layout.shape:
+            return  # the weight is not loaded either: the state stays (strict reports it)
+        if self.is_enabled:
+            self.initialize(weight.to(self._buffers["centroids"].device))
+            _repair_collapsed([self])
+        for name, buf in self._buffers.items():
+            state_dict[own + name] = buf.detach().clone()
+
     @property
     def is_enabled(self) -> bool:
         """Whether the weight is palettized; a host-side copy of the ``enabled`` buffer.
@@ -695,6 +717,7 @@ class FakePalettize(nn.Module):
         # or spectral_norm's, recomputing it from <param>_orig) sees the palettized value
         module.register_forward_pre_hook(self.pre_hook, prepend=True)
         module.register_forward_hook(self.post_hook)
+        module.register_load_state_dict_pre_hook(self._owner_load_pre_hook)
 
     def add_reader(
         self, module: nn.Module, reader: nn.Module, holder: nn.Module, name: str | None
@@ -714,6 +737,9 @@ class FakePalettize(nn.Module):
             for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
                 for key in [k for k, h in hooks.items() if _hook_owner(h) is self]:
                     del hooks[key]
+        loads = module._load_state_dict_pre_hooks
+        for key in [k for k, h in loads.items() if _hook_owner(getattr(h, "hook", None)) is self]:
+            del loads[key]
         module.__dict__.pop(self.live_weight(module)[0], None)
         self._group.leave(self)
         delattr(module, f"{self.param_name}_dkm")
