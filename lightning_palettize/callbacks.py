@@ -53,7 +53,6 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_palettize.config import (
-    DKM_DEFAULT_N_BITS,
     DKMPalettizerConfig,
     PostTrainingPalettizerConfig,
     SKMPalettizerConfig,
@@ -64,7 +63,6 @@ from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize, _a
 from lightning_palettize.palettizers.post_training import PostTrainingPalettizer
 from lightning_palettize.palettizers.skm import SKMPalettizer
 from lightning_palettize.report import PalettizationReport
-from lightning_palettize.selection import has_type_config
 
 __all__ = [
     "PalettizationCallback",
@@ -508,7 +506,7 @@ def _fake_palettizers(module: nn.Module) -> list[tuple[str, FakePalettize]]:
 
 
 def _shift_milestones(config: DKMPalettizerConfig, by: int) -> DKMPalettizerConfig:
-    """The same config with every module milestone + ``by`` (coremltools' defaults spelled out)."""
+    """The same config with every module milestone + ``by``."""
 
     def shift(value: Any) -> Any:
         if isinstance(value, list):
@@ -517,13 +515,7 @@ def _shift_milestones(config: DKMPalettizerConfig, by: int) -> DKMPalettizerConf
             return {**value, "milestone": value.get("milestone", 0) + by}
         return value
 
-    data = config.as_dict()
-    if config.fills_defaults():
-        # created empty: coremltools' default table applies to the types not configured since;
-        # spell it out so it can be shifted
-        for cls in DKM_DEFAULT_N_BITS:
-            if not has_type_config(config, cls):
-                data["module_type_configs"][cls] = {}
+    data = config.as_dict()  # (coremltools' default table, if any, is in it as entries)
     data["global_config"] = shift(data["global_config"])
     for key in ("module_type_configs", "module_name_configs"):
         data[key] = {k: shift(v) for k, v in data[key].items()}

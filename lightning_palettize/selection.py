@@ -125,16 +125,10 @@ def resolve_module_config(
     if found:
         value = config._module_value(value, f"module_type_configs[{type(module).__name__!r}]")
         return _finish(value, module, weights)
-    dkm = isinstance(config, DKMPalettizerConfig)
-    if dkm and config.fills_defaults() and _dkm_default_n_bits(type(module)) is not None:
-        # coremltools' default table, filled into module_type_configs when the config was
-        # created empty (so it also beats a later set_global)
-        return _finish(ModuleDKMPalettizerConfig(), module, weights)
+    # (a config created empty holds the defaults as entries: the type table or global_config)
     if config.global_config is not None:
         return _finish(config._module_value(config.global_config, "global_config"), module, weights)
-    if dkm or not config.fills_defaults():
-        return None
-    return _finish(config._module_config(), module, weights)
+    return None
 
 
 def select_weights(
