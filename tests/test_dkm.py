@@ -21,6 +21,21 @@ from lightning_palettize.palettizers.dkm import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def tiny_llama(hidden: int, intermediate: int, layers: int, vocab: int):
+    """A randomly initialized transformers LlamaForCausalLM of 4 heads (skips without
+    transformers)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 def _fp16_exact(module):
     # weights exactly representable in fp16: the table engine then matches the dense math tightly
     with torch.no_grad():
@@ -706,20 +721,11 @@ def test_chunked_rounds_in_a_llama_run_inside_its_backward(monkeypatch):
     # the GPU benchmark's model shape, small: with one round every Linear's weight gradient
     # arrives after the layers' backward has passed layer 1; in 4 chunks the last chunk's
     # (the last layer's MLP and the LM head) before the last layer's own norm's
-    transformers = pytest.importorskip("transformers")
     from lightning_palettize.palettizers import dkm
 
     _device_layout(monkeypatch)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=500,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).train()
+    model = tiny_llama(hidden=64, intermediate=128, layers=4, vocab=500).train()
     pal = DKMPalettizer(model, {"module_type_configs": {"Linear": {"n_bits": 4}}})
     model = pal.prepare(inplace=True)
     tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -351,18 +351,11 @@ def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks):
 
 
 def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    from test_dkm import tiny_llama
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(9)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
-    )
-    base = transformers.LlamaForCausalLM(config)
+    base = tiny_llama(hidden=32, intermediate=64, layers=2, vocab=64)
     ids = torch.randint(0, 64, (2, 12))
 
     def run(ckpt):
