@@ -1,6 +1,7 @@
 """Builds the compiled pieces (plain C, Python headers only, no torch headers):
 
 * ``_kmeans1d``: the exact 1-D k-means dynamic program.
+* ``_kmeansvec``: vector k-means (k-means++ seeding, Lloyd with Hamerly's bounds).
 * ``_dkm_cpu``: DKM's fused CPU passes (soft_kmeans' scalar engine; AVX2/F16C where the CPU
   has them, chosen at run time, portable C otherwise). Optional at import: without it the
   engine runs its torch code.
@@ -14,6 +15,11 @@ setup(
             "lightning_palettize._kmeans1d",
             sources=["lightning_palettize/_kmeans1d.c"],
             extra_compile_args=["-O3"],
+        ),
+        Extension(
+            "lightning_palettize._kmeansvec",
+            sources=["lightning_palettize/_kmeansvec.c"],
+            extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp-simd"],
         ),
         Extension(
             "lightning_palettize._dkm_cpu",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_palettize.kmeans as km
 from lightning_palettize.kmeans import kmeans, kmeans_1d, kmeans_many, kmeans_vectors
 
 
@@ -411,6 +412,140 @@ def test_vector_kmeans_close_to_exact_in_1d():
     exact = kmeans_1d(x, 8, exact=True).inertia
     vec = kmeans_vectors(x.unsqueeze(-1), 8, n_init=3).inertia
     assert vec.item() <= exact.item() * 1.05
+
+
+@pytest.fixture
+def torch_vectors(monkeypatch):
+    """Runs kmeans_vectors through its torch program (what non-CPU devices run)."""
+
+    def run(*args, **kwargs):
+        monkeypatch.setattr(km, "_VECTORS_CPU", False)
+        try:
+            return kmeans_vectors(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(km, "_VECTORS_CPU", True)
+
+    return run
+
+
+def _vector_cases():
+    gen = torch.Generator().manual_seed(21)
+    two_clouds = torch.cat(
+        [torch.randn(1, 300, 3, generator=gen) + 4, torch.randn(1, 300, 3, generator=gen)], 1
+    )
+    zero_w = torch.rand(2, 500, generator=gen)
+    zero_w[1] = 0.0  # a group without importance: seeding falls back to uniform draws
+    zero_w[0, :250] = 0.0
+    return [
+        # x, k, weights, n_init
+        (torch.randn(3, 600, 2, generator=gen), 8, torch.rand(3, 600, generator=gen) + 0.1, 3),
+        (torch.randn(2, 2000, 4, generator=gen), 16, None, 2),
+        (two_clouds, 5, None, 4),
+        (torch.randn(2, 500, 2, generator=gen), 4, zero_w, 3),
+        (torch.randn(1, 5, 2, generator=gen).repeat(1, 40, 1), 8, None, 2),  # 5 distinct, k=8
+        (torch.randn(1, 6, 3, generator=gen), 8, None, 1),  # k > N
+        (torch.randn(2, 300, 1, generator=gen).half(), 4, None, 2),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_vector_kernel_matches_torch_program(case, torch_vectors):
+    """The compiled kernel (Hamerly-accelerated Lloyd, every restart on two threads) and the torch
+    program (plain Lloyd, full scans) seed alike and converge to the same clustering."""
+    x, k, w, n_init = _vector_cases()[case]
+    a = kmeans_vectors(x, k, w, n_init=n_init, seed=3)
+    b = torch_vectors(x, k, w, n_init=n_init, seed=3)
+    torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.labels, b.labels)
+    # the torch program measures |c|^2 - 2 x.c + |x|^2 in float32; the kernel sums exactly
+    torch.testing.assert_close(a.inertia, b.inertia, rtol=1e-5, atol=1e-4)
+    xd = x.double()
+    chosen = torch.gather(a.centroids.double(), 1, a.labels.long().unsqueeze(-1).expand_as(xd))
+    sq = ((xd - chosen) ** 2).sum(-1) * (1.0 if w is None else w.double())
+    torch.testing.assert_close(a.inertia, sq.sum(1), rtol=1e-6, atol=1e-9)
+    assert a.labels.dtype == b.labels.dtype == torch.uint8 and a.centroids.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vector_kernel_seeding_matches_kmeanspp(weighted):
+    """max_iter=0 returns the k-means++ seeds: equal to the torch seeding from the same uniforms."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 400, 3, generator=gen)
+    w = torch.rand(3, 400, generator=gen) if weighted else torch.ones(3, 400)
+    k = 12
+    u = torch.rand(3, 1, k, generator=gen, dtype=torch.float64)
+    cent = torch.empty(3, k, 3)
+    labels = torch.empty(3, 400, dtype=torch.uint8)
+    inertia = torch.full((3,), float("inf"), dtype=torch.float64)
+    wn = w.numpy() if weighted else None
+    km._kmeansvec.run(
+        x.numpy(),
+        wn,
+        u.numpy(),
+        3,
+        k,
+        1,
+        0,
+        0.0,
+        cent.numpy(),
+        labels.numpy(),
+        inertia.numpy(),
+        0,
+        3,
+    )
+    assert torch.equal(cent, km._kmeanspp(x, k, w, u[:, 0]))
+    d = ((x.unsqueeze(2) - cent.unsqueeze(1)) ** 2).sum(-1)
+    assert torch.equal(labels.long(), d.argmin(dim=2))
+    torch.testing.assert_close(
+        inertia, (d.min(dim=2).values * w).sum(1).double(), rtol=1e-5, atol=0
+    )
+
+
+def test_vector_kernel_is_lloyd_at_every_iteration(torch_vectors):
+    """Hamerly's bounds skip only vectors that cannot move: with the stopping rule off, after
+    each iteration count every vector sits at its nearest centroid (checked in float64), and the
+    run follows the torch program's plain Lloyd (which differs only in float32 near ties)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3000, 3, generator=gen)
+    for iters in (1, 2, 5, 20, 60):
+        a = kmeans_vectors(x, 16, n_init=1, max_iter=iters, tol=-1.0)
+        d = ((x.double().unsqueeze(2) - a.centroids.double().unsqueeze(1)) ** 2).sum(-1)
+        own = torch.gather(d, 2, a.labels.long().unsqueeze(2)).squeeze(2)
+        assert bool((own <= d.min(dim=2).values * (1 + 1e-5) + 1e-9).all()), iters
+        b = torch_vectors(x, 16, n_init=1, max_iter=iters, tol=-1.0)
+        assert (a.labels == b.labels).double().mean() > 0.999, iters
+        torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-3, atol=1e-3)
+
+
+def test_vector_restarts_keep_the_best():
+    """Restarts run split over two threads; each group keeps its lowest-inertia restart."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 2000, 2, generator=gen)
+    best = kmeans_vectors(x, 8, n_init=4, seed=1)
+    u = torch.rand(3, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    singles = []
+    for r in range(4):  # each restart alone, from the same uniforms
+        cent = torch.empty(3, 8, 2)
+        labels = torch.empty(3, 2000, dtype=torch.uint8)
+        inertia = torch.full((3,), float("inf"), dtype=torch.float64)
+        args = (x.numpy(), None, u[:, r : r + 1].contiguous().numpy(), 2, 8, 1, 100, 1e-6)
+        km._kmeansvec.run(*args, cent.numpy(), labels.numpy(), inertia.numpy(), 0, 3)
+        singles.append(inertia)
+    assert torch.equal(best.inertia, torch.stack(singles).min(dim=0).values)
+
+
+def test_vector_kernel_rejects_inconsistent_buffers():
+    x = torch.zeros(2, 10, 2)
+    out = (
+        torch.empty(2, 4, 2).numpy(),
+        torch.empty(2, 10, dtype=torch.uint8).numpy(),
+        torch.empty(2, dtype=torch.float64).numpy(),
+    )
+    u = torch.rand(2, 1, 4, dtype=torch.float64).numpy()
+    with pytest.raises(ValueError, match="inconsistent"):
+        km._kmeansvec.run(x.numpy(), None, u, 3, 4, 1, 10, 0.0, *out, 0, 2)  # wrong d
+    with pytest.raises(ValueError, match="inconsistent"):
+        km._kmeansvec.run(x.numpy(), None, u, 2, 4, 1, 10, 0.0, *out, 0, 3)  # job past the end
 
 
 def test_dispatch_shapes():
