@@ -195,17 +195,22 @@ class _Cfg:
 # shared math
 
 
-def _pairwise(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _pairwise(x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
     """(x_i - c_j) and D_ij = ||x_i - c_j||^2 for x [G, n, d], c [G, K, d].
 
-    The difference is [G, n, K] when d == 1 (the common case, no trailing unit axis) and
-    [G, n, K, d] otherwise.
+    The difference is [G, n, K] when d == 1 (the common case, no trailing unit axis). Vectors
+    get None: D is summed over the d coordinates one [G, n, K] plane at a time (exact, as the
+    difference form; no [G, n, K, d] tensor), and :func:`_pairwise_grad` works from x and c.
     """
     if x.shape[-1] == 1:
         diff = x - c.transpose(1, 2)
         return diff, diff * diff
-    diff = x.unsqueeze(2) - c.unsqueeze(1)
-    return diff, diff.square().sum(-1)
+    ct = c.transpose(1, 2)  # [G, d, K]
+    dist = (x[..., 0:1] - ct[:, 0:1]).square_()
+    for t in range(1, x.shape[-1]):
+        # square, then add (no fused multiply-add: the same roundings as the difference form)
+        dist += (x[..., t : t + 1] - ct[:, t : t + 1]).square_()
+    return None, dist
 
 
 def _adjust(dist: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
@@ -252,14 +257,23 @@ def _logit_grad(grad_a: Tensor, probs: Tensor, x: Tensor, cfg: _Cfg) -> Tensor:
     return grad_a
 
 
-def _pairwise_grad(grad_logits: Tensor, diff: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor]:
-    """Backward of logits = -||x - c||^2 / tau as (d x [G, n, d], d c [G, K, d])."""
+def _pairwise_grad(
+    grad_logits: Tensor, diff: Tensor | None, cfg: _Cfg, x: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Backward of logits = -||x - c||^2 / tau as (d x [G, n, d], d c [G, K, d]).
+
+    With e = d logits: d x_i = -2/tau sum_j e_ij (x_i - c_j) and d c_j = 2/tau sum_i e_ij
+    (x_i - c_j). Scalars use ``diff``; vectors (``diff`` None) the same sums as matrix products,
+    x_i sum_j e_ij - (e C)_i and c_j sum_i e_ij - (e^T x)_j (signs folded in).
+    """
     two = -2.0 / cfg.tau
-    if diff.dim() == 3:
+    if diff is not None:
         e = grad_logits.mul_(diff)
         return two * e.sum(-1, keepdim=True), -two * e.sum(1).unsqueeze(-1)
-    e = grad_logits.unsqueeze(-1) * diff
-    return two * e.sum(2), -two * e.sum(1)
+    e = grad_logits
+    gx = torch.baddbmm(x * e.sum(-1, keepdim=True), e, c, alpha=-1.0).mul_(two)
+    gc = torch.baddbmm(c * e.sum(1).unsqueeze(-1), e.transpose(1, 2), x, alpha=-1.0)
+    return gx, gc.mul_(two)
 
 
 def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
@@ -457,7 +471,7 @@ class _DenseStats(torch.autograd.Function):
                 if probs is None:
                     continue
                 grad_a = torch.baddbmm(grad_mass.unsqueeze(1), xc, grad_sums.transpose(1, 2))
-                gxc, gcc = _pairwise_grad(_logit_grad(grad_a, probs, xc, cfg), diff, cfg)
+                gxc, gcc = _pairwise_grad(_logit_grad(grad_a, probs, xc, cfg), diff, cfg, xc, c)
                 if need_x:
                     gx[:, a:b] += gxc
                 gc += gcc
@@ -511,7 +525,9 @@ class _DenseOutput(torch.autograd.Function):
                 if probs is None:
                     continue
                 grad_a = torch.bmm(go, last_c.transpose(1, 2))
-                gxc, gpc = _pairwise_grad(_logit_grad(grad_a, probs, xc, cfg), diff, cfg)
+                gxc, gpc = _pairwise_grad(
+                    _logit_grad(grad_a, probs, xc, cfg), diff, cfg, xc, prev_c
+                )
                 if need_x:
                     gx[:, a:b] = gxc
                 gp += gpc
