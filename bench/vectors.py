@@ -16,7 +16,8 @@ Sections:
   squared error ratio (ours / theirs).
 - ``dkm``: ``DKMPalettizer.prepare`` of the MLP with ``cluster_dim`` 2, 4 bits and coremltools'
   default ``kmeans_n_init=10`` (its centroid init: ten k-means++ restarts per layer), timed
-  with the kernel and with the torch program.
+  with the kernel and with the torch program; then the steady DKM training step (SGD, batch
+  64) against the plain step.
 
 Times are medians over ``--repeat`` runs, the two sides alternating. Results go to
 bench/results/<out>.json and markdown tables on stdout. Torch threads default to 1 (see
@@ -34,6 +35,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make "bench" importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
 
 from bench import _coremltools as C
 from bench import _harness as H
@@ -109,7 +112,7 @@ def ptp_rows(repeat: int, quick: bool) -> list[dict[str, Any]]:
         for n_bits in (4,) if quick else (2, 4):
             for dim in (2,) if quick else (2, 4):
                 cfg = C.ptp_config_dict(model, n_bits, cluster_dim=dim)
-                # only the layers whose output channels cluster_dim divides (both sides refuse others)
+                # only layers whose output channels cluster_dim divides (both sides refuse others)
                 mods = dict(model.named_modules())
                 cfg["module_name_configs"] = {
                     k: v
@@ -160,15 +163,31 @@ def dkm_rows(repeat: int) -> list[dict[str, Any]]:
     res = _alternate({"kernel": prepare, "torch": _torch_program(prepare)}, repeat)
     (tk, _), (tt, _) = res["kernel"], res["torch"]
     print(f"dkm prepare: {tt / tk:.1f}x", flush=True)
+    # the steady training step, DKM vs plain (SGD, the MLP's batch of 64), alternating
+    batches = [W.mlp_batch()]
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1e-3)  # noqa: E731
+    plain, dkm = [], []
+    for r in range(repeat):
+        pal = DKMPalettizer(W.mlp(), cfg)
+        prepared = pal.prepare()
+        runs = [("plain", W.mlp(), None), ("dkm", prepared, pal.step)]
+        for side, m, after in runs if r % 2 == 0 else runs[::-1]:
+            t = H.train_steps(m, batches, sgd, 6, after_step=after)["steady_step_s"]
+            (plain if side == "plain" else dkm).append(t)
+    tp, td = statistics.median(plain), statistics.median(dkm)
+    print(f"dkm step: {td / tp:.1f}x plain", flush=True)
     return [
         {
             "workload": "mlp",
             "n_bits": 4,
             "cluster_dim": 2,
             "kmeans_n_init": 10,
-            "kernel_s": tk,
-            "torch_s": tt,
-            "speedup": tt / tk,
+            "prepare_kernel_s": tk,
+            "prepare_torch_s": tt,
+            "prepare_speedup": tt / tk,
+            "plain_step_s": tp,
+            "dkm_step_s": td,
+            "step_ratio": td / tp,
         }
     ]
 

@@ -2397,6 +2397,304 @@ static PyObject *py_put(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Vector rows (cluster_dim > 1): soft_kmeans' dense engine, one row x_i [d] at a time.
+ *
+ * For each row: D_j = ||x_i - c_j||^2 (adjusted: prune pull, or D_0 = 1 / zero_threshold for a
+ * non-zero row when exact zeros are kept), P = softmax(-D / tau) (an exp2 per entry), A = P or
+ * max(P, zero_threshold) (mode "dkm" with the clamp). Nothing [n, K] is stored: each pass
+ * recomputes the row's attention. Modes "hard" and "gsm" stay in torch.
+ *
+ *   vec_fwd(0, ...): sums[g, j] += A_j x_i, mass[g, j] += A_j, inertia[g] += min_j D_j (float64)
+ *   vec_fwd(1, ...): y_i = sum_j A_j F_j
+ *   vec_bwd(0, ...): the backward of vec_fwd(0) given d sums (gs) and d mass (gm)
+ *   vec_bwd(1, ...): the backward of vec_fwd(1) given d y (go): also dF += A_j go
+ * and through the attention: d logits = softmax' of dA (masked where clamped), then
+ * d x_i = -2/tau (x_i sum_j e_j - sum_j e_j c_j), d c_j += 2/tau e_j (x_i - c_j).
+ *
+ * Python signatures (pointers as integers: float32 unless noted, C-contiguous; the GIL is
+ * released):
+ *   vec_fwd(mode, x, c, G, n, d, K, tau, prune, zt, keep_zeros, clamp, F, out0, out1, out2)
+ *     mode 0: out0 sums float64[G, K, d], out1 mass float64[G, K], out2 inertia float64[G] or 0
+ *     mode 1: F [G, K, d], out0 y [G, n, d]
+ *   vec_bwd(mode, x, c, G, n, d, K, tau, prune, zt, keep_zeros, clamp, F, gin0, gin1, gx, gc, gf)
+ *     mode 0: gin0 gs [G, K, d], gin1 gm [G, K]; mode 1: gin0 go [G, n, d], F, gf float64[G, K, d]
+ *     gx [G, n, d] (written, or 0), gc float64[G, K, d] (accumulated)
+ */
+
+#define VEC_MAXK 256
+
+typedef struct {
+    int64_t d, k;
+    float factor; /* log2(e) / tau */
+    float prune, zinv, zt;
+    int keep_zeros, clamp;
+} vrow_t;
+
+/* The attention of one row into p (softmax) and a (clamped); returns min_j D_j and sets *nz
+ * (whether the row has a non-zero entry). ct: centroids transposed, [d][K]. */
+INLINE float vrow_att(const vrow_t *v, const float *xi, const float *ct, float *dd, float *p,
+                      float *a, int *nz) {
+    int64_t k = v->k, d = v->d;
+    float x0 = xi[0];
+    int any = x0 != 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) {
+        float e = x0 - ct[j];
+        dd[j] = e * e;
+    }
+    for (int64_t t = 1; t < d; ++t) {
+        float xt = xi[t];
+        const float *row = ct + t * k;
+        any |= xt != 0.0f;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) {
+            float e = xt - row[j];
+            dd[j] += e * e;
+        }
+    }
+    if (v->prune > 0.0f)
+        dd[0] -= v->prune;
+    else if (v->keep_zeros && any)
+        dd[0] = v->zinv;
+    float mn = INFINITY;
+#pragma omp simd reduction(min : mn)
+    for (int64_t j = 0; j < k; ++j) mn = dd[j] < mn ? dd[j] : mn;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < k; ++j) {
+        p[j] = exp2_neg((mn - dd[j]) * v->factor);
+        sum += p[j];
+    }
+    float inv = 1.0f / sum, zt = v->zt;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) {
+        p[j] *= inv;
+        a[j] = v->clamp && p[j] < zt ? zt : p[j];
+    }
+    *nz = any;
+    return mn;
+}
+
+static void vec_transpose(const float *c, int64_t k, int64_t d, float *ct) {
+    for (int64_t j = 0; j < k; ++j)
+        for (int64_t t = 0; t < d; ++t) ct[t * k + j] = c[j * d + t];
+}
+
+/* float accumulators [d][K] (transposed) flushed into float64 [K][d] every VEC_BLOCK rows */
+#define VEC_BLOCK 256
+
+static void vec_flush(float *acc, double *out, int64_t k, int64_t d, double scale) {
+    for (int64_t j = 0; j < k; ++j)
+        for (int64_t t = 0; t < d; ++t) out[j * d + t] += scale * (double)acc[t * k + j];
+    memset(acc, 0, sizeof(float) * k * d);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define VEC_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VEC_CLONES
+#endif
+
+VEC_CLONES
+static int vec_fwd_run(int mode, const vrow_t *v, const float *x, const float *c, int64_t g,
+                       int64_t n, const float *f, double *out0, double *out1, double *out2,
+                       float *y) {
+    int64_t k = v->k, d = v->d;
+    /* ct [d][K], ft [d][K], acc [d][K], macc [K] */
+    float *buf = malloc(sizeof(float) * (3 * k * d + k));
+    if (!buf) return -1;
+    float *ct = buf, *ft = ct + k * d, *acc = ft + k * d, *macc = acc + k * d;
+    float dd[VEC_MAXK], p[VEC_MAXK], a[VEC_MAXK];
+    for (int64_t q = 0; q < g; ++q) {
+        const float *xq = x + q * n * d;
+        vec_transpose(c + q * k * d, k, d, ct);
+        if (f) vec_transpose(f + q * k * d, k, d, ft);
+        memset(acc, 0, sizeof(float) * (k * d + k));
+        double inertia = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+            const float *xi = xq + i * d;
+            int nz;
+            float mn = vrow_att(v, xi, ct, dd, p, a, &nz);
+            if (mode == 0) {
+                inertia += mn;
+#pragma omp simd
+                for (int64_t j = 0; j < k; ++j) macc[j] += a[j];
+                for (int64_t t = 0; t < d; ++t) {
+                    float xt = xi[t];
+                    float *row = acc + t * k;
+#pragma omp simd
+                    for (int64_t j = 0; j < k; ++j) row[j] += a[j] * xt;
+                }
+                if ((i + 1) % VEC_BLOCK == 0 || i + 1 == n) {
+                    double *mass = out1 + q * k;
+                    for (int64_t j = 0; j < k; ++j) mass[j] += macc[j];
+                    memset(macc, 0, sizeof(float) * k);
+                    vec_flush(acc, out0 + q * k * d, k, d, 1.0);
+                }
+            } else {
+                float *yi = y + (q * n + i) * d;
+                for (int64_t t = 0; t < d; ++t) {
+                    const float *row = ft + t * k;
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t j = 0; j < k; ++j) s += a[j] * row[j];
+                    yi[t] = s;
+                }
+            }
+        }
+        if (mode == 0 && out2) out2[q] += inertia;
+    }
+    free(buf);
+    return 0;
+}
+
+VEC_CLONES
+static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, const float *c,
+                       int64_t g, int64_t n, const float *f, const float *gin0, const float *gin1,
+                       float *gx, double *gc, double *gf) {
+    int64_t k = v->k, d = v->d;
+    /* ct, ft (F or gs, transposed), gcacc, gfacc: [d][K] each */
+    float *buf = malloc(sizeof(float) * 4 * k * d);
+    if (!buf) return -1;
+    float *ct = buf, *ft = ct + k * d, *gcacc = ft + k * d, *gfacc = gcacc + k * d;
+    float dd[VEC_MAXK], p[VEC_MAXK], a[VEC_MAXK], ga[VEC_MAXK];
+    float two = -2.0f / tau;
+    for (int64_t q = 0; q < g; ++q) {
+        const float *xq = x + q * n * d;
+        const float *gm = mode == 0 ? gin1 + q * k : NULL;
+        vec_transpose(c + q * k * d, k, d, ct);
+        /* mode 0: the sums' gradient gs; mode 1: the output centroids F */
+        vec_transpose(mode == 0 ? gin0 + q * k * d : f + q * k * d, k, d, ft);
+        memset(gcacc, 0, sizeof(float) * 2 * k * d);
+        for (int64_t i = 0; i < n; ++i) {
+            const float *xi = xq + i * d;
+            float *gxi = gx ? gx + (q * n + i) * d : NULL;
+            int nz;
+            vrow_att(v, xi, ct, dd, p, a, &nz);
+            if (mode == 0) {
+                /* the sums' own path: d x_i = sum_j A_j gs_j; dA_j = x_i . gs_j + gm_j */
+#pragma omp simd
+                for (int64_t j = 0; j < k; ++j) ga[j] = gm[j];
+                for (int64_t t = 0; t < d; ++t) {
+                    const float *row = ft + t * k;
+                    float xt = xi[t], s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t j = 0; j < k; ++j) {
+                        s += a[j] * row[j];
+                        ga[j] += xt * row[j];
+                    }
+                    if (gxi) gxi[t] = s;
+                }
+            } else {
+                /* dA_j = go_i . F_j; dF_j += A_j go_i */
+                const float *go = gin0 + (q * n + i) * d;
+#pragma omp simd
+                for (int64_t j = 0; j < k; ++j) ga[j] = 0.0f;
+                for (int64_t t = 0; t < d; ++t) {
+                    const float *row = ft + t * k;
+                    float *facc = gfacc + t * k, gt = go[t];
+#pragma omp simd
+                    for (int64_t j = 0; j < k; ++j) {
+                        ga[j] += gt * row[j];
+                        facc[j] += a[j] * gt;
+                    }
+                    if (gxi) gxi[t] = 0.0f;
+                }
+            }
+            /* softmax backward (through the clamp's mask), then the distances' */
+            float dot = 0.0f, zt = v->zt;
+            int clamp = v->clamp;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < k; ++j) {
+                ga[j] = clamp && p[j] < zt ? 0.0f : ga[j];
+                dot += ga[j] * p[j];
+            }
+            float rs = 0.0f;
+#pragma omp simd reduction(+ : rs)
+            for (int64_t j = 0; j < k; ++j) {
+                ga[j] = (ga[j] - dot) * p[j];
+                rs += ga[j];
+            }
+            if (v->keep_zeros && nz) {
+                rs -= ga[0];
+                ga[0] = 0.0f;
+            }
+            for (int64_t t = 0; t < d; ++t) {
+                const float *crow = ct + t * k;
+                float *cacc = gcacc + t * k, xt = xi[t], s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t j = 0; j < k; ++j) {
+                    s += ga[j] * crow[j];
+                    cacc[j] += ga[j] * (xt - crow[j]);
+                }
+                if (gxi) gxi[t] += two * (xt * rs - s);
+            }
+            if ((i + 1) % VEC_BLOCK == 0 || i + 1 == n) {
+                vec_flush(gcacc, gc + q * k * d, k, d, -(double)two);
+                if (mode == 1) vec_flush(gfacc, gf + q * k * d, k, d, 1.0);
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+static int vrow_parse(vrow_t *v, long long d, long long k, float tau, float prune, float zt,
+                      int keep_zeros, int clamp) {
+    if (d < 1 || k < 1 || k > VEC_MAXK || !(tau > 0.0f)) {
+        PyErr_SetString(PyExc_ValueError, "_dkm_cpu.vec: inconsistent arguments");
+        return -1;
+    }
+    v->d = d;
+    v->k = k;
+    v->factor = 1.4426950408889634f / tau;
+    v->prune = prune;
+    v->zt = zt;
+    v->zinv = 1.0f / zt;
+    v->keep_zeros = keep_zeros;
+    v->clamp = clamp;
+    return 0;
+}
+
+static PyObject *py_vec_fwd(PyObject *self, PyObject *args) {
+    int mode, keep_zeros, clamp;
+    unsigned long long x, c, f, o0, o1, o2;
+    long long g, n, d, k;
+    float tau, prune, zt;
+    if (!PyArg_ParseTuple(args, "iKKLLLLfffiiKKKK", &mode, &x, &c, &g, &n, &d, &k, &tau, &prune,
+                          &zt, &keep_zeros, &clamp, &f, &o0, &o1, &o2))
+        return NULL;
+    vrow_t v;
+    if (vrow_parse(&v, d, k, tau, prune, zt, keep_zeros, clamp)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = vec_fwd_run(
+        mode, &v, (const float *)(uintptr_t)x, (const float *)(uintptr_t)c, g, n,
+        (const float *)(uintptr_t)f, mode == 0 ? (double *)(uintptr_t)o0 : NULL,
+        (double *)(uintptr_t)o1, (double *)(uintptr_t)o2, mode == 1 ? (float *)(uintptr_t)o0 : NULL);
+    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_vec_bwd(PyObject *self, PyObject *args) {
+    int mode, keep_zeros, clamp;
+    unsigned long long x, c, f, g0, g1, gx, gc, gf;
+    long long g, n, d, k;
+    float tau, prune, zt;
+    if (!PyArg_ParseTuple(args, "iKKLLLLfffiiKKKKKK", &mode, &x, &c, &g, &n, &d, &k, &tau, &prune,
+                          &zt, &keep_zeros, &clamp, &f, &g0, &g1, &gx, &gc, &gf))
+        return NULL;
+    vrow_t v;
+    if (vrow_parse(&v, d, k, tau, prune, zt, keep_zeros, clamp)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = vec_bwd_run(
+        mode, &v, tau, (const float *)(uintptr_t)x, (const float *)(uintptr_t)c, g, n,
+        (const float *)(uintptr_t)f, (const float *)(uintptr_t)g0, (const float *)(uintptr_t)g1,
+        (float *)(uintptr_t)gx, (double *)(uintptr_t)gc, (double *)(uintptr_t)gf);
+    Py_END_ALLOW_THREADS if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "the grid kernels: splat, interpolate, gradient"},
     {"put", py_put, METH_VARARGS, "per-code values into the 65537-bin tables"},
@@ -2419,6 +2717,8 @@ static PyMethodDef methods[] = {
     {"bwd_loop", py_bwd_loop, METH_VARARGS, "backward through the iterations fwd_loop ran"},
     {"bwd_step", py_bwd_step, METH_VARARGS, "one iteration's backward"},
     {"portable", py_portable, METH_VARARGS, "portable(flag) -> whether AVX2/F16C kernels run"},
+    {"vec_fwd", py_vec_fwd, METH_VARARGS, "vector rows: soft k-means sums or output (see source)"},
+    {"vec_bwd", py_vec_bwd, METH_VARARGS, "vector rows: their backward (see source)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_dkm_cpu", NULL, -1, methods};

@@ -653,7 +653,9 @@ def kmeans_vectors(
         k: number of centroids per group.
         weights: optional ``[G, N]`` non-negative importance per vector.
         seed: seed of the k-means++ sampling.
-        n_init: number of seedings; each group keeps its lowest-inertia run.
+        n_init: number of seedings (at least: small problems, whose ``G * N * k * d`` is under
+            ``2^20 / n_init``, get more, up to 16 or that budget); each group keeps its
+            lowest-inertia run.
         max_iter: Lloyd iterations per run.
         tol: stop when an iteration lowers the inertia by less than this fraction.
 
@@ -667,6 +669,9 @@ def kmeans_vectors(
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init and max_iter must be >= 1, got {n_init}, {max_iter}")
     g_total, n, d = x.shape
+    # Small problems have many local optima and restarts cost next to nothing there: as many
+    # as fit the budget, up to _MAX_RESTARTS (a 1024 x 1024 weight keeps n_init).
+    n_init = max(n_init, min(_MAX_RESTARTS, _RESTART_BUDGET // (g_total * n * k * d)))
     # every restart's seeding draws from these, on every device (job g*n_init + r)
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(g_total, n_init, k, generator=gen, dtype=torch.float64)
@@ -689,6 +694,11 @@ def kmeans_vectors(
     c, labels, inertia = best
     return KMeansResult(c.float(), labels.to(_label_dtype(k)), inertia.double())
 
+
+# Restarts of small problems: n_init at least, more while restarts * G * N * K * d stays under
+# the budget (~10 ms of Lloyd on this machine's CPU), at most _MAX_RESTARTS.
+_RESTART_BUDGET = 1 << 20
+_MAX_RESTARTS = 16
 
 # float32 (and fp16/bf16) CPU vectors run in the compiled kernel (``_kmeansvec.run``): the same
 # seeding and iterations as the torch program above, with Hamerly's bounds skipping the vectors

@@ -410,6 +410,36 @@ def _chunks(n: int, rows: int):
     return ((a, min(n, a + rows)) for a in range(0, n, rows))
 
 
+def _vec_rows(x: Tensor, c: Tensor, cfg: _Cfg, noisy: bool) -> bool:
+    """Whether the compiled per-row kernels (``_dkm_cpu.vec_fwd`` / ``vec_bwd``) run the dense
+    engine: CPU float32 vectors (d > 1) in mode "dkm", K <= 256."""
+    return (
+        _c_kernels(x.device)
+        and x.shape[-1] > 1
+        and cfg.mode == "dkm"
+        and not noisy
+        and c.shape[1] <= 256
+        and x.dtype == c.dtype == torch.float32
+    )
+
+
+def _vec_args(x: Tensor, c: Tensor, cfg: _Cfg) -> tuple:
+    g, n, d = x.shape
+    return (
+        x.data_ptr(),
+        c.data_ptr(),
+        g,
+        n,
+        d,
+        c.shape[1],
+        cfg.tau,
+        cfg.prune_threshold,
+        cfg.zero_threshold,
+        int(cfg.keep_zeros),
+        int(cfg.clamp_attention),
+    )
+
+
 class _DenseStats(torch.autograd.Function):
     """(sum_i A_ij x_i, sum_i A_ij, inertia) for A = attention(x, C), chunked over N.
 
@@ -422,6 +452,26 @@ class _DenseStats(torch.autograd.Function):
         g, n, d = x.shape
         k = c.shape[1]
         rows = _chunk_rows(g, k, d, x.device, gen is not None)
+        if _vec_rows(x, c, cfg, gen is not None):
+            x, c = x.contiguous(), c.contiguous()
+            sums64, mass64 = (
+                x.new_zeros(g, k, d, dtype=torch.float64),
+                x.new_zeros(g, k, dtype=torch.float64),
+            )
+            inertia64 = x.new_zeros(g, dtype=torch.float64)
+            _dkm_cpu.vec_fwd(
+                0,
+                *_vec_args(x, c, cfg),
+                0,
+                sums64.data_ptr(),
+                mass64.data_ptr(),
+                inertia64.data_ptr() if need_inertia else 0,
+            )
+            ctx.save_for_backward(x, c)
+            ctx.cfg, ctx.state, ctx.rows = cfg, state, rows
+            inertia = inertia64.float()
+            ctx.mark_non_differentiable(inertia)
+            return sums64.float(), mass64.float(), inertia
         sums = x.new_zeros(g, k, d)
         mass = x.new_zeros(g, k)
         inertia = x.new_zeros(g)
@@ -454,6 +504,21 @@ class _DenseStats(torch.autograd.Function):
             grad_sums = c.new_zeros(g, k, d)
         if grad_mass is None:
             grad_mass = c.new_zeros(g, k)
+        if _vec_rows(x, c, cfg, ctx.state is not None):
+            gx = torch.empty_like(x) if need_x else None
+            gc64 = c.new_zeros(g, k, d, dtype=torch.float64)
+            gs, gm = grad_sums.float().contiguous(), grad_mass.float().contiguous()
+            _dkm_cpu.vec_bwd(
+                0,
+                *_vec_args(x, c, cfg),
+                0,
+                gs.data_ptr(),
+                gm.data_ptr(),
+                gx.data_ptr() if need_x else 0,
+                gc64.data_ptr(),
+                0,
+            )
+            return gx, (gc64.float() if need_c else None), None, None, None, None
         gx = torch.zeros_like(x) if need_x else None
         gc = torch.zeros_like(c)
         gen = _replay(ctx.state, x.device) if ctx.state is not None else None
@@ -491,6 +556,12 @@ class _DenseOutput(torch.autograd.Function):
         k = prev_c.shape[1]
         out = torch.empty_like(x)
         rows = _chunk_rows(g, k, d, x.device, noise is not None)
+        if _vec_rows(x, prev_c, cfg, noise is not None) and last_c.dtype == torch.float32:
+            x, prev_c, last_c = x.contiguous(), prev_c.contiguous(), last_c.contiguous()
+            _dkm_cpu.vec_fwd(1, *_vec_args(x, prev_c, cfg), last_c.data_ptr(), out.data_ptr(), 0, 0)
+            ctx.save_for_backward(x, prev_c, last_c)
+            ctx.cfg, ctx.noise, ctx.rows = cfg, noise, rows
+            return out
         with _no_autocast(x.device):
             draws = _GroupNoise(noise, g, k, x.device)
             for a, b in _chunks(n, rows):
@@ -510,6 +581,23 @@ class _DenseOutput(torch.autograd.Function):
         g, n, d = x.shape
         k = prev_c.shape[1]
         need_x, need_p, need_f = ctx.needs_input_grad[:3]
+        if _vec_rows(x, prev_c, cfg, ctx.noise is not None) and last_c.dtype == torch.float32:
+            gx = torch.empty_like(x) if need_x else None
+            gp64 = prev_c.new_zeros(g, k, d, dtype=torch.float64)
+            gf64 = torch.zeros_like(gp64)
+            go = grad_out.float().contiguous()
+            _dkm_cpu.vec_bwd(
+                1,
+                *_vec_args(x, prev_c, cfg),
+                last_c.data_ptr(),
+                go.data_ptr(),
+                0,
+                gx.data_ptr() if need_x else 0,
+                gp64.data_ptr(),
+                gf64.data_ptr(),
+            )
+            gp, gf = gp64.float(), gf64.float()
+            return gx, (gp if need_p else None), (gf if need_f else None), None, None
         gx = torch.zeros_like(x) if need_x else None
         gp = torch.zeros_like(prev_c)
         gf = torch.zeros_like(last_c)

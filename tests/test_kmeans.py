@@ -455,8 +455,11 @@ def test_vector_kernel_matches_torch_program(case, torch_vectors):
     x, k, w, n_init = _vector_cases()[case]
     a = kmeans_vectors(x, k, w, n_init=n_init, seed=3)
     b = torch_vectors(x, k, w, n_init=n_init, seed=3)
-    torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.labels, b.labels)
+    if case not in (4, 5):
+        torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.labels, b.labels)
+    # else: every restart reaches inertia 0 (fewer distinct vectors than k), and which of them
+    # is kept depends on the torch program's float32 rounding of 0
     # the torch program measures |c|^2 - 2 x.c + |x|^2 in float32; the kernel sums exactly
     torch.testing.assert_close(a.inertia, b.inertia, rtol=1e-5, atol=1e-4)
     xd = x.double()
@@ -517,8 +520,9 @@ def test_vector_kernel_is_lloyd_at_every_iteration(torch_vectors):
         torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-3, atol=1e-3)
 
 
-def test_vector_restarts_keep_the_best():
+def test_vector_restarts_keep_the_best(monkeypatch):
     """Restarts run split over two threads; each group keeps its lowest-inertia restart."""
+    monkeypatch.setattr(km, "_RESTART_BUDGET", 0)  # exactly n_init restarts
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(3, 2000, 2, generator=gen)
     best = kmeans_vectors(x, 8, n_init=4, seed=1)
@@ -532,6 +536,28 @@ def test_vector_restarts_keep_the_best():
         km._kmeansvec.run(*args, cent.numpy(), labels.numpy(), inertia.numpy(), 0, 3)
         singles.append(inertia)
     assert torch.equal(best.inertia, torch.stack(singles).min(dim=0).values)
+
+
+def test_small_vector_problems_get_more_restarts(monkeypatch):
+    """Under the work budget, more restarts than n_init run (never a worse result); large
+    problems run exactly n_init."""
+    x = torch.randn(1, 200, 2, generator=torch.Generator().manual_seed(3))
+    seeds = []
+    real = km._kmeans_vectors_cpu
+    monkeypatch.setattr(
+        km,
+        "_kmeans_vectors_cpu",
+        lambda x, k, w, u, *a: seeds.append(u.shape[1]) or real(x, k, w, u, *a),
+    )
+    boosted = kmeans_vectors(x, 16, n_init=1)
+    monkeypatch.setattr(km, "_RESTART_BUDGET", 0)
+    plain = kmeans_vectors(x, 16, n_init=1)
+    assert seeds == [km._MAX_RESTARTS, 1]
+    assert boosted.inertia.item() <= plain.inertia.item()
+    big = torch.randn(1, 1 << 16, 2)
+    monkeypatch.setattr(km, "_RESTART_BUDGET", 1 << 20)
+    kmeans_vectors(big, 16, n_init=2, max_iter=1)
+    assert seeds[-1] == 2
 
 
 def test_vector_kernel_rejects_inconsistent_buffers():

@@ -1805,3 +1805,38 @@ def test_grouped_inputs_outside_the_contract_are_rejected():
         sk.soft_kmeans_batch([w.t()], [c], groups=[2])
     with pytest.raises(ValueError, match="centroids\\[0\\] must be a floating \\[G=2, K>=1, 1\\]"):
         sk.soft_kmeans_batch([w], [torch.zeros(2, 4, 2)], groups=[2])
+
+
+# lut_fn (an fp16 LUT) is left to test_dense_variants_match_reference: a centroid on an fp16
+# rounding boundary may round either way after the two sum in different orders
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "lut_fn"] + ["plain"])
+@pytest.mark.parametrize("d,k", [(2, 4), (3, 16)])
+def test_vector_rows_kernel_matches_torch(variant, d, k, monkeypatch):
+    """CPU vectors run the compiled per-row kernels (_dkm_cpu.vec_fwd / vec_bwd); the torch
+    dense code they replace gives the same outputs, centroids and gradients."""
+    if sk._dkm_cpu is None:
+        pytest.skip("the compiled DKM kernels are not built")
+    kw = VARIANTS.get(variant, {})
+    ez = kw.get("enforce_zero", False)
+    x, _ = make_data(3, 500, d, seed=5, zeros=0.1 if ez else 0.0, enforce_zero=ez)
+    c0 = x[:, torch.randperm(500, generator=torch.Generator().manual_seed(7))[:k]].clone()
+    if ez:
+        c0[:, 0] = 0.0
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = sk._dkm_cpu
+
+    class Counting:
+        def __getattr__(self, name):
+            if name.startswith("vec_"):
+                calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(sk, "_dkm_cpu", Counting())
+    got = run(soft_kmeans, x, c0, w, method="dense", **kw)
+    assert {"vec_fwd", "vec_bwd"} <= set(calls)
+    monkeypatch.setattr(sk, "_USE_C", False)
+    want = run(soft_kmeans, x, c0, w, method="dense", **kw)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-4, 1e-5)
+    assert_nontrivial(got[2], w)
