@@ -2423,6 +2423,7 @@ static PyObject *py_put(PyObject *self, PyObject *args) {
  */
 
 #define VEC_MAXK 256
+#define VEC_MAXD 64 /* cluster_dim handled by the kernels (larger: torch) */
 
 typedef struct {
     int64_t d, k;
@@ -2431,63 +2432,91 @@ typedef struct {
     int keep_zeros, clamp;
 } vrow_t;
 
-/* The attention of one row into p (softmax) and a (clamped); returns min_j D_j and sets *nz
- * (whether the row has a non-zero entry). ct: centroids transposed, [d][K]. */
-INLINE float vrow_att(const vrow_t *v, const float *xi, const float *ct, float *dd, float *p,
-                      float *a, int *nz) {
+#define VR 8        /* rows per block: the lanes of the vector loops */
+#define VEC_FLUSH 32 /* blocks between flushes of the float lane accumulators into float64 */
+
+/* The attention of a block of VR rows. xb [d][VR]: the rows transposed (lanes past the block's
+ * rows repeat its first row); c [K][d]. Writes dd, p (softmax) and a (clamped), each [K][VR],
+ * mn [VR] (min_j D_j) and nz [VR] (1 where the row has a non-zero entry). Every loop runs over
+ * the VR lanes, so it vectorises whatever K and d are. */
+INLINE void vblk_att(const vrow_t *v, const float *xb, const float *c, float *dd, float *p,
+                     float *a, float *mn, float *nz) {
     int64_t k = v->k, d = v->d;
-    float x0 = xi[0];
-    int any = x0 != 0.0f;
-#pragma omp simd
+    for (int r = 0; r < VR; ++r) nz[r] = 0.0f;
+    for (int64_t t = 0; t < d; ++t)
+        for (int r = 0; r < VR; ++r) nz[r] = xb[t * VR + r] != 0.0f ? 1.0f : nz[r];
     for (int64_t j = 0; j < k; ++j) {
-        float e = x0 - ct[j];
-        dd[j] = e * e;
-    }
-    for (int64_t t = 1; t < d; ++t) {
-        float xt = xi[t];
-        const float *row = ct + t * k;
-        any |= xt != 0.0f;
+        float *dj = dd + j * VR;
+        const float *cj = c + j * d;
+        float c0 = cj[0];
 #pragma omp simd
-        for (int64_t j = 0; j < k; ++j) {
-            float e = xt - row[j];
-            dd[j] += e * e;
+        for (int r = 0; r < VR; ++r) {
+            float e = xb[r] - c0;
+            dj[r] = e * e;
+        }
+        for (int64_t t = 1; t < d; ++t) {
+            float ct = cj[t];
+            const float *xt = xb + t * VR;
+#pragma omp simd
+            for (int r = 0; r < VR; ++r) {
+                float e = xt[r] - ct;
+                dj[r] += e * e;
+            }
         }
     }
-    if (v->prune > 0.0f)
-        dd[0] -= v->prune;
-    else if (v->keep_zeros && any)
-        dd[0] = v->zinv;
-    float mn = INFINITY;
-#pragma omp simd reduction(min : mn)
-    for (int64_t j = 0; j < k; ++j) mn = dd[j] < mn ? dd[j] : mn;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < k; ++j) {
-        p[j] = exp2_neg((mn - dd[j]) * v->factor);
-        sum += p[j];
+    if (v->prune > 0.0f) {
+        for (int r = 0; r < VR; ++r) dd[r] -= v->prune;
+    } else if (v->keep_zeros) {
+        for (int r = 0; r < VR; ++r) dd[r] = nz[r] != 0.0f ? v->zinv : dd[r];
     }
-    float inv = 1.0f / sum, zt = v->zt;
+    float sum[VR];
+    for (int r = 0; r < VR; ++r) {
+        mn[r] = INFINITY;
+        sum[r] = 0.0f;
+    }
+    for (int64_t j = 0; j < k; ++j)
 #pragma omp simd
-    for (int64_t j = 0; j < k; ++j) {
-        p[j] *= inv;
-        a[j] = v->clamp && p[j] < zt ? zt : p[j];
+        for (int r = 0; r < VR; ++r) mn[r] = dd[j * VR + r] < mn[r] ? dd[j * VR + r] : mn[r];
+    float factor = v->factor;
+    for (int64_t j = 0; j < k; ++j)
+#pragma omp simd
+        for (int r = 0; r < VR; ++r) {
+            float e = exp2_neg((mn[r] - dd[j * VR + r]) * factor);
+            p[j * VR + r] = e;
+            sum[r] += e;
+        }
+    for (int r = 0; r < VR; ++r) sum[r] = 1.0f / sum[r];
+    float zt = v->zt;
+    int clamp = v->clamp;
+    for (int64_t j = 0; j < k; ++j)
+#pragma omp simd
+        for (int r = 0; r < VR; ++r) {
+            float q = p[j * VR + r] * sum[r];
+            p[j * VR + r] = q;
+            a[j * VR + r] = clamp && q < zt ? zt : q;
+        }
+}
+
+/* Rows i0 .. i0+cnt-1 of x [n][d] into xb [d][VR] (missing lanes repeat row i0), valid [VR]. */
+static inline void vblk_load(const float *x, int64_t d, int64_t i0, int cnt, float *xb,
+                             float *valid) {
+    const float *xr = x + i0 * d;
+    for (int64_t t = 0; t < d; ++t) {
+        float lane[VR];
+        for (int r = 0; r < VR; ++r) lane[r] = xr[(r < cnt ? r : 0) * d + t];
+        memcpy(xb + t * VR, lane, sizeof lane);
     }
-    *nz = any;
-    return mn;
+    for (int r = 0; r < VR; ++r) valid[r] = r < cnt ? 1.0f : 0.0f;
 }
 
-static void vec_transpose(const float *c, int64_t k, int64_t d, float *ct) {
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t t = 0; t < d; ++t) ct[t * k + j] = c[j * d + t];
-}
-
-/* float accumulators [d][K] (transposed) flushed into float64 [K][d] every VEC_BLOCK rows */
-#define VEC_BLOCK 256
-
-static void vec_flush(float *acc, double *out, int64_t k, int64_t d, double scale) {
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t t = 0; t < d; ++t) out[j * d + t] += scale * (double)acc[t * k + j];
-    memset(acc, 0, sizeof(float) * k * d);
+/* lane accumulators acc [m][VR] summed into out [m] (float64, times scale), then zeroed */
+static void vblk_flush(float *acc, double *out, int64_t m, double scale) {
+    for (int64_t e = 0; e < m; ++e) {
+        double s = 0.0;
+        for (int r = 0; r < VR; ++r) s += acc[e * VR + r];
+        out[e] += scale * s;
+    }
+    memset(acc, 0, sizeof(float) * m * VR);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -2501,45 +2530,51 @@ static int vec_fwd_run(int mode, const vrow_t *v, const float *x, const float *c
                        int64_t n, const float *f, double *out0, double *out1, double *out2,
                        float *y) {
     int64_t k = v->k, d = v->d;
-    /* ct [d][K], ft [d][K], acc [d][K], macc [K] */
-    float *buf = malloc(sizeof(float) * (3 * k * d + k));
+    /* lane accumulators: sums [K][d][VR], mass [K][VR]; dd, p, a [K][VR] */
+    float *buf = malloc(sizeof(float) * VR * (k * d + 4 * k));
     if (!buf) return -1;
-    float *ct = buf, *ft = ct + k * d, *acc = ft + k * d, *macc = acc + k * d;
-    float dd[VEC_MAXK], p[VEC_MAXK], a[VEC_MAXK];
+    float *accx = buf, *accm = accx + k * d * VR, *dd = accm + k * VR, *p = dd + k * VR;
+    float *a = p + k * VR;
+    float xb[VEC_MAXD * VR], mn[VR], nz[VR], valid[VR];
     for (int64_t q = 0; q < g; ++q) {
-        const float *xq = x + q * n * d;
-        vec_transpose(c + q * k * d, k, d, ct);
-        if (f) vec_transpose(f + q * k * d, k, d, ft);
-        memset(acc, 0, sizeof(float) * (k * d + k));
+        const float *xq = x + q * n * d, *cq = c + q * k * d, *fq = f ? f + q * k * d : NULL;
+        memset(buf, 0, sizeof(float) * VR * (k * d + k));
         double inertia = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-            const float *xi = xq + i * d;
-            int nz;
-            float mn = vrow_att(v, xi, ct, dd, p, a, &nz);
+        int64_t blocks = 0;
+        for (int64_t i0 = 0; i0 < n; i0 += VR) {
+            int cnt = n - i0 < VR ? (int)(n - i0) : VR;
+            vblk_load(xq, d, i0, cnt, xb, valid);
+            vblk_att(v, xb, cq, dd, p, a, mn, nz);
             if (mode == 0) {
-                inertia += mn;
+                for (int r = 0; r < cnt; ++r) inertia += mn[r];
+                for (int64_t j = 0; j < k; ++j) {
+                    float *aj = a + j * VR, *mj = accm + j * VR;
 #pragma omp simd
-                for (int64_t j = 0; j < k; ++j) macc[j] += a[j];
-                for (int64_t t = 0; t < d; ++t) {
-                    float xt = xi[t];
-                    float *row = acc + t * k;
+                    for (int r = 0; r < VR; ++r) {
+                        aj[r] *= valid[r];
+                        mj[r] += aj[r];
+                    }
+                    for (int64_t t = 0; t < d; ++t) {
+                        float *sx = accx + (j * d + t) * VR;
+                        const float *xt = xb + t * VR;
 #pragma omp simd
-                    for (int64_t j = 0; j < k; ++j) row[j] += a[j] * xt;
+                        for (int r = 0; r < VR; ++r) sx[r] += aj[r] * xt[r];
+                    }
                 }
-                if ((i + 1) % VEC_BLOCK == 0 || i + 1 == n) {
-                    double *mass = out1 + q * k;
-                    for (int64_t j = 0; j < k; ++j) mass[j] += macc[j];
-                    memset(macc, 0, sizeof(float) * k);
-                    vec_flush(acc, out0 + q * k * d, k, d, 1.0);
+                if (++blocks % VEC_FLUSH == 0 || i0 + VR >= n) {
+                    vblk_flush(accx, out0 + q * k * d, k * d, 1.0);
+                    vblk_flush(accm, out1 + q * k, k, 1.0);
                 }
             } else {
-                float *yi = y + (q * n + i) * d;
                 for (int64_t t = 0; t < d; ++t) {
-                    const float *row = ft + t * k;
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t j = 0; j < k; ++j) s += a[j] * row[j];
-                    yi[t] = s;
+                    float yt[VR] = {0};
+                    for (int64_t j = 0; j < k; ++j) {
+                        float fjt = fq[j * d + t];
+                        const float *aj = a + j * VR;
+#pragma omp simd
+                        for (int r = 0; r < VR; ++r) yt[r] += aj[r] * fjt;
+                    }
+                    for (int r = 0; r < cnt; ++r) y[(q * n + i0 + r) * d + t] = yt[r];
                 }
             }
         }
@@ -2554,85 +2589,119 @@ static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, con
                        int64_t g, int64_t n, const float *f, const float *gin0, const float *gin1,
                        float *gx, double *gc, double *gf) {
     int64_t k = v->k, d = v->d;
-    /* ct, ft (F or gs, transposed), gcacc, gfacc: [d][K] each */
-    float *buf = malloc(sizeof(float) * 4 * k * d);
+    /* lane accumulators: dC, dF [K][d][VR]; dd, p, a, ga [K][VR] */
+    float *buf = malloc(sizeof(float) * VR * (2 * k * d + 4 * k));
     if (!buf) return -1;
-    float *ct = buf, *ft = ct + k * d, *gcacc = ft + k * d, *gfacc = gcacc + k * d;
-    float dd[VEC_MAXK], p[VEC_MAXK], a[VEC_MAXK], ga[VEC_MAXK];
+    float *accc = buf, *accf = accc + k * d * VR, *dd = accf + k * d * VR, *p = dd + k * VR;
+    float *a = p + k * VR, *ga = a + k * VR;
+    float xb[VEC_MAXD * VR], gb[VEC_MAXD * VR], gxb[VEC_MAXD * VR], mn[VR], nz[VR], valid[VR];
     float two = -2.0f / tau;
     for (int64_t q = 0; q < g; ++q) {
-        const float *xq = x + q * n * d;
+        const float *xq = x + q * n * d, *cq = c + q * k * d;
+        /* mode 0: the sums' gradient gs [K][d] and gm [K]; mode 1: the output centroids F */
+        const float *wq = mode == 0 ? gin0 + q * k * d : f + q * k * d;
         const float *gm = mode == 0 ? gin1 + q * k : NULL;
-        vec_transpose(c + q * k * d, k, d, ct);
-        /* mode 0: the sums' gradient gs; mode 1: the output centroids F */
-        vec_transpose(mode == 0 ? gin0 + q * k * d : f + q * k * d, k, d, ft);
-        memset(gcacc, 0, sizeof(float) * 2 * k * d);
-        for (int64_t i = 0; i < n; ++i) {
-            const float *xi = xq + i * d;
-            float *gxi = gx ? gx + (q * n + i) * d : NULL;
-            int nz;
-            vrow_att(v, xi, ct, dd, p, a, &nz);
+        memset(buf, 0, sizeof(float) * VR * 2 * k * d);
+        int64_t blocks = 0;
+        for (int64_t i0 = 0; i0 < n; i0 += VR) {
+            int cnt = n - i0 < VR ? (int)(n - i0) : VR;
+            vblk_load(xq, d, i0, cnt, xb, valid);
+            vblk_att(v, xb, cq, dd, p, a, mn, nz);
             if (mode == 0) {
-                /* the sums' own path: d x_i = sum_j A_j gs_j; dA_j = x_i . gs_j + gm_j */
+                /* the sums' own path: d x = sum_j A_j gs_j; dA_j = x . gs_j + gm_j */
+                for (int64_t t = 0; t < d; ++t)
+                    for (int r = 0; r < VR; ++r) gxb[t * VR + r] = 0.0f;
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *aj = a + j * VR;
+                    float gmj = gm[j], acc[VR]; /* in registers: no scalar stores read back */
+                    for (int r = 0; r < VR; ++r) acc[r] = gmj;
+                    for (int64_t t = 0; t < d; ++t) {
+                        float w = wq[j * d + t];
+                        const float *xt = xb + t * VR;
+                        float *gt = gxb + t * VR;
 #pragma omp simd
-                for (int64_t j = 0; j < k; ++j) ga[j] = gm[j];
-                for (int64_t t = 0; t < d; ++t) {
-                    const float *row = ft + t * k;
-                    float xt = xi[t], s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t j = 0; j < k; ++j) {
-                        s += a[j] * row[j];
-                        ga[j] += xt * row[j];
+                        for (int r = 0; r < VR; ++r) {
+                            gt[r] += aj[r] * w;
+                            acc[r] += xt[r] * w;
+                        }
                     }
-                    if (gxi) gxi[t] = s;
+                    memcpy(ga + j * VR, acc, sizeof acc);
                 }
             } else {
-                /* dA_j = go_i . F_j; dF_j += A_j go_i */
-                const float *go = gin0 + (q * n + i) * d;
-#pragma omp simd
-                for (int64_t j = 0; j < k; ++j) ga[j] = 0.0f;
-                for (int64_t t = 0; t < d; ++t) {
-                    const float *row = ft + t * k;
-                    float *facc = gfacc + t * k, gt = go[t];
-#pragma omp simd
-                    for (int64_t j = 0; j < k; ++j) {
-                        ga[j] += gt * row[j];
-                        facc[j] += a[j] * gt;
+                /* dA_j = go . F_j; dF_j += A_j go (padded lanes have go = 0) */
+                const float *go = gin0 + q * n * d;
+                vblk_load(go, d, i0, cnt, gb, valid);
+                for (int64_t t = 0; t < d; ++t)
+                    for (int r = 0; r < VR; ++r) {
+                        gb[t * VR + r] *= valid[r];
+                        gxb[t * VR + r] = 0.0f;
                     }
-                    if (gxi) gxi[t] = 0.0f;
-                }
-            }
-            /* softmax backward (through the clamp's mask), then the distances' */
-            float dot = 0.0f, zt = v->zt;
-            int clamp = v->clamp;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < k; ++j) {
-                ga[j] = clamp && p[j] < zt ? 0.0f : ga[j];
-                dot += ga[j] * p[j];
-            }
-            float rs = 0.0f;
-#pragma omp simd reduction(+ : rs)
-            for (int64_t j = 0; j < k; ++j) {
-                ga[j] = (ga[j] - dot) * p[j];
-                rs += ga[j];
-            }
-            if (v->keep_zeros && nz) {
-                rs -= ga[0];
-                ga[0] = 0.0f;
-            }
-            for (int64_t t = 0; t < d; ++t) {
-                const float *crow = ct + t * k;
-                float *cacc = gcacc + t * k, xt = xi[t], s = 0.0f;
-#pragma omp simd reduction(+ : s)
                 for (int64_t j = 0; j < k; ++j) {
-                    s += ga[j] * crow[j];
-                    cacc[j] += ga[j] * (xt - crow[j]);
+                    const float *aj = a + j * VR;
+                    float acc[VR] = {0};
+                    for (int64_t t = 0; t < d; ++t) {
+                        float w = wq[j * d + t];
+                        const float *gt = gb + t * VR;
+                        float *fa = accf + (j * d + t) * VR;
+#pragma omp simd
+                        for (int r = 0; r < VR; ++r) {
+                            acc[r] += gt[r] * w;
+                            fa[r] += aj[r] * gt[r];
+                        }
+                    }
+                    memcpy(ga + j * VR, acc, sizeof acc);
                 }
-                if (gxi) gxi[t] += two * (xt * rs - s);
             }
-            if ((i + 1) % VEC_BLOCK == 0 || i + 1 == n) {
-                vec_flush(gcacc, gc + q * k * d, k, d, -(double)two);
-                if (mode == 1) vec_flush(gfacc, gf + q * k * d, k, d, 1.0);
+            /* softmax backward (through the clamp's mask), padded lanes zeroed */
+            float dot[VR] = {0}, rs[VR] = {0}, zt = v->zt;
+            int clamp = v->clamp;
+            for (int64_t j = 0; j < k; ++j) {
+                float *gaj = ga + j * VR;
+                const float *pj = p + j * VR;
+#pragma omp simd
+                for (int r = 0; r < VR; ++r) {
+                    gaj[r] = clamp && pj[r] < zt ? 0.0f : gaj[r] * valid[r];
+                    dot[r] += gaj[r] * pj[r];
+                }
+            }
+            for (int64_t j = 0; j < k; ++j) {
+                float *gaj = ga + j * VR;
+                const float *pj = p + j * VR;
+#pragma omp simd
+                for (int r = 0; r < VR; ++r) {
+                    gaj[r] = (gaj[r] - dot[r]) * pj[r];
+                    rs[r] += gaj[r];
+                }
+            }
+            if (v->keep_zeros)
+                for (int r = 0; r < VR; ++r)
+                    if (nz[r] != 0.0f) {
+                        rs[r] -= ga[r];
+                        ga[r] = 0.0f;
+                    }
+            /* the distances': d x = -2/tau (x sum_j e_j - sum_j e_j c_j); d c_j += e_j (x - c_j) */
+            for (int64_t t = 0; t < d; ++t) {
+                const float *xt = xb + t * VR;
+                float s[VR] = {0};
+                for (int64_t j = 0; j < k; ++j) {
+                    float cjt = cq[j * d + t];
+                    const float *gaj = ga + j * VR;
+                    float *ca = accc + (j * d + t) * VR;
+#pragma omp simd
+                    for (int r = 0; r < VR; ++r) {
+                        s[r] += gaj[r] * cjt;
+                        ca[r] += gaj[r] * (xt[r] - cjt);
+                    }
+                }
+                float *gt = gxb + t * VR;
+                for (int r = 0; r < VR; ++r) gt[r] += two * (xt[r] * rs[r] - s[r]);
+            }
+            if (gx)
+                for (int r = 0; r < cnt; ++r)
+                    for (int64_t t = 0; t < d; ++t) gx[(q * n + i0 + r) * d + t] = gxb[t * VR + r];
+            if (++blocks % VEC_FLUSH == 0 || i0 + VR >= n) {
+                vblk_flush(accc, gc + q * k * d, k * d, -(double)two);
+                if (mode == 1) vblk_flush(accf, gf + q * k * d, k * d, 1.0);
             }
         }
     }
@@ -2642,7 +2711,7 @@ static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, con
 
 static int vrow_parse(vrow_t *v, long long d, long long k, float tau, float prune, float zt,
                       int keep_zeros, int clamp) {
-    if (d < 1 || k < 1 || k > VEC_MAXK || !(tau > 0.0f)) {
+    if (d < 1 || d > VEC_MAXD || k < 1 || k > VEC_MAXK || !(tau > 0.0f)) {
         PyErr_SetString(PyExc_ValueError, "_dkm_cpu.vec: inconsistent arguments");
         return -1;
     }
