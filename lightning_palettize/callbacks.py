@@ -41,7 +41,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -58,7 +58,13 @@ from lightning_palettize.config import (
     SKMPalettizerConfig,
     load_config,
 )
-from lightning_palettize.palettizers._common import COREML_PREFIX, strip_coreml_metadata
+from lightning_palettize.export import _coreml_fields, _fit_palette
+from lightning_palettize.palettizers._common import (
+    COREML_PREFIX,
+    METADATA_VERSION_KEY,
+    remove_coreml_metadata,
+    strip_coreml_metadata,
+)
 from lightning_palettize.palettizers.dkm import DKMPalettizer, FakePalettize, _attached
 from lightning_palettize.palettizers.post_training import PostTrainingPalettizer
 from lightning_palettize.palettizers.skm import SKMPalettizer
@@ -493,6 +499,60 @@ def _broadcast_from_rank_zero(trainer: "Trainer", pl_module: nn.Module, keys: li
 
 
 # ----------------------------------------------------------------------------------------------
+# Core ML metadata an earlier palettization left on the module
+
+
+def _remove_metadata(module: nn.Module, weights: Iterable[str]) -> None:
+    """Remove the ``_COREML_`` buffers of these weights (state_dict names), and the root's
+    ``_COREML_/metadata_version`` once no weight has any."""
+    modules = dict(module.named_modules(remove_duplicate=False))
+    for key in weights:
+        path, _, param_name = key.rpartition(".")
+        owner = modules.get(path)
+        if owner is not None:
+            remove_coreml_metadata(owner, param_name)
+    if not any(
+        name.startswith(COREML_PREFIX) and (child is not module or name != METADATA_VERSION_KEY)
+        for child in module.modules()
+        for name in child._buffers
+    ):
+        module._buffers.pop(METADATA_VERSION_KEY, None)
+
+
+def _drop_stale_metadata(module: nn.Module, owner: str, fresh: Iterable[str]) -> list[str]:
+    """Remove the ``_COREML_`` metadata that no longer describes its weight; the weights named.
+
+    The weights in ``fresh`` were just palettized (their metadata is new). Any other weight's
+    LUT metadata comes from an earlier palettization: it stays where the weight still holds
+    exactly the values of that LUT (e.g. a frozen layer), and is removed, with a warning, where
+    it does not (the weight was trained or loaded since: Core ML would rebuild it from the
+    stale LUT). The weight then stays dense in Core ML.
+    """
+    fresh = set(fresh)
+    state = module.state_dict()
+    stale = []
+    for key, fields in _coreml_fields(state).items():
+        weight = state.get(key)
+        if key in fresh or "lut" not in fields.tensors or not isinstance(weight, Tensor):
+            continue
+        try:
+            exact = _fit_palette(owner, key, weight, fields).outlier_index.numel() == 0
+        except ValueError:
+            exact = False
+        if not exact:
+            stale.append(key)
+    if stale:
+        _remove_metadata(module, stale)
+        rank_zero_warn(
+            f"{owner}: removed the _COREML_ metadata an earlier palettization left on "
+            f"{len(stale)} weight(s) whose values no longer match its LUT (trained or loaded "
+            f"since): {stale[:5]}{' ...' if len(stale) > 5 else ''}; Core ML keeps them dense; "
+            "to palettize them, select them in this callback's config"
+        )
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------
 # DKM during fit
 
 
@@ -645,7 +705,10 @@ class PalettizationCallback(Callback):
 
         Runs before checkpoint restore and DDP wrapping (see the class docstring). A module
         that is already prepared (a previous fit with ``finalize_on_fit_end=False``, or
-        :func:`load_palettized_checkpoint`) is taken over as it is.
+        :func:`load_palettized_checkpoint`) is taken over as it is. A module finalized by a
+        previous fit is prepared again without the ``_COREML_`` metadata of the weights DKM
+        trains (``on_fit_end`` writes it anew), so it resumes a mid-DKM checkpoint
+        (``ckpt_path=...``) as a freshly built module does.
         """
         if stage != TrainerFn.FITTING.value:
             return
@@ -668,6 +731,13 @@ class PalettizationCallback(Callback):
             except ValueError as error:
                 raise MisconfigurationException(f"{self._OWNER}: {error}") from error
         prepared = _fake_palettizers(pl_module)
+        # A module finalized before (a previous fit): the _COREML_ metadata of the weights DKM
+        # trains again is stale (finalize writes new), and the module must have the structure
+        # of a freshly prepared one for a mid-DKM checkpoint (ckpt_path=...) to load strictly.
+        _remove_metadata(pl_module, [name for name, _ in prepared])
+        hook = _pass_on_load(pl_module)
+        if hook is not None:  # DKM palettizes the module from now on
+            hook.disarm()
         if not prepared:
             rank_zero_warn(
                 f"{self._OWNER}: the config selects no weight of {type(pl_module).__name__} "
@@ -745,9 +815,12 @@ class PalettizationCallback(Callback):
             )
             return
         was_training = pl_module.training
+        trained = [name for name, _ in _fake_palettizers(pl_module)]
         palettizer.finalize(pl_module, inplace=True)
         pl_module.train(was_training)
-        if not self._keep_metadata:
+        if self._keep_metadata:
+            _drop_stale_metadata(pl_module, self._OWNER, trained)
+        else:
             strip_coreml_metadata(pl_module)
         # trainer.test/validate/predict(ckpt_path=<a ModelCheckpoint file, mid-DKM>) next
         _palettize_on_load(pl_module, self._effective.as_dict(), self._keep_metadata)
@@ -868,6 +941,234 @@ def _is_finalized(module: nn.Module) -> bool:
 # one-shot passes: post-training k-means and SKM
 
 
+def _summary(value: Any) -> tuple[Any, ...] | None:
+    """A floating tensor's shape, dtype, float64 sum and float64 norm (``None`` otherwise)."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        return None
+    with torch.no_grad():
+        total = value.detach().sum(dtype=torch.float64)
+        norm = torch.linalg.vector_norm(value.detach(), dtype=torch.float64)
+    return tuple(value.shape), value.dtype, float(total), float(norm)
+
+
+def _fingerprint(module: nn.Module, weights: list[str]) -> tuple[Any, ...]:
+    """What tells a pass whether ``module`` is still as it left it: the names of its ``_COREML_``
+    buffers, the palettized weights, and each one's shape, dtype, float64 sum and float64 norm
+    (training or a checkpoint load changes them; moving the module between devices does not)."""
+    state = module.state_dict()
+    sums = tuple(_summary(state.get(key)) for key in weights)
+    return tuple(k for k in state if COREML_PREFIX in k), weights, sums
+
+
+def _running_trainer(module: nn.Module) -> "Trainer | None":
+    """The Trainer running a stage with ``module`` as its LightningModule, if any."""
+    trainer = getattr(module, "_trainer", None)
+    if (
+        isinstance(trainer, Trainer)
+        and trainer.state.status == TrainerStatus.RUNNING
+        and trainer.lightning_module is module
+    ):
+        return trainer
+    return None
+
+
+class _PassOnLoad:
+    """``load_state_dict`` hooks of a module a PTP / SKM pass palettized: palettize dense
+    weights on load.
+
+    The checkpoints ModelCheckpoint writes during fit hold the dense weights, without their
+    ``_COREML_`` metadata; a ``when="fit_end"`` pass palettizes the module after the last one:
+    ``trainer.test(ckpt_path="best")`` would load one into the other. The pre-hook finds the
+    weights the state_dict overwrites without metadata (the pass's weights, and any other weight
+    the module has metadata for) and removes their ``_COREML_`` buffers from the module, so the
+    load goes on; then, by where the load happens:
+
+    - in ``trainer.fit`` (``ckpt_path=...``, resuming training): nothing more; the module holds
+      the checkpoint's dense weights to train, as a freshly built one would, and the hook is
+      spent (a ``when="fit_end"`` pass palettizes the module again at the end).
+    - in a ``trainer.validate`` / ``test`` / ``predict`` whose callbacks include the pass that
+      palettized the module: the pass runs again at the start of the stage, after the restore
+      (``pending``): the report, the loggers, SKM's calibration data and DDP's broadcast from
+      rank 0 as in any pass.
+    - elsewhere (``module.load_state_dict`` outside the Trainer, another Trainer): the
+      post-hook palettizes the loaded weights at once with the pass's config: PTP's k-means,
+      SKM with the callback's ``sensitivity`` file. SKM calibrated on data cannot: the weights
+      stay dense (without metadata) with a warning, until the next validate / test / predict
+      with the callback (it calibrates then).
+
+    A state_dict with the metadata of the pass's weights (saved after palettization) loads as
+    before, and so does, with ``keep_coreml_metadata=False``, one whose weights are exactly the
+    ones the pass left. A mid-DKM state_dict is left to :class:`_PalettizeOnLoad`.
+
+    No collective runs inside a load: under DDP the stage-start pass broadcasts rank 0's
+    result; a load elsewhere palettizes on each process alike (same weights, same config).
+    Pickling or deep-copying the module keeps the hook; the copy forgets the callback (its loads
+    always palettize at once, and leave the callback's report alone).
+    """
+
+    _HISTORY: ClassVar[int] = 8
+
+    def __init__(self) -> None:
+        self.owner: Callable[[], Any] | None = None
+        self.owner_name = ""
+        self.kind = ""
+        self.config: Any = None
+        self.keep_metadata = True
+        self.sensitivity: Any = None
+        # the weights the pass palettized (state_dict names) -> the _summary of the values
+        # palettizations of the module gave them (the latest few)
+        self.weights: dict[str, list[Any]] = {}
+        self.pending = False  # dense weights loaded in a stage the owner runs again in
+        self._armed = False  # the post-hook palettizes (set by the pre-hook)
+
+    def record(self, callback: "_PalettizationPass", module: nn.Module, weights: list[str]) -> None:
+        """Take over ``module`` as ``callback`` just palettized these weights of it."""
+        self.owner = weakref.ref(callback)
+        self.owner_name, self.kind = callback._OWNER, callback._KIND
+        self.config, self.keep_metadata = callback._config, callback._keep_metadata
+        self.sensitivity = getattr(callback, "_sensitivity", None)
+        self._remember(module, weights)
+        self.pending = self._armed = False
+
+    def _remember(self, module: nn.Module, weights: list[str]) -> None:
+        state = module.state_dict()
+        seen = self.weights
+        self.weights = {}
+        for key in weights:
+            summary = _summary(state.get(key))
+            earlier = [s for s in seen.get(key, []) if s != summary]
+            self.weights[key] = [summary, *earlier[: self._HISTORY - 1]]
+
+    def disarm(self) -> None:
+        """The module is no longer (only) this pass's palettization: do nothing on load."""
+        self.weights, self.pending, self._armed = {}, False, False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["owner"] = None  # weak references do not pickle
+        return state
+
+    def callback(self) -> "_PalettizationPass | None":
+        return self.owner() if self.owner is not None else None
+
+    def before(
+        self, module: nn.Module, state_dict: dict, prefix: str, _meta: Any, strict: bool, *_: Any
+    ) -> None:
+        self._armed = False
+        if not self.weights:
+            return
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if any(_DKM_KEY.search(k) for k in own):
+            return  # mid-DKM: _PalettizeOnLoad's (or load_palettized_checkpoint's)
+        if any(key in own for key in self.weights):
+            self.pending = False  # what an earlier load left dense is overwritten now
+        described = _coreml_fields(own)
+        carried = _coreml_fields(module.state_dict())
+        if self.keep_metadata:
+            # saved after palettization, into a module an earlier load left dense: its metadata
+            # buffers come back (as load_palettized_checkpoint gives them to a fresh module)
+            fields = [described[k] for k in self.weights if k in described]
+            _add_metadata_buffers(module, own, fields)
+        dense = [
+            key
+            for key in [*self.weights, *(k for k in carried if k not in self.weights)]
+            if key in own
+            and key not in described
+            and (key in carried or _summary(own[key]) not in self.weights.get(key, [None]))
+        ]
+        if not dense:
+            return
+        _remove_metadata(module, dense)
+        trainer = _running_trainer(module)
+        callback = self.callback()
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            rank_zero_info(
+                f"{self.owner_name}: fit loads dense weights into the module it palettized: "
+                f"they are trained as loaded ({len(dense)} weight(s) lose their _COREML_ "
+                "metadata)"
+            )
+            self.disarm()
+        elif trainer is not None and any(cb is callback for cb in trainer.callbacks):
+            self.pending = True  # the owner runs the pass when the stage starts
+        else:
+            self._armed = True
+
+    def after(self, module: nn.Module, _incompatible: Any) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        was_training = module.training
+        if self.kind == "ptp":
+            palettizer: Any = PostTrainingPalettizer(module, self.config)
+            with torch.inference_mode(False):  # plain metadata buffers (see _run)
+                palettizer.compress(inplace=True, progress=False)
+        elif self.sensitivity is not None:
+            palettizer = SKMPalettizer(module, self.config)
+            with torch.inference_mode(False):
+                palettizer.compress(inplace=True, sensitivity=self.sensitivity, progress=False)
+        else:
+            self.pending = True
+            rank_zero_warn(
+                f"{self.owner_name}: loaded dense weights into the module it palettized, "
+                f"outside a Trainer stage it is part of: SKM needs calibration data, so the "
+                f"{len(self.weights)} weight(s) stay dense as loaded, without _COREML_ metadata, "
+                "until the next trainer.validate/test/predict with this callback (it "
+                "calibrates and palettizes them when the stage starts); or palettize them with "
+                "SKMPalettizer(module, config).compress(...), or give the callback "
+                "sensitivity=<file> to palettize on load"
+            )
+            return
+        module.train(was_training)
+        report = palettizer.report()
+        names = [row.name for row in report.rows]
+        if self.keep_metadata:
+            _drop_stale_metadata(module, self.owner_name, names)
+        else:
+            strip_coreml_metadata(module)
+        callback = self.callback()
+        if callback is not None:
+            callback._done[module] = _fingerprint(module, names)
+            callback._report = report
+            self.record(callback, module, names)
+        else:
+            self._remember(module, names)
+        rank_zero_info(f"{self.owner_name}: palettized the {len(report)} loaded weight(s)")
+
+
+_PASS_ON_LOAD_ATTR = "_lightning_palettize_pass_on_load"
+
+
+def _add_metadata_buffers(module: nn.Module, state: Mapping[str, Any], fields: list[Any]) -> None:
+    """Register the ``_COREML_`` buffers of these weights' fields (``_coreml_fields(state)``
+    values) that ``module`` lacks, and the root's ``metadata_version`` with them."""
+    keys = [key for entry in fields for key in entry.keys.values()]
+    if keys and METADATA_VERSION_KEY in state:
+        keys.append(METADATA_VERSION_KEY)
+    modules = dict(module.named_modules(remove_duplicate=False))
+    for key in keys:
+        head, _, name = key.partition(COREML_PREFIX)
+        owner = modules.get(head[:-1] if head else "")
+        name = COREML_PREFIX + name
+        if owner is not None and name not in owner._buffers and isinstance(state[key], Tensor):
+            owner.register_buffer(name, torch.empty_like(state[key], device="cpu"))
+
+
+def _pass_on_load(module: nn.Module) -> _PassOnLoad | None:
+    hook = module.__dict__.get(_PASS_ON_LOAD_ATTR)
+    return hook if isinstance(hook, _PassOnLoad) else None
+
+
+def _record_pass(module: nn.Module, callback: "_PalettizationPass", weights: list[str]) -> None:
+    """Register (or take over) the :class:`_PassOnLoad` hooks of ``module``."""
+    hook = _pass_on_load(module)
+    if hook is None:
+        hook = _PassOnLoad()
+        module.register_load_state_dict_pre_hook(hook.before)
+        module.register_load_state_dict_post_hook(hook.after)
+        module.__dict__[_PASS_ON_LOAD_ATTR] = hook
+    hook.record(callback, module, weights)
+
+
 class _PalettizationPass(Callback):
     """Shared moment handling, comparison and reporting of the PTP and SKM callbacks."""
 
@@ -893,7 +1194,8 @@ class _PalettizationPass(Callback):
         self._compare_dataloader = compare_dataloader
         self._keep_metadata = _check_bool(owner, "keep_coreml_metadata", keep_coreml_metadata)
         self._verbose = _check_bool(owner, "verbose", verbose)
-        self._done: weakref.WeakSet = weakref.WeakSet()
+        # module -> its _fingerprint right after this callback palettized it
+        self._done: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._report: PalettizationReport | None = None
         self._comparison: dict[str, float] = {}
 
@@ -905,7 +1207,7 @@ class _PalettizationPass(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._done = weakref.WeakSet()
+        self._done = weakref.WeakKeyDictionary()
 
     @property
     def config(self) -> Any:
@@ -938,27 +1240,36 @@ class _PalettizationPass(Callback):
     @override
     def on_validation_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         """Called when validation begins: the pass, in ``trainer.validate`` only (not in fit)."""
-        if self._when == "validate_start" and trainer.state.fn == TrainerFn.VALIDATING:
+        if trainer.state.fn == TrainerFn.VALIDATING and (
+            self._when == "validate_start" or self._loaded_dense(pl_module)
+        ):
             self._run(trainer, pl_module)
 
     @override
     def on_test_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         """Called when ``trainer.test`` begins (weights already restored): the pass."""
-        if self._when == "test_start":
+        if self._when == "test_start" or self._loaded_dense(pl_module):
             self._run(trainer, pl_module)
 
     @override
     def on_predict_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
         """Called when ``trainer.predict`` begins (weights already restored): the pass."""
-        if self._when == "predict_start":
+        if self._when == "predict_start" or self._loaded_dense(pl_module):
             self._run(trainer, pl_module)
 
     def _compress(self, trainer: "Trainer", pl_module: LightningModule) -> PalettizationReport:
         raise NotImplementedError
 
+    def _loaded_dense(self, pl_module: nn.Module) -> bool:
+        """A load in this stage (``ckpt_path=...``) gave dense weights to the module this
+        callback palettized (see :class:`_PassOnLoad`): the pass runs on them."""
+        hook = _pass_on_load(pl_module)
+        return hook is not None and hook.pending and hook.callback() is self
+
     def _run(self, trainer: "Trainer", pl_module: LightningModule, after_teardown=False) -> None:
-        if pl_module in self._done:
-            rank_zero_info(f"{self._OWNER}: this module was palettized already; skipping")
+        done = self._done.get(pl_module)
+        if done is not None and done == _fingerprint(pl_module, done[1]):
+            rank_zero_info(f"{self._OWNER}: the module is as this callback palettized it; skipping")
             return
         compare_loader = None
         before: dict[str, float] = {}
@@ -970,7 +1281,10 @@ class _PalettizationPass(Callback):
             before = _evaluate(trainer, pl_module, compare_loader, from_trainer)
         was_training = pl_module.training
         try:
-            report = self._compress(trainer, pl_module)
+            # test/predict run in inference mode: buffers made there (the _COREML_ metadata)
+            # would be inference tensors, which no later load_state_dict can copy into
+            with torch.inference_mode(False):
+                report = self._compress(trainer, pl_module)
         except ValueError as error:
             if getattr(error, _USER_CODE, False):  # the user's training_step / loss_fn: as is
                 raise
@@ -979,7 +1293,9 @@ class _PalettizationPass(Callback):
         keys = [row.name for row in report.rows]
         keys += [k for k in pl_module.state_dict() if COREML_PREFIX in k]
         _broadcast_from_rank_zero(trainer, pl_module, keys)
-        if not self._keep_metadata:
+        if self._keep_metadata:
+            _drop_stale_metadata(pl_module, self._OWNER, [row.name for row in report.rows])
+        else:
             strip_coreml_metadata(pl_module)
         extra: dict[str, float] = {}
         if self._compare:
@@ -990,7 +1306,10 @@ class _PalettizationPass(Callback):
                     extra[f"{prefix}/before/{name}"] = before[name]
                     extra[f"{prefix}/after/{name}"] = after[name]
                     extra[f"{prefix}/drop/{name}"] = before[name] - after[name]
-        self._done.add(pl_module)
+        names = [row.name for row in report.rows]
+        self._done[pl_module] = _fingerprint(pl_module, names)
+        # a load of dense weights (trainer.test(ckpt_path="best"), ...) palettizes them
+        _record_pass(pl_module, self, names)
         self._report = report
         self._comparison = {k.split("/", 2)[2]: v for k, v in extra.items()}
         _publish(
@@ -1015,7 +1334,23 @@ class PostTrainingPalettizationCallback(_PalettizationPass):
             {"global_config": {"n_bits": 4}}, when="test_start", compare=True)])
         trainer.test(model, datamodule=dm)   # tests the palettized model
 
-    A module is palettized at most once per callback instance.
+    Each moment palettizes the module as it is then; the Core ML metadata it carries from an
+    earlier palettization (another fit, another callback) is replaced, and metadata of weights
+    this pass does not select is kept only where it still describes the weight exactly. A
+    module this callback palettized, unchanged since (e.g. a second ``trainer.test`` with
+    ``when="test_start"``), is not palettized again.
+
+    Checkpoints: ModelCheckpoint saves during fit, before a ``"fit_end"`` pass, i.e. dense
+    weights without ``_COREML_`` metadata. Loading such a state_dict into the module this
+    callback palettized palettizes its weights again with this config (a load_state_dict hook
+    the pass leaves on the module): ``trainer.test(model, ckpt_path="best")`` (``"last"``,
+    ``validate``, ``predict``) with this callback runs the pass on the checkpoint's weights at
+    the start of the stage, after the restore (report, loggers and DDP as in any pass), and
+    ``model.load_state_dict(dense)`` outside the Trainer palettizes them at once.
+    ``trainer.fit(model, ckpt_path=...)`` trains the checkpoint's dense weights as they are
+    (their old metadata removed). A state_dict saved after the pass (with its metadata, or,
+    with ``keep_coreml_metadata=False``, with the exact weights a pass gave this module)
+    loads unchanged. Deep copies and pickles of the module keep the hook.
 
     Args:
         config: a :class:`~lightning_palettize.PostTrainingPalettizerConfig`, a dict of its
@@ -1082,7 +1417,15 @@ class SKMPalettizationCallback(_PalettizationPass):
     ``trainer.test`` / ``predict`` (inference mode), and the module's parameters, buffers,
     modes and ``.grad`` are restored afterwards (torchmetrics states are reset).
 
-    Moments and comparison as in :class:`PostTrainingPalettizationCallback`.
+    Moments, comparison and checkpoint loads as in :class:`PostTrainingPalettizationCallback`.
+    Re-palettizing a loaded dense checkpoint needs calibration on its weights: in a
+    ``trainer.validate`` / ``test`` / ``predict`` with this callback (e.g.
+    ``trainer.test(model, ckpt_path="best")`` after fit) the pass calibrates with the same data
+    and loss at the start of the stage; with ``sensitivity=<file>`` a load anywhere palettizes
+    at once with that file. A plain ``model.load_state_dict(dense)`` otherwise leaves the
+    weights dense as loaded, their ``_COREML_`` metadata removed, with a warning, until the next
+    validate / test / predict with this callback. (The sensitivities of the earlier pass are
+    not reused: they belong to other weights, and would hold a copy of every weight.)
 
     Args:
         config: an :class:`~lightning_palettize.SKMPalettizerConfig`, a dict of its arguments,

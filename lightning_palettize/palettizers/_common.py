@@ -32,6 +32,7 @@ __all__ = [
     "check_coreml_options",
     "check_materialized",
     "attach_coreml_metadata",
+    "remove_coreml_metadata",
     "strip_coreml_metadata",
     "set_metadata_version",
     "compress_model",
@@ -322,10 +323,20 @@ def attach_coreml_metadata(
     metadata: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Register the ``_COREML_/<param>/<field>`` buffers coremltools' converter reads
-    (``metadata``: ``palette.coreml_metadata()`` computed beforehand)."""
+    (``metadata``: ``palette.coreml_metadata()`` computed beforehand), in place of every field
+    an earlier palettization of the parameter left (e.g. its ``palettization_scale``)."""
     metadata = palette.coreml_metadata() if metadata is None else metadata
+    remove_coreml_metadata(module, param_name)
     for field, value in metadata.items():
         module.register_buffer(f"{COREML_PREFIX}/{param_name}/{field}", value.cpu())
+
+
+def remove_coreml_metadata(module: nn.Module, param_name: str) -> None:
+    """Remove the ``_COREML_/<param_name>/<field>`` buffers of one parameter of ``module`` (in
+    place); the root's ``_COREML_/metadata_version`` and other parameters' fields stay."""
+    prefix = f"{COREML_PREFIX}/{param_name}/"
+    for name in [n for n in module._buffers if n.startswith(prefix)]:
+        del module._buffers[name]
 
 
 def set_metadata_version(model: nn.Module) -> None:
