@@ -17,7 +17,8 @@ Sections:
 - ``dkm``: ``DKMPalettizer.prepare`` of the MLP with ``cluster_dim`` 2, 4 bits and coremltools'
   default ``kmeans_n_init=10`` (its centroid init: ten k-means++ restarts per layer), timed
   with the kernel and with the torch program; then the steady DKM training step (SGD, batch
-  64) against the plain step.
+  64) against the plain step, and coremltools' DKM (first step, with its k-means init, and
+  steady step) on the same model and config.
 
 Times are medians over ``--repeat`` runs, the two sides alternating. Results go to
 bench/results/<out>.json and markdown tables on stdout. Torch threads default to 1 (see
@@ -153,9 +154,8 @@ def dkm_rows(repeat: int) -> list[dict[str, Any]]:
     from lightning_palettize import DKMPalettizer, DKMPalettizerConfig
 
     model = W.mlp()
-    cfg = DKMPalettizerConfig.from_dict(
-        {"module_type_configs": {"Linear": {"n_bits": 4, "cluster_dim": 2}}}
-    )
+    cfg_dict = {"module_type_configs": {"Linear": {"n_bits": 4, "cluster_dim": 2}}}
+    cfg = DKMPalettizerConfig.from_dict(cfg_dict)
 
     def prepare():
         return DKMPalettizer(model, cfg).prepare()
@@ -176,6 +176,12 @@ def dkm_rows(repeat: int) -> list[dict[str, Any]]:
             (plain if side == "plain" else dkm).append(t)
     tp, td = statistics.median(plain), statistics.median(dkm)
     print(f"dkm step: {td / tp:.1f}x plain", flush=True)
+    ct: dict[str, Any] = {}
+    if C.ct_available():  # coremltools' DKM on the same model and config: its first and steady step
+        res = C.ct_dkm_steps(W.mlp(), cfg_dict, batches, sgd, 4)
+        ct = {"ct_first_step_s": res["first_step_s"], "ct_steady_step_s": res["steady_step_s"]}
+        ct["ct_steady_over_ours"] = res["steady_step_s"] / td
+        print(f"coremltools dkm step: {ct['ct_steady_over_ours']:.1f}x ours", flush=True)
     return [
         {
             "workload": "mlp",
@@ -188,6 +194,7 @@ def dkm_rows(repeat: int) -> list[dict[str, Any]]:
             "plain_step_s": tp,
             "dkm_step_s": td,
             "step_ratio": td / tp,
+            **ct,
         }
     ]
 
