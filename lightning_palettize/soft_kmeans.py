@@ -412,10 +412,10 @@ def _chunks(n: int, rows: int):
 
 def _vec_rows(x: Tensor, c: Tensor, cfg: _Cfg, noisy: bool) -> bool:
     """Whether the compiled per-row kernels (``_dkm_cpu.vec_fwd`` / ``vec_bwd``) run the dense
-    engine: CPU float32 vectors (d > 1) in mode "dkm", K <= 256."""
+    engine: CPU float32 vectors (1 < d <= 64) in mode "dkm", K <= 256."""
     return (
         _c_kernels(x.device)
-        and x.shape[-1] > 1
+        and 1 < x.shape[-1] <= 64  # VEC_MAXD of _dkm_cpu.c
         and cfg.mode == "dkm"
         and not noisy
         and c.shape[1] <= 256

@@ -1810,7 +1810,7 @@ def test_grouped_inputs_outside_the_contract_are_rejected():
 # lut_fn (an fp16 LUT) is left to test_dense_variants_match_reference: a centroid on an fp16
 # rounding boundary may round either way after the two sum in different orders
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "lut_fn"] + ["plain"])
-@pytest.mark.parametrize("d,k", [(2, 4), (3, 16)])
+@pytest.mark.parametrize("d,k", [(2, 4), (3, 16), (16, 8)])
 def test_vector_rows_kernel_matches_torch(variant, d, k, monkeypatch):
     """CPU vectors run the compiled per-row kernels (_dkm_cpu.vec_fwd / vec_bwd); the torch
     dense code they replace gives the same outputs, centroids and gradients."""
@@ -1837,6 +1837,17 @@ def test_vector_rows_kernel_matches_torch(variant, d, k, monkeypatch):
     assert {"vec_fwd", "vec_bwd"} <= set(calls)
     monkeypatch.setattr(sk, "_USE_C", False)
     want = run(soft_kmeans, x, c0, w, method="dense", **kw)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+    assert_close(got[2], want[2], 1e-4, 1e-4)  # gradients: as against the reference
+    assert_nontrivial(got[2], w)
+
+
+def test_long_vectors_run_in_torch():
+    """cluster_dim over the kernels' 64 runs the torch code (same results as the reference)."""
+    x, c0 = make_data(1, 40, 65, seed=1)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    got = run(soft_kmeans, x, c0, w, method="dense")
+    want = run(reference, x, c0, w)
     for a, b in zip(got, want):
         assert_close(a, b, 1e-4, 1e-5)
-    assert_nontrivial(got[2], w)
