@@ -517,8 +517,8 @@ def _kmeans_1d_exact(x: Tensor, k: int, weights: Tensor | None) -> KMeansResult:
     g_total, n = x.shape
     device = x.device
     if _fused_ok(x, k):  # float32 holds fp16/bf16 values exactly
-        xin = x.to(torch.float32).contiguous()
-        w = None if weights is None else weights.to(torch.float32).contiguous().numpy()
+        xin = x.detach().to(torch.float32).contiguous()
+        w = None if weights is None else weights.detach().to(torch.float32).contiguous().numpy()
         labels = torch.empty((g_total, n), dtype=torch.uint8)
         cent = torch.empty(g_total, k, dtype=torch.float32)
         inertia = torch.empty(g_total, dtype=torch.float64)
@@ -711,8 +711,8 @@ def _kmeans_vectors_cpu(
 ) -> KMeansResult:
     g_total, n, d = x.shape
     n_init = u.shape[1]
-    xin = x.to(torch.float32).contiguous()
-    win = None if weights is None else weights.to(torch.float32).contiguous().numpy()
+    xin = x.detach().to(torch.float32).contiguous()
+    win = None if weights is None else weights.detach().to(torch.float32).contiguous().numpy()
     # two result slots, one per thread: a group whose restarts are split keeps the better one
     cent = torch.empty(2, g_total, k, d, dtype=torch.float32)
     labels = torch.empty(2, g_total, n, dtype=torch.uint8)

@@ -589,3 +589,20 @@ def test_cuda_matches_cpu():
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
     v = kmeans_vectors(torch.randn(2, 500, 2).cuda(), 4)
     assert v.centroids.is_cuda and torch.isfinite(v.centroids).all()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_1d_kmeans_takes_tensors_that_require_grad(exact):
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(4))
+    w = torch.rand(2, 300, generator=torch.Generator().manual_seed(5))
+    a = kmeans_1d(x.clone().requires_grad_(), 4, w.clone().requires_grad_(), exact=exact)
+    b = kmeans_1d(x, 4, w, exact=exact)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.labels, b.labels)
+
+
+def test_vector_kmeans_takes_tensors_that_require_grad():
+    x = torch.randn(2, 300, 2, generator=torch.Generator().manual_seed(4))
+    w = torch.rand(2, 300, generator=torch.Generator().manual_seed(5))
+    a = kmeans_vectors(x.clone().requires_grad_(), 4, w.clone().requires_grad_())
+    b = kmeans_vectors(x, 4, w)
+    assert torch.equal(a.centroids, b.centroids) and not a.centroids.requires_grad
