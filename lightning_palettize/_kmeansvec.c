@@ -26,9 +26,9 @@
  *                                  group g) draws its t-th centroid with u[j*k + t]
  *       cent    float32[G*k*d]     out: best centroids of each group over the jobs run
  *       labels  uint8[G*N]         out: their assignments (k <= 256)
- *       inertia float64[G]         in/out: a group's result is written only by a job whose
- *                                  inertia is below the value held (the caller starts at +inf;
- *                                  ties keep the earlier restart)
+ *       inertia float64[G]         in/out: a group's result is written by its first job in
+ *                                  this call, then by any job whose inertia is below the value
+ *                                  held (ties keep the earlier restart)
  *       j0, j1  jobs run, in order
  */
 #define PY_SSIZE_T_CLEAN
@@ -100,7 +100,7 @@ static inline void scan(const float *xi, const float *ct, int64_t d, int64_t k, 
 #pragma omp simd reduction(min : m1)
     for (int64_t c = 0; c < k; ++c) m1 = acc[c] < m1 ? acc[c] : m1;
     int64_t b = 0;
-    while (acc[b] != m1) ++b;
+    while (b < k - 1 && acc[b] != m1) ++b; /* bounded: NaN distances never equal m1 */
     acc[b] = INFINITY;
 #pragma omp simd reduction(min : m2)
     for (int64_t c = 0; c < k; ++c) m2 = acc[c] < m2 ? acc[c] : m2;
@@ -436,7 +436,9 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
                 if (q == j0 || q % n_init == 0) moments(&j);
                 double in = cluster(&j, (const double *)bu.buf + q * k, max_iter, tol);
                 double *best = (double *)bi.buf + grp;
-                if (in < *best) {
+                /* a group's first job in this call always writes (an inf or NaN inertia, from
+                 * float32 overflow, must still leave data-derived results) */
+                if (q == j0 || q % n_init == 0 || in < *best) {
                     *best = in;
                     memcpy((float *)bc.buf + grp * k * d, j.cf, sizeof(float) * k * d);
                     memcpy((uint8_t *)bl.buf + grp * n, j.lab, n);

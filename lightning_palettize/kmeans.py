@@ -125,8 +125,9 @@ def _check_input(x: Tensor, k: int, weights: Tensor | None, ndim: int, values: b
                 f"weights: expected shape {tuple(x.shape[:2])} (one per value or vector), "
                 f"got {tuple(weights.shape)}"
             )
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("weights: must be finite and non-negative")
+        # the compiled kernels read them in float32: finite there too
+        if not bool(torch.isfinite(weights.float()).all()) or bool((weights < 0).any()):
+            raise ValueError("weights: must be finite (in float32) and non-negative")
 
 
 def _non_finite():
@@ -666,6 +667,8 @@ def kmeans_vectors(
         ValueError: on a wrong shape, non-finite values, negative weights or bad arguments.
     """
     _check_input(x, k, weights, 3)
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x: expected [G, N, d] with G >= 1 and d >= 1, got {tuple(x.shape)}")
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init and max_iter must be >= 1, got {n_init}, {max_iter}")
     g_total, n, d = x.shape
@@ -716,7 +719,8 @@ def _kmeans_vectors_cpu(
     # two result slots, one per thread: a group whose restarts are split keeps the better one
     cent = torch.empty(2, g_total, k, d, dtype=torch.float32)
     labels = torch.empty(2, g_total, n, dtype=torch.uint8)
-    inertia = torch.full((2, g_total), math.inf, dtype=torch.float64)
+    # -1: a slot no job of the group wrote (each call's first job of a group always writes)
+    inertia = torch.full((2, g_total), -1.0, dtype=torch.float64)
     args = (xin.numpy(), win, u.contiguous().numpy(), d, k, n_init, max_iter, tol)
 
     def solve(j0: int, j1: int) -> None:
@@ -725,7 +729,8 @@ def _kmeans_vectors_cpu(
 
     _on_two_threads(solve, np.full(g_total * n_init, n * k * d))
     # ties keep slot 0 (the earlier restarts)
-    better = inertia[1] < inertia[0]
+    written = inertia != -1.0
+    better = written[1] & (~written[0] | (inertia[1] < inertia[0]))
     return KMeansResult(
         torch.where(better[:, None, None], cent[1], cent[0]),
         torch.where(better[:, None], labels[1], labels[0]),

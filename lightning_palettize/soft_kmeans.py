@@ -420,6 +420,8 @@ def _vec_rows(x: Tensor, c: Tensor, cfg: _Cfg, noisy: bool) -> bool:
         and not noisy
         and c.shape[1] <= 256
         and x.dtype == c.dtype == torch.float32
+        # the kernels take tau and zero_threshold as float32
+        and min(cfg.tau, cfg.zero_threshold) >= torch.finfo(torch.float32).tiny
     )
 
 
@@ -558,6 +560,7 @@ class _DenseOutput(torch.autograd.Function):
         rows = _chunk_rows(g, k, d, x.device, noise is not None)
         if _vec_rows(x, prev_c, cfg, noise is not None) and last_c.dtype == torch.float32:
             x, prev_c, last_c = x.contiguous(), prev_c.contiguous(), last_c.contiguous()
+            out = torch.empty_like(x)  # C order, as the kernel writes it (x may be a view)
             _dkm_cpu.vec_fwd(1, *_vec_args(x, prev_c, cfg), last_c.data_ptr(), out.data_ptr(), 0, 0)
             ctx.save_for_backward(x, prev_c, last_c)
             ctx.cfg, ctx.noise, ctx.rows = cfg, noise, rows

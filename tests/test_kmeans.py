@@ -606,3 +606,22 @@ def test_vector_kmeans_takes_tensors_that_require_grad():
     a = kmeans_vectors(x.clone().requires_grad_(), 4, w.clone().requires_grad_())
     b = kmeans_vectors(x, 4, w)
     assert torch.equal(a.centroids, b.centroids) and not a.centroids.requires_grad
+
+
+def test_vector_kmeans_edge_inputs():
+    """Weights finite in float64 but not in float32 are refused (the kernels read float32);
+    empty shapes are refused; distances that overflow float32 still give data-derived results."""
+    x = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="finite"):
+        kmeans_vectors(x, 4, torch.full((1, 40), 1e39, dtype=torch.float64))
+    with pytest.raises(ValueError, match="G >= 1 and d >= 1"):
+        kmeans_vectors(torch.zeros(0, 5, 2), 4)
+    with pytest.raises(ValueError, match="G >= 1 and d >= 1"):
+        kmeans_vectors(torch.zeros(2, 5, 0), 4)
+    big = torch.randn(2, 40, 2, generator=torch.Generator().manual_seed(2)) * 1e20
+    r = kmeans_vectors(big, 4)
+    assert int(r.labels.max()) < 4
+    # every centroid is one of the vectors or a mean of them: inside the data's box
+    lo, hi = big.amin(dim=1, keepdim=True), big.amax(dim=1, keepdim=True)
+    finite = torch.isfinite(r.centroids)
+    assert bool(((r.centroids >= lo) & (r.centroids <= hi) | ~finite).all())

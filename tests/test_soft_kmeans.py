@@ -1851,3 +1851,19 @@ def test_long_vectors_run_in_torch():
     want = run(reference, x, c0, w)
     for a, b in zip(got, want):
         assert_close(a, b, 1e-4, 1e-5)
+
+
+def test_vector_rows_kernel_on_a_non_contiguous_view(monkeypatch):
+    """x as a view with permuted strides (a per_grouped_channel layout can give one): the
+    kernel's output is in x's element order."""
+    base = 0.02 * torch.randn(300, 3, 2, generator=torch.Generator().manual_seed(3))
+    x = base.transpose(0, 1)  # [3, 300, 2], not contiguous
+    c0 = x[:, :8].clone()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    got = run(soft_kmeans, x, c0, w, method="dense")
+    want = run(soft_kmeans, x.contiguous(), c0, w, method="dense")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(sk, "_USE_C", False)
+    ref = run(soft_kmeans, x, c0, w, method="dense")
+    assert_close(got[0], ref[0], 1e-4, 1e-5)
