@@ -30,6 +30,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1832,7 +1833,7 @@ static PyObject *py_fwd_loop(PyObject *self, PyObject *args) {
         for (int64_t g = 0; g < G; g++) { /* raw = c + sums / mass (mass 0: c); new: slot 0 */
             for (int64_t k = 0; k < K; k++) {
                 float sum = sm[g * 2 * K + k], mass = sm[g * 2 * K + K + k], cv = cc[g * K + k];
-                float r = mass > 0.0f ? cv + sum / mass : cv;
+                float r = mass >= FLT_MIN ? cv + sum / mass : cv; /* subnormal mass: empty */
                 raw[g * K + k] = r;
                 nw[g * K + k] = ez && k == 0 ? 0.0f : r;
             }
@@ -1932,7 +1933,7 @@ static PyObject *py_bwd_loop(PyObject *self, PyObject *args) {
                 if (last_it) gn = gn + d_last[i] * (float)ends;
                 else if (ends) gn = gn + d_last[i];
                 if (ez && k == 0) gn = 0.0f;
-                int filled = mass[k] > 0.0f;
+                int filled = mass[k] >= FLT_MIN; /* as the forward update */
                 float sh = filled ? gn / mass[k] : 0.0f;
                 s_hat[i] = act ? sh * am : sh;
                 g_in[i] = filled ? 0.0f : gn;

@@ -135,7 +135,9 @@ def _fwd_step(c, s0, s1, inertia, t, T, eps, active, prev_in, kidx, EZ: tl.const
     inertia (the sum of ``inertia``): (new centroids, prev_c = c, last_c = new, last_it = t,
     raw update, masses, active, prev_in)."""
     mass = s1.to(tl.float32)
-    raw = tl.where(mass > 0.0, c + s0.to(tl.float32) / tl.where(mass > 0.0, mass, 1.0), c)
+    # a column under the smallest normal float32 is empty (as soft_kmeans._update)
+    filled = mass >= 1.1754943508222875e-38
+    raw = tl.where(filled, c + s0.to(tl.float32) / tl.where(filled, mass, 1.0), c)
     new = raw
     if EZ:
         new = tl.where(kidx == 0, 0.0, raw)
@@ -204,7 +206,7 @@ def _bwd_state(
     gn = grad_c
     if EZ:
         gn = tl.where(kidx == 0, 0.0, gn)
-    filled = mass > 0.0
+    filled = mass >= 1.1754943508222875e-38  # as the forward update
     s_hat = tl.where(filled, gn / tl.where(filled, mass, 1.0), 0.0)
     g_in = tl.where(filled, 0.0, gn)
     return c, raw, s_hat, g_in

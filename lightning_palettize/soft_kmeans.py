@@ -277,8 +277,12 @@ def _pairwise_grad(
 
 
 def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
-    """New centroids sums / mass; an empty column keeps its centroid; then lut_fn, zero slot."""
-    filled = mass > 0
+    """New centroids sums / mass; an empty column keeps its centroid; then lut_fn, zero slot.
+
+    A column whose mass is below the smallest normal float counts as empty: the compiled
+    kernels flush such attention to zero, and dividing by a subnormal mass overflows (NaN
+    gradients through sums / mass^2)."""
+    filled = mass >= torch.finfo(mass.dtype).tiny
     safe = torch.where(filled, mass, torch.ones_like(mass))
     new = torch.where(filled.unsqueeze(-1), sums / safe.unsqueeze(-1), c)
     if cfg.lut_fn is not None:
@@ -1828,8 +1832,9 @@ def _scalar_update(sm: Tensor, c: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor, Te
     """(raw, mass, new): raw = c + centered sums / mass (= sums / mass; a column with mass 0
     keeps c), new = raw after lut_fn and the zero slot."""
     mass = sm[:, 1]
-    # an empty column (mass 0) keeps c (its 0 / 0 is discarded by the select)
-    raw = torch.where(mass > 0, c + sm[:, 0] / mass, c)
+    # an empty column (mass under the smallest normal float, as _update) keeps c (its 0 / 0 is
+    # discarded by the select)
+    raw = torch.where(mass >= torch.finfo(mass.dtype).tiny, c + sm[:, 0] / mass, c)
     new = raw
     if cfg.lut_fn is not None:
         quantized = cfg.lut_fn(raw.unsqueeze(-1))
@@ -2085,7 +2090,7 @@ def _update_vjp(cfg: _Cfg, raw: Tensor, mass: Tensor, act, grad_new: Tensor, zer
         grad_new = grad_new.clone()
         grad_new[:, 0] = 0.0
     grad_raw = _lut_vjp(cfg, raw, grad_new)
-    filled = mass > 0
+    filled = mass >= torch.finfo(mass.dtype).tiny  # as _update
     s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
     if act is not None:
         s_hat = s_hat * act.unsqueeze(1)

@@ -1867,3 +1867,22 @@ def test_vector_rows_kernel_on_a_non_contiguous_view(monkeypatch):
     monkeypatch.setattr(sk, "_USE_C", False)
     ref = run(soft_kmeans, x, c0, w, method="dense")
     assert_close(got[0], ref[0], 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("use_c", [False, True])
+def test_subnormal_cluster_mass_gives_finite_gradients(d, use_c, monkeypatch):
+    """A centroid far from every value gets a subnormal attention mass: it counts as empty
+    (keeps its place) on every path, and no gradient overflows to NaN (dividing by that mass
+    did, on the torch paths)."""
+    monkeypatch.setattr(sk, "_USE_C", use_c)
+    bad = 0
+    for trial in range(40):
+        gen = torch.Generator().manual_seed(trial)
+        x = 0.05 * torch.randn(3, 5, d, generator=gen)
+        x[:, 2] = 0.0
+        c = 0.05 * torch.randn(3, 4, d, generator=gen)
+        w = torch.sin(torch.arange(x.numel(), dtype=torch.float32)).view_as(x)
+        out, _, grad = run(soft_kmeans, x, c, w, method="dense")
+        bad += int(not bool(torch.isfinite(grad).all() and torch.isfinite(out).all()))
+    assert bad == 0
