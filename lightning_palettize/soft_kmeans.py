@@ -276,13 +276,17 @@ def _pairwise_grad(
     return gx, gc.mul_(two)
 
 
-def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
-    """New centroids sums / mass; an empty column keeps its centroid; then lut_fn, zero slot.
+def _filled(mass: Tensor) -> Tensor:
+    """The columns that are not empty: mass at least the smallest normal float. The compiled
+    kernels flush smaller attention to zero, and dividing by a subnormal mass overflows (NaN
+    gradients through sums / mass^2). Every centroid update and its backward use this rule."""
+    return mass >= torch.finfo(mass.dtype).tiny
 
-    A column whose mass is below the smallest normal float counts as empty: the compiled
-    kernels flush such attention to zero, and dividing by a subnormal mass overflows (NaN
-    gradients through sums / mass^2)."""
-    filled = mass >= torch.finfo(mass.dtype).tiny
+
+def _update(sums: Tensor, mass: Tensor, c: Tensor, cfg: _Cfg) -> Tensor:
+    """New centroids sums / mass; an empty column (:func:`_filled`) keeps its centroid; then
+    lut_fn, zero slot."""
+    filled = _filled(mass)
     safe = torch.where(filled, mass, torch.ones_like(mass))
     new = torch.where(filled.unsqueeze(-1), sums / safe.unsqueeze(-1), c)
     if cfg.lut_fn is not None:
@@ -414,16 +418,16 @@ def _chunks(n: int, rows: int):
     return ((a, min(n, a + rows)) for a in range(0, n, rows))
 
 
-def _vec_rows(x: Tensor, c: Tensor, cfg: _Cfg, noisy: bool) -> bool:
+def _vec_rows(x: Tensor, cfg: _Cfg, noisy: bool, *centroids: Tensor) -> bool:
     """Whether the compiled per-row kernels (``_dkm_cpu.vec_fwd`` / ``vec_bwd``) run the dense
-    engine: CPU float32 vectors (1 < d <= 64) in mode "dkm", K <= 256."""
+    engine: CPU float32 vectors (1 < d <= 64) and centroids in mode "dkm", K <= 256."""
     return (
         _c_kernels(x.device)
         and 1 < x.shape[-1] <= 64  # VEC_MAXD of _dkm_cpu.c
         and cfg.mode == "dkm"
         and not noisy
-        and c.shape[1] <= 256
-        and x.dtype == c.dtype == torch.float32
+        and x.dtype == torch.float32
+        and all(c.shape[1] <= 256 and c.dtype == torch.float32 for c in centroids)
         # the kernels take tau and zero_threshold as float32
         and min(cfg.tau, cfg.zero_threshold) >= torch.finfo(torch.float32).tiny
     )
@@ -458,7 +462,7 @@ class _DenseStats(torch.autograd.Function):
         g, n, d = x.shape
         k = c.shape[1]
         rows = _chunk_rows(g, k, d, x.device, gen is not None)
-        if _vec_rows(x, c, cfg, gen is not None):
+        if _vec_rows(x, cfg, gen is not None, c):
             x, c = x.contiguous(), c.contiguous()
             sums64, mass64 = (
                 x.new_zeros(g, k, d, dtype=torch.float64),
@@ -510,7 +514,7 @@ class _DenseStats(torch.autograd.Function):
             grad_sums = c.new_zeros(g, k, d)
         if grad_mass is None:
             grad_mass = c.new_zeros(g, k)
-        if _vec_rows(x, c, cfg, ctx.state is not None):
+        if _vec_rows(x, cfg, ctx.state is not None, c):
             gx = torch.empty_like(x) if need_x else None
             gc64 = c.new_zeros(g, k, d, dtype=torch.float64)
             gs, gm = grad_sums.float().contiguous(), grad_mass.float().contiguous()
@@ -560,15 +564,15 @@ class _DenseOutput(torch.autograd.Function):
     def forward(ctx, x, prev_c, last_c, cfg, noise):
         g, n, d = x.shape
         k = prev_c.shape[1]
-        out = torch.empty_like(x)
         rows = _chunk_rows(g, k, d, x.device, noise is not None)
-        if _vec_rows(x, prev_c, cfg, noise is not None) and last_c.dtype == torch.float32:
+        if _vec_rows(x, cfg, noise is not None, prev_c, last_c):
             x, prev_c, last_c = x.contiguous(), prev_c.contiguous(), last_c.contiguous()
             out = torch.empty_like(x)  # C order, as the kernel writes it (x may be a view)
             _dkm_cpu.vec_fwd(1, *_vec_args(x, prev_c, cfg), last_c.data_ptr(), out.data_ptr(), 0, 0)
             ctx.save_for_backward(x, prev_c, last_c)
             ctx.cfg, ctx.noise, ctx.rows = cfg, noise, rows
             return out
+        out = torch.empty_like(x)
         with _no_autocast(x.device):
             draws = _GroupNoise(noise, g, k, x.device)
             for a, b in _chunks(n, rows):
@@ -588,7 +592,7 @@ class _DenseOutput(torch.autograd.Function):
         g, n, d = x.shape
         k = prev_c.shape[1]
         need_x, need_p, need_f = ctx.needs_input_grad[:3]
-        if _vec_rows(x, prev_c, cfg, ctx.noise is not None) and last_c.dtype == torch.float32:
+        if _vec_rows(x, cfg, ctx.noise is not None, prev_c, last_c):
             gx = torch.empty_like(x) if need_x else None
             gp64 = prev_c.new_zeros(g, k, d, dtype=torch.float64)
             gf64 = torch.zeros_like(gp64)
@@ -1832,9 +1836,8 @@ def _scalar_update(sm: Tensor, c: Tensor, cfg: _Cfg) -> tuple[Tensor, Tensor, Te
     """(raw, mass, new): raw = c + centered sums / mass (= sums / mass; a column with mass 0
     keeps c), new = raw after lut_fn and the zero slot."""
     mass = sm[:, 1]
-    # an empty column (mass under the smallest normal float, as _update) keeps c (its 0 / 0 is
-    # discarded by the select)
-    raw = torch.where(mass >= torch.finfo(mass.dtype).tiny, c + sm[:, 0] / mass, c)
+    # an empty column (_filled) keeps c (its 0 / 0 is discarded by the select)
+    raw = torch.where(_filled(mass), c + sm[:, 0] / mass, c)
     new = raw
     if cfg.lut_fn is not None:
         quantized = cfg.lut_fn(raw.unsqueeze(-1))
@@ -2090,7 +2093,7 @@ def _update_vjp(cfg: _Cfg, raw: Tensor, mass: Tensor, act, grad_new: Tensor, zer
         grad_new = grad_new.clone()
         grad_new[:, 0] = 0.0
     grad_raw = _lut_vjp(cfg, raw, grad_new)
-    filled = mass >= torch.finfo(mass.dtype).tiny  # as _update
+    filled = _filled(mass)
     s_hat = torch.where(filled, grad_raw / torch.where(filled, mass, 1.0), zeros_k)
     if act is not None:
         s_hat = s_hat * act.unsqueeze(1)
