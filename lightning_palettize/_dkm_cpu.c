@@ -610,8 +610,19 @@ AVX2F static void gread_v(const grid_t *q, const float *g, const float *table,
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* 2^x for x <= 0 (0 below -127): Cephes' exp2f polynomial (relative error ~1.7e-7),
- * branch-free so that the tile loops vectorise. */
+/* Cephes' exp2f polynomial at f in [-0.5, 0.5] (c0: its leading coefficient, a float or the
+ * lanes' v8f of it) */
+#define EXP2_STEP(p, f, c) ((p) * (f) + (c))
+#define EXP2_POLY(f, c0)                                                                       \
+    EXP2_STEP(EXP2_STEP(EXP2_STEP(EXP2_STEP(EXP2_STEP(EXP2_STEP(c0, f, 1.339887440266574e-3f), \
+                                                      f, 9.618437357674640e-3f),               \
+                                            f, 5.550332471162809e-2f),                         \
+                                  f, 2.402264791363012e-1f),                                   \
+                        f, 6.931472028550421e-1f),                                             \
+              f, 1.0f)
+
+/* 2^x for x <= 0 (0 below -127): EXP2_POLY (relative error ~1.7e-7), branch-free so that the
+ * tile loops vectorise. */
 INLINE float exp2_neg(float x) {
     x = x < -127.0f ? -127.0f : x;
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
@@ -620,13 +631,7 @@ INLINE float exp2_neg(float x) {
     memcpy(&ti, &t, 4);
     int32_t e = ti - 0x4B400000; /* round(x) */
     float f = x - (t - magic);   /* in [-0.5, 0.5] */
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
+    float p = EXP2_POLY(f, 1.535336188319500e-4f);
     int32_t bits = (e + 127) << 23; /* 0 (a zero scale) for e == -127 */
     float s;
     memcpy(&s, &bits, 4);
@@ -2436,78 +2441,118 @@ typedef struct {
 #define VR 8        /* rows per block: the lanes of the vector loops */
 #define VEC_FLUSH 32 /* blocks between flushes of the float lane accumulators into float64 */
 
-/* The attention of a block of VR rows. xb [d][VR]: the rows transposed (lanes past the block's
- * rows repeat its first row); c [K][d]. Writes dd, p (softmax) and a (clamped), each [K][VR],
- * mn [VR] (min_j D_j) and nz [VR] (1 where the row has a non-zero entry). Every loop runs over
- * the VR lanes, so it vectorises whatever K and d are. */
-INLINE void vblk_att(const vrow_t *v, const float *xb, const float *c, float *dd, float *p,
-                     float *a, float *mn, float *nz) {
-    int64_t k = v->k, d = v->d;
-    for (int r = 0; r < VR; ++r) nz[r] = 0.0f;
-    for (int64_t t = 0; t < d; ++t)
-        for (int r = 0; r < VR; ++r) nz[r] = xb[t * VR + r] != 0.0f ? 1.0f : nz[r];
-    for (int64_t j = 0; j < k; ++j) {
-        float *dj = dd + j * VR;
-        const float *cj = c + j * d;
-        float c0 = cj[0];
-#pragma omp simd
-        for (int r = 0; r < VR; ++r) {
-            float e = xb[r] - c0;
-            dj[r] = e * e;
-        }
-        for (int64_t t = 1; t < d; ++t) {
-            float ct = cj[t];
-            const float *xt = xb + t * VR;
-#pragma omp simd
-            for (int r = 0; r < VR; ++r) {
-                float e = xt[r] - ct;
-                dj[r] += e * e;
-            }
-        }
-    }
-    if (v->prune > 0.0f) {
-        for (int r = 0; r < VR; ++r) dd[r] -= v->prune;
-    } else if (v->keep_zeros) {
-        for (int r = 0; r < VR; ++r) dd[r] = nz[r] != 0.0f ? v->zinv : dd[r];
-    }
-    float sum[VR];
-    for (int r = 0; r < VR; ++r) {
-        mn[r] = INFINITY;
-        sum[r] = 0.0f;
-    }
-    for (int64_t j = 0; j < k; ++j)
-#pragma omp simd
-        for (int r = 0; r < VR; ++r) mn[r] = dd[j * VR + r] < mn[r] ? dd[j * VR + r] : mn[r];
-    float factor = v->factor;
-    for (int64_t j = 0; j < k; ++j)
-#pragma omp simd
-        for (int r = 0; r < VR; ++r) {
-            float e = exp2_neg((mn[r] - dd[j * VR + r]) * factor);
-            p[j * VR + r] = e;
-            sum[r] += e;
-        }
-    for (int r = 0; r < VR; ++r) sum[r] = 1.0f / sum[r];
-    float zt = v->zt;
-    int clamp = v->clamp;
-    for (int64_t j = 0; j < k; ++j)
-#pragma omp simd
-        for (int r = 0; r < VR; ++r) {
-            float q = p[j * VR + r] * sum[r];
-            p[j * VR + r] = q;
-            a[j * VR + r] = clamp && q < zt ? zt : q;
-        }
+/* VR lanes as one value (GCC/Clang vector extensions: one AVX register where the CPU has it,
+ * two SSE ones otherwise), so that running values stay in registers across the loops */
+#pragma GCC diagnostic ignored "-Wpsabi" /* v8f is only passed between inlined functions */
+typedef float v8f __attribute__((vector_size(4 * VR)));
+typedef int32_t v8i __attribute__((vector_size(4 * VR)));
+
+INLINE v8f vld(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+INLINE void vst(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+INLINE v8f vsplat(float s) { return (v8f){0} + s; }
+INLINE v8f vsel(v8i mask, v8f yes, v8f no) { /* mask lanes: -1 or 0 (a comparison's result) */
+    return (v8f)(((v8i)yes & mask) | ((v8i)no & ~mask));
+}
+INLINE v8f vmin(v8f a, v8f b) { return vsel(a < b, a, b); }
+/* Keeps v a rounded product where FMA is enabled (the AVX2/FMA build, "fast"): the distances
+ * then round as the torch code's do (x*x + y fused rounds once; over the iterations the
+ * difference doubled the gap to the torch code at cluster_dim 16). The other FMAs stay. */
+#if DKM_X86
+#define VEC_ROUNDED(v) __asm__("" : "+x"(v))
+#else
+#define VEC_ROUNDED(v) ((void)0)
+#endif
+
+/* exp2_neg over the lanes */
+INLINE v8f vexp2_neg(v8f x) {
+    x = vsel(x < -127.0f, vsplat(-127.0f), x);
+    const float magic = 12582912.0f;
+    v8f t = x + magic;
+    v8i e = (v8i)t - 0x4B400000;
+    v8f f = x - (t - magic);
+    v8f q = EXP2_POLY(f, vsplat(1.535336188319500e-4f));
+    return q * (v8f)((e + 127) << 23);
 }
 
-/* Rows i0 .. i0+cnt-1 of x [n][d] into xb [d][VR] (missing lanes repeat row i0), valid [VR]. */
-static inline void vblk_load(const float *x, int64_t d, int64_t i0, int cnt, float *xb,
-                             float *valid) {
+/* The attention of a block of VR rows. xb [d][VR]: the rows transposed (lanes past the block's
+ * rows repeat its first row); c [K][d]. Writes dd [K][VR] (the adjusted distances) and p
+ * [K][VR]: with a, the softmax into p and the clamped attention into a ([K][VR]); without
+ * (a == NULL), the softmax's unnormalised terms (scaled by *inv in vblk_a). Returns in *mn
+ * min_j D_j, in *nz the lanes whose row has a non-zero entry (-1) and in *inv 1 / the
+ * softmax's sum. */
+INLINE void vblk_att(const vrow_t *v, int64_t d, const float *xb, const float *c, float *dd,
+                     float *p, float *a, v8f *mn, v8i *nz, v8f *inv, const int fast) {
+    int64_t k = v->k;
+    v8i nzm = {0};
+    for (int64_t t = 0; t < d; ++t) nzm |= vld(xb + t * VR) != 0.0f;
+    v8f m = {0};
+    for (int64_t j = 0; j < k; ++j) {
+        const float *cj = c + j * d;
+        v8f e = vld(xb) - cj[0], dl = e * e;
+        if (fast) VEC_ROUNDED(dl);
+        for (int64_t t = 1; t < d; ++t) {
+            e = vld(xb + t * VR) - cj[t];
+            v8f sq = e * e;
+            if (fast) VEC_ROUNDED(sq);
+            dl += sq;
+        }
+        if (j == 0) {
+            if (v->prune > 0.0f)
+                dl -= v->prune;
+            else if (v->keep_zeros)
+                dl = vsel(nzm, vsplat(v->zinv), dl);
+            m = dl;
+        } else {
+            m = vmin(dl, m);
+        }
+        vst(dd + j * VR, dl);
+    }
+    v8f sum = {0};
+    for (int64_t j = 0; j < k; ++j) {
+        v8f e = vexp2_neg((m - vld(dd + j * VR)) * v->factor);
+        vst(p + j * VR, e);
+        sum += e;
+    }
+    v8f iv = 1.0f / sum;
+    *mn = m;
+    *nz = nzm;
+    *inv = iv;
+    if (!a) return;
+    for (int64_t j = 0; j < k; ++j) {
+        v8f q = vld(p + j * VR) * iv;
+        vst(p + j * VR, q);
+        vst(a + j * VR, v->clamp ? vsel(q < v->zt, vsplat(v->zt), q) : q);
+    }
+}
+
+/* the attention of centroid j: vblk_att's unnormalised pj times inv, clamped */
+INLINE v8f vblk_a(const vrow_t *v, const float *pj, v8f inv) {
+    v8f q = vld(pj) * inv;
+    return v->clamp ? vsel(q < v->zt, vsplat(v->zt), q) : q;
+}
+
+/* Rows i0 .. i0+cnt-1 of x [n][d] into xb [d][VR] (missing lanes repeat row i0); returns the
+ * lanes holding rows (1) and the others (0). */
+INLINE v8f vblk_load(const float *x, int64_t d, int64_t i0, int cnt, float *xb) {
     const float *xr = x + i0 * d;
+    float valid[VR];
     for (int64_t t = 0; t < d; ++t) {
         float lane[VR];
         for (int r = 0; r < VR; ++r) lane[r] = xr[(r < cnt ? r : 0) * d + t];
         memcpy(xb + t * VR, lane, sizeof lane);
     }
     for (int r = 0; r < VR; ++r) valid[r] = r < cnt ? 1.0f : 0.0f;
+    return vld(valid);
+}
+
+/* block b's lanes (xb [d][VR]) back into rows i0 .. i0+cnt-1 of out [n][d] */
+INLINE void vblk_store(const float *xb, int64_t d, int64_t i0, int cnt, float *out) {
+    for (int r = 0; r < cnt; ++r)
+        for (int64_t t = 0; t < d; ++t) out[(i0 + r) * d + t] = xb[t * VR + r];
 }
 
 /* lane accumulators acc [m][VR] summed into out [m] (float64, times scale), then zeroed */
@@ -2520,23 +2565,15 @@ static void vblk_flush(float *acc, double *out, int64_t m, double scale) {
     memset(acc, 0, sizeof(float) * m * VR);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define VEC_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VEC_CLONES
-#endif
-
-VEC_CLONES
-static int vec_fwd_run(int mode, const vrow_t *v, const float *x, const float *c, int64_t g,
-                       int64_t n, const float *f, double *out0, double *out1, double *out2,
-                       float *y) {
-    int64_t k = v->k, d = v->d;
-    /* lane accumulators: sums [K][d][VR], mass [K][VR]; dd, p, a [K][VR] */
-    float *buf = malloc(sizeof(float) * VR * (k * d + 4 * k));
+INLINE int vec_fwd_body(int mode, const vrow_t *v, const float *x, const float *c, int64_t g,
+                        int64_t n, const float *f, double *out0, double *out1, double *out2,
+                        float *y, const int fast, const int64_t dc) {
+    int64_t k = v->k, d = dc ? dc : v->d;
+    /* lane accumulators: sums [K][d][VR], mass [K][VR]; dd, p [K][VR] */
+    float *buf = malloc(sizeof(float) * VR * (k * d + 3 * k));
     if (!buf) return -1;
     float *accx = buf, *accm = accx + k * d * VR, *dd = accm + k * VR, *p = dd + k * VR;
-    float *a = p + k * VR;
-    float xb[VEC_MAXD * VR], mn[VR], nz[VR], valid[VR];
+    float xb[VEC_MAXD * VR], yb[VEC_MAXD * VR];
     for (int64_t q = 0; q < g; ++q) {
         const float *xq = x + q * n * d, *cq = c + q * k * d, *fq = f ? f + q * k * d : NULL;
         memset(buf, 0, sizeof(float) * VR * (k * d + k));
@@ -2544,39 +2581,31 @@ static int vec_fwd_run(int mode, const vrow_t *v, const float *x, const float *c
         int64_t blocks = 0;
         for (int64_t i0 = 0; i0 < n; i0 += VR) {
             int cnt = n - i0 < VR ? (int)(n - i0) : VR;
-            vblk_load(xq, d, i0, cnt, xb, valid);
-            vblk_att(v, xb, cq, dd, p, a, mn, nz);
+            v8f valid = vblk_load(xq, d, i0, cnt, xb), mn, inv;
+            v8i nz;
+            vblk_att(v, d, xb, cq, dd, p, NULL, &mn, &nz, &inv, fast);
             if (mode == 0) {
                 for (int r = 0; r < cnt; ++r) inertia += mn[r];
                 for (int64_t j = 0; j < k; ++j) {
-                    float *aj = a + j * VR, *mj = accm + j * VR;
-#pragma omp simd
-                    for (int r = 0; r < VR; ++r) {
-                        aj[r] *= valid[r];
-                        mj[r] += aj[r];
-                    }
-                    for (int64_t t = 0; t < d; ++t) {
-                        float *sx = accx + (j * d + t) * VR;
-                        const float *xt = xb + t * VR;
-#pragma omp simd
-                        for (int r = 0; r < VR; ++r) sx[r] += aj[r] * xt[r];
-                    }
+                    v8f aq = vblk_a(v, p + j * VR, inv) * valid;
+                    vst(accm + j * VR, vld(accm + j * VR) + aq);
+                    float *sx = accx + j * d * VR;
+                    for (int64_t t = 0; t < d; ++t)
+                        vst(sx + t * VR, vld(sx + t * VR) + aq * vld(xb + t * VR));
                 }
                 if (++blocks % VEC_FLUSH == 0 || i0 + VR >= n) {
                     vblk_flush(accx, out0 + q * k * d, k * d, 1.0);
                     vblk_flush(accm, out1 + q * k, k, 1.0);
                 }
             } else {
-                for (int64_t t = 0; t < d; ++t) {
-                    float yt[VR] = {0};
-                    for (int64_t j = 0; j < k; ++j) {
-                        float fjt = fq[j * d + t];
-                        const float *aj = a + j * VR;
-#pragma omp simd
-                        for (int r = 0; r < VR; ++r) yt[r] += aj[r] * fjt;
-                    }
-                    for (int r = 0; r < cnt; ++r) y[(q * n + i0 + r) * d + t] = yt[r];
+                memset(yb, 0, sizeof(float) * d * VR);
+                for (int64_t j = 0; j < k; ++j) {
+                    v8f aq = vblk_a(v, p + j * VR, inv);
+                    const float *fj = fq + j * d;
+                    for (int64_t t = 0; t < d; ++t)
+                        vst(yb + t * VR, vld(yb + t * VR) + aq * fj[t]);
                 }
+                vblk_store(yb, d, i0, cnt, y + q * n * d);
             }
         }
         if (mode == 0 && out2) out2[q] += inertia;
@@ -2585,17 +2614,17 @@ static int vec_fwd_run(int mode, const vrow_t *v, const float *x, const float *c
     return 0;
 }
 
-VEC_CLONES
-static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, const float *c,
-                       int64_t g, int64_t n, const float *f, const float *gin0, const float *gin1,
-                       float *gx, double *gc, double *gf) {
-    int64_t k = v->k, d = v->d;
+INLINE int vec_bwd_body(int mode, const vrow_t *v, float tau, const float *x, const float *c,
+                        int64_t g, int64_t n, const float *f, const float *gin0,
+                        const float *gin1, float *gx, double *gc, double *gf, const int fast,
+                        const int64_t dc) {
+    int64_t k = v->k, d = dc ? dc : v->d;
     /* lane accumulators: dC, dF [K][d][VR]; dd, p, a, ga [K][VR] */
     float *buf = malloc(sizeof(float) * VR * (2 * k * d + 4 * k));
     if (!buf) return -1;
     float *accc = buf, *accf = accc + k * d * VR, *dd = accf + k * d * VR, *p = dd + k * VR;
     float *a = p + k * VR, *ga = a + k * VR;
-    float xb[VEC_MAXD * VR], gb[VEC_MAXD * VR], gxb[VEC_MAXD * VR], mn[VR], nz[VR], valid[VR];
+    float xb[VEC_MAXD * VR], gb[VEC_MAXD * VR] = {0}, gxb[VEC_MAXD * VR];
     float two = -2.0f / tau;
     for (int64_t q = 0; q < g; ++q) {
         const float *xq = x + q * n * d, *cq = c + q * k * d;
@@ -2606,100 +2635,60 @@ static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, con
         int64_t blocks = 0;
         for (int64_t i0 = 0; i0 < n; i0 += VR) {
             int cnt = n - i0 < VR ? (int)(n - i0) : VR;
-            vblk_load(xq, d, i0, cnt, xb, valid);
-            vblk_att(v, xb, cq, dd, p, a, mn, nz);
-            if (mode == 0) {
-                /* the sums' own path: d x = sum_j A_j gs_j; dA_j = x . gs_j + gm_j */
-                for (int64_t t = 0; t < d; ++t)
-                    for (int r = 0; r < VR; ++r) gxb[t * VR + r] = 0.0f;
-                for (int64_t j = 0; j < k; ++j) {
-                    const float *aj = a + j * VR;
-                    float gmj = gm[j], acc[VR]; /* in registers: no scalar stores read back */
-                    for (int r = 0; r < VR; ++r) acc[r] = gmj;
-                    for (int64_t t = 0; t < d; ++t) {
-                        float w = wq[j * d + t];
-                        const float *xt = xb + t * VR;
-                        float *gt = gxb + t * VR;
-#pragma omp simd
-                        for (int r = 0; r < VR; ++r) {
-                            gt[r] += aj[r] * w;
-                            acc[r] += xt[r] * w;
-                        }
-                    }
-                    memcpy(ga + j * VR, acc, sizeof acc);
-                }
-            } else {
-                /* dA_j = go . F_j; dF_j += A_j go (padded lanes have go = 0) */
-                const float *go = gin0 + q * n * d;
-                vblk_load(go, d, i0, cnt, gb, valid);
-                for (int64_t t = 0; t < d; ++t)
-                    for (int r = 0; r < VR; ++r) {
-                        gb[t * VR + r] *= valid[r];
-                        gxb[t * VR + r] = 0.0f;
-                    }
-                for (int64_t j = 0; j < k; ++j) {
-                    const float *aj = a + j * VR;
-                    float acc[VR] = {0};
-                    for (int64_t t = 0; t < d; ++t) {
-                        float w = wq[j * d + t];
-                        const float *gt = gb + t * VR;
-                        float *fa = accf + (j * d + t) * VR;
-#pragma omp simd
-                        for (int r = 0; r < VR; ++r) {
-                            acc[r] += gt[r] * w;
-                            fa[r] += aj[r] * gt[r];
-                        }
-                    }
-                    memcpy(ga + j * VR, acc, sizeof acc);
-                }
-            }
-            /* softmax backward (through the clamp's mask), padded lanes zeroed */
-            float dot[VR] = {0}, rs[VR] = {0}, zt = v->zt;
-            int clamp = v->clamp;
-            for (int64_t j = 0; j < k; ++j) {
-                float *gaj = ga + j * VR;
-                const float *pj = p + j * VR;
-#pragma omp simd
-                for (int r = 0; r < VR; ++r) {
-                    gaj[r] = clamp && pj[r] < zt ? 0.0f : gaj[r] * valid[r];
-                    dot[r] += gaj[r] * pj[r];
-                }
+            v8f valid = vblk_load(xq, d, i0, cnt, xb), mn, inv;
+            v8i nz;
+            vblk_att(v, d, xb, cq, dd, p, a, &mn, &nz, &inv, fast);
+            memset(gxb, 0, sizeof(float) * d * VR);
+            /* dA_j, then the softmax backward's first half: masked (the clamp; padded lanes)
+             * dA_j into ga, dot = sum_j dA_j P_j */
+            v8f dot = {0}, rs = {0}, zero = {0};
+            if (mode == 1) { /* padded lanes have go = 0 */
+                vblk_load(gin0 + q * n * d, d, i0, cnt, gb);
+                for (int64_t t = 0; t < d; ++t) vst(gb + t * VR, vld(gb + t * VR) * valid);
             }
             for (int64_t j = 0; j < k; ++j) {
-                float *gaj = ga + j * VR;
-                const float *pj = p + j * VR;
-#pragma omp simd
-                for (int r = 0; r < VR; ++r) {
-                    gaj[r] = (gaj[r] - dot[r]) * pj[r];
-                    rs[r] += gaj[r];
-                }
-            }
-            if (v->keep_zeros)
-                for (int r = 0; r < VR; ++r)
-                    if (nz[r] != 0.0f) {
-                        rs[r] -= ga[r];
-                        ga[r] = 0.0f;
+                v8f aj = vld(a + j * VR), pj = vld(p + j * VR), acc;
+                const float *wj = wq + j * d;
+                if (mode == 0) { /* the sums' own path: d x += A_j gs_j; dA_j = x . gs_j + gm_j */
+                    acc = vsplat(gm[j]);
+                    for (int64_t t = 0; t < d; ++t) {
+                        vst(gxb + t * VR, vld(gxb + t * VR) + aj * wj[t]);
+                        acc += vld(xb + t * VR) * wj[t];
                     }
+                    acc *= valid;
+                } else { /* dA_j = go . F_j; dF_j += A_j go */
+                    float *fa = accf + j * d * VR;
+                    acc = zero;
+                    for (int64_t t = 0; t < d; ++t) {
+                        v8f gt = vld(gb + t * VR);
+                        acc += gt * wj[t];
+                        vst(fa + t * VR, vld(fa + t * VR) + aj * gt);
+                    }
+                }
+                if (v->clamp) acc = vsel(pj < v->zt, zero, acc);
+                vst(ga + j * VR, acc);
+                dot += acc * pj;
+            }
+            /* its second half: d logits_j = (dA_j - dot) P_j (0 for an exact zero's D_0) */
+            for (int64_t j = 0; j < k; ++j) {
+                v8f gaj = (vld(ga + j * VR) - dot) * vld(p + j * VR);
+                if (j == 0 && v->keep_zeros) gaj = vsel(nz, zero, gaj);
+                vst(ga + j * VR, gaj);
+                rs += gaj;
+            }
             /* the distances': d x = -2/tau (x sum_j e_j - sum_j e_j c_j); d c_j += e_j (x - c_j) */
             for (int64_t t = 0; t < d; ++t) {
-                const float *xt = xb + t * VR;
-                float s[VR] = {0};
+                v8f xt = vld(xb + t * VR), s = {0};
                 for (int64_t j = 0; j < k; ++j) {
                     float cjt = cq[j * d + t];
-                    const float *gaj = ga + j * VR;
+                    v8f gaj = vld(ga + j * VR);
                     float *ca = accc + (j * d + t) * VR;
-#pragma omp simd
-                    for (int r = 0; r < VR; ++r) {
-                        s[r] += gaj[r] * cjt;
-                        ca[r] += gaj[r] * (xt[r] - cjt);
-                    }
+                    s += gaj * cjt;
+                    vst(ca, vld(ca) + gaj * (xt - cjt));
                 }
-                float *gt = gxb + t * VR;
-                for (int r = 0; r < VR; ++r) gt[r] += two * (xt[r] * rs[r] - s[r]);
+                vst(gxb + t * VR, vld(gxb + t * VR) + two * (xt * rs - s));
             }
-            if (gx)
-                for (int r = 0; r < cnt; ++r)
-                    for (int64_t t = 0; t < d; ++t) gx[(q * n + i0 + r) * d + t] = gxb[t * VR + r];
+            if (gx) vblk_store(gxb, d, i0, cnt, gx + q * n * d);
             if (++blocks % VEC_FLUSH == 0 || i0 + VR >= n) {
                 vblk_flush(accc, gc + q * k * d, k * d, -(double)two);
                 if (mode == 1) vblk_flush(accf, gf + q * k * d, k * d, 1.0);
@@ -2708,6 +2697,54 @@ static int vec_bwd_run(int mode, const vrow_t *v, float tau, const float *x, con
     }
     free(buf);
     return 0;
+}
+
+#define VEC_FWD_ARGS                                                                           \
+    int mode, const vrow_t *v, const float *x, const float *c, int64_t g, int64_t n,             \
+        const float *f, double *out0, double *out1, double *out2, float *y
+#define VEC_BWD_ARGS                                                                           \
+    int mode, const vrow_t *v, float tau, const float *x, const float *c, int64_t g, int64_t n,  \
+        const float *f, const float *gin0, const float *gin1, float *gx, double *gc, double *gf
+#if DKM_X86
+#define VEC_FAST __attribute__((target("avx2,fma")))
+#else
+#define VEC_FAST
+#endif
+/* the kernels compiled twice: for the CPU the module was built for, and with AVX2 and FMA (chosen
+ * at run time by fast_cpu(), as the per-code kernels are) */
+static int vec_fwd_plain(VEC_FWD_ARGS) {
+    return vec_fwd_body(mode, v, x, c, g, n, f, out0, out1, out2, y, 0, 0);
+}
+static int vec_bwd_plain(VEC_BWD_ARGS) {
+    return vec_bwd_body(mode, v, tau, x, c, g, n, f, gin0, gin1, gx, gc, gf, 0, 0);
+}
+/* the fast ones also with cluster_dim 2 and 4 fixed: the loops over d unroll, and a block's
+ * per-coordinate values (its rows, their gradient) stay in registers */
+#define VEC_FAST_D(DC)                                                                         \
+    VEC_FAST static int vec_fwd_fast##DC(VEC_FWD_ARGS) {                                       \
+        return vec_fwd_body(mode, v, x, c, g, n, f, out0, out1, out2, y, 1, DC);               \
+    }                                                                                          \
+    VEC_FAST static int vec_bwd_fast##DC(VEC_BWD_ARGS) {                                       \
+        return vec_bwd_body(mode, v, tau, x, c, g, n, f, gin0, gin1, gx, gc, gf, 1, DC);       \
+    }
+VEC_FAST_D(0)
+VEC_FAST_D(2)
+VEC_FAST_D(4)
+
+static int vec_fwd_run(VEC_FWD_ARGS) {
+    int (*fn)(VEC_FWD_ARGS) = !fast_cpu() ? vec_fwd_plain
+                              : v->d == 2 ? vec_fwd_fast2
+                              : v->d == 4 ? vec_fwd_fast4
+                                          : vec_fwd_fast0;
+    return fn(mode, v, x, c, g, n, f, out0, out1, out2, y);
+}
+
+static int vec_bwd_run(VEC_BWD_ARGS) {
+    int (*fn)(VEC_BWD_ARGS) = !fast_cpu() ? vec_bwd_plain
+                              : v->d == 2 ? vec_bwd_fast2
+                              : v->d == 4 ? vec_bwd_fast4
+                                          : vec_bwd_fast0;
+    return fn(mode, v, tau, x, c, g, n, f, gin0, gin1, gx, gc, gf);
 }
 
 static int vrow_parse(vrow_t *v, long long d, long long k, float tau, float prune, float zt,

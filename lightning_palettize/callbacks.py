@@ -30,9 +30,11 @@ import io
 import logging
 import os
 import re
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,7 +60,7 @@ from lightning_palettize.config import (
     SKMPalettizerConfig,
     load_config,
 )
-from lightning_palettize.export import _coreml_fields, _fit_palette
+from lightning_palettize.export import _OUTLIER_WARN_FRACTION, _coreml_fields, _fit_palette
 from lightning_palettize.palettizers._common import (
     COREML_PREFIX,
     METADATA_VERSION_KEY,
@@ -552,6 +554,34 @@ def _drop_stale_metadata(module: nn.Module, owner: str, fresh: Iterable[str]) ->
     return stale
 
 
+def _holds_lut_values(owner: str, key: str, weight: Tensor, fields: Any) -> bool:
+    """Whether ``weight`` holds the values of the ``_COREML_`` LUT ``fields`` (an entry of
+    ``_coreml_fields``) describes: all its elements but at most the fraction of outliers export
+    accepts (SKM keeps a few weights exact). A dense weight, trained since or saved with the
+    metadata of an earlier palettization, misses nearly all of them."""
+    try:
+        fit = _fit_palette(owner, key, weight, fields)
+    except ValueError:
+        return False
+    return fit.outlier_index.numel() <= _OUTLIER_WARN_FRACTION * weight.numel()
+
+
+def _trained_weights(trainer: "Trainer", module: nn.Module) -> set[str]:
+    """The state_dict names of the parameters ``trainer.fit`` trains: those that require grad
+    and, when the optimizers hold any parameter, are among the optimizers' parameters."""
+    optimized = {
+        id(param)
+        for optimizer in getattr(trainer, "optimizers", None) or []
+        for group in getattr(optimizer, "param_groups", None) or []
+        for param in group.get("params", [])
+    }
+    return {
+        name
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if param.requires_grad and (not optimized or id(param) in optimized)
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # DKM during fit
 
@@ -972,6 +1002,61 @@ def _running_trainer(module: nn.Module) -> "Trainer | None":
     return None
 
 
+def _strict_of_load(errors: list[str]) -> bool | None:
+    """The ``strict`` argument of the ``Module.load_state_dict`` call that collects ``errors``.
+
+    Load hooks are not told it (torch passes the pre-hooks ``strict=True`` whatever the caller
+    gave), yet it decides whether missing or unexpected keys make the call raise. ``errors`` is
+    the list a pre-hook received, the call's own ``error_msgs``: the frame of torch's
+    ``Module.load_state_dict`` that holds that very list is the call (found by that identity,
+    so a wrapper of the method in between does not matter). ``None`` when there is no such
+    frame (a ``load_state_dict`` that does not run torch's).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "load_state_dict":
+            local = frame.f_locals
+            if local.get("error_msgs") is errors:
+                return bool(local.get("strict", True))
+        frame = frame.f_back
+    return None
+
+
+@dataclass
+class _LoadPlan:
+    """What :meth:`_PassOnLoad.before` found in one ``load_state_dict`` call; its post-hook
+    applies it if the call succeeds and undoes ``added`` if it fails."""
+
+    missing: list[str]  # the call's own lists: their identity ties the post-hook to the call
+    unexpected: list[str]
+    errors: list[str]
+    dense: list[str]  # weights loaded dense whose _COREML_ buffers go (state_dict names)
+    added: list[tuple[nn.Module, str]]  # buffers the pre-hook registered for the copy
+    overwrites: bool  # the state_dict holds a weight of the pass: ``pending`` is cleared
+    action: Literal["fit", "pending", "palettize"] | None  # what the dense weights get
+
+    def failure(self) -> str | None:
+        """Why the call raises (called from the post-hook), or ``None`` if it succeeds.
+
+        Every post-hook of the call sees its error messages (size mismatches, copy errors) and
+        its missing/unexpected keys; those raise with ``strict=True`` only (read by
+        :func:`_strict_of_load`; torch's default ``True`` is assumed where it cannot be read).
+        """
+        if self.errors:
+            return f"{len(self.errors)} error(s) copying the state_dict"
+        if (self.missing or self.unexpected) and _strict_of_load(self.errors) is not False:
+            return (
+                f"strict, with {len(self.missing)} missing and {len(self.unexpected)} "
+                "unexpected key(s)"
+            )
+        return None
+
+    def undo(self) -> None:
+        """Remove the buffers the pre-hook registered."""
+        for owner, name in self.added:
+            owner._buffers.pop(name, None)
+
+
 class _PassOnLoad:
     """``load_state_dict`` hooks of a module a PTP / SKM pass palettized: palettize dense
     weights on load.
@@ -980,8 +1065,9 @@ class _PassOnLoad:
     ``_COREML_`` metadata; a ``when="fit_end"`` pass palettizes the module after the last one:
     ``trainer.test(ckpt_path="best")`` would load one into the other. The pre-hook finds the
     weights the state_dict overwrites without metadata (the pass's weights, and any other weight
-    the module has metadata for) and removes their ``_COREML_`` buffers from the module, so the
-    load goes on; then, by where the load happens:
+    the module has metadata for) or with metadata that does not describe them (below); if the
+    load succeeds, the post-hook removes their ``_COREML_`` buffers from the module; then, by
+    where the load happens:
 
     - in ``trainer.fit`` (``ckpt_path=...``, resuming training): nothing more; the module holds
       the checkpoint's dense weights to train, as a freshly built one would, and the hook is
@@ -1000,6 +1086,28 @@ class _PassOnLoad:
     before, and so does, with ``keep_coreml_metadata=False``, one whose weights are exactly the
     ones the pass left. A mid-DKM state_dict is left to :class:`_PalettizeOnLoad`.
 
+    Stale metadata in the state_dict: a fit of the palettized module without a pass callback
+    (nothing of ours runs then; a pass callback removes the metadata of the weights a fit
+    trains in ``on_train_start``) writes checkpoints of dense weights that still carry the
+    earlier pass's ``_COREML_`` buffers. A weight whose values are neither a palettization the
+    pass gave this module (the summaries in ``weights``) nor, within export's outlier
+    tolerance, the values of the LUT it comes with is loaded as a dense weight (with a
+    warning): that metadata is not loaded, and the weight is palettized as above.
+
+    A load that fails leaves the module's metadata and this hook's state (``weights``,
+    ``pending``) as they were: the pre-hook changes nothing the post-hook cannot undo (it only
+    registers the metadata buffers a state_dict saved after palettization needs, and gives the
+    copy the module's own values of the metadata it plans to remove), and the post-hook applies
+    the plan only when the call succeeds. It can tell: it sees the call's error messages (the
+    pre-hook's ``error_msgs``, the same list) and missing/unexpected keys, and reads the
+    caller's ``strict`` from the frame of torch's ``Module.load_state_dict``
+    (:func:`_strict_of_load`). Limits: (1) with the module loaded as a submodule of the module
+    whose ``load_state_dict`` is called, errors of the modules loaded after it, and a post-hook
+    registered after this one that raises or changes the keys, are not seen; (2) if the load
+    raises between the two hooks (another hook's exception), the buffers the pre-hook
+    registered stay until the next load of the module removes them. torch's own copies of the
+    other tensors cannot be undone either way.
+
     No collective runs inside a load: under DDP the stage-start pass broadcasts rank 0's
     result; a load elsewhere palettizes on each process alike (same weights, same config).
     Pickling or deep-copying the module keeps the hook; the copy forgets the callback (its loads
@@ -1007,6 +1115,7 @@ class _PassOnLoad:
     """
 
     _HISTORY: ClassVar[int] = 8
+    _plan: _LoadPlan | None = None  # the load in progress (a class default for older pickles)
 
     def __init__(self) -> None:
         self.owner: Callable[[], Any] | None = None
@@ -1019,7 +1128,7 @@ class _PassOnLoad:
         # palettizations of the module gave them (the latest few)
         self.weights: dict[str, list[Any]] = {}
         self.pending = False  # dense weights loaded in a stage the owner runs again in
-        self._armed = False  # the post-hook palettizes (set by the pre-hook)
+        self._plan = None
 
     def record(self, callback: "_PalettizationPass", module: nn.Module, weights: list[str]) -> None:
         """Take over ``module`` as ``callback`` just palettized these weights of it."""
@@ -1028,7 +1137,7 @@ class _PassOnLoad:
         self.config, self.keep_metadata = callback._config, callback._keep_metadata
         self.sensitivity = getattr(callback, "_sensitivity", None)
         self._remember(module, weights)
-        self.pending = self._armed = False
+        self.pending = False
 
     def _remember(self, module: nn.Module, weights: list[str]) -> None:
         state = module.state_dict()
@@ -1041,34 +1150,68 @@ class _PassOnLoad:
 
     def disarm(self) -> None:
         """The module is no longer (only) this pass's palettization: do nothing on load."""
-        self.weights, self.pending, self._armed = {}, False, False
+        self.weights, self.pending = {}, False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["owner"] = None  # weak references do not pickle
+        state["_plan"] = None  # one load's lists and modules, not the module's state
         return state
 
     def callback(self) -> "_PalettizationPass | None":
         return self.owner() if self.owner is not None else None
 
+    def _stale(self, own: Mapping[str, Any], described: Mapping[str, Any]) -> list[str]:
+        """The weights of ``own`` whose ``_COREML_`` metadata in ``own`` does not describe them:
+        neither values a palettization of this module gave them nor those of that LUT."""
+        stale = []
+        for key, fields in described.items():
+            weight = own.get(key)
+            if not isinstance(weight, Tensor) or "lut" not in fields.tensors:
+                continue
+            if _summary(weight) in self.weights.get(key, []):
+                continue
+            if not _holds_lut_values(self.owner_name, key, weight, fields):
+                stale.append(key)
+        return stale
+
     def before(
-        self, module: nn.Module, state_dict: dict, prefix: str, _meta: Any, strict: bool, *_: Any
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        _meta: Any,
+        _strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
-        self._armed = False
+        """Pre-hook: plan what the load changes; the module keeps its metadata for now."""
+        self._abandon()
         if not self.weights:
             return
         own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if any(_DKM_KEY.search(k) for k in own):
             return  # mid-DKM: _PalettizeOnLoad's (or load_palettized_checkpoint's)
-        if any(key in own for key in self.weights):
-            self.pending = False  # what an earlier load left dense is overwritten now
         described = _coreml_fields(own)
-        carried = _coreml_fields(module.state_dict())
+        stale = {key: described.pop(key) for key in self._stale(own, described)}
+        if stale:
+            names = list(stale)
+            rank_zero_warn(
+                f"{self.owner_name}: the state_dict's _COREML_ metadata of {len(names)} "
+                "weight(s) does not describe their values (dense weights saved with the "
+                "metadata of an earlier palettization, e.g. by a fit without this callback): "
+                f"{names[:5]}{' ...' if len(names) > 5 else ''}; they load as dense weights, "
+                "without that metadata"
+            )
+        mine = module.state_dict()
+        carried = _coreml_fields(mine)
+        added: list[tuple[nn.Module, str]] = []
         if self.keep_metadata:
             # saved after palettization, into a module an earlier load left dense: its metadata
             # buffers come back (as load_palettized_checkpoint gives them to a fresh module)
             fields = [described[k] for k in self.weights if k in described]
-            _add_metadata_buffers(module, own, fields)
+            added = _add_metadata_buffers(module, own, fields)
         dense = [
             key
             for key in [*self.weights, *(k for k in carried if k not in self.weights)]
@@ -1076,27 +1219,73 @@ class _PassOnLoad:
             and key not in described
             and (key in carried or _summary(own[key]) not in self.weights.get(key, [None]))
         ]
-        if not dense:
+        _keep_through_copy(
+            module,
+            state_dict,
+            prefix,
+            mine,
+            [carried[k] for k in dense if k in carried],
+            list(stale.values()),
+        )
+        action: Literal["fit", "pending", "palettize"] | None = None
+        if dense:
+            trainer = _running_trainer(module)
+            callback = self.callback()
+            if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+                action = "fit"
+            elif trainer is not None and any(cb is callback for cb in trainer.callbacks):
+                action = "pending"  # the owner runs the pass when the stage starts
+            else:
+                action = "palettize"
+        self._plan = _LoadPlan(
+            missing=missing_keys,
+            unexpected=unexpected_keys,
+            errors=error_msgs,
+            dense=dense,
+            added=added,
+            overwrites=any(key in own for key in self.weights),
+            action=action,
+        )
+
+    def _abandon(self) -> None:
+        """Undo the pre-hook of a load that raised before this post-hook ran."""
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            plan.undo()
+
+    def after(self, module: nn.Module, incompatible: Any) -> None:
+        """Post-hook: apply this call's plan if the call succeeds, undo it if it fails."""
+        plan = self._plan
+        if plan is None or plan.missing is not incompatible.missing_keys:
             return
-        _remove_metadata(module, dense)
-        trainer = _running_trainer(module)
-        callback = self.callback()
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        self._plan = None
+        failure = plan.failure()
+        if failure is not None:
+            plan.undo()
+            rank_zero_info(
+                f"{self.owner_name}: load_state_dict fails ({failure}); the module keeps its "
+                "_COREML_ metadata as before the call"
+            )
+            return
+        if plan.overwrites:
+            self.pending = False  # what an earlier load left dense is overwritten now
+        if not plan.dense:
+            return
+        _remove_metadata(module, plan.dense)
+        if plan.action == "fit":
             rank_zero_info(
                 f"{self.owner_name}: fit loads dense weights into the module it palettized: "
-                f"they are trained as loaded ({len(dense)} weight(s) lose their _COREML_ "
+                f"they are trained as loaded ({len(plan.dense)} weight(s) lose their _COREML_ "
                 "metadata)"
             )
             self.disarm()
-        elif trainer is not None and any(cb is callback for cb in trainer.callbacks):
-            self.pending = True  # the owner runs the pass when the stage starts
+        elif plan.action == "pending":
+            self.pending = True
         else:
-            self._armed = True
+            self._palettize(module)
 
-    def after(self, module: nn.Module, _incompatible: Any) -> None:
-        if not self._armed:
-            return
-        self._armed = False
+    def _palettize(self, module: nn.Module) -> None:
+        """Palettize the weights a load outside the owner's stages left dense, at once."""
         was_training = module.training
         if self.kind == "ptp":
             palettizer: Any = PostTrainingPalettizer(module, self.config)
@@ -1138,19 +1327,60 @@ class _PassOnLoad:
 _PASS_ON_LOAD_ATTR = "_lightning_palettize_pass_on_load"
 
 
-def _add_metadata_buffers(module: nn.Module, state: Mapping[str, Any], fields: list[Any]) -> None:
+def _add_metadata_buffers(
+    module: nn.Module, state: Mapping[str, Any], fields: list[Any]
+) -> list[tuple[nn.Module, str]]:
     """Register the ``_COREML_`` buffers of these weights' fields (``_coreml_fields(state)``
-    values) that ``module`` lacks, and the root's ``metadata_version`` with them."""
+    values) that ``module`` lacks, and the root's ``metadata_version`` with them, holding the
+    state's values; the (owner, name) of each buffer registered."""
     keys = [key for entry in fields for key in entry.keys.values()]
     if keys and METADATA_VERSION_KEY in state:
         keys.append(METADATA_VERSION_KEY)
     modules = dict(module.named_modules(remove_duplicate=False))
+    added = []
     for key in keys:
         head, _, name = key.partition(COREML_PREFIX)
         owner = modules.get(head[:-1] if head else "")
         name = COREML_PREFIX + name
         if owner is not None and name not in owner._buffers and isinstance(state[key], Tensor):
-            owner.register_buffer(name, torch.empty_like(state[key], device="cpu"))
+            owner.register_buffer(name, state[key].detach().to("cpu", copy=True))
+            added.append((owner, name))
+    return added
+
+
+def _keep_through_copy(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    mine: Mapping[str, Any],
+    kept: list[Any],
+    stale: list[Any],
+) -> None:
+    """Let a load go on without touching the ``_COREML_`` buffers its post-hook may remove.
+
+    ``state_dict`` is the load's own copy (the pre-hook's argument), ``mine`` the module's
+    state_dict. ``kept``: the module's fields (``_coreml_fields(mine)`` values) of the weights
+    loaded dense: the copy gets the module's own values (it leaves the buffers as they are and
+    reports no missing key). ``stale``: the state_dict's fields that describe no weight: not
+    loaded (the module's value where it has the buffer, dropped where it has none).
+    """
+    for entry in kept:
+        for key in entry.keys.values():
+            state_dict[prefix + key] = mine[key]
+    for entry in stale:
+        for key in entry.keys.values():
+            if key in mine:
+                state_dict[prefix + key] = mine[key]
+            else:
+                state_dict.pop(prefix + key, None)
+    version = prefix + METADATA_VERSION_KEY
+    if METADATA_VERSION_KEY in module._buffers:
+        if kept and version not in state_dict:
+            state_dict[version] = mine[METADATA_VERSION_KEY]
+    elif stale and version in state_dict:
+        fields = [k for k in state_dict if k.startswith(prefix) and COREML_PREFIX in k]
+        if fields == [version]:  # nothing left for it to describe
+            del state_dict[version]
 
 
 def _pass_on_load(module: nn.Module) -> _PassOnLoad | None:
@@ -1230,6 +1460,34 @@ class _PalettizationPass(Callback):
         _reject_sharded(trainer, self._OWNER)
         if stage == _MOMENT_STAGE[self._when]:
             _reject_spawn(trainer, self._OWNER)
+
+    @override
+    def on_train_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
+        """Called when training begins (checkpoint restored, optimizers built): remove the
+        ``_COREML_`` metadata of the weights this fit trains.
+
+        A module palettized before (an earlier fit with a pass, another callback) carries
+        metadata that describes its weights only until they are trained: the checkpoints of
+        this fit would hold the trained, dense weights under the old LUT (a wrong Core ML
+        model if exported). Weights that do not train (``requires_grad=False``, or in no
+        optimizer) keep theirs.
+        """
+        trained = _trained_weights(trainer, pl_module)
+        carried = [key for key in _coreml_fields(pl_module.state_dict()) if key in trained]
+        if not carried:
+            return
+        _remove_metadata(pl_module, carried)
+        again = (
+            "this callback palettizes those its config selects again when fit ends"
+            if self._when == "fit_end"
+            else f"they stay dense until palettized again (this callback: when={self._when!r})"
+        )
+        rank_zero_warn(
+            f"{self._OWNER}: training starts on a module palettized before: removed the "
+            f"_COREML_ metadata of {len(carried)} weight(s) the optimizers train, which would "
+            "describe the trained weights (and this fit's checkpoints) with the old LUT: "
+            f"{carried[:5]}{' ...' if len(carried) > 5 else ''}; {again}"
+        )
 
     @override
     def on_fit_end(self, trainer: "Trainer", pl_module: LightningModule) -> None:
@@ -1340,6 +1598,14 @@ class PostTrainingPalettizationCallback(_PalettizationPass):
     module this callback palettized, unchanged since (e.g. a second ``trainer.test`` with
     ``when="test_start"``), is not palettized again.
 
+    A further ``trainer.fit`` of a palettized module with this callback (any ``when``) removes
+    the metadata of the weights the optimizers train when training starts, with a warning: the
+    trained weights are dense, and the checkpoints of that fit must not claim they hold the old
+    LUT's values (frozen weights keep theirs); a ``"fit_end"`` pass palettizes the module again
+    at the end. A fit without this callback cannot do that: its checkpoints carry the stale
+    metadata, which a load into the module this callback palettized recognises (the weights
+    are not the LUT's values) and loads as dense weights.
+
     Checkpoints: ModelCheckpoint saves during fit, before a ``"fit_end"`` pass, i.e. dense
     weights without ``_COREML_`` metadata. Loading such a state_dict into the module this
     callback palettized palettizes its weights again with this config (a load_state_dict hook
@@ -1350,7 +1616,8 @@ class PostTrainingPalettizationCallback(_PalettizationPass):
     ``trainer.fit(model, ckpt_path=...)`` trains the checkpoint's dense weights as they are
     (their old metadata removed). A state_dict saved after the pass (with its metadata, or,
     with ``keep_coreml_metadata=False``, with the exact weights a pass gave this module)
-    loads unchanged. Deep copies and pickles of the module keep the hook.
+    loads unchanged. A ``load_state_dict`` that fails (size mismatch, strict key mismatch)
+    leaves the module's metadata as it was. Deep copies and pickles of the module keep the hook.
 
     Args:
         config: a :class:`~lightning_palettize.PostTrainingPalettizerConfig`, a dict of its

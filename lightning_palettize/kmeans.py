@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -422,25 +422,31 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _NCPU = os.cpu_count() or 1
 
 
+def in_parallel(first: Callable[[], None], second: Callable[[], None]) -> None:
+    """Run ``second`` on a persistent worker thread while ``first`` runs here; both are kernel
+    calls that release the GIL. Returns when both are done (an error of either is raised). The
+    worker is re-created after a fork (a forked child has no threads)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lp-kmeans"))
+    other = _pool[1].submit(second)
+    try:
+        first()
+    finally:
+        other.result()
+
+
 def _on_two_threads(solve, work: np.ndarray) -> None:
     """``solve(g0, g1)`` (a kernel call that releases the GIL) over the groups, ``work[g]``
-    elements or bins each: in two halves of equal work, one on a persistent worker thread, or
-    in one call when there is little work (under 8,192), one group holds over 2/3 of it (a
-    split would gain under 1.5x and touch the worker's own ~1 MB workspace) or there is one
-    CPU. The worker is re-created after a fork (a forked child has no threads)."""
-    global _pool
+    elements or bins each: in two halves of equal work (:func:`in_parallel`), or in one call
+    when there is little work (under 8,192), one group holds over 2/3 of it (a split would gain
+    under 1.5x and touch the worker's own ~1 MB workspace) or there is one CPU."""
     g_total, total = len(work), int(work.sum())
     if g_total < 2 or total < 8192 or _NCPU == 1 or 3 * int(work.max()) > 2 * total:
         solve(0, g_total)
         return
     cut = min(max(int(np.searchsorted(np.cumsum(work), total / 2)) + 1, 1), g_total - 1)
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lp-kmeans"))
-    other = _pool[1].submit(solve, cut, g_total)
-    try:
-        solve(0, cut)
-    finally:
-        other.result()
+    in_parallel(lambda: solve(0, cut), lambda: solve(cut, g_total))
 
 
 def _redo_exact(

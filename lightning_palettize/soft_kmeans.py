@@ -91,6 +91,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_palettize import kmeans as _km
+
 __all__ = ["RoundGraphs", "hard_assign", "soft_kmeans", "soft_kmeans_batch"]
 
 _MODES = ("dkm", "gsm", "hard")
@@ -433,21 +435,70 @@ def _vec_rows(x: Tensor, cfg: _Cfg, noisy: bool, *centroids: Tensor) -> bool:
     )
 
 
-def _vec_args(x: Tensor, c: Tensor, cfg: _Cfg) -> tuple:
+# below this much work (rows x K x d per call) the vector kernels run on one thread
+_VEC_SPLIT_WORK = 1 << 16
+_VEC_ROWS_ALIGN = 256  # a row split keeps the kernels' float32 flush blocks (VR x VEC_FLUSH)
+
+
+def _vec_call(fn, mode: int, x: Tensor, c: Tensor, cfg: _Cfg, tail) -> None:
+    """``fn(mode, x, c, G, n, d, K, <cfg>, *tail)``: a ``_dkm_cpu.vec_fwd`` / ``vec_bwd`` call
+    (see _dkm_cpu.c), on two threads when torch has two (``torch.get_num_threads()``) and the
+    call is large enough: the groups in two halves, or one group's rows (at a multiple of 256
+    rows, so the kernel's float32 partial sums are the same) with the second half's float64
+    accumulators apart and added after. ``tail``: the pointer arguments after the config, each
+    ``(tensor or None, kind)``: "group" ([G, ...], read), "row" ([G, n, d], read or written)
+    or "acc" ([G, ...] float64, accumulated)."""
     g, n, d = x.shape
-    return (
-        x.data_ptr(),
-        c.data_ptr(),
-        g,
-        n,
-        d,
-        c.shape[1],
+    k = c.shape[1]
+    conf = (
         cfg.tau,
         cfg.prune_threshold,
         cfg.zero_threshold,
         int(cfg.keep_zeros),
         int(cfg.clamp_attention),
     )
+
+    def at(t: Tensor | None, elems: int) -> int:
+        return 0 if t is None else t.data_ptr() + elems * t.element_size()
+
+    def part(g0: int, g1: int, r0: int, r1: int, accs: dict[int, Tensor]):
+        ptrs = []
+        for i, (t, kind) in enumerate(tail):
+            t = accs.get(i, t)
+            if t is None:
+                ptrs.append(0)
+            elif kind == "row":
+                ptrs.append(at(t, g0 * n * d + r0 * d))
+            else:
+                ptrs.append(at(t, g0 * (t.numel() // max(g, 1))))
+        return lambda: fn(
+            mode,
+            at(x, g0 * n * d + r0 * d),
+            at(c, g0 * k * d),
+            g1 - g0,
+            r1 - r0,
+            d,
+            k,
+            *conf,
+            *ptrs,
+        )
+
+    split = torch.get_num_threads() >= 2 and _km._NCPU >= 2 and g * n * k * d >= _VEC_SPLIT_WORK
+    if split and g >= 2:
+        cut = g // 2
+        _km.in_parallel(part(0, cut, 0, n, {}), part(cut, g, 0, n, {}))
+    elif split and n >= 2 * _VEC_ROWS_ALIGN:
+        cut = n // 2 // _VEC_ROWS_ALIGN * _VEC_ROWS_ALIGN
+        second = {
+            i: torch.zeros_like(t)
+            for i, (t, kind) in enumerate(tail)
+            if kind == "acc" and t is not None
+        }
+        _km.in_parallel(part(0, 1, 0, cut, {}), part(0, 1, cut, n, second))
+        for i, t in second.items():
+            tail[i][0].add_(t)
+    else:
+        part(0, g, 0, n, {})()
 
 
 class _DenseStats(torch.autograd.Function):
@@ -469,13 +520,18 @@ class _DenseStats(torch.autograd.Function):
                 x.new_zeros(g, k, dtype=torch.float64),
             )
             inertia64 = x.new_zeros(g, dtype=torch.float64)
-            _dkm_cpu.vec_fwd(
+            _vec_call(
+                _dkm_cpu.vec_fwd,
                 0,
-                *_vec_args(x, c, cfg),
-                0,
-                sums64.data_ptr(),
-                mass64.data_ptr(),
-                inertia64.data_ptr() if need_inertia else 0,
+                x,
+                c,
+                cfg,
+                [
+                    (None, "group"),
+                    (sums64, "acc"),
+                    (mass64, "acc"),
+                    (inertia64 if need_inertia else None, "acc"),
+                ],
             )
             ctx.save_for_backward(x, c)
             ctx.cfg, ctx.state, ctx.rows = cfg, state, rows
@@ -518,15 +574,20 @@ class _DenseStats(torch.autograd.Function):
             gx = torch.empty_like(x) if need_x else None
             gc64 = c.new_zeros(g, k, d, dtype=torch.float64)
             gs, gm = grad_sums.float().contiguous(), grad_mass.float().contiguous()
-            _dkm_cpu.vec_bwd(
+            _vec_call(
+                _dkm_cpu.vec_bwd,
                 0,
-                *_vec_args(x, c, cfg),
-                0,
-                gs.data_ptr(),
-                gm.data_ptr(),
-                gx.data_ptr() if need_x else 0,
-                gc64.data_ptr(),
-                0,
+                x,
+                c,
+                cfg,
+                [
+                    (None, "group"),
+                    (gs, "group"),
+                    (gm, "group"),
+                    (gx, "row"),
+                    (gc64, "acc"),
+                    (None, "acc"),
+                ],
             )
             return gx, (gc64.float() if need_c else None), None, None, None, None
         gx = torch.zeros_like(x) if need_x else None
@@ -568,7 +629,14 @@ class _DenseOutput(torch.autograd.Function):
         if _vec_rows(x, cfg, noise is not None, prev_c, last_c):
             x, prev_c, last_c = x.contiguous(), prev_c.contiguous(), last_c.contiguous()
             out = torch.empty_like(x)  # C order, as the kernel writes it (x may be a view)
-            _dkm_cpu.vec_fwd(1, *_vec_args(x, prev_c, cfg), last_c.data_ptr(), out.data_ptr(), 0, 0)
+            _vec_call(
+                _dkm_cpu.vec_fwd,
+                1,
+                x,
+                prev_c,
+                cfg,
+                [(last_c, "group"), (out, "row"), (None, "acc"), (None, "acc")],
+            )
             ctx.save_for_backward(x, prev_c, last_c)
             ctx.cfg, ctx.noise, ctx.rows = cfg, noise, rows
             return out
@@ -597,15 +665,20 @@ class _DenseOutput(torch.autograd.Function):
             gp64 = prev_c.new_zeros(g, k, d, dtype=torch.float64)
             gf64 = torch.zeros_like(gp64)
             go = grad_out.float().contiguous()
-            _dkm_cpu.vec_bwd(
+            _vec_call(
+                _dkm_cpu.vec_bwd,
                 1,
-                *_vec_args(x, prev_c, cfg),
-                last_c.data_ptr(),
-                go.data_ptr(),
-                0,
-                gx.data_ptr() if need_x else 0,
-                gp64.data_ptr(),
-                gf64.data_ptr(),
+                x,
+                prev_c,
+                cfg,
+                [
+                    (last_c, "group"),
+                    (go, "row"),
+                    (None, "group"),
+                    (gx, "row"),
+                    (gp64, "acc"),
+                    (gf64, "acc"),
+                ],
             )
             gp, gf = gp64.float(), gf64.float()
             return gx, (gp if need_p else None), (gf if need_f else None), None, None

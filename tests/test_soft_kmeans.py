@@ -1810,10 +1810,11 @@ def test_grouped_inputs_outside_the_contract_are_rejected():
 # lut_fn (an fp16 LUT) is left to test_dense_variants_match_reference: a centroid on an fp16
 # rounding boundary may round either way after the two sum in different orders
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "lut_fn"] + ["plain"])
-@pytest.mark.parametrize("d,k", [(2, 4), (3, 16), (16, 8)])
-def test_vector_rows_kernel_matches_torch(variant, d, k, monkeypatch):
-    """CPU vectors run the compiled per-row kernels (_dkm_cpu.vec_fwd / vec_bwd); the torch
-    dense code they replace gives the same outputs, centroids and gradients."""
+@pytest.mark.parametrize("d,k", [(2, 4), (3, 16), (4, 8), (16, 8)])
+def test_vector_rows_kernel_matches_torch(variant, d, k, c_kernels, monkeypatch):
+    """CPU vectors run the compiled per-row kernels (_dkm_cpu.vec_fwd / vec_bwd: with AVX2 and
+    FMA, cluster_dim 2 and 4 compiled apart, or the portable build); the torch dense code they
+    replace gives the same outputs, centroids and gradients."""
     if sk._dkm_cpu is None:
         pytest.skip("the compiled DKM kernels are not built")
     kw = VARIANTS.get(variant, {})
@@ -1886,3 +1887,33 @@ def test_subnormal_cluster_mass_gives_finite_gradients(d, use_c, monkeypatch):
         out, _, grad = run(soft_kmeans, x, c, w, method="dense")
         bad += int(not bool(torch.isfinite(grad).all() and torch.isfinite(out).all()))
     assert bad == 0
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_vector_rows_kernel_on_two_threads(groups, monkeypatch):
+    """With two torch threads a large enough call is split: a tensor's groups in two halves,
+    or one group's rows at a multiple of 256 (its second half's sums apart, added after).
+    Outputs, centroids and gradients equal the one-thread run's."""
+    if sk._dkm_cpu is None or sk._km._NCPU < 2:
+        pytest.skip("the compiled DKM kernels are not built, or one CPU")
+    x, c0 = make_data(groups, 1000, 2, seed=11)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+    monkeypatch.setattr(sk, "_VEC_SPLIT_WORK", 1)
+    parts = []
+    real = sk._km.in_parallel
+
+    def counting(first, second):
+        parts.append(2)
+        real(first, second)
+
+    monkeypatch.setattr(sk._km, "in_parallel", counting)
+    one = run(soft_kmeans, x, c0, w, method="dense")
+    assert not parts  # one thread (the one_thread fixture)
+    torch.set_num_threads(2)
+    try:
+        two = run(soft_kmeans, x, c0, w, method="dense")
+    finally:
+        torch.set_num_threads(1)
+    assert parts  # the kernels ran split
+    for a, b in zip(two, one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
