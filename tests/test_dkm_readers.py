@@ -312,7 +312,7 @@ def test_attention_config_covers_out_proj_as_in_coremltools(dim, config, want):
     assert {f"{n}.{fp.param_name}": fp.n_bits for n, _, _, fp in _fake_palettizers(model)} == want
 
 
-def _ckpt_run(layers, x, ckpt, steps=3):
+def _ckpt_run(layers, x, ckpt, steps=3, reentrant=False):
     from torch.utils.checkpoint import checkpoint
 
     model = copy.deepcopy(layers)
@@ -321,9 +321,9 @@ def _ckpt_run(layers, x, ckpt, steps=3):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
     for _ in range(steps):
-        h = x
+        h = x.requires_grad_(reentrant)  # (a reentrant region needs an input with grad)
         for layer in model:
-            h = checkpoint(layer, h, use_reentrant=False) if ckpt else layer(h)
+            h = checkpoint(layer, h, use_reentrant=reentrant) if ckpt else layer(h)
         opt.zero_grad()
         h.square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -332,11 +332,15 @@ def _ckpt_run(layers, x, ckpt, steps=3):
     return grads, [layer.weight_dkm.centroids.clone() for layer in model]
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks):
+def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks, reentrant):
     # non-reentrant checkpointing (transformers' default): the batched round is computed in
     # the first layer's region; its recomputation is served the very soft weights of the
-    # forward, so gradients and centroids equal those of the run without checkpointing
+    # forward, so gradients and centroids equal those of the run without checkpointing.
+    # reentrant: the region's forward runs without autograd (each palettized weight records
+    # the centroids its call started from) and backward recomputes it with autograd, each call
+    # again from those centroids: equal too (before, it ran from the moved centroids)
     from lightning_palettize.palettizers import dkm
 
     monkeypatch.setattr(dkm, "_ROUND_CHUNKS", {"cpu": chunks} if chunks > 1 else {})
@@ -344,13 +348,45 @@ def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks):
     layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(3)])
     x = torch.randn(8, 32)
     want, want_c = _ckpt_run(layers, x, ckpt=False)
-    got, got_c = _ckpt_run(layers, x, ckpt=True)
+    got, got_c = _ckpt_run(layers, x, ckpt=True, reentrant=reentrant)
     for w_step, g_step in zip(want, got):
         assert all(torch.equal(w, g) for w, g in zip(w_step, g_step))
     assert all(torch.equal(w, g) for w, g in zip(want_c, got_c))
 
 
-def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch):
+def test_reentrant_checkpoint_of_a_layer_called_twice():
+    # without autograd a layer called again at one weight version gets the same soft weight
+    # (recomputed from the same centroids: one soft weight per weight version, as served with
+    # autograd); the recomputation replays both calls from those centroids, so the gradient is
+    # the one of sum(layer(tanh(layer(x)))^2) with one soft weight S = soft_kmeans(W, c0)
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    layer = nn.Linear(32, 32)
+    pal = DKMPalettizer(nn.Sequential(layer), _CFG)
+    pal.prepare(inplace=True)
+    fp = layer.weight_dkm
+    c0 = fp.centroids.clone()
+    x = torch.randn(8, 32, requires_grad=True)
+    out = checkpoint(lambda h: layer(torch.tanh(layer(h))), x, use_reentrant=True)
+    out.square().sum().backward()
+    got_w, got_b, got_c = layer.weight.grad.clone(), layer.bias.grad.clone(), fp.centroids.clone()
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    with torch.no_grad():
+        fp.centroids.copy_(c0)
+    soft = fp(w)
+    h = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, soft, b)), soft, b)
+    h.square().sum().backward()
+    # (two backward passes through the soft k-means summed, against one: rounding only)
+    for got, want in ((got_w, w.grad), (got_b, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(got_c, fp.centroids) and not torch.equal(got_c, c0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch, reentrant):
     from test_dkm import tiny_llama
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -361,7 +397,7 @@ def test_transformers_gradient_checkpointing_equals_plain_training(monkeypatch):
     def run(ckpt):
         model = copy.deepcopy(base)
         if ckpt:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
         model.config.use_cache = False
         pal = DKMPalettizer(model, {**_CFG, "module_type_configs": {"LlamaRMSNorm": None}})
         pal.prepare(inplace=True)

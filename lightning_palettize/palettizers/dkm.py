@@ -191,6 +191,42 @@ class _Served:
         return self.ref()
 
 
+class _Start:
+    """A member's calls without autograd at one weight version (see _DKMGroup._replay): the
+    centroids the first started from, how many calls there were and how many a recomputation
+    replayed, and the weight and centroid versions the last call left."""
+
+    __slots__ = ("weight", "version", "centroids", "calls", "replayed", "left")
+
+    def __init__(self, fp: FakePalettize, weight: Tensor) -> None:
+        self.weight, self.version = weight, (weight._version, weight.data_ptr())
+        self.centroids = fp._buffers["centroids"].clone()
+        self.calls, self.replayed = 1, 0
+        self.left: tuple[int, int] | None = None
+
+    def leave(self, fp: FakePalettize) -> _Start:
+        """Record the centroid version a call left."""
+        c = fp._buffers["centroids"]
+        self.left = (c._version, c.data_ptr())
+        return self
+
+    def current(self, fp: FakePalettize, weight: Tensor) -> bool:
+        """Whether nothing changed the weight or the centroids since the last call."""
+        c = fp._buffers["centroids"]
+        return (
+            weight is self.weight
+            and (weight._version, weight.data_ptr()) == self.version
+            and (c._version, c.data_ptr()) == self.left
+        )
+
+    def rerun(self, fp: FakePalettize, weight: Tensor) -> Tensor:
+        """The first call again: from its starting centroids, the same soft weight (and new
+        centroids)."""
+        with torch.no_grad():
+            fp._buffers["centroids"].copy_(self.centroids)
+        return fp(weight)  # (one weight, unbatched: equal to the round's result)
+
+
 class _DKMGroup:
     """Batches the soft k-means of the FakePalettize children of one model.
 
@@ -227,6 +263,11 @@ class _DKMGroup:
     centroids the previous one left. Gumbel (gsm) weights keep computing one by one, in call
     order, so their noise stays as documented.
 
+    Calls without autograd (a reentrant activation checkpoint's forward) record the centroids
+    they started from; the region's recomputation in backward runs each call again from them
+    (:meth:`_replay`), and a repeat call at one weight version runs again from the same
+    centroids (the same soft weight, as served with autograd).
+
     Deep copies and unpickled copies get a fresh, empty group (shared by the copied members).
     """
 
@@ -240,6 +281,8 @@ class _DKMGroup:
         self._chunk_of: tuple[int, dict[int, int]] | None = None
         # CUDA graphs of the rounds' forward, when _ROUND_GRAPHS (the same weights every step)
         self._graphs = RoundGraphs()
+        # member -> _Start of its last call without autograd (see _replay)
+        self._starts: dict[int, _Start] = {}
 
     def __deepcopy__(self, memo: dict) -> _DKMGroup:
         return _DKMGroup()
@@ -265,6 +308,7 @@ class _DKMGroup:
         self._pending.pop(id(fp), None)
         self._served.pop(id(fp), None)
         self._again.discard(id(fp))
+        self._starts.pop(id(fp), None)
 
     def clear(self) -> None:
         self._pending.clear()
@@ -296,6 +340,51 @@ class _DKMGroup:
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
             self._again.add(id(fp))  # called again: hold its soft weights from now on
+        if self._starts:  # (a call without autograd ran: only then does this cost anything)
+            soft = self._replay(fp, weight)
+            if soft is not None:
+                return soft
+        if not torch.is_grad_enabled():
+            start = self._starts.get(id(fp))
+            if start is not None and not start.replayed and start.current(fp, weight):
+                # called again at this state: one soft weight per weight version, as served
+                # with autograd (the same values; recomputed, not held: a weight-sized tensor
+                # per member would stay alive until the recomputation)
+                soft = start.rerun(fp, weight)
+                start.calls += 1
+                start.leave(fp)
+                return soft
+            start = _Start(fp, weight)
+            soft = self._soft_weight(fp, module, weight)
+            self._starts[id(fp)] = start.leave(fp)
+            return soft
+        return self._soft_weight(fp, module, weight)
+
+    def _replay(self, fp: FakePalettize, weight: Tensor) -> Tensor | None:
+        """Inside a backward pass, with autograd on: a reentrant activation checkpoint
+        (``torch.utils.checkpoint(..., use_reentrant=True)``) recomputing a region whose
+        forward ran without autograd. If that forward's calls of ``fp`` (one soft weight per
+        weight version: each from the same centroids) are the last things that changed its
+        centroids, or the replays of the earlier ones, and the weight is the one they
+        palettized, the call runs again from those centroids: the same soft weight, now with
+        its graph, and the same new centroids. ``None`` otherwise (computed as any call)."""
+        start = self._starts.get(id(fp))
+        if (
+            start is None
+            or not torch.is_grad_enabled()
+            or torch._C._current_graph_task_id() == -1
+            or not start.current(fp, weight)
+        ):
+            return None
+        soft = start.rerun(fp, weight)
+        start.replayed += 1
+        if start.replayed == start.calls:
+            del self._starts[id(fp)]
+        else:
+            start.leave(fp)
+        return soft
+
+    def _soft_weight(self, fp: FakePalettize, module: nn.Module, weight: Tensor) -> Tensor:
         hooks = _top_saved_tensors_hooks(False)  # (inline: this runs per weight and step)
         if hooks is not None and "_checkpoint_hook" not in getattr(hooks[0], "__qualname__", ""):
             hooks = None  # not a checkpoint region's (e.g. torch.autograd.graph.save_on_cpu)
@@ -378,6 +467,9 @@ class _DKMGroup:
             served = self._served.get(key)
             if served is not None and self._valid(served, other, w) and served.soft() is not None:
                 continue  # its next call reuses the soft weight it was served
+            start = self._starts.get(key)
+            if start is not None and start.current(other, w):
+                continue  # computed without autograd at this state: a recomputation replays it
             todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
         mine = None
         for members in todo.values():
