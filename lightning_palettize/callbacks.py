@@ -582,6 +582,24 @@ def _trained_weights(trainer: "Trainer", module: nn.Module) -> set[str]:
     }
 
 
+def _drop_trained_metadata(trainer: "Trainer", module: nn.Module, owner: str, again: str) -> None:
+    """Remove, with a warning (``again``: what becomes of them), the ``_COREML_`` metadata of
+    the weights ``trainer.fit`` trains (:func:`_trained_weights`): it describes a weight only
+    until the weight is trained, and this fit's checkpoints would hold the trained, dense
+    weights under the old LUT (a wrong Core ML model if exported)."""
+    trained = _trained_weights(trainer, module)
+    carried = [key for key in _coreml_fields(module.state_dict()) if key in trained]
+    if not carried:
+        return
+    _remove_metadata(module, carried)
+    rank_zero_warn(
+        f"{owner}: training starts on a module palettized before: removed the _COREML_ "
+        f"metadata of {len(carried)} weight(s) the optimizers train, which would describe the "
+        "trained weights (and this fit's checkpoints) with the old LUT: "
+        f"{carried[:5]}{' ...' if len(carried) > 5 else ''}; {again}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # DKM during fit
 
@@ -778,13 +796,23 @@ class PalettizationCallback(Callback):
 
     @override
     def on_train_start(self, trainer: "Trainer", pl_module: LightningModule) -> None:
-        """Called when training begins (loops already restored): align DKM with global_step.
+        """Called when training begins (loops already restored): align DKM with global_step,
+        and remove the stale ``_COREML_`` metadata of weights this fit trains without DKM.
 
         With ``milestone_epochs``, also the epoch milestone: a checkpoint saved on the last
         batch of epoch ``E - 1`` resumes at ``current_epoch == E`` without Lightning calling
         ``on_train_epoch_start`` for it, so epoch ``E`` starts here (at the same global step
         as in the uninterrupted run).
         """
+        # weights DKM does not train that carry an earlier palettization's metadata (the ones
+        # it prepared lost theirs at setup): trained from here, their metadata goes now, not
+        # at fit end, so that no checkpoint of this fit holds them under the old LUT
+        _drop_trained_metadata(
+            trainer,
+            pl_module,
+            self._OWNER,
+            "they stay dense unless this callback's config selects them",
+        )
         self._last_step = trainer.global_step
         if self._milestone_epochs is None:
             self._advance(trainer, pl_module)
@@ -1472,21 +1500,13 @@ class _PalettizationPass(Callback):
         model if exported). Weights that do not train (``requires_grad=False``, or in no
         optimizer) keep theirs.
         """
-        trained = _trained_weights(trainer, pl_module)
-        carried = [key for key in _coreml_fields(pl_module.state_dict()) if key in trained]
-        if not carried:
-            return
-        _remove_metadata(pl_module, carried)
-        again = (
+        _drop_trained_metadata(
+            trainer,
+            pl_module,
+            self._OWNER,
             "this callback palettizes those its config selects again when fit ends"
             if self._when == "fit_end"
-            else f"they stay dense until palettized again (this callback: when={self._when!r})"
-        )
-        rank_zero_warn(
-            f"{self._OWNER}: training starts on a module palettized before: removed the "
-            f"_COREML_ metadata of {len(carried)} weight(s) the optimizers train, which would "
-            "describe the trained weights (and this fit's checkpoints) with the old LUT: "
-            f"{carried[:5]}{' ...' if len(carried) > 5 else ''}; {again}"
+            else f"they stay dense until palettized again (this callback: when={self._when!r})",
         )
 
     @override

@@ -288,3 +288,23 @@ def test_a_load_that_raises_between_the_hooks_keeps_the_metadata():
     assert now.keys() == metadata.keys() and all(torch.equal(now[k], metadata[k]) for k in now)
     model.load_state_dict(dense)  # the next load sets the abandoned plan aside
     _assert_state(model, _ptp_of(dense))
+
+
+def test_dkm_fit_drops_the_metadata_of_weights_it_trains_without_dkm(tmp_path):
+    # DKM on net.0 only, on a module a PTP pass palettized: net.2 trains dense under DKM's fit;
+    # its stale metadata goes when training starts (before: at fit end, so this fit's
+    # checkpoints held the trained net.2 under the old LUT); net.0's went at setup
+    from lightning_palettize.callbacks import PalettizationCallback
+
+    model, _ = _palettized()
+    dkm = PalettizationCallback(
+        {"module_name_configs": {"net.0": {"n_bits": 2, "weight_threshold": 0}}}, verbose=False
+    )
+    with pytest.warns(UserWarning, match=r"PalettizationCallback: training starts.*net\.2\.weight"):
+        _, states = _second_fit(model, tmp_path, [dkm])
+    for name, state in states.items():
+        assert not [k for k in _coreml(state) if k.startswith("net.2.")], name
+        assert len(torch.unique(state["net.2.weight"])) > 4, name
+    state = model.state_dict()  # finalized: net.0 palettized by DKM, net.2 dense
+    assert _holds_its_lut(state, "net.0.weight")
+    assert not [k for k in _coreml(state) if k.startswith("net.2.")]
