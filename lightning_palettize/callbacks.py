@@ -941,6 +941,30 @@ class PalettizationCallback(Callback):
         _broadcast_from_rank_zero(trainer, pl_module, keys)
 
 
+def _check_load(module: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+    """Raise as ``module.load_state_dict(state, strict)`` would, before it copies anything:
+    shapes that differ, and with ``strict`` missing or unexpected keys."""
+    own = module.state_dict()
+    errors = [
+        f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
+        f"checkpoint, the shape in current model is {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and isinstance(value, Tensor) and value.shape != own[key].shape
+    ]
+    if strict:
+        missing = [key for key in own if key not in state]
+        unexpected = [key for key in state if key not in own]
+        if missing:
+            errors.append(f"Missing key(s) in state_dict: {missing[:5]}")
+        if unexpected:
+            errors.append(f"Unexpected key(s) in state_dict: {unexpected[:5]}")
+    if errors:
+        raise RuntimeError(
+            f"Error(s) in loading a mid-DKM state_dict into the prepared {type(module).__name__} "
+            "(the module is left as it was):\n\t" + "\n\t".join(errors)
+        )
+
+
 class _PalettizeOnLoad:
     """``load_state_dict`` pre-hook of a finalized module: palettize a mid-DKM state_dict on load.
 
@@ -949,6 +973,8 @@ class _PalettizeOnLoad:
     load one into the other. With this hook the module is prepared with the DKM config, loads
     the checkpoint's DKM state, and is finalized again, i.e. it gets the hard-palettized weights
     of that checkpoint and their ``_COREML_`` metadata; the load then goes on with that state.
+    A state_dict that does not fit the prepared module (a shape, or with ``strict`` a missing
+    or unexpected key) raises before anything is copied, and the module stays as it was.
     """
 
     def __init__(self, config: Mapping[str, Any], keep_metadata: bool) -> None:
@@ -962,11 +988,29 @@ class _PalettizeOnLoad:
         if not any(_DKM_KEY.search(k) for k in own) or _fake_palettizers(module):
             return
         was_training = module.training
+        metadata = [
+            (owner, name, buf)
+            for owner in module.modules()
+            for name, buf in owner._buffers.items()
+            if COREML_PREFIX in name or (owner is module and name == METADATA_VERSION_KEY)
+        ]
         strip_coreml_metadata(module)
-        palettizer = DKMPalettizer(module, self.config)
-        palettizer.prepare(inplace=True)
-        module.load_state_dict(own, strict=strict)  # mid-DKM into prepared: its own structure
-        palettizer.finalize(module, inplace=True)
+        try:
+            palettizer = DKMPalettizer(module, self.config)
+            palettizer.prepare(inplace=True)
+            _check_load(module, own, strict)  # (before anything is copied)
+            module.load_state_dict(own, strict=strict)  # mid-DKM into prepared: its structure
+            palettizer.finalize(module, inplace=True)
+        except BaseException:
+            # the load fails: the module as it was (finalized, its metadata, its mode)
+            for owner in list(module.modules()):
+                for child in list(owner._modules.values()):
+                    if isinstance(child, FakePalettize):
+                        child.detach_from(owner)
+            for owner, name, buf in metadata:
+                owner._buffers[name] = buf
+            module.train(was_training)
+            raise
         if not self.keep_metadata:
             strip_coreml_metadata(module)
         module.train(was_training)

@@ -308,3 +308,36 @@ def test_dkm_fit_drops_the_metadata_of_weights_it_trains_without_dkm(tmp_path):
     state = model.state_dict()  # finalized: net.0 palettized by DKM, net.2 dense
     assert _holds_its_lut(state, "net.0.weight")
     assert not [k for k in _coreml(state) if k.startswith("net.2.")]
+
+
+@pytest.mark.parametrize("fault", ["shape", "missing"])
+def test_failed_mid_dkm_load_into_a_finalized_module_leaves_it_as_it_was(tmp_path, fault):
+    # a finalized module palettizes a mid-DKM state_dict on load (prepare, load, finalize);
+    # one that does not fit raises before anything is copied, and the module keeps its
+    # finalized weights, metadata, mode and structure (before: left prepared, without metadata)
+    from lightning_palettize.callbacks import PalettizationCallback
+    from lightning_palettize.palettizers.dkm import _fake_palettizers
+
+    pl.seed_everything(0, verbose=False)
+    model = BoringModule(n_batches=2)
+    dkm = PalettizationCallback({"global_config": {"n_bits": 2, "weight_threshold": 0}})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, enable_checkpointing=True, callbacks=[dkm, checkpoint]).fit(model)
+    mid = _weights(checkpoint.last_model_path)
+    assert any("_dkm." in k for k in mid)
+    bad = dict(mid)
+    if fault == "shape":
+        bad["net.2.bias"] = torch.zeros(5)
+    else:
+        del bad["net.0.bias"]
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("_COREML_" in k for k in before)
+    match = "size mismatch for net.2.bias" if fault == "shape" else r"Missing key.*net\.0\.bias"
+    with pytest.raises(RuntimeError, match=match):
+        model.load_state_dict(bad)
+    _assert_state(model, before)
+    assert not list(_fake_palettizers(model)) and not model.training
+    model.load_state_dict(mid)  # and the checkpoint itself still loads, palettized
+    assert _holds_its_lut(model.state_dict(), "net.0.weight")
+    assert not list(_fake_palettizers(model))
