@@ -554,16 +554,38 @@ def _drop_stale_metadata(module: nn.Module, owner: str, fresh: Iterable[str]) ->
     return stale
 
 
-def _holds_lut_values(owner: str, key: str, weight: Tensor, fields: Any) -> bool:
+def _holds_lut_values(
+    owner: str, key: str, weight: Tensor, fields: Any, outliers: float = 0.0
+) -> bool:
     """Whether ``weight`` holds the values of the ``_COREML_`` LUT ``fields`` (an entry of
     ``_coreml_fields``) describes: all its elements but at most the fraction of outliers export
-    accepts (SKM keeps a few weights exact). A dense weight, trained since or saved with the
-    metadata of an earlier palettization, misses nearly all of them."""
+    accepts, or ``outliers`` (SKM's ``outlier_fraction``, which keeps that fraction exact) and
+    a margin if that is more. A dense weight, trained since or saved with the metadata of an
+    earlier palettization, misses nearly all of them."""
     try:
         fit = _fit_palette(owner, key, weight, fields)
     except ValueError:
         return False
-    return fit.outlier_index.numel() <= _OUTLIER_WARN_FRACTION * weight.numel()
+    allowed = (
+        max(_OUTLIER_WARN_FRACTION, outliers + 0.01) if outliers > 0 else _OUTLIER_WARN_FRACTION
+    )
+    return fit.outlier_index.numel() <= allowed * weight.numel()
+
+
+def _largest(config: Any, key: str) -> float:
+    """The largest value of ``key`` anywhere in ``config.as_dict()`` (0 without one)."""
+
+    def walk(value: Any) -> float:
+        if isinstance(value, Mapping):
+            own = value.get(key)
+            here = float(own) if isinstance(own, (int, float)) else 0.0
+            return max([here, *(walk(v) for v in value.values())])
+        if isinstance(value, (list, tuple)):
+            return max([0.0, *(walk(v) for v in value)])
+        return 0.0
+
+    as_dict = getattr(config, "as_dict", None)
+    return walk(as_dict()) if callable(as_dict) else 0.0
 
 
 def _trained_weights(trainer: "Trainer", module: nn.Module) -> set[str]:
@@ -1243,7 +1265,8 @@ class _PassOnLoad:
                 continue
             if _summary(weight) in self.weights.get(key, []):
                 continue
-            if not _holds_lut_values(self.owner_name, key, weight, fields):
+            outliers = _largest(self.config, "outlier_fraction") if self.kind == "skm" else 0.0
+            if not _holds_lut_values(self.owner_name, key, weight, fields, outliers):
                 stale.append(key)
         return stale
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -341,3 +343,26 @@ def test_failed_mid_dkm_load_into_a_finalized_module_leaves_it_as_it_was(tmp_pat
     model.load_state_dict(mid)  # and the checkpoint itself still loads, palettized
     assert _holds_its_lut(model.state_dict(), "net.0.weight")
     assert not list(_fake_palettizers(model))
+
+
+def test_skm_state_dict_with_its_outliers_loads_with_its_metadata():
+    # SKM's outlier_fraction keeps that fraction of each weight exact: a state_dict saved after
+    # such a pass (here another module's, so not one this hook recorded) holds its LUT's
+    # values but for those, and loads with its metadata, not as stale dense weights
+    config = {"global_config": {"n_bits": 2, "outlier_fraction": 0.1}, "calibration_nsamples": 2}
+
+    def palettized(seed):
+        pl.seed_everything(seed, verbose=False)
+        model = BoringModule(n_batches=2)
+        callback = SKMPalettizationCallback(config, verbose=False)
+        trainer(max_steps=2, callbacks=[callback]).fit(model)
+        return model
+
+    a, b = palettized(0), palettized(1)
+    state = b.state_dict()
+    lut = state["net.0._COREML_/weight/lut"].flatten()
+    assert float((~torch.isin(state["net.0.weight"], lut)).float().mean()) > 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "does not describe their values" warning
+        a.load_state_dict(state)
+    _assert_state(a, state)

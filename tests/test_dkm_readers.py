@@ -312,7 +312,7 @@ def test_attention_config_covers_out_proj_as_in_coremltools(dim, config, want):
     assert {f"{n}.{fp.param_name}": fp.n_bits for n, _, _, fp in _fake_palettizers(model)} == want
 
 
-def _ckpt_run(layers, x, ckpt, steps=3, reentrant=False):
+def _ckpt_run(layers, x, ckpt, steps=3, reentrant=False, monitor=False):
     from torch.utils.checkpoint import checkpoint
 
     model = copy.deepcopy(layers)
@@ -321,6 +321,11 @@ def _ckpt_run(layers, x, ckpt, steps=3, reentrant=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
     for _ in range(steps):
+        if monitor:  # a pass without autograd in training mode (monitoring, a target): its own
+            with torch.no_grad():  # semantics, not a checkpoint region's
+                h = x
+                for layer in model:
+                    h = layer(h)
         h = x.requires_grad_(reentrant)  # (a reentrant region needs an input with grad)
         for layer in model:
             h = checkpoint(layer, h, use_reentrant=reentrant) if ckpt else layer(h)
@@ -332,9 +337,10 @@ def _ckpt_run(layers, x, ckpt, steps=3, reentrant=False):
     return grads, [layer.weight_dkm.centroids.clone() for layer in model]
 
 
+@pytest.mark.parametrize("monitor", [False, True])
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks, reentrant):
+def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks, reentrant, monitor):
     # non-reentrant checkpointing (transformers' default): the batched round is computed in
     # the first layer's region; its recomputation is served the very soft weights of the
     # forward, so gradients and centroids equal those of the run without checkpointing.
@@ -347,11 +353,78 @@ def test_activation_checkpointing_equals_plain_training(monkeypatch, chunks, ree
     torch.manual_seed(8)
     layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(3)])
     x = torch.randn(8, 32)
-    want, want_c = _ckpt_run(layers, x, ckpt=False)
-    got, got_c = _ckpt_run(layers, x, ckpt=True, reentrant=reentrant)
+    want, want_c = _ckpt_run(layers, x, ckpt=False, monitor=monitor)
+    got, got_c = _ckpt_run(layers, x, ckpt=True, reentrant=reentrant, monitor=monitor)
     for w_step, g_step in zip(want, got):
         assert all(torch.equal(w, g) for w, g in zip(w_step, g_step))
     assert all(torch.equal(w, g) for w, g in zip(want_c, got_c))
+
+
+def test_reentrant_region_and_a_later_call_share_one_soft_weight():
+    # a layer called in a reentrant region (without autograd), then outside it with autograd at
+    # the same weight version: the later call and the region's recomputation in backward get
+    # the soft weight the region's forward used (one per weight version), nothing is left over
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    layer = model[0]
+    DKMPalettizer(model, _CFG).prepare(inplace=True)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append(m.__dict__["weight"].detach().clone()))
+    x = torch.randn(8, 32, requires_grad=True)
+    for _ in range(2):
+        seen.clear()
+        h = torch.tanh(layer(checkpoint(lambda h: torch.tanh(layer(h)), x, use_reentrant=True)))
+        h.square().mean().backward()
+        assert len(seen) == 3 and all(torch.equal(w, seen[0]) for w in seen[1:])
+        with torch.no_grad():
+            layer.weight -= 0.01 * layer.weight.grad
+        layer.weight.grad = None
+    assert not layer.weight_dkm._group._starts
+
+
+def test_a_pass_without_autograd_keeps_the_next_step_batched(monkeypatch):
+    # a no-grad pass in training mode (not a checkpoint region) records nothing: the next
+    # training forward still computes every weight in one batched round
+    from lightning_palettize.palettizers import dkm
+
+    calls = []
+    real = dkm.soft_kmeans_batch
+    monkeypatch.setattr(
+        dkm, "soft_kmeans_batch", lambda xs, *a, **k: calls.append(len(xs)) or real(xs, *a, **k)
+    )
+    torch.manual_seed(1)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    DKMPalettizer(model, _CFG).prepare(inplace=True)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        model(x)
+    calls.clear()
+    model(x).square().sum().backward()
+    assert calls == [4]
+    assert not model[0].weight_dkm._group._starts
+
+
+def test_a_replaced_member_is_not_kept_alive_by_its_recorded_start():
+    import gc
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    DKMPalettizer(model, _CFG).prepare(inplace=True)
+    x = torch.randn(2, 32, requires_grad=True)
+    checkpoint(model, x, use_reentrant=True)  # a region's calls recorded, never recomputed
+    group = model[1].weight_dkm._group
+    assert len(group._starts) == 2
+    old = weakref.ref(model[0].weight)
+    model[0] = nn.Linear(32, 32)  # the prepared layer replaced without detaching it
+    gc.collect()  # (the old module, in reference cycles with its hooks, dies here)
+    assert old() is None  # a start holds its weight weakly
+    model(x).sum().backward()
+    model[1].weight_dkm._group._round(model[1].weight_dkm, model[1], model[1].weight)
+    assert len(group._starts) <= 1  # a round drops the members that died, and their starts
 
 
 def test_reentrant_checkpoint_of_a_layer_called_twice():

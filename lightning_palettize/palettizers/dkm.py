@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import weakref
 from typing import IO, Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_palettize import soft_kmeans as _sk
@@ -191,6 +193,26 @@ class _Served:
         return self.ref()
 
 
+_REENTRANT_FORWARD = getattr(
+    getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None
+)
+_REENTRANT_CODE = getattr(_REENTRANT_FORWARD, "__code__", None)
+
+
+def _in_reentrant_checkpoint(depth: int = 64) -> bool:
+    """Whether this call runs inside the forward of a reentrant activation checkpoint
+    (``torch.utils.checkpoint.CheckpointFunction.forward``, within ``depth`` frames): calls
+    without autograd elsewhere (a monitoring pass in training mode) keep their own semantics."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is _REENTRANT_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Start:
     """A member's calls without autograd at one weight version (see _DKMGroup._replay): the
     centroids the first started from, how many calls there were and how many a recomputation
@@ -199,7 +221,8 @@ class _Start:
     __slots__ = ("weight", "version", "centroids", "calls", "replayed", "left")
 
     def __init__(self, fp: FakePalettize, weight: Tensor) -> None:
-        self.weight, self.version = weight, (weight._version, weight.data_ptr())
+        # (weakly: a start left behind, e.g. of a member replaced, keeps no weight alive)
+        self.weight, self.version = weakref.ref(weight), (weight._version, weight.data_ptr())
         self.centroids = fp._buffers["centroids"].clone()
         self.calls, self.replayed = 1, 0
         self.left: tuple[int, int] | None = None
@@ -214,7 +237,7 @@ class _Start:
         """Whether nothing changed the weight or the centroids since the last call."""
         c = fp._buffers["centroids"]
         return (
-            weight is self.weight
+            weight is self.weight()
             and (weight._version, weight.data_ptr()) == self.version
             and (c._version, c.data_ptr()) == self.left
         )
@@ -340,11 +363,11 @@ class _DKMGroup:
             if soft is not None:
                 return soft  # this weight version's soft weight, alive in the graph
             self._again.add(id(fp))  # called again: hold its soft weights from now on
-        if self._starts:  # (a call without autograd ran: only then does this cost anything)
+        if self._starts:  # (a reentrant checkpoint region ran: only then does this cost anything)
             soft = self._replay(fp, weight)
             if soft is not None:
                 return soft
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
             start = self._starts.get(id(fp))
             if start is not None and not start.replayed and start.current(fp, weight):
                 # called again at this state: one soft weight per weight version, as served
@@ -361,22 +384,25 @@ class _DKMGroup:
         return self._soft_weight(fp, module, weight)
 
     def _replay(self, fp: FakePalettize, weight: Tensor) -> Tensor | None:
-        """Inside a backward pass, with autograd on: a reentrant activation checkpoint
-        (``torch.utils.checkpoint(..., use_reentrant=True)``) recomputing a region whose
-        forward ran without autograd. If that forward's calls of ``fp`` (one soft weight per
-        weight version: each from the same centroids) are the last things that changed its
-        centroids, or the replays of the earlier ones, and the weight is the one they
-        palettized, the call runs again from those centroids: the same soft weight, now with
-        its graph, and the same new centroids. ``None`` otherwise (computed as any call)."""
+        """A member called with autograd after a reentrant activation checkpoint region
+        (``torch.utils.checkpoint(..., use_reentrant=True)``) called it without autograd, at
+        one weight version (:class:`_Start` current: nothing else changed the weight or the
+        centroids since), runs again from the centroids the region's call started from: the
+        same soft weight, now with its graph, and the same new centroids. Inside a backward
+        pass that is the region's recomputation (each of its calls replayed once); outside,
+        a call of the member after the region (a shared layer: as one served with autograd,
+        one soft weight per weight version). ``None`` otherwise, dropping a start that no
+        longer applies (computed as any call)."""
         start = self._starts.get(id(fp))
-        if (
-            start is None
-            or not torch.is_grad_enabled()
-            or torch._C._current_graph_task_id() == -1
-            or not start.current(fp, weight)
-        ):
+        if start is None or not torch.is_grad_enabled():
+            return None
+        if not start.current(fp, weight):
+            del self._starts[id(fp)]  # (the weight or the centroids changed since)
             return None
         soft = start.rerun(fp, weight)
+        if torch._C._current_graph_task_id() == -1:
+            start.leave(fp)  # (not a recomputation: the region's own calls still replay)
+            return soft
         start.replayed += 1
         if start.replayed == start.calls:
             del self._starts[id(fp)]
@@ -451,6 +477,9 @@ class _DKMGroup:
             other, mod = fp_ref(), mod_ref()
             if other is None or mod is None:
                 del self._members[key]
+                for held in (self._pending, self._served, self._starts):
+                    held.pop(key, None)  # (a start holds its weight: freed with the member)
+                self._again.discard(key)
                 self._chunk_of = None
                 continue
             if chunks is not None and chunks.get(key) != chunk:
@@ -468,8 +497,8 @@ class _DKMGroup:
             if served is not None and self._valid(served, other, w) and served.soft() is not None:
                 continue  # its next call reuses the soft weight it was served
             start = self._starts.get(key)
-            if start is not None and start.current(other, w):
-                continue  # computed without autograd at this state: a recomputation replays it
+            if start is not None and start.current(other, w) and not torch.is_grad_enabled():
+                continue  # a reentrant region computed it at this state: its call repeats that
             todo.setdefault((w.device, _batch_key(other.cfg)), []).append((other, w))
         mine = None
         for members in todo.values():
