@@ -8,7 +8,19 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callbacks_models import BoringModule, boring_data, trainer
+from test_callbacks_models import (
+    KMEANS,
+    SKM,
+    BoringModule,
+    assert_state,
+    boring_data,
+    checkpoint_state,
+    coreml_state,
+    fit_saving_each_epoch,
+    holds_its_lut,
+    ptp_of,
+    trainer,
+)
 from torch import nn
 
 from lightning_palettize import DKMPalettizer, PostTrainingPalettizer, SKMPalettizer
@@ -21,9 +33,6 @@ from lightning_palettize.callbacks import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KMEANS = {"global_config": {"n_bits": 2}}
-SKM = {"global_config": {"n_bits": 2}, "calibration_nsamples": 2}
 
 
 # -- 1. the precision plugin's input conversion ------------------------------------------------
@@ -303,17 +312,6 @@ def test_dkm_fit_resumed_from_a_plain_checkpoint_starts_from_its_weights(tmp_pat
 # -- 9. a module palettized before: a second pass, a second fit, a resume ------------------------
 
 
-def _coreml(model, prefix=""):
-    return {k: v for k, v in model.state_dict().items() if "_COREML_" in k and k.startswith(prefix)}
-
-
-def _holds_its_lut(model, name):
-    """The weight takes only values of its own _COREML_ lut (no per-channel scale here)."""
-    weight = model.get_submodule(name).weight.detach()
-    lut = model.state_dict()[f"{name}._COREML_/weight/lut"]
-    return bool(torch.isin(weight, lut.flatten()).all())
-
-
 @pytest.mark.parametrize("kind", ["ptp", "skm"])
 def test_pass_reused_for_a_second_fit_palettizes_the_newly_trained_weights(kind):
     pl.seed_everything(0, verbose=False)
@@ -324,13 +322,13 @@ def test_pass_reused_for_a_second_fit_palettizes_the_newly_trained_weights(kind)
         else SKMPalettizationCallback(SKM, verbose=False)
     )
     trainer(max_steps=2, callbacks=[callback]).fit(model)
-    first, keys = callback.report, _coreml(model).keys()
+    first, keys = callback.report, coreml_state(model).keys()
     trainer(max_steps=2, callbacks=[callback]).fit(model)  # trains the palettized weights on
     assert callback.report is not first and len(callback.report) == 2
-    assert _coreml(model).keys() == keys
+    assert coreml_state(model).keys() == keys
     for name in ("net.0", "net.2"):
         assert len(torch.unique(model.get_submodule(name).weight)) <= 4
-        assert _holds_its_lut(model, name), name
+        assert holds_its_lut(model, f"{name}.weight"), name
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -342,8 +340,8 @@ def test_a_second_pass_replaces_the_metadata_of_an_earlier_one(second, frozen):
     trainer(max_steps=2, callbacks=[PostTrainingPalettizationCallback(scaled, verbose=False)]).fit(
         model
     )
-    assert "net.0._COREML_/weight/palettization_scale" in _coreml(model)
-    earlier = {k: v.clone() for k, v in _coreml(model, "net.2.").items()}
+    assert "net.0._COREML_/weight/palettization_scale" in coreml_state(model)
+    earlier = {k: v.clone() for k, v in coreml_state(model, "net.2.").items()}
     # the second run: 2 bits without a scale for net.0, nothing for net.2 (trained or frozen)
     model.net[2].requires_grad_(not frozen)
     if second == "ptp":
@@ -360,19 +358,19 @@ def test_a_second_pass_replaces_the_metadata_of_an_earlier_one(second, frozen):
     else:  # (a pass callback removes it when training starts, DKM when fit ends)
         with pytest.warns(UserWarning, match=r"_COREML_ metadata.*'net\.2\.weight'"):
             trainer(max_steps=2, callbacks=[callback]).fit(model)
-    assert sorted(_coreml(model, "net.0.")) == [
+    assert sorted(coreml_state(model, "net.0.")) == [
         "net.0._COREML_/weight/compression_type",
         "net.0._COREML_/weight/lut",
     ]
-    assert _coreml(model)["net.0._COREML_/weight/lut"].numel() == 4
-    assert _holds_its_lut(model, "net.0")
-    kept = _coreml(model, "net.2.")
+    assert coreml_state(model)["net.0._COREML_/weight/lut"].numel() == 4
+    assert holds_its_lut(model, "net.0.weight")
+    kept = coreml_state(model, "net.2.")
     if frozen:  # still exactly the earlier palettization of net.2: kept
         assert kept.keys() == earlier.keys()
         assert all(torch.equal(kept[k], earlier[k]) for k in earlier)
     else:  # trained since: the earlier LUT no longer describes it
         assert not kept
-    assert "_COREML_/metadata_version" in _coreml(model)
+    assert "_COREML_/metadata_version" in coreml_state(model)
 
 
 def test_test_start_pass_skips_only_an_unchanged_module():
@@ -388,39 +386,23 @@ def test_test_start_pass_skips_only_an_unchanged_module():
         model.net[0].weight.add_(0.01 * torch.randn_like(model.net[0].weight))
     t.test(model, verbose=False)
     assert callback.report is not first
-    assert _holds_its_lut(model, "net.0") and len(torch.unique(model.net[0].weight)) <= 4
+    assert holds_its_lut(model, "net.0.weight") and len(torch.unique(model.net[0].weight)) <= 4
 
 
 def test_dkm_fit_on_a_finalized_module_resumes_a_mid_dkm_checkpoint(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = BoringModule(n_batches=4)
-    checkpoint = ModelCheckpoint(
-        dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"
-    )
-    callbacks = [PalettizationCallback(DKM, verbose=False), checkpoint]
-    trainer(max_epochs=2, enable_checkpointing=True, callbacks=callbacks).fit(model)
+    fit_saving_each_epoch(model, tmp_path, [PalettizationCallback(DKM, verbose=False)])
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     assert any("_COREML_" in k for k in reference)
     # the same, finalized, module resumes DKM from the end of epoch 0 (net.2 not started yet)
     callback = PalettizationCallback(DKM, verbose=False)
     trainer(max_epochs=2, callbacks=[callback]).fit(model, ckpt_path=tmp_path / "epoch=0.ckpt")
-    state = model.state_dict()
-    assert state.keys() == reference.keys()
-    for key in reference:  # as the uninterrupted run: the first one
-        assert torch.equal(state[key], reference[key]), key
+    assert_state(model, reference)  # as the uninterrupted run: the first one
     assert len(callback.report) == 2
 
 
 # -- 10. fit_end passes, then validate/test/predict with ModelCheckpoint's (dense) files ----------
-
-
-def _ptp_of(state, config=KMEANS, keep=True):
-    """The checkpoint's weights palettized outside the Trainer (the expected state)."""
-    model = BoringModule(n_batches=4)
-    model.load_state_dict(state)
-    PostTrainingPalettizer(model, config).compress(inplace=True, progress=False)
-    expected = model.state_dict()
-    return expected if keep else {k: v for k, v in expected.items() if "_COREML_" not in k}
 
 
 def _mse(module, batch):
@@ -435,17 +417,6 @@ def _skm_of(state):
     return model.state_dict()
 
 
-def _assert_state(model, expected, what=""):
-    state = model.state_dict()
-    assert state.keys() == expected.keys(), what
-    for key in expected:
-        assert torch.equal(state[key], expected[key]), (what, key)
-
-
-def _weights(path):
-    return torch.load(path, weights_only=False)["state_dict"]
-
-
 def _fit_with_checkpoints(tmp_path, callback):
     pl.seed_everything(0, verbose=False)
     model = BoringModule(n_batches=4)
@@ -456,7 +427,7 @@ def _fit_with_checkpoints(tmp_path, callback):
     t = trainer(max_epochs=3, enable_checkpointing=True, callbacks=callbacks)
     t.fit(model)
     paths = {"best": checkpoint.best_model_path, "last": latest.last_model_path}
-    best, last = _weights(paths["best"]), _weights(paths["last"])
+    best, last = checkpoint_state(paths["best"]), checkpoint_state(paths["last"])
     assert not torch.equal(best["net.0.weight"], last["net.0.weight"])
     assert not torch.equal(last["net.0.weight"], model.net[0].weight)  # palettized after it
     assert not any("_COREML_" in k for k in {**best, **last})
@@ -470,13 +441,13 @@ def test_ptp_fit_end_then_test_best_palettizes_the_checkpoint(tmp_path, keep):
     first = callback.report
     for ckpt_path in ("best", "last", "best"):
         t.test(model, ckpt_path=ckpt_path, verbose=False)
-        _assert_state(model, _ptp_of(_weights(paths[ckpt_path]), keep=keep), ckpt_path)
+        assert_state(model, ptp_of(checkpoint_state(paths[ckpt_path]), keep=keep), ckpt_path)
     assert callback.report is not first and len(callback.report) == 2
     # validate and predict restore the same way
     t.validate(model, ckpt_path="last", verbose=False)
-    _assert_state(model, _ptp_of(_weights(paths["last"]), keep=keep), "validate")
+    assert_state(model, ptp_of(checkpoint_state(paths["last"]), keep=keep), "validate")
     t.predict(model, ckpt_path="best")
-    _assert_state(model, _ptp_of(_weights(paths["best"]), keep=keep), "predict")
+    assert_state(model, ptp_of(checkpoint_state(paths["best"]), keep=keep), "predict")
 
 
 def test_test_best_evaluates_the_palettized_checkpoint(tmp_path):
@@ -484,7 +455,7 @@ def test_test_best_evaluates_the_palettized_checkpoint(tmp_path):
     model, t, paths = _fit_with_checkpoints(tmp_path, callback)
     loss = t.test(model, ckpt_path="best", verbose=False)[0]["test_loss"]
     expected = BoringModule(n_batches=4)
-    expected.load_state_dict(_weights(paths["best"]))
+    expected.load_state_dict(checkpoint_state(paths["best"]))
     PostTrainingPalettizer(expected, KMEANS).compress(inplace=True, progress=False)
     x, y = (torch.cat(t) for t in zip(*expected.test_dataloader()))  # equal-sized batches
     with torch.no_grad():
@@ -503,11 +474,11 @@ def test_a_checkpoint_saved_after_the_pass_loads_unchanged(tmp_path, keep):
     t.test(model, ckpt_path="best", verbose=False)  # dense: palettized again
     assert not torch.equal(model.net[0].weight, saved["net.0.weight"])
     t.test(model, ckpt_path=tmp_path / "palettized.ckpt", verbose=False)
-    _assert_state(model, saved)
+    assert_state(model, saved)
     # outside the Trainer too, and with the module still as the pass left it: nothing runs
     report = callback.report
     model.load_state_dict(saved)
-    _assert_state(model, saved)
+    assert_state(model, saved)
     assert callback.report is report and report is not first
 
 
@@ -517,21 +488,21 @@ def test_ptp_dense_load_outside_the_trainer_and_copies_of_the_module(tmp_path):
 
     callback = PostTrainingPalettizationCallback(KMEANS, verbose=False)
     model, t, paths = _fit_with_checkpoints(tmp_path, callback)
-    best = _weights(paths["best"])
-    expected = _ptp_of(best)
+    best = checkpoint_state(paths["best"])
+    expected = ptp_of(best)
     model.load_state_dict(best)
-    _assert_state(model, expected)
+    assert_state(model, expected)
     # a deep copy and a pickled copy keep the hook (the pickled one without the callback)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     report = callback.report
     for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        copied.load_state_dict(_weights(paths["last"]))
-        _assert_state(copied, _ptp_of(_weights(paths["last"])))
+        copied.load_state_dict(checkpoint_state(paths["last"]))
+        assert_state(copied, ptp_of(checkpoint_state(paths["last"])))
         copied.load_state_dict(best)
-        _assert_state(copied, expected)
-    _assert_state(model, expected)
+        assert_state(copied, expected)
+    assert_state(model, expected)
     assert callback.report is report  # the copies' loads are not this callback's passes
     # the pass running again takes its hook over instead of adding one
     hooks = len(model._load_state_dict_pre_hooks), len(model._load_state_dict_post_hooks)
@@ -544,31 +515,29 @@ def test_ptp_dense_load_outside_the_trainer_and_copies_of_the_module(tmp_path):
     # metadata made inside trainer.test (inference mode) takes a later load
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(saved)
-    _assert_state(model, saved)
+    assert_state(model, saved)
     model.load_state_dict(best)  # the last pass's config now
-    _assert_state(model, _ptp_of(best, scaled))
+    assert_state(model, ptp_of(best, scaled))
 
 
 def test_fit_resumed_on_a_palettized_module_trains_the_dense_checkpoint(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = BoringModule(n_batches=4)
-    checkpoint = ModelCheckpoint(
-        dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"
+    fit_saving_each_epoch(
+        model, tmp_path, [PostTrainingPalettizationCallback(KMEANS, verbose=False)]
     )
-    callbacks = [PostTrainingPalettizationCallback(KMEANS, verbose=False), checkpoint]
-    trainer(max_epochs=2, enable_checkpointing=True, callbacks=callbacks).fit(model)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     # the same, palettized, module resumes from the end of epoch 0: epoch 1 trains the dense
     # weights of the checkpoint, as in the uninterrupted run, and the pass runs at the end
     callback = PostTrainingPalettizationCallback(KMEANS, verbose=False)
     t = trainer(max_epochs=2, callbacks=[callback])
     t.fit(model, ckpt_path=tmp_path / "epoch=0.ckpt")
-    _assert_state(model, reference)
+    assert_state(model, reference)
     # without a pass in that fit, the module keeps the trained dense weights, no metadata
     trainer(max_epochs=2).fit(model, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert not any("_COREML_" in k for k in model.state_dict())
     assert len(torch.unique(model.net[0].weight)) > 4
-    model.load_state_dict(_weights(tmp_path / "epoch=1.ckpt"))  # the hook is spent
+    model.load_state_dict(checkpoint_state(tmp_path / "epoch=1.ckpt"))  # the hook is spent
     assert len(torch.unique(model.net[0].weight)) > 4
 
 
@@ -577,22 +546,22 @@ def test_skm_fit_end_then_test_best_calibrates_the_checkpoint(tmp_path):
     model, t, paths = _fit_with_checkpoints(tmp_path, callback)
     first = callback.report
     t.test(model, ckpt_path="best", verbose=False)
-    best = _weights(paths["best"])
-    _assert_state(model, _skm_of(best))
+    best = checkpoint_state(paths["best"])
+    assert_state(model, _skm_of(best))
     assert callback.report is not first and len(callback.report) == 2
     # outside the Trainer SKM has no calibration data: dense as loaded, no metadata, a warning
     palettized = {k: v.clone() for k, v in model.state_dict().items()}
-    last = _weights(paths["last"])
+    last = checkpoint_state(paths["last"])
     with pytest.warns(UserWarning, match="SKM needs calibration data.*stay dense"):
         model.load_state_dict(last)
-    _assert_state(model, last)
+    assert_state(model, last)
     model.load_state_dict(palettized)  # saved after palettization: its metadata comes back
-    _assert_state(model, palettized)
+    assert_state(model, palettized)
     with pytest.warns(UserWarning, match="SKM needs calibration data"):
         model.load_state_dict(last)
     # ... until the next stage with the callback
     t.validate(model, verbose=False)
-    _assert_state(model, _skm_of(last))
+    assert_state(model, _skm_of(last))
 
 
 def test_skm_with_a_sensitivity_file_palettizes_on_load(tmp_path):
@@ -604,12 +573,12 @@ def test_skm_with_a_sensitivity_file_palettizes_on_load(tmp_path):
     )
     callback = SKMPalettizationCallback(SKM, sensitivity=path, verbose=False)
     model, t, paths = _fit_with_checkpoints(tmp_path / "ckpts", callback)
-    best = _weights(paths["best"])
+    best = checkpoint_state(paths["best"])
     model.load_state_dict(best)
     expected = BoringModule(n_batches=4)
     expected.load_state_dict(best)
     SKMPalettizer(expected, SKM).compress(inplace=True, sensitivity=path, progress=False)
-    _assert_state(model, expected.state_dict())
+    assert_state(model, expected.state_dict())
 
 
 _DDP_SCRIPT = """
@@ -653,7 +622,7 @@ def test_ddp_skm_fit_end_then_test_best(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    expected = _skm_of(_weights(ranks[0]["best"]))
+    expected = _skm_of(checkpoint_state(ranks[0]["best"]))
     for rank in ranks:
         assert rank["state"].keys() == expected.keys()
         for key in expected:

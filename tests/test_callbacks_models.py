@@ -1,4 +1,4 @@
-"""Small LightningModules and data shared by the callback tests (no tests here).
+"""Small LightningModules, data and state helpers shared by the callback tests (no tests here).
 
 Kept in an importable module (not a conftest) so ``ddp_spawn`` workers can unpickle them.
 """
@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 DKM_CFG = {"global_config": {"n_bits": 2, "weight_threshold": 0}}
+KMEANS = {"global_config": {"n_bits": 2}}
+SKM = {"global_config": {"n_bits": 2}, "calibration_nsamples": 2}
 
 
 def trainer(**kwargs) -> pl.Trainer:
@@ -214,3 +216,68 @@ def mse_loss(module: nn.Module, batch) -> torch.Tensor:
     """A loss_fn(module, batch) for SKM, importable by path (LightningCLI / Hydra)."""
     x, y = batch
     return nn.functional.mse_loss(module(x), y)
+
+
+# -- state_dicts ----------------------------------------------------------------------------------
+
+
+def _state(state_or_model) -> dict:
+    return state_or_model if isinstance(state_or_model, dict) else state_or_model.state_dict()
+
+
+def coreml_state(state_or_model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Copies of the ``_COREML_`` entries (under ``prefix``) of a state_dict or a module's."""
+    state = _state(state_or_model)
+    return {k: v.clone() for k, v in state.items() if "_COREML_" in k and k.startswith(prefix)}
+
+
+def dense_state(state: dict) -> dict:
+    """``state`` without its ``_COREML_`` entries."""
+    return {k: v for k, v in state.items() if "_COREML_" not in k}
+
+
+def checkpoint_state(path) -> dict:
+    """The module state_dict of a Lightning checkpoint file."""
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def ptp_of(state: dict, config=KMEANS, keep: bool = True) -> dict:
+    """``state``'s weights (its ``_COREML_`` entries left out) palettized outside the Trainer
+    with PostTrainingPalettizer: the state a PTP pass or load gives (without the metadata
+    unless ``keep``)."""
+    from lightning_palettize import PostTrainingPalettizer
+
+    model = BoringModule(n_batches=4)
+    model.load_state_dict(dense_state(state))
+    PostTrainingPalettizer(model, config).compress(inplace=True, progress=False)
+    expected = model.state_dict()
+    return expected if keep else dense_state(expected)
+
+
+def assert_state(model, expected: dict, what: str = "") -> None:
+    """``model``'s state_dict has exactly ``expected``'s keys and equal values."""
+    state = model.state_dict()
+    assert state.keys() == expected.keys(), what
+    for key in expected:
+        assert torch.equal(state[key], expected[key]), (what, key)
+
+
+def holds_its_lut(state_or_model, weight: str) -> bool:
+    """The weight (a state_dict name) takes only values of its own ``_COREML_`` lut (no
+    per-channel scale here)."""
+    state = _state(state_or_model)
+    lut = state[weight.replace("weight", "_COREML_/weight/lut")]
+    return bool(torch.isin(state[weight].detach(), lut.flatten()).all())
+
+
+def fit_saving_each_epoch(model, tmp_path, callbacks=(), epochs: int = 2) -> pl.Trainer:
+    """Fit ``model`` for ``epochs`` with ``callbacks`` and a ModelCheckpoint file per epoch
+    (``tmp_path / "epoch=N.ckpt"``); the Trainer."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"
+    )
+    t = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[*callbacks, checkpoint])
+    t.fit(model)
+    return t

@@ -16,7 +16,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callbacks_models import BoringModule, trainer
+from test_callbacks_models import (
+    KMEANS,
+    SKM,
+    BoringModule,
+    assert_state,
+    checkpoint_state,
+    coreml_state,
+    dense_state,
+    fit_saving_each_epoch,
+    holds_its_lut,
+    ptp_of,
+    trainer,
+)
 
 from lightning_palettize import PostTrainingPalettizer
 from lightning_palettize.callbacks import (
@@ -27,42 +39,7 @@ from lightning_palettize.callbacks import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KMEANS = {"global_config": {"n_bits": 2}}
-SKM = {"global_config": {"n_bits": 2}, "calibration_nsamples": 2}
 WEIGHTS = ("net.0.weight", "net.2.weight")
-
-
-def _coreml(state_or_model, prefix: str = "") -> dict[str, torch.Tensor]:
-    state = state_or_model if isinstance(state_or_model, dict) else state_or_model.state_dict()
-    return {k: v.clone() for k, v in state.items() if "_COREML_" in k and k.startswith(prefix)}
-
-
-def _dense(state: dict) -> dict:
-    return {k: v for k, v in state.items() if "_COREML_" not in k}
-
-
-def _weights(path) -> dict:
-    return torch.load(path, weights_only=False)["state_dict"]
-
-
-def _ptp_of(state: dict) -> dict:
-    """``state``'s weights palettized outside the Trainer (what a PTP load gives)."""
-    model = BoringModule(n_batches=2)
-    model.load_state_dict(_dense(state))
-    PostTrainingPalettizer(model, KMEANS).compress(inplace=True, progress=False)
-    return model.state_dict()
-
-
-def _assert_state(model, expected: dict) -> None:
-    state = model.state_dict()
-    assert state.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(state[key], expected[key]), key
-
-
-def _holds_its_lut(state: dict, weight: str) -> bool:
-    lut = state[weight.replace("weight", "_COREML_/weight/lut")]
-    return bool(torch.isin(state[weight], lut.flatten()).all())
 
 
 def _palettized(kind: str = "ptp", cls: type = BoringModule):
@@ -75,18 +52,16 @@ def _palettized(kind: str = "ptp", cls: type = BoringModule):
         else SKMPalettizationCallback(SKM, verbose=False)
     )
     trainer(max_steps=2, callbacks=[callback]).fit(model)
-    assert set(_coreml(model)) >= {w.replace("weight", "_COREML_/weight/lut") for w in WEIGHTS}
+    assert set(coreml_state(model)) >= {w.replace("weight", "_COREML_/weight/lut") for w in WEIGHTS}
     return model, callback
 
 
 def _second_fit(model, tmp_path, callbacks=()):
     """Train the module on for 2 epochs, a checkpoint per epoch; the checkpoints' states."""
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
-    t = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[*callbacks, checkpoint])
-    t.fit(model)
+    t = fit_saving_each_epoch(model, tmp_path, callbacks)
     paths = sorted(tmp_path.glob("epoch=*.ckpt"))
     assert len(paths) == 2
-    return t, {p.stem: _weights(p) for p in paths}
+    return t, {p.stem: checkpoint_state(p) for p in paths}
 
 
 # -- 1. a second fit -------------------------------------------------------------------------------
@@ -100,15 +75,15 @@ def test_second_fit_with_the_pass_writes_no_stale_metadata_to_its_checkpoints(tm
     with pytest.warns(UserWarning, match=rf"{owner}: training starts.*of 2 weight\(s\)"):
         t, states = _second_fit(model, tmp_path, [callback])
     for name, state in states.items():
-        assert not _coreml(state), name  # dense weights, and nothing that claims otherwise
+        assert not coreml_state(state), name  # dense weights, and nothing that claims otherwise
         assert all(len(torch.unique(state[w])) > 4 for w in WEIGHTS), name
     # as documented: the reused callback palettizes the newly trained weights at fit end
     assert callback.report is not first and len(callback.report) == 2
     state = model.state_dict()
-    assert all(_holds_its_lut(state, w) for w in WEIGHTS)
+    assert all(holds_its_lut(state, w) for w in WEIGHTS)
     if kind == "ptp":  # and a dense checkpoint of that fit is palettized on load as before
         t.test(model, ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
-        _assert_state(model, _ptp_of(states["epoch=0"]))
+        assert_state(model, ptp_of(states["epoch=0"]))
 
 
 class OnlyFirstLayerTrains(BoringModule):
@@ -121,15 +96,15 @@ def test_second_fit_keeps_the_metadata_of_weights_it_does_not_train(tmp_path, ho
     model, callback = _palettized(cls=OnlyFirstLayerTrains if how == "optimizer" else BoringModule)
     if how == "requires_grad":  # (else net.2 is in no optimizer)
         model.net[2].requires_grad_(False)
-    earlier = _coreml(model, "net.2.")
+    earlier = coreml_state(model, "net.2.")
     with pytest.warns(UserWarning, match=r"of 1 weight\(s\).*\['net\.0\.weight'\]"):
         _, states = _second_fit(model, tmp_path, [callback])
     for name, state in states.items():
-        assert not _coreml(state, "net.0."), name
-        kept = _coreml(state, "net.2.")
+        assert not coreml_state(state, "net.0."), name
+        kept = coreml_state(state, "net.2.")
         assert kept.keys() == earlier.keys(), name
         assert all(torch.equal(kept[k], earlier[k]) for k in earlier), name
-        assert _holds_its_lut(state, "net.2.weight") and "_COREML_/metadata_version" in state
+        assert holds_its_lut(state, "net.2.weight") and "_COREML_/metadata_version" in state
 
 
 def test_a_fit_without_the_pass_writes_stale_metadata_that_loads_as_dense(tmp_path):
@@ -137,26 +112,26 @@ def test_a_fit_without_the_pass_writes_stale_metadata_that_loads_as_dense(tmp_pa
     t, states = _second_fit(model, tmp_path)  # no pass callback: nothing of ours runs
     stale = states["epoch=0"]
     # the limit: the module and its checkpoints keep the first pass's metadata ...
-    assert _coreml(stale) and not _holds_its_lut(stale, "net.0.weight")
-    expected = _ptp_of(stale)
+    assert coreml_state(stale) and not holds_its_lut(stale, "net.0.weight")
+    expected = ptp_of(stale)
     # ... but loading such a checkpoint does not present the dense weights as palettized
     report = callback.report
     with pytest.warns(UserWarning, match=r"metadata of 2 weight\(s\) does not describe"):
         model.load_state_dict(stale)
-    _assert_state(model, expected)  # loaded as dense weights, palettized at once (PTP)
+    assert_state(model, expected)  # loaded as dense weights, palettized at once (PTP)
     assert callback.report is not report
     # in a stage with the pass, the pass runs on them when the stage starts
     again = trainer(callbacks=[callback])
     with pytest.warns(UserWarning, match="does not describe"):
         again.test(model, ckpt_path=tmp_path / "epoch=1.ckpt", verbose=False)
-    _assert_state(model, _ptp_of(states["epoch=1"]))
+    assert_state(model, ptp_of(states["epoch=1"]))
     # a state_dict whose metadata describes its weights still loads as it is, even from
     # another module (its values are not ones this module's history knows)
     pl.seed_everything(1, verbose=False)
     other = BoringModule(n_batches=2)
     PostTrainingPalettizer(other, KMEANS).compress(inplace=True, progress=False)
     model.load_state_dict(other.state_dict())
-    _assert_state(model, other.state_dict())
+    assert_state(model, other.state_dict())
 
 
 def test_skm_load_of_stale_metadata_outside_the_trainer_stays_dense(tmp_path):
@@ -165,7 +140,7 @@ def test_skm_load_of_stale_metadata_outside_the_trainer_stays_dense(tmp_path):
     stale = states["epoch=1"]
     with pytest.warns(UserWarning, match="does not describe"):
         model.load_state_dict(stale)  # (and SKM's "needs calibration data" warning)
-    _assert_state(model, _dense(stale))
+    assert_state(model, dense_state(stale))
     assert _pass_on_load(model).pending  # palettized at the next stage with the callback
 
 
@@ -174,13 +149,13 @@ def test_skm_load_of_stale_metadata_outside_the_trainer_stays_dense(tmp_path):
 
 def _snapshot(model) -> tuple[dict, dict, bool]:
     hook = _pass_on_load(model)
-    return _coreml(model), {k: list(v) for k, v in hook.weights.items()}, hook.pending
+    return coreml_state(model), {k: list(v) for k, v in hook.weights.items()}, hook.pending
 
 
 def _assert_unchanged(model, snapshot) -> None:
     metadata, weights, pending = snapshot
     hook = _pass_on_load(model)
-    now = _coreml(model)
+    now = coreml_state(model)
     assert now.keys() == metadata.keys()
     assert all(torch.equal(now[k], metadata[k]) for k in metadata)
     assert hook.weights == weights and hook.pending == pending and hook._plan is None
@@ -201,7 +176,7 @@ def _broken(state: dict, how: str, prefix: str = "") -> dict:
 @pytest.mark.parametrize("how", ["size", "unexpected", "missing"])
 def test_a_failed_load_keeps_the_metadata_and_the_hook_state(tmp_path, how):
     model, callback = _palettized()
-    dense = _dense(BoringModule(n_batches=2).state_dict())
+    dense = dense_state(BoringModule(n_batches=2).state_dict())
     snapshot = _snapshot(model)
     report = callback.report
     message = {"size": "size mismatch", "unexpected": "Unexpected key", "missing": "Missing key"}
@@ -211,33 +186,35 @@ def test_a_failed_load_keeps_the_metadata_and_the_hook_state(tmp_path, how):
     assert callback.report is report  # nothing was palettized
     # the same call without strict succeeds (except a size mismatch): palettized on load
     if how != "size":
-        expected = _ptp_of(dense)
+        expected = ptp_of(dense)
         if how == "missing":  # the module keeps the bias the state_dict lacks
             expected["net.2.bias"] = model.net[2].bias.detach().clone()
         result = model.load_state_dict(_broken(dense, how), strict=False)
         assert result.unexpected_keys == (["net.2.extra"] if how == "unexpected" else [])
-        _assert_state(model, expected)
+        assert_state(model, expected)
     # and a load that works afterwards goes on as ever
     model.load_state_dict(dense)
-    _assert_state(model, _ptp_of(dense))
+    assert_state(model, ptp_of(dense))
 
 
 def test_a_failed_load_through_a_parent_module_keeps_the_metadata():
     model, _ = _palettized()
     parent = torch.nn.ModuleDict({"model": model})
-    dense = {f"model.{k}": v for k, v in _dense(BoringModule(n_batches=2).state_dict()).items()}
+    dense = {
+        f"model.{k}": v for k, v in dense_state(BoringModule(n_batches=2).state_dict()).items()
+    }
     snapshot = _snapshot(model)
     for how, message in [("size", "size mismatch"), ("unexpected", "Unexpected key")]:
         with pytest.raises(RuntimeError, match=message):
             parent.load_state_dict(_broken(dense, how, prefix="model."))
         _assert_unchanged(model, snapshot)
     parent.load_state_dict({**dense, "extra": torch.zeros(1)}, strict=False)
-    _assert_state(model, _ptp_of({k.removeprefix("model."): v for k, v in dense.items()}))
+    assert_state(model, ptp_of({k.removeprefix("model."): v for k, v in dense.items()}))
 
 
 def test_a_failed_trainer_restore_keeps_the_metadata(tmp_path):
     model, callback = _palettized()
-    dense = _dense(BoringModule(n_batches=2).state_dict())
+    dense = dense_state(BoringModule(n_batches=2).state_dict())
     checkpoint = {
         "state_dict": _broken(dense, "unexpected"),
         "pytorch-lightning_version": pl.__version__,
@@ -252,7 +229,7 @@ def test_a_failed_trainer_restore_keeps_the_metadata(tmp_path):
     # Lightning's non-strict loading of the same file succeeds: the pass runs on it
     model.strict_loading = False
     t.test(model, ckpt_path=path, verbose=False)
-    _assert_state(model, _ptp_of(dense))
+    assert_state(model, ptp_of(dense))
 
 
 def test_a_failed_load_removes_the_buffers_it_registered():
@@ -260,22 +237,22 @@ def test_a_failed_load_removes_the_buffers_it_registered():
     # palettized state_dict brings the metadata buffers back, unless its load fails
     model, callback = _palettized("skm")
     palettized = {k: v.clone() for k, v in model.state_dict().items()}
-    dense = _dense(BoringModule(n_batches=2).state_dict())
+    dense = dense_state(BoringModule(n_batches=2).state_dict())
     with pytest.warns(UserWarning, match="SKM needs calibration data"):
         model.load_state_dict(dense)
-    assert not _coreml(model) and _pass_on_load(model).pending
+    assert not coreml_state(model) and _pass_on_load(model).pending
     snapshot = _snapshot(model)
     with pytest.raises(RuntimeError, match="size mismatch"):
         model.load_state_dict(_broken(palettized, "size"))
     _assert_unchanged(model, snapshot)  # no _COREML_ buffer, still pending
     model.load_state_dict(palettized)
-    _assert_state(model, palettized)
+    assert_state(model, palettized)
     assert not _pass_on_load(model).pending
 
 
 def test_a_load_that_raises_between_the_hooks_keeps_the_metadata():
     model, _ = _palettized()
-    dense = _dense(BoringModule(n_batches=2).state_dict())
+    dense = dense_state(BoringModule(n_batches=2).state_dict())
     snapshot = _snapshot(model)
 
     def raising(*args):
@@ -286,10 +263,10 @@ def test_a_load_that_raises_between_the_hooks_keeps_the_metadata():
         model.load_state_dict(dense)
     handle.remove()
     metadata, weights, pending = snapshot
-    now = _coreml(model)  # the pre-hook changed nothing the post-hook would have to undo
+    now = coreml_state(model)  # the pre-hook changed nothing the post-hook would have to undo
     assert now.keys() == metadata.keys() and all(torch.equal(now[k], metadata[k]) for k in now)
     model.load_state_dict(dense)  # the next load sets the abandoned plan aside
-    _assert_state(model, _ptp_of(dense))
+    assert_state(model, ptp_of(dense))
 
 
 def test_dkm_fit_drops_the_metadata_of_weights_it_trains_without_dkm(tmp_path):
@@ -305,11 +282,11 @@ def test_dkm_fit_drops_the_metadata_of_weights_it_trains_without_dkm(tmp_path):
     with pytest.warns(UserWarning, match=r"PalettizationCallback: training starts.*net\.2\.weight"):
         _, states = _second_fit(model, tmp_path, [dkm])
     for name, state in states.items():
-        assert not [k for k in _coreml(state) if k.startswith("net.2.")], name
+        assert not [k for k in coreml_state(state) if k.startswith("net.2.")], name
         assert len(torch.unique(state["net.2.weight"])) > 4, name
     state = model.state_dict()  # finalized: net.0 palettized by DKM, net.2 dense
-    assert _holds_its_lut(state, "net.0.weight")
-    assert not [k for k in _coreml(state) if k.startswith("net.2.")]
+    assert holds_its_lut(state, "net.0.weight")
+    assert not [k for k in coreml_state(state) if k.startswith("net.2.")]
 
 
 @pytest.mark.parametrize("fault", ["shape", "missing"])
@@ -325,7 +302,7 @@ def test_failed_mid_dkm_load_into_a_finalized_module_leaves_it_as_it_was(tmp_pat
     dkm = PalettizationCallback({"global_config": {"n_bits": 2, "weight_threshold": 0}})
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(max_steps=2, enable_checkpointing=True, callbacks=[dkm, checkpoint]).fit(model)
-    mid = _weights(checkpoint.last_model_path)
+    mid = checkpoint_state(checkpoint.last_model_path)
     assert any("_dkm." in k for k in mid)
     bad = dict(mid)
     if fault == "shape":
@@ -338,10 +315,10 @@ def test_failed_mid_dkm_load_into_a_finalized_module_leaves_it_as_it_was(tmp_pat
     match = "size mismatch for net.2.bias" if fault == "shape" else r"Missing key.*net\.0\.bias"
     with pytest.raises(RuntimeError, match=match):
         model.load_state_dict(bad)
-    _assert_state(model, before)
+    assert_state(model, before)
     assert not list(_fake_palettizers(model)) and not model.training
     model.load_state_dict(mid)  # and the checkpoint itself still loads, palettized
-    assert _holds_its_lut(model.state_dict(), "net.0.weight")
+    assert holds_its_lut(model.state_dict(), "net.0.weight")
     assert not list(_fake_palettizers(model))
 
 
@@ -365,4 +342,4 @@ def test_skm_state_dict_with_its_outliers_loads_with_its_metadata():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "does not describe their values" warning
         a.load_state_dict(state)
-    _assert_state(a, state)
+    assert_state(a, state)
