@@ -2478,6 +2478,11 @@ INLINE v8f vexp2_neg(v8f x) {
     return q * (v8f)((e + 127) << 23);
 }
 
+/* the attention from the softmax q: max(q, zero_threshold) with the clamp, else q */
+INLINE v8f vblk_clamp(const vrow_t *v, v8f q) {
+    return v->clamp ? vsel(q < v->zt, vsplat(v->zt), q) : q;
+}
+
 /* The attention of a block of VR rows. xb [d][VR]: the rows transposed (lanes past the block's
  * rows repeat its first row); c [K][d]. Writes dd [K][VR] (the adjusted distances) and p
  * [K][VR]: with a, the softmax into p and the clamped attention into a ([K][VR]); without
@@ -2525,15 +2530,12 @@ INLINE void vblk_att(const vrow_t *v, int64_t d, const float *xb, const float *c
     for (int64_t j = 0; j < k; ++j) {
         v8f q = vld(p + j * VR) * iv;
         vst(p + j * VR, q);
-        vst(a + j * VR, v->clamp ? vsel(q < v->zt, vsplat(v->zt), q) : q);
+        vst(a + j * VR, vblk_clamp(v, q));
     }
 }
 
 /* the attention of centroid j: vblk_att's unnormalised pj times inv, clamped */
-INLINE v8f vblk_a(const vrow_t *v, const float *pj, v8f inv) {
-    v8f q = vld(pj) * inv;
-    return v->clamp ? vsel(q < v->zt, vsplat(v->zt), q) : q;
-}
+INLINE v8f vblk_a(const vrow_t *v, const float *pj, v8f inv) { return vblk_clamp(v, vld(pj) * inv); }
 
 /* Rows i0 .. i0+cnt-1 of x [n][d] into xb [d][VR] (missing lanes repeat row i0); returns the
  * lanes holding rows (1) and the others (0). */
