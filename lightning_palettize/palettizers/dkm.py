@@ -326,12 +326,16 @@ class _DKMGroup:
         return True
 
     def leave(self, fp: FakePalettize) -> None:
-        self._members.pop(id(fp), None)
+        self._forget(id(fp))
+
+    def _forget(self, key: int) -> None:
+        """Drop a member (``id`` of its FakePalettize) and all the group holds of it."""
+        self._members.pop(key, None)
         self._chunk_of = None
-        self._pending.pop(id(fp), None)
-        self._served.pop(id(fp), None)
-        self._again.discard(id(fp))
-        self._starts.pop(id(fp), None)
+        self._pending.pop(key, None)
+        self._served.pop(key, None)
+        self._again.discard(key)
+        self._starts.pop(key, None)
 
     def clear(self) -> None:
         self._pending.clear()
@@ -476,11 +480,7 @@ class _DKMGroup:
         for key, (fp_ref, mod_ref) in list(self._members.items()):
             other, mod = fp_ref(), mod_ref()
             if other is None or mod is None:
-                del self._members[key]
-                for held in (self._pending, self._served, self._starts):
-                    held.pop(key, None)  # (a start holds its weight: freed with the member)
-                self._again.discard(key)
-                self._chunk_of = None
+                self._forget(key)  # (a member that died: what was held of it goes too)
                 continue
             if chunks is not None and chunks.get(key) != chunk:
                 continue  # another chunk's round computes it when its first member is called
