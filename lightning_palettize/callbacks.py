@@ -537,11 +537,7 @@ def _drop_stale_metadata(module: nn.Module, owner: str, fresh: Iterable[str]) ->
         weight = state.get(key)
         if key in fresh or "lut" not in fields.tensors or not isinstance(weight, Tensor):
             continue
-        try:
-            exact = _fit_palette(owner, key, weight, fields).outlier_index.numel() == 0
-        except ValueError:
-            exact = False
-        if not exact:
+        if not _holds_lut_values(owner, key, weight, fields, 0.0):
             stale.append(key)
     if stale:
         _remove_metadata(module, stale)
@@ -554,21 +550,15 @@ def _drop_stale_metadata(module: nn.Module, owner: str, fresh: Iterable[str]) ->
     return stale
 
 
-def _holds_lut_values(
-    owner: str, key: str, weight: Tensor, fields: Any, outliers: float = 0.0
-) -> bool:
+def _holds_lut_values(owner: str, key: str, weight: Tensor, fields: Any, allowed: float) -> bool:
     """Whether ``weight`` holds the values of the ``_COREML_`` LUT ``fields`` (an entry of
-    ``_coreml_fields``) describes: all its elements but at most the fraction of outliers export
-    accepts, or ``outliers`` (SKM's ``outlier_fraction``, which keeps that fraction exact) and
-    a margin if that is more. A dense weight, trained since or saved with the metadata of an
-    earlier palettization, misses nearly all of them."""
+    ``_coreml_fields``) describes, all its elements but at most the fraction ``allowed`` (0:
+    exactly). A dense weight, trained since or saved with the metadata of an earlier
+    palettization, misses nearly all of them."""
     try:
         fit = _fit_palette(owner, key, weight, fields)
     except ValueError:
         return False
-    allowed = (
-        max(_OUTLIER_WARN_FRACTION, outliers + 0.01) if outliers > 0 else _OUTLIER_WARN_FRACTION
-    )
     return fit.outlier_index.numel() <= allowed * weight.numel()
 
 
@@ -1257,7 +1247,13 @@ class _PassOnLoad:
 
     def _stale(self, own: Mapping[str, Any], described: Mapping[str, Any]) -> list[str]:
         """The weights of ``own`` whose ``_COREML_`` metadata in ``own`` does not describe them:
-        neither values a palettization of this module gave them nor those of that LUT."""
+        neither values a palettization of this module gave them nor those of that LUT, all but
+        the outliers export accepts, or SKM's ``outlier_fraction`` (which keeps that fraction
+        exact) and a margin if that is more."""
+        allowed = _OUTLIER_WARN_FRACTION
+        outliers = _largest(self.config, "outlier_fraction") if self.kind == "skm" else 0.0
+        if outliers > 0:
+            allowed = max(allowed, outliers + 0.01)
         stale = []
         for key, fields in described.items():
             weight = own.get(key)
@@ -1265,8 +1261,7 @@ class _PassOnLoad:
                 continue
             if _summary(weight) in self.weights.get(key, []):
                 continue
-            outliers = _largest(self.config, "outlier_fraction") if self.kind == "skm" else 0.0
-            if not _holds_lut_values(self.owner_name, key, weight, fields, outliers):
+            if not _holds_lut_values(self.owner_name, key, weight, fields, allowed):
                 stale.append(key)
         return stale
 
