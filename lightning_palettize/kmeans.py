@@ -422,7 +422,7 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _NCPU = os.cpu_count() or 1
 
 
-def in_parallel(first: Callable[[], None], second: Callable[[], None]) -> None:
+def _in_parallel(first: Callable[[], None], second: Callable[[], None]) -> None:
     """Run ``second`` on a persistent worker thread while ``first`` runs here; both are kernel
     calls that release the GIL. Returns when both are done (an error of either is raised). The
     worker is re-created after a fork (a forked child has no threads)."""
@@ -438,7 +438,7 @@ def in_parallel(first: Callable[[], None], second: Callable[[], None]) -> None:
 
 def _on_two_threads(solve, work: np.ndarray) -> None:
     """``solve(g0, g1)`` (a kernel call that releases the GIL) over the groups, ``work[g]``
-    elements or bins each: in two halves of equal work (:func:`in_parallel`), or in one call
+    elements or bins each: in two halves of equal work (:func:`_in_parallel`), or in one call
     when there is little work (under 8,192), one group holds over 2/3 of it (a split would gain
     under 1.5x and touch the worker's own ~1 MB workspace) or there is one CPU."""
     g_total, total = len(work), int(work.sum())
@@ -446,7 +446,7 @@ def _on_two_threads(solve, work: np.ndarray) -> None:
         solve(0, g_total)
         return
     cut = min(max(int(np.searchsorted(np.cumsum(work), total / 2)) + 1, 1), g_total - 1)
-    in_parallel(lambda: solve(0, cut), lambda: solve(cut, g_total))
+    _in_parallel(lambda: solve(0, cut), lambda: solve(cut, g_total))
 
 
 def _redo_exact(

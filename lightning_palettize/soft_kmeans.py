@@ -486,7 +486,7 @@ def _vec_call(fn, mode: int, x: Tensor, c: Tensor, cfg: _Cfg, tail) -> None:
     split = torch.get_num_threads() >= 2 and _km._NCPU >= 2 and g * n * k * d >= _VEC_SPLIT_WORK
     if split and g >= 2:
         cut = g // 2
-        _km.in_parallel(part(0, cut, 0, n, {}), part(cut, g, 0, n, {}))
+        _km._in_parallel(part(0, cut, 0, n, {}), part(cut, g, 0, n, {}))
     elif split and n >= 2 * _VEC_ROWS_ALIGN:
         cut = n // 2 // _VEC_ROWS_ALIGN * _VEC_ROWS_ALIGN
         second = {
@@ -494,7 +494,7 @@ def _vec_call(fn, mode: int, x: Tensor, c: Tensor, cfg: _Cfg, tail) -> None:
             for i, (t, kind) in enumerate(tail)
             if kind == "acc" and t is not None
         }
-        _km.in_parallel(part(0, 1, 0, cut, {}), part(0, 1, cut, n, second))
+        _km._in_parallel(part(0, 1, 0, cut, {}), part(0, 1, cut, n, second))
         for i, t in second.items():
             tail[i][0].add_(t)
     else:

@@ -1900,13 +1900,13 @@ def test_vector_rows_kernel_on_two_threads(groups, monkeypatch):
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
     monkeypatch.setattr(sk, "_VEC_SPLIT_WORK", 1)
     parts = []
-    real = sk._km.in_parallel
+    real = sk._km._in_parallel
 
     def counting(first, second):
         parts.append(2)
         real(first, second)
 
-    monkeypatch.setattr(sk._km, "in_parallel", counting)
+    monkeypatch.setattr(sk._km, "_in_parallel", counting)
     one = run(soft_kmeans, x, c0, w, method="dense")
     assert not parts  # one thread (the one_thread fixture)
     torch.set_num_threads(2)
